@@ -1,0 +1,171 @@
+"""Attention on fused kernels, with the FATR reweighting as an exact identity.
+
+Every attention call in fatr_seg goes through :func:`attention`. The fused path is
+``F.scaled_dot_product_attention`` (flash / memory-efficient on CUDA, the fused flash kernel on CPU);
+the explicit softmax path beside it exists for debugging and tests. ``FATR_FUSED_ATTN=0`` in the
+environment switches the default to the explicit path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention", "attention_with_lse", "fused_attn_default", "reweighted_attention"]
+
+
+def fused_attn_default() -> bool:
+    """Whether modules use the fused kernel by default (``FATR_FUSED_ATTN=0`` turns it off)."""
+    return os.environ.get("FATR_FUSED_ATTN", "1") != "0"
+
+
+def _bias_4d(key_bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    # (B, n) -> (B, 1, 1, n): one additive bias per key, shared by heads and query rows.
+    return None if key_bias is None else key_bias[:, None, None, :].to(dtype)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    key_bias: torch.Tensor | None = None,
+    fused: bool = True,
+) -> torch.Tensor:
+    """Softmax attention ``softmax(q kᵀ · scale + key_bias) v``.
+
+    Args:
+        q: Queries, (B, h, n, d).
+        k: Keys, (B, h, n, d).
+        v: Values, (B, h, n, dv).
+        scale: Logit scale, usually ``d ** -0.5``.
+        key_bias: Optional additive bias per key, (B, n); ``-inf`` removes a key.
+        fused: Use ``F.scaled_dot_product_attention``; otherwise the explicit softmax.
+
+    Returns:
+        (B, h, n, dv).
+    """
+    bias = _bias_4d(key_bias, q.dtype)
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    logits = (q @ k.transpose(-2, -1)) * scale  # (B, h, n, n): debug path only
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1) @ v
+
+
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    key_bias: torch.Tensor | None = None,
+    fused: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention that also returns the per-row log-sum-exp when the fused kernel exposes it.
+
+    On CPU the fused flash kernel behind ``F.scaled_dot_product_attention`` returns the row
+    log-sum-exp it computed anyway; reusing it saves a pass in token scoring and lets
+    :func:`reweighted_attention` read ``A[:, DC]`` off a few logits. The output is differentiable
+    exactly as with ``F.scaled_dot_product_attention``; the log-sum-exp is not.
+
+    Returns:
+        ``out`` (B, h, n, dv) and ``lse`` (B, h, n) float32, or None where no kernel exposes it
+        (CUDA, the explicit path, different value width).
+    """
+    if fused and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=_bias_4d(key_bias, q.dtype), scale=scale
+        )
+        return out, lse.float()
+    return attention(q, k, v, scale, key_bias, fused), None
+
+
+def _pad_width(num_dc: int) -> int:
+    # Fused kernels want the same head size for q, k and v; CUDA kernels want multiples of 8.
+    return -(-num_dc // 8) * 8
+
+
+def reweighted_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    num_dc: int,
+    coef_hp: torch.Tensor,
+    coef_dc: torch.Tensor,
+    key_bias: torch.Tensor | None = None,
+    fused: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """FATR's reweighted attention ``Â V`` in one attention call.
+
+    ``Â = A_LP + coef_hp · A_HP + coef_dc · A_DC`` with ``A_LP = 11ᵀ/n``, ``A_HP = A - A_LP`` and
+    ``A_DC`` the DC columns of ``A``. Expanding gives the exact identity
+
+        ``Â V = coef_hp · A V - (coef_hp - 1) · mean_tokens(V) + coef_dc · A[:, DC] V[DC]``.
+
+    ``A V`` and ``A[:, DC]`` come from ONE fused call. With gradients (training), the value tensor
+    is extended along the head dim by the one-hot indicator of the DC tokens
+    (``A · onehot = A[:, DC]``) and q, k are zero-padded to the same width, so the logits are
+    unchanged; that costs ``n² · pad`` extra MACs (``pad`` = DC count, rounded up to 8 on CUDA)
+    instead of another ``n² · d`` for ``V ⊙ mask``, and gradients flow through the fused kernel's
+    backward. Without gradients, where the kernel exposes its row log-sum-exp (CPU),
+    ``A[:, DC] = exp(q k_DCᵀ · scale - lse)`` costs only ``n · num_dc · d`` MACs.
+    ``A[:, DC] V[DC]`` is then a small ``(n × num_dc) · (num_dc × d)`` product.
+
+    The DC tokens are the last ``num_dc`` tokens of the sequence. Keys removed by ``key_bias``
+    (``-inf``, e.g. DC windows that hold no token yet) are left out of ``mean_tokens`` too.
+
+    Args:
+        q, k, v: (B, h, n, d).
+        scale: Logit scale.
+        num_dc: Number of DC tokens at the end of the sequence (may be 0).
+        coef_hp: ``1 + ω1`` per head, (h,).
+        coef_dc: ``1 + ω2`` per head, (h,).
+        key_bias: Optional additive bias per key, (B, n).
+        fused: Use the fused kernel.
+
+    Returns:
+        ``Â V`` (B, h, n, d) and the row log-sum-exp of ``A`` (B, h, n) or None.
+    """
+    B, h, n, d = v.shape
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, coef_hp, coef_dc)
+    )
+    lse_exposed = fused and q.device.type == "cpu"
+    dc_term = None
+    if num_dc > 0 and (needs_grad or not lse_exposed):
+        pad = num_dc if q.device.type == "cpu" else _pad_width(num_dc)
+        onehot = v.new_zeros(n, pad)
+        onehot[n - num_dc :, :num_dc] = torch.eye(num_dc, dtype=v.dtype, device=v.device)
+        zeros = q.new_zeros(B, h, n, pad)
+        out, lse = attention_with_lse(
+            torch.cat([q, zeros], -1),
+            torch.cat([k, zeros], -1),
+            torch.cat([v, onehot.expand(B, h, n, pad)], -1),
+            scale,
+            key_bias,
+            fused,
+        )
+        av, a_dc = out[..., :d], out[..., d : d + num_dc]  # (B,h,n,d), (B,h,n,num_dc)
+        dc_term = a_dc @ v[:, :, n - num_dc :]  # (B, h, n, d)
+    else:
+        av, lse = attention_with_lse(q, k, v, scale, key_bias, fused)
+        if num_dc > 0:
+            logits = (q @ k[:, :, n - num_dc :].transpose(-2, -1)).float() * scale  # (B,h,n,D)
+            if key_bias is not None:
+                logits = logits + key_bias[:, None, None, n - num_dc :]
+            a_dc = torch.exp(logits - lse[..., None]).to(v.dtype)
+            dc_term = a_dc @ v[:, :, n - num_dc :]
+    if key_bias is None:
+        v_mean = v.mean(dim=2, keepdim=True)
+    else:
+        valid = torch.isfinite(key_bias).to(v.dtype)[:, None, :, None]  # (B, 1, n, 1)
+        v_mean = (v * valid).sum(2, keepdim=True) / valid.sum(2, keepdim=True)
+    c_hp = coef_hp.to(v.dtype).view(1, h, 1, 1)
+    out = c_hp * av - (c_hp - 1) * v_mean
+    if dc_term is not None:
+        out = out + coef_dc.to(v.dtype).view(1, h, 1, 1) * dc_term
+    return out, lse
