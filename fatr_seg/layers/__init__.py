@@ -1,0 +1,23 @@
+"""torch modules of the method (attention, block, reducer, restorer, ViT trunk).
+
+Nothing here imports mmseg, mmengine or mmcv.
+"""
+
+from .attention import Attention
+from .block import Block
+from .config import REDUCTION_DEFAULTS, ReductionConfig
+from .reducer import FrequencyTokenReducer
+from .restorer import TokenRestorer
+from .vit import FATRVisionTransformer, PatchEmbed, ReductionTrace
+
+__all__ = [
+    "REDUCTION_DEFAULTS",
+    "Attention",
+    "Block",
+    "FATRVisionTransformer",
+    "FrequencyTokenReducer",
+    "PatchEmbed",
+    "ReductionConfig",
+    "ReductionTrace",
+    "TokenRestorer",
+]

@@ -1,0 +1,111 @@
+"""Multi-head self-attention with timm's parameter names and FATR's optional reweighting."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..ops.attention import attention_with_lse, fused_attn_default, reweighted_attention
+
+__all__ = ["Attention", "AttnStats"]
+
+
+class AttnStats(NamedTuple):
+    """Detached attention statistics for token scoring.
+
+    Attributes:
+        q: (B, h, n, d) queries.
+        k: (B, h, n, d) keys.
+        scale: Logit scale.
+        lse: (B, h, n) row log-sum-exp of the plain attention logits, or None if the kernel did
+            not expose it.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+    lse: torch.Tensor | None
+
+
+class Attention(nn.Module):
+    """timm-compatible attention (``qkv``, ``proj``) on the fused kernel.
+
+    With ``reweight`` set it computes FATR's ``Â V`` (see
+    :func:`fatr_seg.ops.reweighted_attention`) with learnable per-head ``omega1`` (ω1) and
+    ``omega2`` (ω2): ``Â = A_LP + (1 + ω1) A_HP + (1 + ω2) A_DC``.
+
+    * ``'paper'`` initialises ω1 = ω2 = 0, the paper's literal formula (DC columns count twice).
+    * ``'identity'`` initialises ω1 = 0, ω2 = -1: the block starts as plain attention, so a
+      pretrained model is reproduced before fine-tuning.
+
+    Args:
+        dim: Embedding dim C.
+        num_heads: Heads h.
+        qkv_bias: Bias on the qkv projection.
+        attn_drop: Kept for API parity; fused attention here runs without dropout.
+        proj_drop: Dropout after the output projection.
+        reweight: None, ``'identity'`` or ``'paper'``.
+        fused_attn: Use the fused kernel; None reads ``FATR_FUSED_ATTN``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        reweight: str | None = None,
+        fused_attn: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        if attn_drop:
+            raise ValueError("attn_drop is not supported: fused attention runs without dropout")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused_attn = fused_attn_default() if fused_attn is None else fused_attn
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.reweight = reweight
+        if reweight is not None:
+            self.omega1 = nn.Parameter(torch.zeros(num_heads))
+            self.omega2 = nn.Parameter(torch.full((num_heads,), -1.0 if reweight == "identity" else 0.0))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_bias: torch.Tensor | None = None,
+        num_dc: int = 0,
+        return_stats: bool = False,
+    ) -> tuple[torch.Tensor, AttnStats | None]:
+        """Attend over the whole sequence.
+
+        Args:
+            x: (B, n, C).
+            key_bias: Optional (B, n) additive bias per key.
+            num_dc: Number of DC tokens at the end of the sequence.
+            return_stats: Also return detached :class:`AttnStats` for token scoring.
+
+        Returns:
+            ``(out (B, n, C), AttnStats or None)``.
+        """
+        B, n, C = x.shape
+        qkv = self.qkv(x).reshape(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, h, n, d)
+        if self.reweight is None:
+            out, lse = attention_with_lse(q, k, v, self.scale, key_bias, self.fused_attn)
+        else:
+            out, lse = reweighted_attention(
+                q, k, v, self.scale, num_dc, 1 + self.omega1, 1 + self.omega2,
+                key_bias, self.fused_attn,
+            )  # fmt: skip
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, n, C)))
+        if not return_stats:
+            return out, None
+        return out, AttnStats(q.detach(), k.detach(), self.scale, None if lse is None else lse.detach())

@@ -1,0 +1,71 @@
+"""Pre-norm transformer block with an optional reduction between attention and MLP."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath, LayerScale, Mlp
+from torch import nn
+
+from ..ops.reduce import FoldRecord
+from ..ops.state import TokenState
+from .attention import Attention
+from .reducer import FrequencyTokenReducer
+
+__all__ = ["Block"]
+
+
+class Block(nn.Module):
+    """timm-compatible ViT block (``norm1, attn, ls1, norm2, mlp, ls2``).
+
+    At a reduction layer the reducer runs after the attention sub-block and before the MLP, so the
+    MLP already runs on the reduced set (the placement that reproduces the paper's MACs).
+
+    Args:
+        dim: Embedding dim C.
+        num_heads: Attention heads.
+        mlp_ratio: MLP hidden size / C.
+        qkv_bias: Bias on qkv.
+        drop_path: Stochastic depth rate.
+        init_values: LayerScale init; None disables LayerScale.
+        reweight: Attention reweighting mode of this block (None before the first reduction).
+        reducer: The reduction of this block, or None.
+        fused_attn: Use fused attention (None reads ``FATR_FUSED_ATTN``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        reweight: str | None = None,
+        reducer: FrequencyTokenReducer | None = None,
+        fused_attn: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, proj_drop=drop, reweight=reweight,
+                              fused_attn=fused_attn)  # fmt: skip
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.reducer = reducer
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, state: TokenState
+    ) -> tuple[torch.Tensor, TokenState, FoldRecord | None]:
+        """Run the block on ``x`` (B, 1 + M + D, C); returns the (possibly reduced) sequence."""
+        key_bias = state.key_bias(torch.float32)
+        y, stats = self.attn(self.norm1(x), key_bias, state.num_dc, self.reducer is not None)
+        x = x + self.drop_path1(self.ls1(y))
+        record = None
+        if self.reducer is not None:
+            x, state, record = self.reducer(x, stats, state, key_bias)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, state, record
