@@ -82,7 +82,7 @@ PYEOF
     # Show ninja's [done/total] counter while the compiler runs.
     while kill -0 "$BUILD_PID" 2>/dev/null; do
         sleep 30
-        STEP=$(grep -o '^\[[0-9]*/[0-9]*\]' "$WORK/build.log" 2>/dev/null | tail -n1 || true)
+        STEP=$(grep -o '\[[0-9]*/[0-9]*\]' "$WORK/build.log" 2>/dev/null | tail -n1 || true)
         log "compiling ${STEP:-(configuring)} after $(( $(date +%s) - START ))s"
     done
     if ! wait "$BUILD_PID"; then

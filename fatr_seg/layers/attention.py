@@ -75,7 +75,8 @@ class Attention(nn.Module):
         self.reweight = reweight
         if reweight is not None:
             self.omega1 = nn.Parameter(torch.zeros(num_heads))
-            self.omega2 = nn.Parameter(torch.full((num_heads,), -1.0 if reweight == "identity" else 0.0))
+            omega2_init = -1.0 if reweight == "identity" else 0.0
+            self.omega2 = nn.Parameter(torch.full((num_heads,), omega2_init))
 
     def forward(
         self,
@@ -108,4 +109,5 @@ class Attention(nn.Module):
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, n, C)))
         if not return_stats:
             return out, None
-        return out, AttnStats(q.detach(), k.detach(), self.scale, None if lse is None else lse.detach())
+        lse = None if lse is None else lse.detach()
+        return out, AttnStats(q.detach(), k.detach(), self.scale, lse)

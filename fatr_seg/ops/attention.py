@@ -1,9 +1,9 @@
 """Attention on fused kernels, with the FATR reweighting as an exact identity.
 
 Every attention call in fatr_seg goes through :func:`attention`. The fused path is
-``F.scaled_dot_product_attention`` (flash / memory-efficient on CUDA, the fused flash kernel on CPU);
-the explicit softmax path beside it exists for debugging and tests. ``FATR_FUSED_ATTN=0`` in the
-environment switches the default to the explicit path.
+``F.scaled_dot_product_attention`` (flash / memory-efficient on CUDA, the fused flash kernel on
+CPU); the explicit softmax path beside it exists for debugging and tests. ``FATR_FUSED_ATTN=0``
+in the environment switches the default to the explicit path.
 """
 
 from __future__ import annotations

@@ -1,0 +1,65 @@
+# Segmenter-Mask ViT-S/16 with FATRViT, on mmseg's own ADE20K dataset, runtime and schedule.
+_base_ = [
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py',
+    'mmseg::_base_/schedules/schedule_160k.py',
+]
+custom_imports = dict(imports=['fatr_seg.models'], allow_failed_imports=False)
+
+crop_size = (512, 512)
+# timm ViT-S/16 (augreg, 384) converted with tools/convert_weights.py: see README "Pretrained weights".
+pretrained = 'pretrain/vit_small_patch16_384.pth'
+data_preprocessor = dict(
+    type='SegDataPreProcessor',
+    mean=[127.5, 127.5, 127.5],
+    std=[127.5, 127.5, 127.5],
+    bgr_to_rgb=True,
+    pad_val=0,
+    seg_pad_val=255,
+    size=crop_size)
+model = dict(
+    type='EncoderDecoder',
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        type='FATRViT',
+        img_size=crop_size,
+        patch_size=16,
+        in_channels=3,
+        embed_dims=384,
+        num_layers=12,
+        num_heads=6,
+        mlp_ratio=4.0,
+        drop_rate=0.0,
+        drop_path_rate=0.1,
+        norm_eps=1e-6,
+        final_norm=True,
+        out_indices=-1,
+        reduction=dict(
+            method='fatr',
+            layers=(4, 7, 10),
+            keep_ratio=0.7,
+            windows=(2, 2, 1),
+            score='exact',
+            reweight='identity',
+            restore='dc'),
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    decode_head=dict(
+        type='SegmenterMaskTransformerHead',
+        in_channels=384,
+        channels=384,
+        num_classes=150,
+        num_layers=2,
+        num_heads=6,
+        embed_dims=384,
+        dropout_ratio=0.0,
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+    train_cfg=dict(),
+    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(480, 480)))
+
+# mmseg's Segmenter schedule: SGD lr 1e-3, poly, 160k iterations, 8 images per iteration in total
+# (8 GPUs x 1; set train_dataloader.batch_size to 8 on one device).
+optimizer = dict(type='SGD', lr=0.001, momentum=0.9, weight_decay=0.0)
+optim_wrapper = dict(type='OptimWrapper', optimizer=optimizer, clip_grad=None)
+train_dataloader = dict(batch_size=1)
+val_dataloader = dict(batch_size=1)
+auto_scale_lr = dict(enable=False, base_batch_size=8)

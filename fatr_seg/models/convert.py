@@ -1,0 +1,127 @@
+"""Checkpoint conversion: timm ViT and mmseg ``VisionTransformer`` -> fatr_seg (timm) keys.
+
+fatr_seg's backbone uses timm's ViT key names, so a timm checkpoint needs only its classifier
+dropped. mmseg's ``VisionTransformer`` (and Segmenter checkpoints, which wrap it as
+``backbone.*``) use mmcv's ``MultiheadAttention`` / ``FFN`` names; they are renamed here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CheckpointError",
+    "convert_state_dict",
+    "detect_format",
+    "load_checkpoint_file",
+    "mmseg_vit_to_fatr",
+    "resize_pos_embed",
+    "timm_to_fatr",
+]
+
+WEIGHTS_HELP = "see README.md, section 'Pretrained weights'"
+
+# mmseg VisionTransformer -> timm names (per block, then the rest).
+_MMSEG_BLOCK = [
+    (r"ln1\.", "norm1."),
+    (r"attn\.attn\.in_proj_weight", "attn.qkv.weight"),
+    (r"attn\.attn\.in_proj_bias", "attn.qkv.bias"),
+    (r"attn\.attn\.out_proj\.", "attn.proj."),
+    (r"ln2\.", "norm2."),
+    (r"ffn\.layers\.0\.0\.", "mlp.fc1."),
+    (r"ffn\.layers\.1\.", "mlp.fc2."),
+]
+_TIMM_DROP = ("head.", "fc_norm.", "head_drop.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a message that names the problem."""
+
+
+def load_checkpoint_file(path: str) -> dict:
+    """Read a checkpoint's state dict (accepts ``{'state_dict': ...}``, ``{'model': ...}``)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path} ({WEIGHTS_HELP})")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
+            ckpt = ckpt[key]
+            break
+    if not isinstance(ckpt, dict) or not ckpt:
+        raise CheckpointError(f"{path} holds no state dict ({WEIGHTS_HELP})")
+    return ckpt
+
+
+def detect_format(state_dict: dict) -> str:
+    """``'fatr'`` (timm names), ``'mmseg'`` (mmseg VisionTransformer names), or raise."""
+    keys = [re.sub(r"^(module\.|backbone\.)", "", k) for k in state_dict]
+    if any(k.startswith("blocks.0.attn.qkv.") for k in keys):
+        return "fatr"
+    if any(k.startswith("layers.0.attn.attn.in_proj_") for k in keys):
+        return "mmseg"
+    raise CheckpointError(
+        "unrecognised checkpoint: expected timm ViT keys (blocks.N.attn.qkv.*) or mmseg "
+        f"VisionTransformer keys (layers.N.attn.attn.in_proj_*); first keys: {list(state_dict)[:5]}"
+    )
+
+
+def timm_to_fatr(state_dict: dict) -> dict:
+    """Drop a timm ViT's classifier and wrapper prefixes; all other keys are ours already."""
+    out = {}
+    for k, v in state_dict.items():
+        k = re.sub(r"^module\.", "", k)
+        if not k.startswith(_TIMM_DROP):
+            out[k] = v
+    return out
+
+
+def mmseg_vit_to_fatr(state_dict: dict) -> dict:
+    """Rename mmseg ``VisionTransformer`` keys to timm's (``backbone.`` prefix kept if present).
+
+    Keys outside the backbone (e.g. a Segmenter's ``decode_head.*``) pass through unchanged.
+    """
+    out = {}
+    for key, v in state_dict.items():
+        key = re.sub(r"^module\.", "", key)
+        prefix = "backbone." if key.startswith("backbone.") else ""
+        if prefix == "" and any(k.startswith("backbone.") for k in state_dict):
+            out[key] = v  # a segmentor's head or neck
+            continue
+        k = key[len(prefix) :]
+        m = re.match(r"layers\.(\d+)\.(.*)", k)
+        if m:
+            rest = m.group(2)
+            for pat, rep in _MMSEG_BLOCK:
+                rest = re.sub("^" + pat, rep, rest)
+            k = f"blocks.{m.group(1)}.{rest}"
+        elif k.startswith("patch_embed.projection."):
+            k = k.replace("patch_embed.projection.", "patch_embed.proj.")
+        elif k.startswith("ln1."):
+            k = k.replace("ln1.", "norm.")
+        out[prefix + k] = v
+    return out
+
+
+def convert_state_dict(state_dict: dict) -> dict:
+    """Convert a timm or mmseg ViT state dict to fatr_seg keys (format detected)."""
+    fmt = detect_format(state_dict)
+    return timm_to_fatr(state_dict) if fmt == "fatr" else mmseg_vit_to_fatr(state_dict)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a (1, 1 + h·w, C) square-grid positional embedding to ``new_grid`` (bicubic)."""
+    n = pos_embed.shape[1] - 1
+    side = math.isqrt(n)
+    if side * side != n:
+        raise CheckpointError(f"pos_embed with {n} patch positions is not a square grid")
+    if (side, side) == tuple(new_grid):
+        return pos_embed
+    grid = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
+    grid = grid.flatten(2).transpose(1, 2).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :1], grid], dim=1)
