@@ -6,6 +6,7 @@ Nothing here imports mmseg, mmengine or mmcv.
 from .attention import Attention
 from .block import Block
 from .config import REDUCTION_DEFAULTS, ReductionConfig
+from .peer_reducers import EViTReducer, ToMeReducer, build_reducer
 from .reducer import FrequencyTokenReducer
 from .restorer import TokenRestorer
 from .vit import FATRVisionTransformer, PatchEmbed, ReductionTrace
@@ -14,10 +15,13 @@ __all__ = [
     "REDUCTION_DEFAULTS",
     "Attention",
     "Block",
+    "EViTReducer",
     "FATRVisionTransformer",
     "FrequencyTokenReducer",
     "PatchEmbed",
     "ReductionConfig",
     "ReductionTrace",
+    "ToMeReducer",
     "TokenRestorer",
+    "build_reducer",
 ]

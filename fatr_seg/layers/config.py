@@ -7,7 +7,7 @@ from typing import Any
 
 __all__ = ["METHODS", "REDUCTION_DEFAULTS", "ReductionConfig"]
 
-METHODS = ("fatr", "random")
+METHODS = ("fatr", "random", "evit", "tome")
 SCORES = ("exact", "logit_proxy")
 REWEIGHTS = ("identity", "paper", None)
 RESTORES = ("dc", "residual")
@@ -32,7 +32,10 @@ class ReductionConfig:
     """Token reduction settings, validated at construction.
 
     Attributes:
-        method: ``'fatr'`` (frequency-aware) or ``'random'`` (random keep, same DC aggregation).
+        method: ``'fatr'`` (frequency-aware), ``'random'`` (random keep, same DC aggregation),
+            ``'evit'`` (top-k by CLS attention, the rest fused into one attention-weighted token;
+            ``windows`` is ignored) or ``'tome'`` (bipartite soft matching with proportional
+            attention; ``keep_ratio`` ≥ 0.5, ``restore='dc'``).
         layers: 1-indexed blocks that reduce (as in the paper), strictly increasing.
         keep_ratio: Fraction of the patch tokens present that each reduction layer keeps, in
             (0, 1]; one float for all layers or one per layer.
@@ -77,6 +80,10 @@ class ReductionConfig:
             _fail("reweight", self.reweight, f"choose one of {REWEIGHTS}")
         if self.restore not in RESTORES:
             _fail("restore", self.restore, f"choose one of {RESTORES}")
+        if self.method == "tome" and any(float(r) < 0.5 for r in self.keep_ratio):
+            _fail("keep_ratio", self.keep_ratio, "ToMe merges at most half the tokens per layer")
+        if self.method == "tome" and self.restore != "dc":
+            _fail("restore", self.restore, "ToMe merges tokens, it has no 'residual' to keep")
 
     @classmethod
     def from_dict(cls, cfg: dict | None, depth: int | None = None) -> ReductionConfig | None:

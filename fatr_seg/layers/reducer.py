@@ -82,5 +82,10 @@ class FrequencyTokenReducer(nn.Module):
             rec = FoldRecord(state.patch_idx, scores, empty, empty, state.source)
             return x, state, rec
         return fold_tokens(
-            x, state, scores, keep, self.windows, self.dc_pos, keep_residual=self.keep_residual
-        )
+            x, state, scores, keep, self.windows, self.dc_pos, keep_residual=self.keep_residual,
+            weights=self.fusion_weights(scores),
+        )  # fmt: skip
+
+    def fusion_weights(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """Per-token weights for the DC means; FATR's DC tokens are plain means (None)."""
+        return None

@@ -17,7 +17,7 @@ from torch import nn
 from ..ops.state import TokenState, init_state
 from .block import Block
 from .config import ReductionConfig
-from .reducer import FrequencyTokenReducer
+from .peer_reducers import build_reducer
 from .restorer import TokenRestorer
 
 __all__ = ["FATRVisionTransformer", "PatchEmbed", "ReductionTrace"]
@@ -84,6 +84,9 @@ class FATRVisionTransformer(nn.Module):
         out_indices: 0-indexed blocks whose outputs are returned as NCHW maps.
         reduction: Reduction config dict (see :class:`ReductionConfig`) or None for a plain ViT.
         fused_attn: Use fused attention (None reads ``FATR_FUSED_ATTN``).
+        check_finite: Reject inputs holding NaN or Inf at the entry with a ``ValueError`` (one
+            reduction over the input; on CUDA it synchronises once per forward). NaN would
+            otherwise reach the token ranking, where it silently scrambles the selection.
     """
 
     def __init__(
@@ -104,8 +107,10 @@ class FATRVisionTransformer(nn.Module):
         out_indices: int | tuple[int, ...] = -1,
         reduction: dict | None = None,
         fused_attn: bool | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
+        self.check_finite = check_finite
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_size[0] < patch_size or img_size[1] < patch_size:
             raise ValueError(f"img_size={img_size} is smaller than patch_size={patch_size}")
@@ -130,12 +135,7 @@ class FATRVisionTransformer(nn.Module):
         blocks = []
         for i in range(num_layers):
             j = red.index(i) if red else None
-            reducer = None
-            if j is not None:
-                reducer = FrequencyTokenReducer(
-                    embed_dims, red.keep_ratio[j], red.windows[j], red.score, red.method,
-                    keep_residual=red.restore == "residual",
-                )  # fmt: skip
+            reducer = None if j is None else build_reducer(red, j, embed_dims)
             blocks.append(
                 Block(
                     embed_dims, num_heads, mlp_ratio, qkv_bias, drop_rate, dpr[i], init_values,
@@ -180,6 +180,11 @@ class FATRVisionTransformer(nn.Module):
         if x.shape[2] < self.patch_size or x.shape[3] < self.patch_size:
             raise ValueError(
                 f"image {x.shape[2]}x{x.shape[3]} is smaller than one {self.patch_size}-pixel patch"
+            )
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                "input images contain NaN or Inf; check the data pipeline's normalisation "
+                "(or build the backbone with check_finite=False to pass them through)"
             )
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenState]:

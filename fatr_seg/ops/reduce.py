@@ -93,6 +93,7 @@ def fold_tokens(
     windows: int,
     dc_pos: torch.Tensor | None = None,
     keep_residual: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, TokenState, FoldRecord]:
     """Keep the top-``keep`` patch tokens and fold the rest into local DC tokens.
 
@@ -110,6 +111,9 @@ def fold_tokens(
             exist already.
         dc_pos: Optional (windows², C) positional term added to the DC tokens.
         keep_residual: Also track ``state.residual`` for ``restore='residual'``.
+        weights: Optional (B, M) fusion weight of each patch token (EViT fuses by attention);
+            DC tokens are then weighted running means, their total weight kept in
+            ``state.dc_weight``. None gives plain (count-weighted) means.
 
     Returns:
         ``x`` (B, 1 + keep + windows², C), the new state and a :class:`FoldRecord`.
@@ -128,17 +132,24 @@ def fold_tokens(
     hf = patches.gather(1, keep_pos[..., None].expand(-1, -1, C))
     lf = patches.gather(1, drop_pos[..., None].expand(-1, -1, C))
 
+    ones = torch.ones_like(drop_win, dtype=torch.float32)
+    w_lf = ones if weights is None else weights.float().gather(1, drop_pos)  # (B, L)
     sums = x.new_zeros(B, num_win, C, dtype=torch.float32)
-    sums = sums.scatter_add(1, drop_win[..., None].expand(-1, -1, C), lf.float())
-    counts = torch.zeros(B, num_win, device=device).scatter_add(
-        1, drop_win, torch.ones_like(drop_win, dtype=torch.float32)
-    )
+    sums = sums.scatter_add(1, drop_win[..., None].expand(-1, -1, C), lf.float() * w_lf[..., None])
+    counts = torch.zeros(B, num_win, device=device).scatter_add(1, drop_win, ones)
+    wsum = None if weights is None else torch.zeros_like(counts).scatter_add(1, drop_win, w_lf)
     if D:
-        old_dc = x[:, 1 + M :].float() * state.dc_count[..., None]
+        old_w = state.dc_count if state.dc_weight is None else state.dc_weight
         idx = dc_to_new.expand(B, D)
+        old_dc = x[:, 1 + M :].float() * old_w[..., None]
         sums = sums.scatter_add(1, idx[..., None].expand(-1, -1, C), old_dc)
         counts = counts.scatter_add(1, idx, state.dc_count)
-    dc = (sums / counts.clamp_min(1.0)[..., None]).to(x.dtype)  # (B, num_win, C)
+        if weights is not None:
+            wsum = wsum.scatter_add(1, idx, old_w)
+    wsum = counts if weights is None else wsum
+    # Windows that hold nothing keep 0 (weight 0 -> divide by 1), never NaN.
+    denom = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+    dc = (sums / denom[..., None]).to(x.dtype)  # (B, num_win, C)
     if dc_pos is not None:
         dc = dc + dc_pos.to(x.dtype)
     x = torch.cat([x[:, :1], hf, dc], dim=1)
@@ -161,8 +172,10 @@ def fold_tokens(
         residual = residual.scatter(1, drop_orig[..., None].expand(-1, -1, C), lf - dc_then)
 
     new_state = state.replace(
-        source=source, patch_idx=patch_idx, dc_count=counts, windows=windows, residual=residual
-    )
+        source=source, patch_idx=patch_idx, dc_count=counts, windows=windows, residual=residual,
+        dc_weight=None if weights is None else wsum,
+        patch_size=None if state.patch_size is None else state.patch_size.gather(1, keep_pos),
+    )  # fmt: skip
     record = FoldRecord(
         kept=patch_idx,
         kept_scores=scores.gather(1, keep_pos),

@@ -20,11 +20,16 @@ class TokenState:
         hw_shape: Original patch grid (H, W); ``N = H · W``.
         source: (B, N) long. For each original patch, the position of the token that represents it
             now: itself while it is an HF token, its DC token once it was folded.
-        patch_idx: (B, M) long. Original-grid index of each HF token, ascending.
+        patch_idx: (B, M) long. Original-grid index of each HF token (ascending for FATR; for
+            a merged ToMe token, the index of the token it was merged into).
         dc_count: (B, D) float32. Number of original patches folded into each DC token.
         windows: DC windows per side of the current DC tokens (0 while there are none).
         residual: (B, N, C) or None. For a folded patch, its feature when it was removed minus its
             DC token's value then; zero for HF patches. Kept only for ``restore='residual'``.
+        dc_weight: (B, D) float32 or None. Total fusion weight of each DC token when tokens are
+            fused with weights (EViT fuses by attention); None means plain counts.
+        patch_size: (B, M) float32 or None. Number of original patches merged into each patch
+            token (ToMe); None means 1 everywhere. Sizes enter attention as ``log(size)``.
     """
 
     hw_shape: tuple[int, int]
@@ -33,6 +38,8 @@ class TokenState:
     dc_count: torch.Tensor
     windows: int = 0
     residual: torch.Tensor | None = None
+    dc_weight: torch.Tensor | None = None
+    patch_size: torch.Tensor | None = None
 
     @property
     def num_patches(self) -> int:
@@ -45,16 +52,21 @@ class TokenState:
         return self.dc_count.shape[1]
 
     def key_bias(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """Additive attention bias (B, 1 + M + D) that removes empty DC tokens, or None.
+        """Additive attention bias per key (B, 1 + M + D), or None when it would be all zero.
 
-        A DC window with no folded patch yet holds no information; it must not receive attention.
-        Returns None (so the fastest fused kernel runs) when every DC token is populated.
+        A DC window with no folded patch yet holds no information; it gets ``-inf`` so it receives
+        no attention. Merged patch tokens (ToMe) get ``log(size)``: proportional attention.
+        Returns None (so the fastest fused kernel runs) when no key needs a bias.
         """
-        if self.num_dc == 0 or bool((self.dc_count > 0).all()):
+        empty_dc = self.num_dc > 0 and not bool((self.dc_count > 0).all())
+        if not empty_dc and self.patch_size is None:
             return None
-        B = self.dc_count.shape[0]
-        bias = self.dc_count.new_zeros(B, 1 + self.num_patches + self.num_dc, dtype=dtype)
-        bias[:, 1 + self.num_patches :] = torch.where(self.dc_count > 0, 0.0, float("-inf"))
+        B, M = self.patch_idx.shape
+        bias = self.dc_count.new_zeros(B, 1 + M + self.num_dc, dtype=dtype)
+        if empty_dc:
+            bias[:, 1 + M :] = torch.where(self.dc_count > 0, 0.0, float("-inf"))
+        if self.patch_size is not None:
+            bias[:, 1 : 1 + M] = self.patch_size.log()
         return bias
 
     def replace(self, **changes) -> TokenState:
