@@ -27,6 +27,18 @@ def _fail(key: str, value: Any, allowed: str) -> None:
     raise ValueError(f"reduction.{key}={value!r} is invalid: {allowed}")
 
 
+def _as_tuple(cfg: dict, key: str, kind: type) -> tuple:
+    """``cfg[key]`` as a tuple of ``kind`` (int or float), or a ValueError naming the key."""
+    value = cfg[key]
+    if isinstance(value, list | tuple) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        if kind is int and not all(isinstance(v, int) for v in value):
+            _fail(key, value, "values must be integers")
+        return tuple(kind(v) for v in value)
+    _fail(key, value, f"give a list or tuple of {kind.__name__}s")
+
+
 @dataclass(frozen=True)
 class ReductionConfig:
     """Token reduction settings, validated at construction.
@@ -105,14 +117,17 @@ class ReductionConfig:
                     f"reduction has unknown key(s) {unknown}; valid keys are {sorted(known)}"
                 )
             merged = {**REDUCTION_DEFAULTS, **cfg}
-            layers = tuple(merged["layers"])
+            layers = _as_tuple(merged, "layers", int)
             ratio = merged["keep_ratio"]
-            ratio = (ratio,) * len(layers) if isinstance(ratio, int | float) else tuple(ratio)
+            if isinstance(ratio, int | float) and not isinstance(ratio, bool):
+                ratio = (float(ratio),) * len(layers)
+            else:
+                ratio = _as_tuple(merged, "keep_ratio", float)
             out = cls(
                 method=merged["method"],
                 layers=layers,
-                keep_ratio=tuple(float(r) for r in ratio),
-                windows=tuple(merged["windows"]),
+                keep_ratio=ratio,
+                windows=_as_tuple(merged, "windows", int),
                 score=merged["score"],
                 reweight=merged["reweight"],
                 restore=merged["restore"],
