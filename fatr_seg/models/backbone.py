@@ -56,10 +56,20 @@ class FATRViT(FATRVisionTransformer, BaseModule):
         if any(k.startswith("backbone.") for k in state):
             state = {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}
         state = convert_state_dict(state)
-        if "pos_embed" in state and state["pos_embed"].shape != self.pos_embed.shape:
-            print_log(f"resizing pos_embed {tuple(state['pos_embed'].shape)} -> "
-                      f"{tuple(self.pos_embed.shape)}", logger="current")  # fmt: skip
-            state["pos_embed"] = resize_pos_embed(state["pos_embed"], self.pos_grid)
+        pos, own_len = state.get("pos_embed"), self.pos_embed.shape[1]
+        # Only the grid may differ (another pretraining size); a wrong dim is reported below.
+        if pos is not None and pos.shape[-1] == self.embed_dims and pos.shape[1] != own_len:
+            print_log(f"resizing pos_embed {tuple(pos.shape)} -> {tuple(self.pos_embed.shape)}",
+                      logger="current")  # fmt: skip
+            state["pos_embed"] = resize_pos_embed(pos, self.pos_grid)
+        own = self.state_dict()
+        wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                 for k, v in state.items() if k in own and v.shape != own[k].shape]  # fmt: skip
+        if wrong:
+            raise CheckpointError(
+                f"{path} does not match this backbone: shape mismatch {wrong[:4]} "
+                "(check embed_dims/mlp_ratio/patch_size/in_channels)"
+            )
         result = self.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith(_FATR_ONLY)]
         if missing or result.unexpected_keys:

@@ -3,6 +3,8 @@
 fatr_seg's backbone uses timm's ViT key names, so a timm checkpoint needs only its classifier
 dropped. mmseg's ``VisionTransformer`` (and Segmenter checkpoints, which wrap it as
 ``backbone.*``) use mmcv's ``MultiheadAttention`` / ``FFN`` names; they are renamed here.
+mmseg's ``VisionTransformer`` defaults to ``patch_bias=False`` (so do its Segmenter configs); such
+a checkpoint gets an explicit zero patch-embedding bias, which computes the same function.
 """
 
 from __future__ import annotations
@@ -44,10 +46,25 @@ class CheckpointError(ValueError):
 
 
 def load_checkpoint_file(path: str) -> dict:
-    """Read a checkpoint's state dict (accepts ``{'state_dict': ...}``, ``{'model': ...}``)."""
+    """Read a checkpoint's state dict (accepts ``{'state_dict': ...}``, ``{'model': ...}``).
+
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load``
+    (``weights_only=True``).
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path} ({WEIGHTS_HELP})")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            ckpt = load_file(path, device="cpu")
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load / safetensors raise many types on a bad file
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(err).__name__}: {first}"
+        ) from err
     for key in ("state_dict", "model", "module"):
         if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
             ckpt = ckpt[key]
@@ -83,7 +100,8 @@ def timm_to_fatr(state_dict: dict) -> dict:
 def mmseg_vit_to_fatr(state_dict: dict) -> dict:
     """Rename mmseg ``VisionTransformer`` keys to timm's (``backbone.`` prefix kept if present).
 
-    Keys outside the backbone (e.g. a Segmenter's ``decode_head.*``) pass through unchanged.
+    Keys outside the backbone (e.g. a Segmenter's ``decode_head.*``) pass through unchanged. A
+    missing patch-embedding bias (mmseg's ``patch_bias=False``) is added as zeros.
     """
     out = {}
     for key, v in state_dict.items():
@@ -104,6 +122,11 @@ def mmseg_vit_to_fatr(state_dict: dict) -> dict:
         elif k.startswith("ln1."):
             k = k.replace("ln1.", "norm.")
         out[prefix + k] = v
+    # patch_bias=False (mmseg's default): a zero bias is the same function.
+    for pre in {k[: -len("patch_embed.proj.weight")] for k in out
+                if k.endswith("patch_embed.proj.weight")}:  # fmt: skip
+        weight = out[pre + "patch_embed.proj.weight"]
+        out.setdefault(pre + "patch_embed.proj.bias", weight.new_zeros(weight.shape[0]))
     return out
 
 
