@@ -17,6 +17,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), ".."))
+from fatr_seg.models.dist import setup_cpu_distributed  # noqa: E402
 from fatr_seg.models.preflight import PreflightError, check_config_paths  # noqa: E402
 
 
@@ -54,6 +55,7 @@ def main():
         check_config_paths(cfg, train=True)
     except PreflightError as err:
         sys.exit(f"error: {err}")
+    setup_cpu_distributed(cfg, args.launcher)  # mmengine 0.10.7 needs CUDA for --launcher
     runner = Runner.from_cfg(cfg)
     runner.train()
 

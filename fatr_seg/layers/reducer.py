@@ -56,7 +56,32 @@ class FrequencyTokenReducer(nn.Module):
         if self.method == "random":
             return torch.rand(stats.q.shape[0], M, device=stats.q.device)
         s = hf_scores(stats.q, stats.k, stats.scale, self.score, key_bias, lse=stats.lse)
+        if key_bias is not None and state.num_dc:
+            s = self.without_empty_queries(s, stats, key_bias, state.num_dc)
         return s[:, 1 : 1 + M]
+
+    @torch.no_grad()
+    def without_empty_queries(
+        self, s: torch.Tensor, stats: AttnStats, key_bias: torch.Tensor, num_dc: int
+    ) -> torch.Tensor:
+        """Take the query rows of empty DC tokens out of the scores ``s`` (B, n).
+
+        An empty DC window (count 0) is masked as a key, but it is still a query; its query is
+        built from its positional term alone and must not vote in the column mean.
+        """
+        empty = ~torch.isfinite(key_bias[:, -num_dc:])  # (B, D)
+        if not bool(empty.any()):
+            return s
+        B, h, n, _ = stats.k.shape
+        q_dc = stats.q[:, :, -num_dc:].float()  # (B, h, D, d)
+        logits = q_dc @ stats.k.float().transpose(-2, -1) * stats.scale  # (B, h, D, n)
+        w = empty[:, None, :, None].float()  # (B, 1, D, 1)
+        if self.score == "logit_proxy":  # s = mean_h (sum_q q) . k * scale
+            return s - (logits * w).sum(dim=(1, 2)) / h
+        rows = (logits + key_bias[:, None, None, :].float()).softmax(dim=-1)  # (B, h, D, n)
+        removed = (rows * w).sum(dim=(1, 2))  # (B, n)
+        valid = (n - empty.sum(dim=1, keepdim=True)).float()  # (B, 1)
+        return (s * (h * n) - removed) / (h * valid)
 
     def forward(
         self,
