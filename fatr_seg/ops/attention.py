@@ -79,7 +79,7 @@ def attention_with_lse(
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=_bias_4d(key_bias, q.dtype), scale=scale
         )
-        return out, lse.float()
+        return out, lse.to(torch.promote_types(q.dtype, torch.float32))
     return attention(q, k, v, scale, key_bias, fused), None
 
 
@@ -154,7 +154,8 @@ def reweighted_attention(
     else:
         av, lse = attention_with_lse(q, k, v, scale, key_bias, fused)
         if num_dc > 0:
-            logits = (q @ k[:, :, n - num_dc :].transpose(-2, -1)).float() * scale  # (B,h,n,D)
+            k_dc = k[:, :, n - num_dc :]
+            logits = (q @ k_dc.transpose(-2, -1)).to(lse.dtype) * scale  # (B, h, n, D)
             if key_bias is not None:
                 logits = logits + key_bias[:, None, None, n - num_dc :]
             a_dc = torch.exp(logits - lse[..., None]).to(v.dtype)

@@ -117,6 +117,10 @@ def fold_tokens(
 
     Returns:
         ``x`` (B, 1 + keep + windows², C), the new state and a :class:`FoldRecord`.
+
+    Note:
+        It always rebuilds the DC tokens and adds ``dc_pos``; a layer with nothing to fold
+        (``keep == M``, windows unchanged) must not call it (the reducer skips it then).
     """
     B, _, C = x.shape
     M, D = state.num_patches, state.num_dc
@@ -132,16 +136,17 @@ def fold_tokens(
     hf = patches.gather(1, keep_pos[..., None].expand(-1, -1, C))
     lf = patches.gather(1, drop_pos[..., None].expand(-1, -1, C))
 
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 for fp16/bf16, fp64 stays fp64
     ones = torch.ones_like(drop_win, dtype=torch.float32)
     w_lf = ones if weights is None else weights.float().gather(1, drop_pos)  # (B, L)
-    sums = x.new_zeros(B, num_win, C, dtype=torch.float32)
-    sums = sums.scatter_add(1, drop_win[..., None].expand(-1, -1, C), lf.float() * w_lf[..., None])
+    sums = x.new_zeros(B, num_win, C, dtype=acc)
+    sums = sums.scatter_add(1, drop_win[..., None].expand(-1, -1, C), lf.to(acc) * w_lf[..., None])
     counts = torch.zeros(B, num_win, device=device).scatter_add(1, drop_win, ones)
     wsum = None if weights is None else torch.zeros_like(counts).scatter_add(1, drop_win, w_lf)
     if D:
         old_w = state.dc_count if state.dc_weight is None else state.dc_weight
         idx = dc_to_new.expand(B, D)
-        old_dc = x[:, 1 + M :].float() * old_w[..., None]
+        old_dc = x[:, 1 + M :].to(acc) * old_w[..., None]
         sums = sums.scatter_add(1, idx[..., None].expand(-1, -1, C), old_dc)
         counts = counts.scatter_add(1, idx, state.dc_count)
         if weights is not None:
