@@ -117,6 +117,10 @@ class ReductionConfig:
                     f"reduction has unknown key(s) {unknown}; valid keys are {sorted(known)}"
                 )
             merged = {**REDUCTION_DEFAULTS, **cfg}
+            if merged["method"] in ("evit", "tome") and "windows" not in cfg:
+                # They have no DC windows; don't validate the FATR default against their layers.
+                merged["windows"] = (1,) * len(tuple(merged["layers"]) if isinstance(
+                    merged["layers"], list | tuple) else ())  # fmt: skip
             layers = _as_tuple(merged, "layers", int)
             ratio = merged["keep_ratio"]
             if isinstance(ratio, int | float) and not isinstance(ratio, bool):

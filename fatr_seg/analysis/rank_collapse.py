@@ -1,0 +1,166 @@
+"""Per-layer rank-collapse diagnostics on (possibly reduced) token sequences; pure torch.
+
+The paper (figures 1 and 4) tracks how fast a ViT's tokens collapse toward their mean: the
+relative amplitude of the high-frequency part ``‖H_f[X]‖_F / ‖X‖_F`` with
+``H_f[X] = X − mean_tokens(X)``, and the cosine similarity of each layer's tokens to the last
+layer's. Reduced sequences are measured two ways:
+
+* **restored grid** (the number the study reports): the sequence restored to one token per
+  original patch through the source map (:func:`fatr_seg.ops.restore_tokens`), i.e. what a decode
+  head would see if it read that layer. A DC (or merged) token is counted once per patch it
+  stands for, so every method is measured on the same N positions;
+* **token set**: the patch and DC tokens actually present in the sequence (CLS excluded), each
+  counted once.
+
+Nothing here imports mmseg, mmengine or mmcv.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.restore import restore_tokens
+
+__all__ = [
+    "LayerDiagnostics",
+    "cosine_to_last",
+    "hf_amplitude",
+    "kept_set_iou",
+    "layer_diagnostics",
+    "random_iou",
+    "restored_layer_tokens",
+    "trace_iou",
+]
+
+
+def hf_amplitude(x: torch.Tensor) -> torch.Tensor:
+    """Relative high-frequency amplitude ``‖X − mean_tokens(X)‖_F / ‖X‖_F`` of each sequence.
+
+    Args:
+        x: (B, n, C) tokens (no CLS).
+
+    Returns:
+        (B,) float32 in [0, 1]; 0 when all tokens are equal (full rank collapse).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"expected tokens (B, n, C), got shape {tuple(x.shape)}")
+    x = x.float()
+    hf = x - x.mean(dim=1, keepdim=True)
+    return hf.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+def cosine_to_last(grids: list[torch.Tensor]) -> torch.Tensor:
+    """Mean cosine similarity of each layer's tokens to the last layer's, position by position.
+
+    Args:
+        grids: L tensors (B, N, C), one per layer, tokens of the same N grid positions.
+
+    Returns:
+        (L, B) float32; the last row is 1.
+    """
+    last = grids[-1].float()
+    return torch.stack([F.cosine_similarity(g.float(), last, dim=-1).mean(dim=1) for g in grids])
+
+
+def restored_layer_tokens(
+    model: torch.nn.Module, x: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every block's output, restored to the full grid and as the actual token set.
+
+    Args:
+        model: A :class:`fatr_seg.layers.FATRVisionTransformer` (final norm not applied, as in
+            its ``forward_tokens``).
+        x: Images (B, 3, H, W), normalised as for the model.
+
+    Returns:
+        One ``(restored (B, N, C), token_set (B, M + D, C))`` per block, in depth order.
+    """
+    outs = model.forward_tokens(x, out_indices=tuple(range(model.num_layers)))
+    layers = []
+    for tokens, state in outs:
+        seq = tokens[:, 1:]
+        layers.append((restore_tokens(seq, state.source, state.residual), seq))
+    return layers
+
+
+class LayerDiagnostics(NamedTuple):
+    """Per-layer diagnostics of one model on one batch, each (L,) averaged over the batch.
+
+    Attributes:
+        hf_restored: ``‖H_f[X]‖ / ‖X‖`` on the restored full grid (reported).
+        hf_tokens: The same on the actual token set (patch + DC tokens, CLS excluded).
+        cos_to_last: Cosine similarity to the last layer's restored tokens.
+        num_tokens: Patch + DC tokens present after each block (no CLS).
+    """
+
+    hf_restored: torch.Tensor
+    hf_tokens: torch.Tensor
+    cos_to_last: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+@torch.no_grad()
+def layer_diagnostics(model: torch.nn.Module, x: torch.Tensor) -> LayerDiagnostics:
+    """Rank-collapse diagnostics of every block of ``model`` on images ``x`` (B, 3, H, W)."""
+    layers = restored_layer_tokens(model, x)
+    grids = [g for g, _ in layers]
+    return LayerDiagnostics(
+        hf_restored=torch.stack([hf_amplitude(g).mean() for g in grids]),
+        hf_tokens=torch.stack([hf_amplitude(t).mean() for _, t in layers]),
+        cos_to_last=cosine_to_last(grids).mean(dim=1),
+        num_tokens=torch.tensor([float(t.shape[1]) for _, t in layers]),
+    )
+
+
+def kept_set_iou(kept_a: torch.Tensor, kept_b: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """IoU of two kept sets of original-grid indices, image by image.
+
+    Args:
+        kept_a: (B, Ka) long original-grid indices (duplicates allowed, counted once).
+        kept_b: (B, Kb) long.
+        num_patches: N, the size of the original grid.
+
+    Returns:
+        (B,) float32 ``|A ∩ B| / |A ∪ B|``.
+    """
+    B = kept_a.shape[0]
+    a = torch.zeros(B, num_patches, dtype=torch.bool, device=kept_a.device)
+    b = torch.zeros_like(a)
+    a.scatter_(1, kept_a, True)
+    b.scatter_(1, kept_b, True)
+    inter = (a & b).sum(dim=1).float()
+    union = (a | b).sum(dim=1).float().clamp_min(1.0)
+    return inter / union
+
+
+def trace_iou(traces_a: list, traces_b: list) -> torch.Tensor:
+    """Per reduction layer, the batch-mean IoU of two models' kept (HF) sets.
+
+    Args:
+        traces_a, traces_b: Lists of :class:`fatr_seg.layers.ReductionTrace` (from
+            ``FATRVisionTransformer.reduction_trace``) of two models on the same images, with the
+            same reduction layers.
+
+    Returns:
+        (R,) float32.
+    """
+    if [t.layer for t in traces_a] != [t.layer for t in traces_b]:
+        raise ValueError("the two traces reduce at different layers")
+    ious = []
+    for ta, tb in zip(traces_a, traces_b, strict=True):
+        n = ta.hw_shape[0] * ta.hw_shape[1]
+        ious.append(kept_set_iou(ta.kept, tb.kept, n).mean())
+    return torch.stack(ious)
+
+
+def random_iou(keep: int, total: int) -> float:
+    """Expected IoU of two independent uniform ``keep``-subsets of ``total`` items (chance level).
+
+    ``E|A ∩ B| = k² / M``; the union is ``2k − |A ∩ B|``. Exact for the intersection, and a close
+    approximation of the expected ratio for the sizes used here.
+    """
+    inter = keep * keep / total
+    return inter / (2 * keep - inter)
