@@ -1,0 +1,365 @@
+"""MAC counting that sees fused attention and the reduction's own overhead.
+
+``torch.utils.flop_counter.FlopCounterMode`` counts shape-based FLOPs of the ops it knows. It
+knows the CUDA attention kernels (flash, memory-efficient, cuDNN) but not the fused CPU kernel
+``aten._scaled_dot_product_flash_attention_for_cpu`` that ``F.scaled_dot_product_attention`` runs on
+CPU, nor in-place matmuls such as ``baddbmm_``: without help, attention on CPU counts zero.
+:func:`flop_formulas` adds the missing formulas and :func:`count_macs` runs the counter with them.
+
+Counting conventions (those of the paper and of fvcore/mmengine):
+
+* MACs = FLOPs / 2, counted for matmul-like ops only (linear, matmul/bmm, convolution, attention).
+  Softmax, LayerNorm, GELU and other elementwise ops count zero.
+* Attention ``softmax(q kᵀ) v`` costs ``n_q · n_k · (d + d_v)`` MACs per head.
+* The reduction's overhead is counted where it happens: the exact HF score recomputes
+  ``q kᵀ`` (``n² · C`` MACs per reduction layer); the logit proxy costs ``n · C``; the DC term
+  of the reweighted attention (``A[:, DC] V[DC]``) costs ``2 · n · D · C`` (D = DC tokens).
+  DC aggregation (``scatter_add``) and restoration (``gather``) do no multiplications; they are
+  reported apart as additions and moved elements, never mixed into the MACs.
+
+The count does not depend on the device, so the tools count on CPU, where the exact score runs
+as torch ops (a Triton kernel launch is invisible to a dispatch mode).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..layers.attention import Attention
+from ..layers.config import ReductionConfig
+from ..layers.reducer import FrequencyTokenReducer
+from ..ops.reduce import num_keep
+
+__all__ = [
+    "BlockTokens",
+    "MacReport",
+    "analytic_vit_macs",
+    "attention_flops",
+    "count_macs",
+    "flop_formulas",
+    "token_schedule",
+]
+
+aten = torch.ops.aten
+
+# Ops whose count is not arithmetic on MACs (adds, moved elements): reported apart.
+_AUX_OPS = ("aten.scatter_add", "aten.gather")
+# Plain attention is one fused op; batched matmuls inside an attention module are the DC term.
+_BATCHED_MATMULS = ("aten.bmm", "aten.baddbmm", "aten.baddbmm_")
+
+
+def attention_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
+    """FLOPs of ``softmax(q kᵀ) v``: ``2 · B · h · n_q · n_k · (d + d_v)``.
+
+    Args:
+        q_shape: (B, h, n_q, d).
+        k_shape: (B, h_kv, n_k, d); ``h_kv`` may divide ``h`` (grouped-query attention).
+        v_shape: (B, h_kv, n_k, d_v).
+    """
+    b, h, n_q, d = q_shape
+    n_k, d_v = k_shape[-2], v_shape[-1]
+    if k_shape[-1] != d or v_shape[-2] != n_k:
+        raise ValueError(f"attention shapes disagree: q {q_shape}, k {k_shape}, v {v_shape}")
+    return 2 * b * h * n_q * n_k * (d + d_v)
+
+
+def _sdpa_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return attention_flops(query_shape, key_shape, value_shape)
+
+
+def _sdpa_backward(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    # As torch counts the CUDA kernels' backward: recompute q kᵀ, then dP = dO vᵀ, dV = Pᵀ dO,
+    # dQ = dS k, dK = dSᵀ q.
+    b, h, n_q, d = query_shape
+    n_k, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * h * n_q * n_k * (3 * d + 2 * d_v)
+
+
+def _bmm_like(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    # baddbmm_(self, batch1 (b, m, k), batch2 (b, k, n)) and addbmm(_): 2·b·m·n·k.
+    b, m, k = a_shape
+    return 2 * b * m * b_shape[-1] * k
+
+
+def _mm_like(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    m, k = a_shape
+    return 2 * m * b_shape[-1] * k
+
+
+def _scatter_add_count(self_shape, dim, index_shape, src_shape, *args, out_shape=None, **kwargs):
+    # One addition per index entry.
+    return math.prod(index_shape)
+
+
+def _gather_count(self_shape, dim, index_shape, *args, out_shape=None, **kwargs) -> int:
+    # One moved element per output entry.
+    return math.prod(index_shape)
+
+
+def flop_formulas() -> dict[Any, Callable[..., int]]:
+    """Formulas that ``FlopCounterMode`` lacks, for its ``custom_mapping`` argument.
+
+    Covers the fused CPU attention kernel (forward and backward), the backend-agnostic
+    ``_scaled_dot_product_fused_attention_overrideable`` where this torch has it, in-place and
+    reduced batched matmuls (``baddbmm_``, ``addmm_``, ``addbmm``, ``addbmm_``), and the two
+    data-movement ops of the reduction (``scatter_add``: additions, ``gather``: moved elements),
+    which :class:`MacReport` keeps apart from the MACs. The CUDA attention kernels are already
+    in torch's registry.
+    """
+    mapping: dict[Any, Callable[..., int]] = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
+        aten.baddbmm_: _bmm_like,
+        aten.addbmm: _bmm_like,
+        aten.addbmm_: _bmm_like,
+        aten.addmm_: _mm_like,
+        aten.scatter_add: _scatter_add_count,
+        aten.gather: _gather_count,
+    }
+    for name, formula in (
+        ("_scaled_dot_product_fused_attention_overrideable", _sdpa_forward),
+        ("_scaled_dot_product_fused_attention_overrideable_backward", _sdpa_backward),
+    ):
+        if hasattr(aten, name):
+            mapping[getattr(aten, name)] = formula
+    return mapping
+
+
+@dataclass(frozen=True)
+class MacReport:
+    """Result of :func:`count_macs`.
+
+    Attributes:
+        macs: Total multiply-accumulates of matmul-like ops (FLOPs / 2).
+        by_op: MACs per op name, e.g. ``{'aten.addmm': ..., 'aten.bmm': ...}``.
+        by_module: MACs per module path (``FlopCounterMode``'s attribution; parents include
+            their children).
+        scoring_macs: MACs spent inside :class:`FrequencyTokenReducer` modules (HF scoring).
+        dc_term_macs: MACs of batched matmuls inside fatr_seg :class:`Attention` modules: the
+            DC term ``A[:, DC] V[DC]`` of the reweighted attention (plain attention is one fused
+            op, counted under its own name).
+        dc_aggregation_adds: Additions of ``scatter_add`` (DC aggregation); not in ``macs``.
+        moved_elements: Elements moved by ``gather`` (selection, restoration); not in ``macs``.
+    """
+
+    macs: int
+    by_op: dict[str, int] = field(default_factory=dict)
+    by_module: dict[str, int] = field(default_factory=dict)
+    scoring_macs: int = 0
+    dc_term_macs: int = 0
+    dc_aggregation_adds: int = 0
+    moved_elements: int = 0
+
+    @property
+    def gmacs(self) -> float:
+        """``macs / 1e9``."""
+        return self.macs / 1e9
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (module attribution left out: it is long)."""
+        return dict(
+            macs=self.macs,
+            gmacs=self.gmacs,
+            by_op=dict(self.by_op),
+            scoring_macs=self.scoring_macs,
+            dc_term_macs=self.dc_term_macs,
+            dc_aggregation_adds=self.dc_aggregation_adds,
+            moved_elements=self.moved_elements,
+        )
+
+
+def _module_kinds(model: nn.Module) -> dict[str, str]:
+    # Relative path -> 'reducer' / 'attention' for the modules whose MACs are overhead.
+    kinds = {}
+    for path, mod in model.named_modules():
+        if isinstance(mod, FrequencyTokenReducer):
+            kinds[path] = "reducer"
+        elif isinstance(mod, Attention):
+            kinds[path] = "attention"
+    return kinds
+
+
+def _kind(tracker_key: str, kinds: dict[str, str]) -> str | None:
+    # FlopCounterMode names a module "<RootClass>.<path>", the root being the first module it
+    # saw run (the model itself, or a child when ``method`` calls children directly).
+    if "." not in tracker_key:
+        return None
+    rel = tracker_key.split(".", 1)[1]
+    for path, kind in kinds.items():
+        if path == rel or path.endswith("." + rel):
+            return kind
+    return None
+
+
+def count_macs(
+    fn: Callable[..., Any], *inputs: Any, method: str | None = None, **kwargs: Any
+) -> MacReport:
+    """Count the MACs of one call ``fn(*inputs, **kwargs)`` under ``torch.inference_mode``.
+
+    Args:
+        fn: A module (called as ``fn(*inputs)``, or ``getattr(fn, method)(*inputs)``) or any
+            callable. For a module, MACs inside its :class:`FrequencyTokenReducer` and
+            :class:`Attention` submodules are also reported as scoring and DC-term overhead.
+        *inputs: Positional arguments of the call.
+        method: Name of the module method to call instead of ``forward`` (e.g.
+            ``'encode_decode'`` of an mmseg segmentor).
+        **kwargs: Keyword arguments of the call.
+
+    Example:
+        >>> vit = FATRVisionTransformer(embed_dims=384, num_heads=6).eval()
+        >>> count_macs(vit, torch.zeros(1, 3, 224, 224)).gmacs  # doctest: +SKIP
+
+    Returns:
+        A :class:`MacReport`.
+    """
+    call = getattr(fn, method) if method else fn
+    kinds = _module_kinds(fn) if isinstance(fn, nn.Module) else {}
+    counter = FlopCounterMode(display=False, custom_mapping=flop_formulas())
+    with torch.inference_mode(), counter:
+        call(*inputs, **kwargs)
+    counts = {
+        mod: {str(op): v for op, v in ops.items()} for mod, ops in counter.get_flop_counts().items()
+    }
+    glob = counts.get("Global", {})
+    by_op = {op: v // 2 for op, v in glob.items() if op not in _AUX_OPS}
+    by_module = {
+        mod: sum(v for op, v in ops.items() if op not in _AUX_OPS) // 2
+        for mod, ops in counts.items()
+        if mod != "Global"
+    }
+    scoring = dc_term = 0
+    for mod, ops in counts.items():
+        kind = _kind(mod, kinds)
+        if kind == "reducer":
+            scoring += by_module[mod]
+        elif kind == "attention":
+            dc_term += sum(v for op, v in ops.items() if op in _BATCHED_MATMULS) // 2
+    return MacReport(
+        macs=sum(by_op.values()),
+        by_op=by_op,
+        by_module=by_module,
+        scoring_macs=scoring,
+        dc_term_macs=dc_term,
+        dc_aggregation_adds=glob.get("aten.scatter_add", 0),
+        moved_elements=glob.get("aten.gather", 0),
+    )
+
+
+@dataclass(frozen=True)
+class BlockTokens:
+    """Token counts seen by one block (all include CLS).
+
+    Attributes:
+        attn: Tokens entering the attention (patch + CLS + DC tokens present).
+        mlp: Tokens entering the MLP (after this block's reduction, if any).
+        dc: DC tokens entering the attention.
+        reduces: Whether this block reduces.
+    """
+
+    attn: int
+    mlp: int
+    dc: int
+    reduces: bool
+
+
+def token_schedule(
+    num_patches: int, depth: int, reduction: dict | ReductionConfig | None
+) -> list[BlockTokens]:
+    """Tokens per block of a (possibly reduced) ViT; data-independent.
+
+    Follows the reducer: a reduction block keeps ``ceil(keep_ratio · M)`` of its M patch tokens
+    and then holds ``windows²`` DC tokens (empty windows are masked, not removed, so the count
+    does not depend on the data).
+
+    Args:
+        num_patches: Patch tokens N of the input grid.
+        depth: Number of blocks.
+        reduction: Reduction config (dict or :class:`ReductionConfig`) or None.
+
+    Returns:
+        One :class:`BlockTokens` per block.
+    """
+    red = ReductionConfig.from_dict(reduction, depth=depth)
+    M, D = num_patches, 0
+    out = []
+    for i in range(depth):
+        j = red.index(i) if red else None
+        attn = 1 + M + D
+        if j is None:
+            out.append(BlockTokens(attn, attn, D, False))
+            continue
+        keep = num_keep(red.keep_ratio[j], M)
+        dc_after = red.windows[j] ** 2
+        if keep == M and (D == 0 or red.windows[j] ** 2 == D):
+            # The reducer leaves the sequence unchanged (nothing to fold, DC grid the same).
+            out.append(BlockTokens(attn, attn, D, True))
+            continue
+        out.append(BlockTokens(attn, 1 + keep + dc_after, D, True))
+        M, D = keep, dc_after
+    return out
+
+
+def analytic_vit_macs(
+    grid: tuple[int, int],
+    dim: int,
+    depth: int,
+    patch_size: int,
+    in_channels: int = 3,
+    mlp_ratio: float = 4.0,
+    reduction: dict | ReductionConfig | None = None,
+    scoring: str | None = "auto",
+    dc_term: bool = True,
+) -> int:
+    """Closed-form MACs of :class:`fatr_seg.layers.FATRVisionTransformer` (one image, no head).
+
+    Per block on ``n`` attention tokens and ``m`` MLP tokens:
+    ``4 · n · C²`` (qkv, proj) ``+ 2 · n² · C`` (the two attention matmuls)
+    ``+ 2 · mlp_ratio · m · C²`` (MLP); for a plain ViT with ratio 4 that is the familiar
+    ``12 · n · C² + 2 · n² · C``. Plus the patch embedding ``N · p² · in_channels · C``.
+
+    Overheads, as counted on CPU (where the fused kernel returns the row log-sum-exp):
+
+    * exact score: ``n² · C`` per reduction block (``q kᵀ`` once more);
+    * logit proxy: ``n · C`` per reduction block;
+    * DC term of the reweighted attention: ``2 · n · D · C`` in every block after the first
+      reduction that sees ``D > 0`` DC tokens (only if ``reduction.reweight`` is set).
+
+    Args:
+        grid: Patch grid (H, W).
+        dim: Embedding dim C.
+        depth: Number of blocks.
+        patch_size: Patch size p.
+        in_channels: Input channels.
+        mlp_ratio: MLP hidden / C.
+        reduction: Reduction config or None.
+        scoring: ``'auto'`` (the config's score), ``'exact'``, ``'logit_proxy'`` or None (no
+            scoring overhead: tokens only).
+        dc_term: Include the DC term of the reweighted attention.
+
+    Returns:
+        MACs as an integer.
+    """
+    red = ReductionConfig.from_dict(reduction, depth=depth)
+    N = grid[0] * grid[1]
+    hidden = int(dim * mlp_ratio)
+    macs = N * patch_size * patch_size * in_channels * dim
+    if scoring == "auto":
+        scoring = red.score if red else None
+    first = red.layers[0] - 1 if red else depth
+    for i, blk in enumerate(token_schedule(N, depth, red)):
+        n, m = blk.attn, blk.mlp
+        macs += 4 * n * dim * dim + 2 * n * n * dim + 2 * m * dim * hidden
+        if blk.reduces and red.method == "fatr":
+            macs += {"exact": n * n * dim, "logit_proxy": n * dim, None: 0}[scoring]
+        if dc_term and red and red.reweight is not None and i > first and blk.dc:
+            macs += 2 * n * blk.dc * dim
+    return macs

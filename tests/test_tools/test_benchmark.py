@@ -1,0 +1,300 @@
+"""``tools/benchmark.py`` and the timing helpers in ``fatr_seg.analysis.timing``.
+
+Nothing here asserts a speed: timings on a shared CI machine are noise. The tests check that the
+benchmark measures what it says (alternation, every call timed, statistics, memory probes in a
+child process, scoring paths) and that quick mode writes a valid JSON, table and plot.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fatr_seg.analysis import (
+    TimingStats,
+    attention_stats_at,
+    time_alternating,
+    time_scoring_paths,
+)
+from fatr_seg.layers import FATRVisionTransformer
+from fatr_seg.ops.scoring import hf_scores
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location(
+    "fatr_benchmark_tool", REPO / "tools" / "benchmark.py"
+)
+benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(benchmark)
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+def test_time_alternating_alternates_and_times_every_call():
+    calls = []
+
+    def make(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+
+        return fn
+
+    times = time_alternating({"a": make("a", 0.002), "b": make("b", 0.02)}, iters=3, warmup=2)
+    assert calls == ["a", "b"] * 5  # warm-up rounds included, strictly alternating
+    assert [len(t) for t in times.values()] == [3, 3]
+    assert min(times["a"]) >= 0.002 and min(times["b"]) >= 0.02
+    assert min(times["b"]) > max(times["a"])
+    with pytest.raises(ValueError, match="iters"):
+        time_alternating({"a": make("a", 0)}, iters=0, warmup=0)
+    with pytest.raises(ValueError, match="empty"):
+        time_alternating({}, iters=1, warmup=0)
+
+
+def test_timing_stats_median_iqr_and_throughput():
+    s = TimingStats.from_times([0.5, 0.1, 0.4, 0.2, 0.3])
+    assert (s.median_s, s.q1_s, s.q3_s) == pytest.approx((0.3, 0.2, 0.4))
+    assert s.iqr_s == pytest.approx(0.2)
+    ips = s.throughput(batch=2)  # per-iteration 2 / t: 4, 5, 20/3, 10, 20
+    assert ips["median"] == pytest.approx(2 / 0.3)
+    assert (ips["q1"], ips["q3"]) == pytest.approx((5.0, 10.0))
+    row = s.to_dict(batch=2)
+    assert row["iters"] == 5 and row["times_s"] == [0.5, 0.1, 0.4, 0.2, 0.3]
+    with pytest.raises(ValueError, match="no timed"):
+        TimingStats.from_times([])
+
+
+def test_peak_rss_sees_an_allocation():
+    # In a fresh process: a long-lived pytest process may serve the block from memory that is
+    # already resident (allocator free lists), which is exactly why probes run in children.
+    code = (
+        "import sys, torch\n"
+        "from fatr_seg.analysis.timing import current_rss_bytes, peak_rss_bytes, reset_peak_rss\n"
+        "if not reset_peak_rss(): sys.exit(3)\n"
+        "before = current_rss_bytes()\n"
+        "block = torch.ones(64 * 2**20 // 4)\n"
+        "peak = peak_rss_bytes()\n"
+        "print(peak - before)\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode == 3:
+        pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[-1]) >= 60 * 2**20
+
+
+def tiny_fatr():
+    red = dict(layers=(2, 3), keep_ratio=0.7, windows=(2, 1))
+    return FATRVisionTransformer(
+        img_size=64, embed_dims=32, num_layers=4, num_heads=2, reduction=red
+    ).eval()
+
+
+def test_attention_stats_at_matches_the_forward():
+    vit = tiny_fatr()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        stats, v = attention_stats_at(vit, x, layer=2)
+        # The reducer of block 2 scores with these statistics: its kept tokens must be the
+        # top-k of the score computed from them.
+        (trace, *_) = vit.reduction_trace(x)
+    assert stats.q.shape == v.shape == (2, 2, 17, 16)
+    scores = hf_scores(stats.q, stats.k, stats.scale, lse=stats.lse)[:, 1:]
+    keep = trace.kept.shape[1]
+    want = scores.topk(keep, dim=1).indices.sort(dim=1).values
+    torch.testing.assert_close(trace.kept, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="layer"):
+        attention_stats_at(vit, x, layer=5)
+
+
+def test_time_scoring_paths_reports_all_cpu_paths():
+    vit = tiny_fatr()
+    with torch.inference_mode():
+        stats, v = attention_stats_at(vit, torch.randn(2, 3, 64, 64), layer=2)
+    out = time_scoring_paths(stats, v, keep_ratio=0.7, iters=2, warmup=1, use_triton=False)
+    assert set(out["times"]) == {"attention", "exact_chunked", "exact_chunked_lse", "logit_proxy"}
+    assert all(len(t.times_s) == 2 for t in out["times"].values())
+    assert out["num_patches"] == 16 and out["k"] == 12
+    # Both exact paths compute the same score: full agreement, tiny difference.
+    assert out["topk_agreement"]["exact_chunked_lse"] == 1.0
+    assert out["max_abs_diff"]["exact_chunked_lse"] < 1e-6
+    assert 0.0 <= out["topk_agreement"]["logit_proxy"] <= 1.0
+
+
+SCORING_TRITON_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from fatr_seg.analysis import attention_stats_at, time_scoring_paths
+    from fatr_seg.layers import FATRVisionTransformer
+
+    torch.manual_seed(0)
+    vit = FATRVisionTransformer(img_size=64, embed_dims=32, num_layers=4, num_heads=2,
+                                reduction=dict(layers=(2, 3), windows=(2, 1))).eval()
+    with torch.inference_mode():
+        stats, v = attention_stats_at(vit, torch.randn(1, 3, 64, 64), layer=2)
+    out = time_scoring_paths(stats, v, 0.7, iters=1, warmup=0, use_triton=True)
+    assert "exact_triton" in out["times"], out["times"].keys()
+    assert out["topk_agreement"]["exact_triton"] == 1.0, out
+    assert out["max_abs_diff"]["exact_triton"] < 1e-6, out
+    print("ok")
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_time_scoring_paths_triton_under_interpreter():
+    # The CUDA-only Triton path, exercised on CPU; TRITON_INTERPRET is read at triton import.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCORING_TRITON_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_bad_arguments_are_named(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--device", "cpu", "--dtypes", "float16"])
+    assert "float32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["configs/missing.py", "--device", "cpu"])
+    assert "config not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--shapes", "512x", "--device", "cpu"])
+    assert "shape" in capsys.readouterr().err
+    args = benchmark.parse_args(["--device", "cpu", "--shapes", "384", "256x320"])
+    assert args.shapes == [(384, 384), (256, 320)]
+    assert args.batch_sizes == [1, 8] and args.dtypes == ["float32"] and args.iters >= 10
+
+
+@pytest.mark.slow
+def test_quick_mode_writes_json_markdown_and_plot(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "benchmark.py"),
+        "--quick",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out-dir",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "benchmark.json").read_text())
+    assert result["schema"] == "fatr_seg.benchmark/1"
+    names = [c["name"] for c in result["configs"]]
+    assert names == ["baseline_vit-s_ade20k", "fatr_ade20k"] and result["reference"] == names[0]
+    assert result["configs"][0]["reduction"] is None
+    assert result["configs"][1]["reduction"]["layers"] == [4, 7, 10]
+    assert result["skipped"] == []
+
+    cells = {(r["config"], r["target"], tuple(r["shape"]), r["batch"]) for r in result["timing"]}
+    want = {
+        (n, t, (s, s), b)
+        for n in names
+        for t in ("backbone", "segmentor")
+        for s in (64, 128)
+        for b in (1, 2)
+    }
+    assert cells == want
+    for r in result["timing"]:
+        assert r["iters"] == 2 and len(r["times_s"]) == 2 and len(r["warmup_s"]) == 1
+        assert all(t > 0 for t in r["times_s"])
+        assert r["images_per_s"]["q1"] <= r["images_per_s"]["median"] <= r["images_per_s"]["q3"]
+        ref_row = next(
+            q
+            for q in result["timing"]
+            if q["config"] == names[0]
+            and (q["target"], q["shape"], q["batch"]) == (r["target"], r["shape"], r["batch"])
+        )
+        assert r["speedup"] == pytest.approx(ref_row["median_s"] / r["median_s"], rel=1e-12)
+        assert r["tokens"] == (r["shape"][0] // 16) ** 2
+        assert 0 < r["macs_ratio"] <= 1.0
+
+    macs = {(r["config"], r["shape"][0]): r for r in result["macs"]}
+    assert macs[(names[1], 128)]["backbone"] < macs[(names[0], 128)]["backbone"]
+    assert macs[(names[1], 128)]["scoring"] > 0 and macs[(names[0], 128)]["scoring"] == 0
+
+    assert {(r["config"], r["target"]) for r in result["memory"]} == {
+        (n, "backbone") for n in names
+    }
+    for r in result["memory"]:
+        assert r["error"] is None, r["error"]
+        assert r["peak_bytes"] >= r["before_bytes"] > 0 and r["forward_bytes"] >= 0
+
+    assert len(result["scoring"]) == 4  # 2 shapes x 2 batch sizes
+    for r in result["scoring"]:
+        assert {"attention", "exact_chunked", "exact_chunked_lse", "logit_proxy"} <= set(r["paths"])
+        assert r["topk_agreement"]["exact_chunked_lse"] == 1.0
+        assert 0.0 <= r["topk_agreement"]["logit_proxy"] <= 1.0
+
+    markdown = (out / "benchmark.md").read_text()
+    assert "## Throughput" in markdown and "## Peak memory" in markdown
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cell_over_budget_is_skipped_and_listed(tmp_path):
+    # A budget of one microsecond: every cell is skipped after its warm-up, and says so.
+    args = benchmark.parse_args(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--no-memory",
+            "--no-scoring",
+            "--no-macs",
+            "--shapes",
+            "64",
+            "--batch-sizes",
+            "1",
+            "--targets",
+            "backbone",
+            "--max-cell-seconds",
+            "1e-6",
+        ]
+    )
+    result = benchmark.benchmark(args)
+    assert result["timing"] == []
+    (skip,) = result["skipped"]
+    assert skip["kind"] == "timing" and skip["shape"] == [64, 64] and skip["batch"] == 1
+    assert "--max-cell-seconds" in skip["reason"]
+    assert "## Skipped" in benchmark.to_markdown(result)
+
+
+def test_budget_estimates_from_smaller_cells_and_names_the_limit():
+    budget = benchmark.Budget(cell_s=100, total_s=0)
+    assert budget.estimate("float32", "backbone", (64, 64), batch=1, rounds=3) is None
+    budget.per_image[("float32", "backbone", (64, 64))] = 1.0
+    # Same shape, bigger batch: linear in the batch.
+    assert budget.estimate("float32", "backbone", (64, 64), batch=4, rounds=3) == 12.0
+    # A bigger shape: scaled by the reference's MACs.
+    budget.macs = {("backbone", (64, 64)): 10, ("backbone", (128, 128)): 40}
+    assert budget.estimate("float32", "backbone", (128, 128), batch=2, rounds=3) == 24.0
+    assert budget.estimate("float32", "segmentor", (128, 128), batch=2, rounds=3) is None
+    assert budget.reason(24.0) is None and budget.reason(None) is None
+    assert "--max-cell-seconds 100" in budget.reason(101.0)
+    total = benchmark.Budget(cell_s=0, total_s=10)
+    assert total.reason(5.0) is None
+    assert "--time-budget 10" in total.reason(50.0)
