@@ -125,13 +125,26 @@ def run_tool(cmd, log_path, verbose=False):
     return log_path
 
 
-def _cfg_options(args, data_root):
-    opts = [f"{loader}.dataset.data_root={data_root}"
-            for loader in ("train_dataloader", "val_dataloader", "test_dataloader")]  # fmt: skip
-    if args.max_iters:
+def _cfg_options(args, train=False):
+    """``--cfg-options`` for the tools: the data root, and for training its length.
+
+    Training skips mmengine's validation at the last iteration: step 3 runs ``tools/test.py``
+    on the same images anyway.
+    """
+    if train:
+        opts = [f"train_dataloader.dataset.data_root={args.data_root}",
+                "val_cfg=None", "val_dataloader=None", "val_evaluator=None"]  # fmt: skip
+    else:
+        opts = [f"{loader}.dataset.data_root={args.data_root}"
+                for loader in ("val_dataloader", "test_dataloader")]  # fmt: skip
+    if train and args.max_iters:
         n = args.max_iters
-        opts += [f"train_cfg.max_iters={n}", f"train_cfg.val_interval={n}",
-                 f"default_hooks.checkpoint.interval={n}"]  # fmt: skip
+        # The demo configs' schedule: param_scheduler[0] warms up for 50 iterations (a sixth of
+        # a shorter run), param_scheduler[1] decays from there to max_iters.
+        warm = max(1, min(50, n // 6))
+        opts += [f"train_cfg.max_iters={n}", f"default_hooks.checkpoint.interval={n}",
+                 f"param_scheduler.0.end={warm}", f"param_scheduler.1.begin={warm}",
+                 f"param_scheduler.1.end={max(n, warm + 1)}"]  # fmt: skip
     return opts + list(args.cfg_options)
 
 
@@ -172,7 +185,7 @@ def step_train(args, config, name):
         log(f"train ({name}): skipped, using {ckpt}")
         return ckpt
     cmd = [sys.executable, "tools/train.py", config, "--work-dir", work_dir]
-    cmd += ["--cfg-options", *_cfg_options(args, args.data_root)]
+    cmd += ["--cfg-options", *_cfg_options(args, train=True)]
     run_tool(cmd, osp.join(args.work_dir, "logs", f"train_{name}.log"), args.verbose)
     return last_checkpoint(work_dir)
 
@@ -221,7 +234,7 @@ def parse_per_class(log_path):
 def step_test(args, config, ckpt, name):
     test_dir = osp.join(args.work_dir, f"{name}_test")
     cmd = [sys.executable, "tools/test.py", config, ckpt, "--work-dir", test_dir]
-    cmd += ["--cfg-options", *_cfg_options(args, args.data_root)]
+    cmd += ["--cfg-options", *_cfg_options(args)]
     run_tool(cmd, osp.join(args.work_dir, "logs", f"test_{name}.log"), args.verbose)
     metrics = read_test_metrics(test_dir)
     log(f"test ({name}): mIoU {metrics['mIoU']:.2f} %")
@@ -312,7 +325,7 @@ def read_throughput(path, configs):
 def step_visualize(args, ckpt):
     cmd = [sys.executable, "tools/visualize_tokens.py", args.config, "--checkpoint", ckpt,
            "--out-dir", args.work_dir]  # fmt: skip
-    cmd += ["--cfg-options", *_cfg_options(args, args.data_root)]
+    cmd += ["--cfg-options", *_cfg_options(args)]
     run_tool(cmd, osp.join(args.work_dir, "logs", "visualize.log"), args.verbose)
     overview = osp.join(args.work_dir, "tokens_overview.png")
     blocks = glob.glob(osp.join(args.work_dir, "tokens_block*.png"))
