@@ -254,6 +254,7 @@ def test_quick_mode_writes_json_markdown_and_plot(tmp_path):
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_cell_over_budget_is_skipped_and_listed(tmp_path):
     # A budget of one microsecond: every cell is skipped after its warm-up, and says so.
     args = benchmark.parse_args(

@@ -107,6 +107,7 @@ def test_token_schedule_deit_s():
     assert all(not b.reduces and b.attn == b.mlp == 197 for b in token_schedule(196, 12, None))
 
 
+@pytest.mark.slow
 def test_fatr_count_matches_schedule_and_shows_overhead():
     x = torch.zeros(1, 3, 224, 224)
     exact = count_macs(vit_s(RED), x)
@@ -137,6 +138,7 @@ def test_fatr_count_matches_schedule_and_shows_overhead():
     assert exact.dc_aggregation_adds == ((196 - 138) + (138 - 97) + 4 + (97 - 68) + 1) * (C + 1)
 
 
+@pytest.mark.slow
 def test_paper_table_cli(tmp_path, capsys):
     out = tmp_path / "paper.json"
     assert get_flops.main(["--paper-table", "--only", "DeiT-S/16", "--json", str(out)]) == 0
@@ -156,6 +158,7 @@ def test_paper_table_cli(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_get_flops_compare_mode(tmp_path):
     out = tmp_path / "flops.json"
     configs = [
