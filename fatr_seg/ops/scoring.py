@@ -52,7 +52,7 @@ def attention_column_mean(
     k: torch.Tensor,
     scale: float,
     key_bias: torch.Tensor | None = None,
-    max_chunk_bytes: int = 64 * 2**20,
+    max_chunk_bytes: int = 4 * 2**20,
     lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact column mean of the softmax attention map, computed in chunks of query rows.
