@@ -91,8 +91,12 @@ def column_mean_scores(A, query_valid=None):
 # Selection, windows, DC tokens, source map, restoration (one image at a time)
 # --------------------------------------------------------------------------------------------
 def num_keep(keep_ratio, num_tokens):
-    """``ceil(keep_ratio · M)`` in exact rational arithmetic on the ratio's decimal text, ≥ 1."""
-    return max(1, min(num_tokens, math.ceil(Fraction(str(keep_ratio)) * num_tokens)))
+    """``ceil(keep_ratio · M)`` in exact rational arithmetic on the ratio's decimal text, ≥ 1.
+
+    The product is rounded to 6 decimals first, the documented rule that makes ``0.7 · 10`` give 7
+    whatever the float error: a ratio of ``0.05000000000000001`` keeps 1 of 20, not 2.
+    """
+    return max(1, min(num_tokens, math.ceil(round(Fraction(str(keep_ratio)) * num_tokens, 6))))
 
 
 def select(scores, k):
