@@ -68,6 +68,7 @@ model = dict(
         embed_dims=192,
         num_heads=3,
         drop_path_rate=0.0,
+        compact_output=False,  # FCNHead reads full-grid maps
         init_cfg=None),
     decode_head=dict(
         _delete_=True,

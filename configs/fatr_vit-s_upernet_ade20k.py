@@ -2,7 +2,7 @@
 _base_ = ['./fatr_ade20k.py']
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 model = dict(
-    backbone=dict(out_indices=(3, 5, 7, 11)),
+    backbone=dict(out_indices=(3, 5, 7, 11), compact_output=False),  # the neck reads full maps
     neck=dict(
         type='MultiLevelNeck',
         in_channels=[384, 384, 384, 384],

@@ -60,7 +60,8 @@ def test_main_config_is_the_paper_setting():
     assert backbone.patch_size == 16 and tuple(cfg.crop_size) == (512, 512)
     assert backbone.init_cfg == dict(type="Pretrained",
                                      checkpoint="pretrain/vit_small_patch16_384.pth")  # fmt: skip
-    assert cfg.model.decode_head.type == "SegmenterMaskTransformerHead"
+    assert cfg.model.decode_head.type == "FATRSegmenterHead"
+    assert backbone.compact_output is True
     assert cfg.model.test_cfg.mode == "slide"
     assert cfg.train_cfg.max_iters == 160000
     assert cfg.train_dataloader.batch_size * 8 == cfg.auto_scale_lr.base_batch_size

@@ -16,7 +16,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), ".."))
-from fatr_seg.models.preflight import PreflightError, check_config_paths  # noqa: E402
+from fatr_seg.models.preflight import PreflightError, check_config  # noqa: E402
 
 
 def parse_args():
@@ -60,7 +60,7 @@ def main():
         hook.update(draw=True, show=False)
         cfg.visualizer.save_dir = args.show_dir
     try:
-        check_config_paths(cfg, train=False)
+        check_config(cfg, train=False)
     except PreflightError as err:
         sys.exit(f"error: {err}")
     runner = Runner.from_cfg(cfg)

@@ -18,7 +18,7 @@ from mmengine.runner import Runner
 
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), ".."))
 from fatr_seg.models.dist import setup_cpu_distributed  # noqa: E402
-from fatr_seg.models.preflight import PreflightError, check_config_paths  # noqa: E402
+from fatr_seg.models.preflight import PreflightError, check_config  # noqa: E402
 
 
 def parse_args():
@@ -52,7 +52,7 @@ def main():
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
     cfg.resume = args.resume or cfg.get("resume", False)
     try:
-        check_config_paths(cfg, train=True)
+        check_config(cfg, train=True)
     except PreflightError as err:
         sys.exit(f"error: {err}")
     setup_cpu_distributed(cfg, args.launcher)  # mmengine 0.10.7 needs CUDA for --launcher

@@ -42,9 +42,14 @@ model = dict(
             score='exact',
             reweight='identity',
             restore='dc'),
+        # The Segmenter head below runs on the reduced token set (exactly the logits of the
+        # stock head on the restored grid). Set False to feed full-grid maps to any mmseg head.
+        compact_output=True,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     decode_head=dict(
-        type='SegmenterMaskTransformerHead',
+        # mmseg's SegmenterMaskTransformerHead (same parameters and checkpoints) on fused
+        # attention; it also reads the backbone's compact output.
+        type='FATRSegmenterHead',
         in_channels=384,
         channels=384,
         num_classes=150,

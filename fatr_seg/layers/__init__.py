@@ -5,6 +5,7 @@ Nothing here imports mmseg, mmengine or mmcv.
 
 from .attention import Attention
 from .block import Block
+from .compact import CompactTokens, compact_tokens
 from .config import REDUCTION_DEFAULTS, ReductionConfig
 from .peer_reducers import EViTReducer, ToMeReducer, build_reducer
 from .reducer import FrequencyTokenReducer
@@ -15,6 +16,7 @@ __all__ = [
     "REDUCTION_DEFAULTS",
     "Attention",
     "Block",
+    "CompactTokens",
     "EViTReducer",
     "FATRVisionTransformer",
     "FrequencyTokenReducer",
@@ -24,4 +26,5 @@ __all__ = [
     "ToMeReducer",
     "TokenRestorer",
     "build_reducer",
+    "compact_tokens",
 ]

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..ops.state import TokenState, init_state
 from .block import Block
+from .compact import CompactTokens, compact_tokens
 from .config import ReductionConfig
 from .peer_reducers import build_reducer
 from .restorer import TokenRestorer
@@ -87,6 +88,10 @@ class FATRVisionTransformer(nn.Module):
         check_finite: Reject inputs holding NaN or Inf at the entry with a ``ValueError`` (one
             reduction over the input; on CUDA it synchronises once per forward). NaN would
             otherwise reach the token ranking, where it silently scrambles the selection.
+        compact_output: Return :class:`CompactTokens` (the reduced token set and its source
+            map) instead of full-grid maps, for a decoder that runs on the reduced set
+            (``fatr_seg.models.FATRSegmenterHead``). Needs ``restore='dc'``; with no reduction
+            every grid position is its own token.
     """
 
     def __init__(
@@ -108,9 +113,11 @@ class FATRVisionTransformer(nn.Module):
         reduction: dict | None = None,
         fused_attn: bool | None = None,
         check_finite: bool = True,
+        compact_output: bool = False,
     ) -> None:
         super().__init__()
         self.check_finite = check_finite
+        self.compact_output = compact_output
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_size[0] < patch_size or img_size[1] < patch_size:
             raise ValueError(f"img_size={img_size} is smaller than patch_size={patch_size}")
@@ -123,6 +130,12 @@ class FATRVisionTransformer(nn.Module):
         if any(not -num_layers <= i < num_layers for i in out_indices):
             raise ValueError(f"out_indices={out_indices} out of range for {num_layers} layers")
         self.reduction = ReductionConfig.from_dict(reduction, depth=num_layers)
+        if compact_output and self.reduction and self.reduction.restore != "dc":
+            raise ValueError(
+                f"compact_output=True needs reduction restore='dc' (got "
+                f"{self.reduction.restore!r}): with 'residual' every folded patch has its own "
+                "feature, so the grid cannot be represented by the reduced tokens"
+            )
         self.final_norm = final_norm
 
         self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dims)
@@ -222,16 +235,21 @@ class FATRVisionTransformer(nn.Module):
                 break
         return outs
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | tuple[CompactTokens, ...]:
         """Full-grid feature maps, one (B, C, H/p, W/p) per index in ``out_indices``.
 
         Shapes match mmseg's ``VisionTransformer`` (CLS dropped, final norm on the last block),
-        so every stock mmseg decode head works unchanged.
+        so every stock mmseg decode head works unchanged. With ``compact_output`` one
+        :class:`CompactTokens` per index instead (``.restore()`` gives the same map).
         """
         outs = []
         for (tokens, state), i in zip(self.forward_tokens(x), self.out_indices, strict=True):
             norm = self.norm if (i == self.num_layers - 1 and self.final_norm) else None
-            outs.append(self.restorer(tokens, state, norm))
+            if self.compact_output:
+                # The final norm is per token, so it commutes with the restoring gather.
+                outs.append(compact_tokens(tokens if norm is None else norm(tokens), state))
+            else:
+                outs.append(self.restorer(tokens, state, norm))
         return tuple(outs)
 
     @torch.no_grad()

@@ -7,5 +7,6 @@ torch >= 2.6's ``weights_only=True`` default (see :mod:`fatr_seg.models.compat`)
 from . import compat  # noqa: F401
 from .backbone import FATRViT
 from .convert import CheckpointError, convert_state_dict
+from .segmenter_head import FATRSegmenterHead
 
-__all__ = ["CheckpointError", "FATRViT", "convert_state_dict"]
+__all__ = ["CheckpointError", "FATRSegmenterHead", "FATRViT", "convert_state_dict"]

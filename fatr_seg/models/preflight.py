@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["PreflightError", "check_config_paths"]
+__all__ = ["PreflightError", "check_config", "check_config_paths", "check_model"]
 
 DATA_HELP = "see README.md, section 'ADE20K'"
 WEIGHTS_HELP = "see README.md, section 'Pretrained weights'"
 
 
 class PreflightError(RuntimeError):
-    """A path the config needs does not exist."""
+    """A path the config needs does not exist, or the model parts do not fit together."""
+
+
+# Decode heads that read ``CompactTokens`` (a backbone built with ``compact_output=True``).
+COMPACT_HEADS = ("FATRSegmenterHead",)
 
 
 def _dataset_dirs(dataset: dict) -> list[str]:
@@ -47,3 +51,32 @@ def check_config_paths(cfg, train: bool = True) -> None:
         ckpt = init_cfg.get("checkpoint") if init_cfg.get("type") == "Pretrained" else None
         if ckpt and "://" not in ckpt and not os.path.isfile(ckpt):
             raise PreflightError(f"pretrained checkpoint not found: {ckpt} ({WEIGHTS_HELP})")
+
+
+def check_model(cfg) -> None:
+    """Raise :class:`PreflightError` if the backbone's output cannot feed the decode head."""
+    model = cfg.get("model") or {}
+    backbone = model.get("backbone") or {}
+    if not backbone.get("compact_output"):
+        return
+    head = (model.get("decode_head") or {}).get("type")
+    readers = []
+    if head not in COMPACT_HEADS:
+        readers.append(f"decode_head type {head!r}")
+    if model.get("neck"):
+        readers.append(f"neck {model['neck'].get('type')!r}")
+    if model.get("auxiliary_head"):
+        readers.append("auxiliary_head")
+    if readers:
+        raise PreflightError(
+            f"model.backbone.compact_output=True returns reduced token sets, which only "
+            f"{', '.join(COMPACT_HEADS)} reads, but this config also feeds them to "
+            f"{' and '.join(readers)}: set model.backbone.compact_output=False (full-grid maps "
+            "for any mmseg head) or use decode_head type 'FATRSegmenterHead' without neck"
+        )
+
+
+def check_config(cfg, train: bool = True) -> None:
+    """All preflight checks: the model's parts fit together, and the paths exist."""
+    check_model(cfg)
+    check_config_paths(cfg, train)

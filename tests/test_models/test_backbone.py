@@ -170,7 +170,7 @@ def test_residual_restoration_invariants():
 @pytest.mark.parametrize("restore, score", [("dc", "exact"), ("residual", "logit_proxy")])
 def test_keep_all_equals_the_baseline_config(restore, score):
     """keep_ratio=1.0 in the main config = the baseline config with the same weights."""
-    out = {"model.backbone.out_indices": (1, 3, 5)}
+    out = {"model.backbone.out_indices": (1, 3, 5), "model.backbone.compact_output": False}
     reduction = {"model.backbone.reduction.layers": LAYERS,
                  "model.backbone.reduction.keep_ratio": 1.0,
                  "model.backbone.reduction.restore": restore,
@@ -199,7 +199,8 @@ def test_keep_all_equals_the_baseline_config(restore, score):
 def test_segmentor_from_config_trains(restore):
     """``model.loss`` on random input; every trainable parameter gets a non-zero gradient."""
     cfg = tiny_config(**{"model.backbone.reduction.layers": LAYERS,
-                         "model.backbone.reduction.restore": restore})  # fmt: skip
+                         "model.backbone.reduction.restore": restore,
+                         "model.backbone.compact_output": restore == "dc"})  # fmt: skip
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
     model.init_weights()

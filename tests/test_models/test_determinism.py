@@ -57,7 +57,8 @@ def base_cfg():
 def build(base_cfg, seed):
     cfg = copy.deepcopy(base_cfg.model)
     cfg.backbone.update(img_size=(64, 64), embed_dims=32, num_layers=4, num_heads=2,
-                        drop_rate=0.1, drop_path_rate=0.3, init_cfg=None)  # fmt: skip
+                        drop_rate=0.1, drop_path_rate=0.3, init_cfg=None,
+                        compact_output=False)  # fmt: skip
     cfg.backbone.reduction.update(layers=(2, 3, 4))
     cfg.decode_head.update(in_channels=32, channels=32, num_heads=2, embed_dims=32,
                            num_layers=1, num_classes=9, dropout_ratio=0.1)  # fmt: skip

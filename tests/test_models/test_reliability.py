@@ -32,6 +32,9 @@ def base_cfg():
 
 
 def model_cfg(base_cfg, reduction=None, test_cfg=None, **backbone):
+    # These tests read the backbone's full-grid maps; the compact path (the config's default) is
+    # tested against them in test_segmenter_head.py.
+    backbone.setdefault("compact_output", False)
     cfg = base_cfg.model.copy()
     cfg.backbone = dict(cfg.backbone, img_size=(64, 64), embed_dims=32, num_layers=DEPTH,
                         num_heads=2, drop_path_rate=0.0, init_cfg=None,
