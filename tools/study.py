@@ -142,12 +142,19 @@ def make_cfg(args, method, seed, work_dir, iters=0, lr=None, load_from=None):
     model = cfg.model
     model.data_preprocessor.size = crop
     bb = model.backbone
+    red = reduction_cfg(method, args)
     bb.update(img_size=crop, patch_size=args.patch_size, embed_dims=args.embed_dims,
               num_heads=args.num_heads, num_layers=args.depth, drop_path_rate=0.0,
-              reduction=reduction_cfg(method, args), init_cfg=None)  # fmt: skip
-    model.decode_head.update(in_channels=args.embed_dims, channels=args.embed_dims,
-                             embed_dims=args.embed_dims, num_heads=args.num_heads,
-                             num_layers=args.head_layers)  # fmt: skip
+              reduction=red, init_cfg=None,
+              compact_output=red is None or red["restore"] == "dc")  # fmt: skip
+    # The Segmenter mask head on fused attention (the demo config has a linear decoder). With
+    # restore='dc' it runs on the reduced tokens: the same logits as on the restored grid.
+    model.decode_head = dict(
+        type="FATRSegmenterHead", in_channels=args.embed_dims, channels=args.embed_dims,
+        embed_dims=args.embed_dims, num_heads=args.num_heads, num_layers=args.head_layers,
+        num_classes=model.decode_head.num_classes, dropout_ratio=0.0, drop_path_rate=0.0,
+        loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
+    )  # fmt: skip
     iters = max(int(iters), 1)
     cfg.optim_wrapper.optimizer.lr = lr or args.base_lr
     warm = max(1, min(50, iters // 10))
