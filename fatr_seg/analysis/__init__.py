@@ -1,8 +1,14 @@
 """Cost analysis: MAC counting that sees fused attention, timing and memory helpers.
 
-Pure torch (like ``fatr_seg.ops`` and ``fatr_seg.layers``): nothing here imports mmseg, mmengine
-or mmcv, so the trunk can be measured on a machine without them. The command-line tools are
-``tools/get_flops.py`` and ``tools/benchmark.py``.
+What this package exports is pure torch (like ``fatr_seg.ops`` and ``fatr_seg.layers``): it
+imports no mmseg, mmengine or mmcv, so the trunk can be measured on a machine without them. The
+logic of the tools lives in submodules imported by name, which import mmseg and mmengine only
+inside the functions that build or run segmentors:
+
+* :mod:`.benchmark`, :mod:`.benchmark_models`, :mod:`.benchmark_report`: ``tools/benchmark.py``;
+* :mod:`.study`, :mod:`.study_report`: ``tools/study.py``.
+
+``tools/get_flops.py`` uses :func:`count_macs` and :func:`analytic_vit_macs`.
 """
 
 from .flops import (

@@ -1,4 +1,5 @@
-"""``tools/benchmark.py`` and the timing helpers in ``fatr_seg.analysis.timing``.
+"""``tools/benchmark.py``, ``fatr_seg.analysis.benchmark*`` and the timing helpers in
+``fatr_seg.analysis.timing``.
 
 Nothing here asserts a speed: timings on a shared CI machine are noise. The tests check that the
 benchmark measures what it says (alternation, every call timed, statistics, memory probes in a
@@ -23,6 +24,8 @@ from fatr_seg.analysis import (
     time_alternating,
     time_scoring_paths,
 )
+from fatr_seg.analysis.benchmark import Budget, benchmark
+from fatr_seg.analysis.benchmark_report import to_markdown
 from fatr_seg.layers import FATRVisionTransformer
 from fatr_seg.ops.scoring import hf_scores
 
@@ -30,8 +33,8 @@ REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
     "fatr_benchmark_tool", REPO / "tools" / "benchmark.py"
 )
-benchmark = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(benchmark)
+benchmark_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(benchmark_tool)
 
 try:
     import triton  # noqa: F401
@@ -173,15 +176,15 @@ def test_time_scoring_paths_triton_under_interpreter():
 
 def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
-        benchmark.parse_args(["--device", "cpu", "--dtypes", "float16"])
+        benchmark_tool.parse_args(["--device", "cpu", "--dtypes", "float16"])
     assert "float32" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        benchmark.parse_args(["configs/missing.py", "--device", "cpu"])
+        benchmark_tool.parse_args(["configs/missing.py", "--device", "cpu"])
     assert "config not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        benchmark.parse_args(["--shapes", "512x", "--device", "cpu"])
+        benchmark_tool.parse_args(["--shapes", "512x", "--device", "cpu"])
     assert "shape" in capsys.readouterr().err
-    args = benchmark.parse_args(["--device", "cpu", "--shapes", "384", "256x320"])
+    args = benchmark_tool.parse_args(["--device", "cpu", "--shapes", "384", "256x320"])
     assert args.shapes == [(384, 384), (256, 320)]
     assert args.batch_sizes == [1, 8] and args.dtypes == ["float32"] and args.iters >= 10
 
@@ -203,6 +206,8 @@ def test_quick_mode_writes_json_markdown_and_plot(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "benchmark.json").read_text())
     assert result["schema"] == "fatr_seg.benchmark/1"
+    settings = result["settings"]
+    assert settings["max_cell_seconds"] == 240.0 and settings["time_budget"] == 1500.0
     names = [c["name"] for c in result["configs"]]
     assert names == ["baseline_vit-s_ade20k", "fatr_ade20k"] and result["reference"] == names[0]
     assert result["configs"][0]["reduction"] is None
@@ -257,7 +262,7 @@ def test_quick_mode_writes_json_markdown_and_plot(tmp_path):
 @pytest.mark.slow
 def test_cell_over_budget_is_skipped_and_listed(tmp_path):
     # A budget of one microsecond: every cell is skipped after its warm-up, and says so.
-    args = benchmark.parse_args(
+    args = benchmark_tool.parse_args(
         [
             "--quick",
             "--device",
@@ -276,16 +281,16 @@ def test_cell_over_budget_is_skipped_and_listed(tmp_path):
             "1e-6",
         ]
     )
-    result = benchmark.benchmark(args)
+    result = benchmark(args)
     assert result["timing"] == []
     (skip,) = result["skipped"]
     assert skip["kind"] == "timing" and skip["shape"] == [64, 64] and skip["batch"] == 1
     assert "--max-cell-seconds" in skip["reason"]
-    assert "## Skipped" in benchmark.to_markdown(result)
+    assert "## Skipped" in to_markdown(result)
 
 
 def test_budget_estimates_from_smaller_cells_and_names_the_limit():
-    budget = benchmark.Budget(cell_s=100, total_s=0)
+    budget = Budget(cell_s=100, total_s=0)
     assert budget.estimate("float32", "backbone", (64, 64), batch=1, rounds=3) is None
     budget.per_image[("float32", "backbone", (64, 64))] = 1.0
     # Same shape, bigger batch: linear in the batch.
@@ -296,6 +301,6 @@ def test_budget_estimates_from_smaller_cells_and_names_the_limit():
     assert budget.estimate("float32", "segmentor", (128, 128), batch=2, rounds=3) is None
     assert budget.reason(24.0) is None and budget.reason(None) is None
     assert "--max-cell-seconds 100" in budget.reason(101.0)
-    total = benchmark.Budget(cell_s=0, total_s=10)
+    total = Budget(cell_s=0, total_s=10)
     assert total.reason(5.0) is None
     assert "--time-budget 10" in total.reason(50.0)

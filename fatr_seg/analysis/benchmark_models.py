@@ -1,0 +1,171 @@
+"""Segmentors, inputs and forward passes of the benchmark, and its memory probe.
+
+:func:`build_segmentor` builds an mmseg segmentor from a config (no pretrained weights; speed does
+not depend on them), :func:`make_images` synthetic ADE20K-like inputs normalised like the
+config's data preprocessor, and :func:`forward_fn` the zero-argument forward that
+``tools/benchmark.py`` times. mmseg and mmengine are imported inside the functions that need
+them, so importing this module needs torch only.
+
+Peak memory on CPU is measured in a fresh child process per cell (:func:`run_memory_probe`
+starts ``python -m fatr_seg.analysis.benchmark_models SPEC``, which runs :func:`memory_probe`),
+so that memory already held by the parent cannot hide the forward's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from .timing import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+
+__all__ = [
+    "DTYPES",
+    "build_segmentor",
+    "config_names",
+    "forward_fn",
+    "image_metas",
+    "make_images",
+    "memory_probe",
+    "patch_tokens",
+    "run_memory_probe",
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The tiny model of --quick: same depth and reduction layers, small width.
+TINY_DIM, TINY_HEADS = 64, 2
+PROBE_TAG = "FATR_MEMORY_PROBE "
+MAX_DISTINCT_IMAGES = 8  # larger batches repeat them; content only matters for token selection
+# The folder holding the fatr_seg package: the child process of a memory probe runs there.
+_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def _shrink(cfg) -> None:
+    """Make the model of ``cfg`` tiny (--quick): same depth and reduction, width 64."""
+    bb = cfg.model.backbone
+    bb.embed_dims, bb.num_heads = TINY_DIM, TINY_HEADS
+    head = cfg.model.decode_head
+    for key, value in (
+        ("in_channels", TINY_DIM),
+        ("channels", TINY_DIM),
+        ("embed_dims", TINY_DIM),
+        ("num_heads", TINY_HEADS),
+        ("num_layers", 1),
+    ):
+        if key in head:
+            head[key] = value
+    cfg.model.pop("auxiliary_head", None)
+
+
+def build_segmentor(path: str, tiny: bool = False):
+    """mmseg segmentor from a config, without pretrained weights, in eval mode, on CPU."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+
+    cfg = Config.fromfile(path)
+    if "model" not in cfg or "backbone" not in cfg.model:
+        raise ValueError(f"{path} defines no model.backbone")
+    cfg.model.pop("pretrained", None)
+    cfg.model.backbone.init_cfg = None  # no weights here; speed does not depend on them
+    if tiny:
+        _shrink(cfg)
+    init_default_scope(cfg.get("default_scope", "mmseg"))
+    model = MODELS.build(cfg.model).eval()
+    pre = cfg.model.get("data_preprocessor") or {}
+    norm = (pre.get("mean", [127.5] * 3), pre.get("std", [127.5] * 3))
+    return model, cfg, norm
+
+
+def config_names(paths: list[str]) -> list[str]:
+    """Short names of configs: file names without ``.py``, ``#i`` added where two are alike."""
+    names = [osp.splitext(osp.basename(p))[0] for p in paths]
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def make_images(batch: int, shape: tuple[int, int], norm, seed: int) -> torch.Tensor:
+    """Normalised synthetic images (B, 3, H, W), float32, on CPU."""
+    from ..datasets.synthetic import generate_sample
+
+    distinct = []
+    for i in range(min(batch, MAX_DISTINCT_IMAGES)):
+        image, _ = generate_sample(np.random.default_rng([seed, i]), shape)
+        distinct.append(torch.from_numpy(image).permute(2, 0, 1).float())
+    x = torch.stack([distinct[i % len(distinct)] for i in range(batch)])
+    mean = torch.tensor(norm[0], dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(norm[1], dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def image_metas(batch: int, shape: tuple[int, int]) -> list[dict]:
+    """The image metas ``encode_decode`` reads, for ``batch`` unpadded images of ``shape``."""
+    return [dict(img_shape=shape, ori_shape=shape, pad_shape=shape) for _ in range(batch)]
+
+
+def forward_fn(model, target: str, x: torch.Tensor, dtype: str):
+    """Zero-argument callable running one forward of ``target`` in inference mode."""
+    metas = image_metas(x.shape[0], tuple(x.shape[2:]))
+    autocast = x.is_cuda and dtype != "float32"
+
+    def run():
+        ctx = torch.autocast("cuda", DTYPES[dtype]) if autocast else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            if target == "backbone":
+                return model.backbone(x)
+            return model.encode_decode(x, metas)
+
+    return run
+
+
+def patch_tokens(model, shape: tuple[int, int]) -> int:
+    """Patch tokens of ``model``'s backbone on an input of ``shape`` (padded to whole patches)."""
+    p = getattr(model.backbone, "patch_size", 16)
+    p = p[0] if isinstance(p, tuple | list) else p
+    return -(-shape[0] // p) * -(-shape[1] // p)
+
+
+def memory_probe(spec: dict) -> dict:
+    """Peak RSS of one forward of ``spec`` (run in a child process by :func:`run_memory_probe`).
+
+    ``spec``: ``config`` (path), ``target``, ``shape`` ([H, W]), ``batch``, ``tiny`` (the
+    ``--quick`` model), ``threads`` and ``seed``.
+    """
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    model, _, norm = build_segmentor(spec["config"], spec["tiny"])
+    shape = tuple(spec["shape"])
+    x = make_images(spec["batch"], shape, norm, spec["seed"])
+    run = forward_fn(model, spec["target"], x, "float32")
+    gc.collect()
+    method = "child_vmhwm" if reset_peak_rss() else "child_maxrss"
+    before = current_rss_bytes()
+    run()
+    peak = peak_rss_bytes()
+    return dict(peak_bytes=peak, before_bytes=before, forward_bytes=peak - before, method=method)
+
+
+def run_memory_probe(spec: dict, timeout: float) -> dict:
+    """Run :func:`memory_probe` on ``spec`` in a fresh child process; its result or an ``error``."""
+    cmd = [sys.executable, "-m", "fatr_seg.analysis.benchmark_models", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"memory probe timed out after {timeout:.0f} s")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(PROBE_TAG):
+            return json.loads(line[len(PROBE_TAG) :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return dict(error=f"memory probe failed (exit {proc.returncode}): {' | '.join(tail)}")
+
+
+if __name__ == "__main__":  # the child process of run_memory_probe
+    import warnings
+
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    print(PROBE_TAG + json.dumps(memory_probe(json.loads(sys.argv[1]))), flush=True)
