@@ -158,6 +158,13 @@ def test_paper_table_cli(tmp_path, capsys):
     )
 
 
+def segmenter_head_macs(n, C, K, layers, mlp_ratio=4):
+    """Segmenter mask head on n patch tokens + K class tokens: projections, layers, masks."""
+    m = n + K
+    per_layer = (4 + 2 * mlp_ratio) * m * C * C + 2 * m * m * C  # qkv, proj, MLP; q k^T and A V
+    return n * C * C + layers * per_layer + n * C * C + K * C * C + n * K * C
+
+
 @pytest.mark.slow
 def test_get_flops_compare_mode(tmp_path):
     out = tmp_path / "flops.json"
@@ -183,8 +190,10 @@ def test_get_flops_compare_mode(tmp_path):
         fatr["backbone"]["macs"] / base["backbone"]["macs"], rel=1e-12
     )
     assert fatr["backbone"]["scoring_macs"] > 0
-    # Same decode head on the same full-grid map: identical head MACs.
-    assert base["decode_head_macs"] == fatr["decode_head_macs"] > 0
+    # The Segmenter head (FATRSegmenterHead) runs on the baseline's 16 patch tokens and on
+    # FATR's compact output: 16 -> 12 -> 9 -> 7 HF tokens plus the last layer's one DC token.
+    assert base["decode_head_macs"] == segmenter_head_macs(16, 384, 150, 2)
+    assert fatr["decode_head_macs"] == segmenter_head_macs(7 + 1, 384, 150, 2)
     for m in (base, fatr):
         assert m["segmentor"]["macs"] == m["backbone"]["macs"] + m["decode_head_macs"]
 
