@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import torch
 
-from .timing import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from .timing import current_rss_bytes, peak_rss_bytes, peak_tensor_bytes, reset_peak_rss
 
 __all__ = [
     "DTYPES",
@@ -131,7 +131,11 @@ def patch_tokens(model, shape: tuple[int, int]) -> int:
 
 
 def memory_probe(spec: dict) -> dict:
-    """Peak RSS of one forward of ``spec`` (run in a child process by :func:`run_memory_probe`).
+    """Peak memory of one forward of ``spec`` (run in a child process by :func:`run_memory_probe`).
+
+    Two measures: the peak RSS growth of the first forward (what the machine must have), and the
+    peak of live tensor bytes of a second, profiled forward (:func:`peak_tensor_bytes`: what the
+    model itself needs, like CUDA's ``max_memory_allocated``).
 
     ``spec``: ``config`` (path), ``target``, ``shape`` ([H, W]), ``batch``, ``tiny`` (the
     ``--quick`` model), ``threads`` and ``seed``.
@@ -147,7 +151,10 @@ def memory_probe(spec: dict) -> dict:
     before = current_rss_bytes()
     run()
     peak = peak_rss_bytes()
-    return dict(peak_bytes=peak, before_bytes=before, forward_bytes=peak - before, method=method)
+    # A second forward, profiled: live tensor bytes, free of the allocator's retained memory.
+    tensors = peak_tensor_bytes(run)
+    return dict(peak_bytes=peak, before_bytes=before, forward_bytes=peak - before, method=method,
+                tensor_peak_bytes=tensors)  # fmt: skip
 
 
 def run_memory_probe(spec: dict, timeout: float) -> dict:

@@ -87,18 +87,23 @@ def to_markdown(result: dict) -> str:
             "## Peak memory (MiB)",
             "",
             "CPU: peak RSS of a fresh child process during one forward (peak) and its growth "
-            "over the RSS before the forward (forward). CUDA: max_memory_allocated.",
+            "over the RSS before the forward (forward); tensors: peak of live tensor bytes "
+            "during a second, profiled forward (the allocator's retained memory excluded). "
+            "CUDA: max_memory_allocated.",
             "",
-            "| target | dtype | shape | tokens | batch | config | peak | before | forward |",
-            "|---|---|---|---:|---:|---|---:|---:|---:|",
+            "| target | dtype | shape | tokens | batch | config | peak | before | forward "
+            "| tensors |",
+            "|---|---|---|---:|---:|---|---:|---:|---:|---:|",
         ]
         for r in result["memory"]:
             if r.get("error"):
-                tail = f"| error: {r['error']} | | |"
+                tail = f"| error: {r['error']} | | | |"
             else:
+                tensors = r.get("tensor_peak_bytes")
                 tail = (
                     f"| {_fmt_bytes(r['peak_bytes'])} | {_fmt_bytes(r['before_bytes'])} "
-                    f"| {_fmt_bytes(r['forward_bytes'])} |"
+                    f"| {_fmt_bytes(r['forward_bytes'])} "
+                    f"| {'–' if tensors is None else _fmt_bytes(tensors)} |"
                 )
             lines.append(
                 f"| {r['target']} | {r['dtype']} | {r['shape'][0]}x{r['shape'][1]} "

@@ -7,10 +7,12 @@ median and the inter-quartile range, robust to the occasional slow outlier of a 
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ __all__ = [
     "cuda_peak_memory",
     "current_rss_bytes",
     "peak_rss_bytes",
+    "peak_tensor_bytes",
     "reset_peak_rss",
     "synchronize",
     "time_alternating",
@@ -185,6 +188,31 @@ def peak_rss_bytes() -> int:
         return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def peak_tensor_bytes(fn: Callable[[], Any]) -> int:
+    """Peak CPU tensor memory allocated during one call of ``fn``, above what was allocated before.
+
+    The CPU counterpart of ``torch.cuda.max_memory_allocated``: the running total of live tensor
+    bytes from torch.profiler's allocation records (``profile_memory=True``), so unlike peak RSS
+    it does not include memory the C allocator keeps after a free, nor depend on fragmentation.
+    The profiler slows the call down; use it for memory, never for time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [
+        e["args"]["Total Allocated"]
+        for e in events
+        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0
+    ]
+    return max([0, *totals])
 
 
 def cuda_peak_memory(fn: Callable[[], Any], device: torch.device | str) -> dict[str, int]:

@@ -99,6 +99,23 @@ def test_peak_rss_sees_an_allocation():
     assert int(proc.stdout.split()[-1]) >= 60 * 2**20
 
 
+def test_peak_tensor_bytes_is_the_exact_live_peak():
+    from fatr_seg.analysis.timing import peak_tensor_bytes
+
+    def fn():
+        a = torch.empty(2**20)  # 4 MiB
+        b = torch.empty(2**21)  # 8 MiB, with a alive: 12 MiB
+        del a
+        c = torch.empty(2**20)  # 4 MiB, with b alive: 12 MiB again, never more
+        d = torch.empty(3 * 2**19)  # 6 MiB: b + c + d = 18 MiB, the peak
+        del b, c, d
+
+    assert peak_tensor_bytes(fn) == 18 * 2**20
+    keep = torch.empty(2**22)  # allocated before the call: not counted
+    assert peak_tensor_bytes(lambda: torch.empty(2**18)) == 2**20
+    del keep
+
+
 def tiny_fatr():
     red = dict(layers=(2, 3), keep_ratio=0.7, windows=(2, 1))
     return FATRVisionTransformer(
@@ -247,6 +264,7 @@ def test_quick_mode_writes_json_markdown_and_plot(tmp_path):
     for r in result["memory"]:
         assert r["error"] is None, r["error"]
         assert r["peak_bytes"] >= r["before_bytes"] > 0 and r["forward_bytes"] >= 0
+        assert r["tensor_peak_bytes"] > 0
 
     assert len(result["scoring"]) == 4  # 2 shapes x 2 batch sizes
     for r in result["scoring"]:
