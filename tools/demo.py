@@ -355,7 +355,7 @@ def format_summary(results):
         "# fatr_seg demo summary",
         "",
         f"Synthetic ADE20K-layout data ({results['num_train']} train / {results['num_val']} val, "
-        f"{size}x{size}), Segmenter-Mask ViT-T/16 trained from scratch for "
+        f"{size}x{size}), ViT-T/16 with Segmenter's linear decoder trained from scratch for "
         f"{results.get('max_iters', '?')} iterations on {results['device']}.",
         f"Cost and throughput: one {size}x{size} image (batch 1), whole segmentor.",
         "",
