@@ -145,7 +145,10 @@ def _cfg_options(args, train=False):
         opts += [f"train_cfg.max_iters={n}", f"default_hooks.checkpoint.interval={n}",
                  f"param_scheduler.0.end={warm}", f"param_scheduler.1.begin={warm}",
                  f"param_scheduler.1.end={max(n, warm + 1)}"]  # fmt: skip
-    return opts + list(args.cfg_options)
+    extra = list(args.cfg_options)
+    if train:  # validation is switched off above: options for its loader would have no target
+        extra = [o for o in extra if not o.startswith(("val_", "test_"))]
+    return opts + extra
 
 
 # --------------------------------------------------------------------------------------- steps
