@@ -132,7 +132,9 @@ def _cfg_options(args, train=False):
     on the same images anyway.
     """
     if train:
+        # The test loader stays configured (train.py's preflight checks its folder too).
         opts = [f"train_dataloader.dataset.data_root={args.data_root}",
+                f"test_dataloader.dataset.data_root={args.data_root}",
                 "val_cfg=None", "val_dataloader=None", "val_evaluator=None"]  # fmt: skip
     else:
         opts = [f"{loader}.dataset.data_root={args.data_root}"
@@ -147,7 +149,7 @@ def _cfg_options(args, train=False):
                  f"param_scheduler.1.end={max(n, warm + 1)}"]  # fmt: skip
     extra = list(args.cfg_options)
     if train:  # validation is switched off above: options for its loader would have no target
-        extra = [o for o in extra if not o.startswith(("val_", "test_"))]
+        extra = [o for o in extra if not o.startswith("val_")]
     return opts + extra
 
 
