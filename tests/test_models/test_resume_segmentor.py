@@ -14,6 +14,7 @@ import pytest
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
+from tiny_configs import NO_EVAL, TINY_MODEL
 from torch.testing import assert_close
 
 import fatr_seg.models  # noqa: F401  (checkpoint allow-list for torch.load)
@@ -40,24 +41,7 @@ train_dataloader = dict(
             dict(type='LoadAnnotations', reduce_zero_label=True),
             dict(type='PackSegInputs'),
         ]))
-val_dataloader = None
-val_evaluator = None
-val_cfg = None
-test_dataloader = None
-test_evaluator = None
-test_cfg = None
-model = dict(
-    data_preprocessor=dict(size=crop_size),
-    backbone=dict(
-        img_size=crop_size, embed_dims=32, num_layers=4, num_heads=2, drop_path_rate=0.0,
-        reduction=dict(layers=(2, 3), windows=(2, 1)), compact_output=True),
-    # The main configs' head (Segmenter mask transformer on the reduced tokens), not the demo's
-    # linear decoder, so training, testing and resuming cover the compact path.
-    decode_head=dict(
-        _delete_=True, type='FATRSegmenterHead', in_channels=32, channels=32, num_heads=2,
-        embed_dims=32, num_layers=1, num_classes=9, dropout_ratio=0.0,
-        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)))
-optim_wrapper = dict(
+""" + NO_EVAL + TINY_MODEL + """optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.01),
     clip_grad=dict(max_norm=1.0),

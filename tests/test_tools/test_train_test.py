@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_configs import TINY_MODEL
 
 from fatr_seg.datasets import write_dataset
 
@@ -26,18 +27,7 @@ MAX_ITERS = 3
 TINY_CONFIG = """
 _base_ = [{base!r}]
 crop_size = (64, 64)
-model = dict(
-    data_preprocessor=dict(size=crop_size),
-    backbone=dict(
-        img_size=crop_size, embed_dims=32, num_layers=4, num_heads=2,
-        reduction=dict(layers=(2, 3), windows=(2, 1)), compact_output=True),
-    # The main configs' head (Segmenter mask transformer on the reduced tokens), not the demo's
-    # linear decoder, so training, testing and resuming cover the compact path.
-    decode_head=dict(
-        _delete_=True, type='FATRSegmenterHead', in_channels=32, channels=32, num_heads=2,
-        embed_dims=32, num_layers=1, num_classes=9, dropout_ratio=0.0,
-        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)))
-"""
+""" + TINY_MODEL
 
 
 def _loader_options(data_root):

@@ -1,0 +1,28 @@
+"""Config text shared by the tests that run a tiny segmentor through tools/ or mmengine's Runner.
+
+Pieces of mmengine config files (Python source), for templates based on
+``configs/fatr_ade20k_demo.py``; they use the template's ``crop_size``.
+"""
+
+# Training only: no validation or test loop.
+NO_EVAL = """val_dataloader = None
+val_evaluator = None
+val_cfg = None
+test_dataloader = None
+test_evaluator = None
+test_cfg = None
+"""
+
+# A 4-block ViT with FATR at blocks 2 and 3 and the Segmenter head on the compact output.
+TINY_MODEL = """model = dict(
+    data_preprocessor=dict(size=crop_size),
+    backbone=dict(
+        img_size=crop_size, embed_dims=32, num_layers=4, num_heads=2, drop_path_rate=0.0,
+        reduction=dict(layers=(2, 3), windows=(2, 1)), compact_output=True),
+    # The main configs' head (Segmenter mask transformer on the reduced tokens), not the demo's
+    # linear decoder, so training, testing and resuming cover the compact path.
+    decode_head=dict(
+        _delete_=True, type='FATRSegmenterHead', in_channels=32, channels=32, num_heads=2,
+        embed_dims=32, num_layers=1, num_classes=9, dropout_ratio=0.0,
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)))
+"""
