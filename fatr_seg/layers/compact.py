@@ -16,7 +16,15 @@ import torch
 from ..ops.restore import restore_tokens
 from ..ops.state import TokenState
 
-__all__ = ["CompactTokens", "compact_tokens"]
+__all__ = ["CompactOutputError", "CompactTokens", "compact_tokens"]
+
+
+class CompactOutputError(AttributeError, TypeError):
+    """A tensor attribute was read from :class:`CompactTokens`.
+
+    An ``AttributeError``, so ``hasattr``/``getattr(x, name, default)`` probes keep working, and a
+    ``TypeError``, which is what reading ``.shape`` of the wrong kind of object is.
+    """
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class CompactTokens:
         # A stock mmseg head or neck reads ``.shape``/``.dim()``/... of a tensor: say what to do.
         if name.startswith("__"):
             raise AttributeError(name)
-        raise TypeError(
+        raise CompactOutputError(
             f"the backbone returned CompactTokens (compact_output=True), which has no {name!r}: "
             "only fatr_seg's FATRSegmenterHead reads them. Use that head, or build the backbone "
             "with compact_output=False to get full-grid (B, C, H, W) maps for any mmseg head"
