@@ -56,7 +56,7 @@ class FrequencyTokenReducer(nn.Module):
         if self.method == "random":
             return torch.rand(stats.q.shape[0], M, device=stats.q.device)
         s = hf_scores(stats.q, stats.k, stats.scale, self.score, key_bias, lse=stats.lse)
-        if key_bias is not None and state.num_dc:
+        if key_bias is not None and state.empty_dc_windows():
             s = self.without_empty_queries(s, stats, key_bias, state.num_dc)
         return s[:, 1 : 1 + M]
 
@@ -69,9 +69,7 @@ class FrequencyTokenReducer(nn.Module):
         An empty DC window (count 0) is masked as a key, but it is still a query; its query is
         built from its positional term alone and must not vote in the column mean.
         """
-        empty = ~torch.isfinite(key_bias[:, -num_dc:])  # (B, D)
-        if not bool(empty.any()):
-            return s
+        empty = ~torch.isfinite(key_bias[:, -num_dc:])  # (B, D); some element has one
         B, h, n, _ = stats.k.shape
         q_dc = stats.q[:, :, -num_dc:].float()  # (B, h, D, d)
         logits = q_dc @ stats.k.float().transpose(-2, -1) * stats.scale  # (B, h, D, n)

@@ -30,6 +30,10 @@ class TokenState:
             fused with weights (EViT fuses by attention); None means plain counts.
         patch_size: (B, M) float32 or None. Number of original patches merged into each patch
             token (ToMe); None means 1 everywhere. Sizes enter attention as ``log(size)``.
+        has_empty_dc: Whether some DC window holds no patch yet (count 0). The reduction step
+            that changes the DC tokens sets it, reading the counts once; None means unknown, and
+            :meth:`key_bias` then reads the counts itself. On CUDA every read is a host sync, so
+            a forward pays one per reduction layer instead of one per block.
     """
 
     hw_shape: tuple[int, int]
@@ -40,6 +44,7 @@ class TokenState:
     residual: torch.Tensor | None = None
     dc_weight: torch.Tensor | None = None
     patch_size: torch.Tensor | None = None
+    has_empty_dc: bool | None = None
 
     @property
     def num_patches(self) -> int:
@@ -58,7 +63,7 @@ class TokenState:
         no attention. Merged patch tokens (ToMe) get ``log(size)``: proportional attention.
         Returns None (so the fastest fused kernel runs) when no key needs a bias.
         """
-        empty_dc = self.num_dc > 0 and not bool((self.dc_count > 0).all())
+        empty_dc = self.empty_dc_windows()
         if not empty_dc and self.patch_size is None:
             return None
         B, M = self.patch_idx.shape
@@ -69,7 +74,18 @@ class TokenState:
             bias[:, 1 : 1 + M] = self.patch_size.log()
         return bias
 
+    def empty_dc_windows(self) -> bool:
+        """Whether some DC window is empty (from ``has_empty_dc`` when known, else a read)."""
+        if self.num_dc == 0:
+            return False
+        if self.has_empty_dc is not None:
+            return self.has_empty_dc
+        return not bool((self.dc_count > 0).all())
+
     def replace(self, **changes) -> TokenState:
+        """A copy with ``changes``; new counts without a new ``has_empty_dc`` make it unknown."""
+        if "dc_count" in changes and "has_empty_dc" not in changes:
+            changes["has_empty_dc"] = None
         return replace(self, **changes)
 
 

@@ -271,12 +271,15 @@ def test_dc_values_by_hand():
     assert x.flatten().tolist() == [0.0, 2.0, 8.0, 1.0, 0.0, 4.0, 0.0]
     assert state.dc_count.tolist() == [[1.0, 0.0, 1.0, 0.0]]
     assert state.source.tolist() == [[2, 0, 4, 1]]
+    assert state.has_empty_dc is True  # read once here; later blocks' key bias uses it
+    assert state.key_bias()[0, 3:].tolist() == [0.0, float("-inf"), 0.0, float("-inf")]
     x = x * 2  # the blocks in between change every token
     x, state, _ = fold_tokens(x, state, torch.tensor([[1.0, 0.0]]), 1, 1)
     # Keeps patch 1 (value 4); window 0 <- (1·2 + 1·8 + 0·0 + 1·16) / 3 (DC 0, DC 2, patch 3).
     assert_close(x.flatten(), torch.tensor([0.0, 4.0, 26.0 / 3]))
     assert state.dc_count.tolist() == [[3.0]]
     assert state.source.tolist() == [[1, 0, 1, 1]]
+    assert state.has_empty_dc is False and state.key_bias() is None
 
 
 # ---------------------------------------------------------------------------------------------
