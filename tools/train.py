@@ -44,8 +44,10 @@ def main():
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
-    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join(
-        "./work_dirs", osp.splitext(osp.basename(args.config))[0]
+    cfg.work_dir = (
+        args.work_dir
+        or cfg.get("work_dir")
+        or osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
     )
     if args.amp:
         cfg.optim_wrapper.type = "AmpOptimWrapper"

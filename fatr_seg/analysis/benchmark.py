@@ -425,4 +425,3 @@ def _reduction_dict(model) -> dict | None:
     if red is None:
         return None
     return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(red).items()}
-

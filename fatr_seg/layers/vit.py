@@ -149,13 +149,11 @@ class FATRVisionTransformer(nn.Module):
         for i in range(num_layers):
             j = red.index(i) if red else None
             reducer = None if j is None else build_reducer(red, j, embed_dims)
-            blocks.append(
-                Block(
-                    embed_dims, num_heads, mlp_ratio, qkv_bias, drop_rate, dpr[i], init_values,
-                    reweight=red.reweight if (red and i > first) else None,
-                    reducer=reducer, fused_attn=fused_attn,
-                )  # fmt: skip
-            )
+            reweight = red.reweight if (red and i > first) else None
+            block = Block(embed_dims, num_heads, mlp_ratio, qkv_bias, drop_rate, dpr[i],
+                          init_values, reweight=reweight, reducer=reducer,
+                          fused_attn=fused_attn)  # fmt: skip
+            blocks.append(block)
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(embed_dims, eps=norm_eps) if final_norm else nn.Identity()
         self.restorer = TokenRestorer(red.restore if red else "dc")
@@ -225,10 +223,10 @@ class FATRVisionTransformer(nn.Module):
             if rec is not None and traces is not None:
                 M = state.num_patches
                 lf_window = torch.where(state.source >= M, state.source - M, -1)
-                traces.append(
-                    ReductionTrace(i + 1, state.hw_shape, rec.kept, rec.kept_scores, lf_window,
-                                   state.source)  # fmt: skip
+                trace = ReductionTrace(
+                    i + 1, state.hw_shape, rec.kept, rec.kept_scores, lf_window, state.source
                 )
+                traces.append(trace)
             if i in out_indices:
                 outs.append((x, state))
             if i == max(out_indices) and traces is None:

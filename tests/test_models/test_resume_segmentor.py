@@ -27,7 +27,8 @@ DEMO_CONFIG = REPO / "configs" / "fatr_ade20k_demo.py"
 TOTAL, SPLIT = 4, 2
 
 
-TINY_CONFIG = """
+TINY_CONFIG = (
+    """
 _base_ = [{base!r}]
 crop_size = (64, 64)
 train_dataloader = dict(
@@ -41,7 +42,10 @@ train_dataloader = dict(
             dict(type='LoadAnnotations', reduce_zero_label=True),
             dict(type='PackSegInputs'),
         ]))
-""" + NO_EVAL + TINY_MODEL + """optim_wrapper = dict(
+"""
+    + NO_EVAL
+    + TINY_MODEL
+    + """optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.01),
     clip_grad=dict(max_norm=1.0),
@@ -52,6 +56,7 @@ default_hooks = dict(
     logger=dict(interval=1), checkpoint=dict(interval=2, max_keep_ckpts=-1, save_last=False))
 randomness = dict(seed=0)
 """
+)
 
 
 class RecordHook(Hook):

@@ -56,7 +56,8 @@ class LossRecorderHook(Hook):
             json.dump(self.losses, f)
 """
 
-TINY_CONFIG = """
+TINY_CONFIG = (
+    """
 _base_ = [{base!r}]
 custom_imports = dict(imports=['fatr_seg.models', 'loss_recorder'], allow_failed_imports=False)
 crop_size = (64, 64)
@@ -70,7 +71,10 @@ train_dataloader = dict(
     num_workers=0,
     sampler=dict(type='InfiniteSampler', shuffle=False),
     dataset=dict(data_root={data_root!r}, pipeline=pipeline))
-""" + NO_EVAL + TINY_MODEL + """optim_wrapper = dict(
+"""
+    + NO_EVAL
+    + TINY_MODEL
+    + """optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='SGD', lr=0.05, momentum=0.9, weight_decay=1e-4),
     clip_grad=None,
@@ -82,6 +86,7 @@ default_hooks = dict(
 custom_hooks = [dict(type='LossRecorderHook')]
 randomness = dict(seed=0)
 """
+)
 
 
 def free_port() -> int:

@@ -24,10 +24,13 @@ demo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo)
 
 MAX_ITERS = 3
-TINY_CONFIG = """
+TINY_CONFIG = (
+    """
 _base_ = [{base!r}]
 crop_size = (64, 64)
-""" + TINY_MODEL
+"""
+    + TINY_MODEL
+)
 
 
 def _loader_options(data_root):
