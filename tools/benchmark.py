@@ -129,14 +129,25 @@ def _positive(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where the help text does not already explain it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Benchmark images/s, peak memory and scoring cost of segmentors "
         "(the first config is the reference).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("configs", nargs="*", help=f"config files (default: {DEFAULT_CONFIGS})")
-    p.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
+    p.add_argument(
+        "--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="what is timed"
+    )
     p.add_argument(
         "--shapes",
         nargs="+",
@@ -166,7 +177,7 @@ def parse_args(argv=None):
         default=None,
         help="default: float32 on CPU, bfloat16 float16 on CUDA (autocast)",
     )
-    p.add_argument("--out-dir", default="work_dirs/benchmark")
+    p.add_argument("--out-dir", default="work_dirs/benchmark", help="JSON, table and plot")
     p.add_argument(
         "--max-cell-seconds",
         type=float,
