@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tools/benchmark.py [CONFIG ...] [--targets backbone segmentor]
+    python tools/benchmark.py [CONFIG ...] [--targets backbone segmentor train]
         [--shapes 384 512 768 1024] [--batch-sizes 1 8] [--iters 10] [--warmup W]
         [--device cpu|cuda] [--dtypes float32] [--out-dir work_dirs/benchmark]
         [--max-cell-seconds S] [--time-budget S] [--memory-shapes ...]
@@ -18,9 +18,12 @@ What is measured, per (dtype, shape, batch, target):
 
 * ``backbone``: ``model.backbone(x)`` (patch embedding, blocks with reduction, restoration);
 * ``segmentor``: ``model.encode_decode(x, metas)``: backbone, decode head and the resize of
-  the logits to the input size, i.e. mmseg's whole-image inference without data loading.
+  the logits to the input size, i.e. mmseg's whole-image inference without data loading;
+* ``train`` (opt-in): one training step without the optimizer update: ``model.loss(x,
+  samples)`` in train mode on the synthetic label maps, then the backward. Dropout and drop
+  path run as configured. No MACs are counted for it, so it has no MACs ideal.
 
-The configs run in alternation (A B A B ...), forward only, in ``torch.inference_mode``, after
+The configs run in alternation (A B A B ...), forward targets in ``torch.inference_mode``, after
 ``--warmup`` untimed rounds; ``--iters`` timed rounds give the median and IQR. CUDA runs under
 ``torch.autocast`` (bf16 and fp16 by default) with a synchronisation around every call.
 
@@ -67,7 +70,7 @@ JSON schema (``benchmark.json``)::
      "configs": [{"name": str, "path": str, "reduction": dict | null}],
      "macs": [{"config": str, "shape": [H, W], "tokens": int,
                "backbone": int, "segmentor": int, "scoring": int, "dc_term": int}],
-     "timing": [{"config": str, "target": "backbone" | "segmentor", "device": str,
+     "timing": [{"config": str, "target": "backbone" | "segmentor" | "train", "device": str,
                  "dtype": str, "shape": [H, W], "tokens": int, "batch": int, "iters": int,
                  "median_s": float, "q1_s": float, "q3_s": float, "iqr_s": float,
                  "images_per_s": {"median": float, "q1": float, "q3": float, "iqr": float},
@@ -100,7 +103,7 @@ import torch
 
 ROOT = osp.abspath(osp.join(osp.dirname(osp.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
-from fatr_seg.analysis.benchmark import TARGETS, benchmark  # noqa: E402
+from fatr_seg.analysis.benchmark import DEFAULT_TARGETS, TARGETS, benchmark  # noqa: E402
 from fatr_seg.analysis.benchmark_models import DTYPES  # noqa: E402
 from fatr_seg.analysis.benchmark_report import write_outputs  # noqa: E402
 
@@ -146,7 +149,12 @@ def parse_args(argv=None):
     )
     p.add_argument("configs", nargs="*", help=f"config files (default: {DEFAULT_CONFIGS})")
     p.add_argument(
-        "--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="what is timed"
+        "--targets",
+        nargs="+",
+        choices=TARGETS,
+        default=list(DEFAULT_TARGETS),
+        help="what is timed: the backbone's forward, the whole segmentor's forward, and/or one "
+        "training step (forward, loss and backward of the segmentor; no MACs)",
     )
     p.add_argument(
         "--shapes",

@@ -31,6 +31,7 @@ from .benchmark_models import (
     forward_fn,
     image_metas,
     make_images,
+    make_labels,
     patch_tokens,
     run_memory_probe,
 )
@@ -43,9 +44,19 @@ from .timing import (
     time_scoring_paths,
 )
 
-__all__ = ["TARGETS", "Bench", "Budget", "Progress", "benchmark", "count_all_macs"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "TARGETS",
+    "Bench",
+    "Budget",
+    "Progress",
+    "benchmark",
+    "count_all_macs",
+]
 
-TARGETS = ("backbone", "segmentor")
+TARGETS = ("backbone", "segmentor", "train")
+# What is timed when --targets is not given; a training step is opt-in (about 3x a forward).
+DEFAULT_TARGETS = ("backbone", "segmentor")
 
 
 class Progress:
@@ -257,8 +268,9 @@ class Bench:
             for shape in a.shapes:
                 for batch in a.batch_sizes:
                     x = make_images(batch, shape, self.norms[self.ref], a.seed).to(self.device)
+                    labels = make_labels(batch, shape, a.seed) if "train" in a.targets else None
                     for target in a.targets:
-                        self.time_cell(target, dtype, shape, batch, x)
+                        self.time_cell(target, dtype, shape, batch, x, labels)
                     if self.fatr_name:
                         self.score_cell(dtype, shape, batch, x)
                     del x
@@ -274,7 +286,7 @@ class Bench:
             )
         )
 
-    def time_cell(self, target, dtype, shape, batch, x) -> None:
+    def time_cell(self, target, dtype, shape, batch, x, labels=None) -> None:
         """Alternating timing of every config on one (target, dtype, shape, batch) cell."""
         a, budget = self.args, self.budget
         rounds = a.warmup + a.iters
@@ -284,7 +296,7 @@ class Bench:
             self.skip("timing", target, dtype, shape, batch, reason)
             self.progress.update(rounds)
             return
-        fns = {n: forward_fn(m, target, x, dtype) for n, m in self.models.items()}
+        fns = {n: forward_fn(m, target, x, dtype, labels) for n, m in self.models.items()}
         step = lambda _: self.progress.update()  # noqa: E731
         warm = {}
         if a.warmup:
@@ -391,7 +403,8 @@ class Bench:
                                 if x is None:
                                     x = make_images(batch, shape, self.norms[self.ref], a.seed)
                                     x = x.to(device)
-                                row.update(self._cuda_memory(name, target, x, dtype))
+                                labels = make_labels(batch, shape, a.seed)
+                                row.update(self._cuda_memory(name, target, x, dtype, labels))
                             else:
                                 spec = dict(
                                     config=osp.abspath(path),
@@ -406,9 +419,9 @@ class Bench:
                             self.result["memory"].append(row)
                             self.progress.update()
 
-    def _cuda_memory(self, name, target, x, dtype) -> dict:
+    def _cuda_memory(self, name, target, x, dtype, labels) -> dict:
         try:
-            fn = forward_fn(self.models[name], target, x, dtype)
+            fn = forward_fn(self.models[name], target, x, dtype, labels)
             return dict(cuda_peak_memory(fn, self.device), method="cuda_max_memory_allocated")
         except torch.OutOfMemoryError as err:
             torch.cuda.empty_cache()

@@ -32,9 +32,11 @@ __all__ = [
     "forward_fn",
     "image_metas",
     "make_images",
+    "make_labels",
     "memory_probe",
     "patch_tokens",
     "run_memory_probe",
+    "train_samples",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,18 +91,36 @@ def config_names(paths: list[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
-def make_images(batch: int, shape: tuple[int, int], norm, seed: int) -> torch.Tensor:
-    """Normalised synthetic images (B, 3, H, W), float32, on CPU."""
+def _samples(batch: int, shape: tuple[int, int], seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     from ..datasets.synthetic import generate_sample
 
-    distinct = []
-    for i in range(min(batch, MAX_DISTINCT_IMAGES)):
-        image, _ = generate_sample(np.random.default_rng([seed, i]), shape)
-        distinct.append(torch.from_numpy(image).permute(2, 0, 1).float())
-    x = torch.stack([distinct[i % len(distinct)] for i in range(batch)])
+    distinct = [
+        generate_sample(np.random.default_rng([seed, i]), shape)
+        for i in range(min(batch, MAX_DISTINCT_IMAGES))
+    ]
+    return [distinct[i % len(distinct)] for i in range(batch)]
+
+
+def make_images(batch: int, shape: tuple[int, int], norm, seed: int) -> torch.Tensor:
+    """Normalised synthetic images (B, 3, H, W), float32, on CPU."""
+    x = torch.stack(
+        [torch.from_numpy(im).permute(2, 0, 1).float() for im, _ in _samples(batch, shape, seed)]
+    )
     mean = torch.tensor(norm[0], dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(norm[1], dtype=torch.float32).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def make_labels(batch: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """Label maps (B, H, W) long of the images of :func:`make_images` (same seed).
+
+    Loaded as mmseg's ADE20K pipeline does (``reduce_zero_label``): 0 becomes 255 (ignored), the
+    synthetic classes 1..8 become 0..7, valid for any head with at least 8 classes.
+    """
+    labels = torch.stack(
+        [torch.from_numpy(lab.astype(np.int64)) for _, lab in _samples(batch, shape, seed)]
+    )
+    return torch.where(labels == 0, 255, labels - 1)
 
 
 def image_metas(batch: int, shape: tuple[int, int]) -> list[dict]:
@@ -108,14 +128,59 @@ def image_metas(batch: int, shape: tuple[int, int]) -> list[dict]:
     return [dict(img_shape=shape, ori_shape=shape, pad_shape=shape) for _ in range(batch)]
 
 
-def forward_fn(model, target: str, x: torch.Tensor, dtype: str):
-    """Zero-argument callable running one forward of ``target`` in inference mode."""
+def train_samples(labels: torch.Tensor) -> list:
+    """mmseg ``SegDataSample`` objects holding the label maps (B, H, W) as ``gt_sem_seg``."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    shape = tuple(labels.shape[1:])
+    samples = []
+    for meta, label in zip(image_metas(labels.shape[0], shape), labels):
+        sample = SegDataSample(metainfo=meta)
+        sample.gt_sem_seg = PixelData(data=label[None])
+        samples.append(sample)
+    return samples
+
+
+def forward_fn(model, target: str, x: torch.Tensor, dtype: str, labels=None):
+    """Zero-argument callable running one pass of ``target``.
+
+    ``backbone`` and ``segmentor`` (``encode_decode``) run one forward in inference mode.
+    ``train`` runs one training step without the optimizer update: the segmentor in train mode,
+    ``model.loss`` on ``labels`` (B, H, W) (see :func:`make_labels`), the summed losses'
+    backward, and the gradients freed (``set_to_none``) before the next call. The model is put
+    back in the mode it had.
+    """
     metas = image_metas(x.shape[0], tuple(x.shape[2:]))
     autocast = x.is_cuda and dtype != "float32"
 
+    def context():
+        return torch.autocast("cuda", DTYPES[dtype]) if autocast else contextlib.nullcontext()
+
+    if target == "train":
+        if labels is None:
+            raise ValueError("target 'train' needs labels (make_labels)")
+        if tuple(labels.shape) != (x.shape[0], *x.shape[2:]):
+            raise ValueError(f"labels {tuple(labels.shape)} do not match images {tuple(x.shape)}")
+        samples = train_samples(labels.to(x.device))
+
+        def train_step():
+            was_training = model.training
+            model.train()
+            try:
+                model.zero_grad(set_to_none=True)
+                with context():
+                    losses = model.loss(x, samples)
+                loss = sum(v for k, v in losses.items() if "loss" in k)
+                loss.backward()
+            finally:
+                model.train(was_training)
+            return loss.detach()
+
+        return train_step
+
     def run():
-        ctx = torch.autocast("cuda", DTYPES[dtype]) if autocast else contextlib.nullcontext()
-        with torch.inference_mode(), ctx:
+        with torch.inference_mode(), context():
             if target == "backbone":
                 return model.backbone(x)
             return model.encode_decode(x, metas)
@@ -145,7 +210,8 @@ def memory_probe(spec: dict) -> dict:
     model, _, norm = build_segmentor(spec["config"], spec["tiny"])
     shape = tuple(spec["shape"])
     x = make_images(spec["batch"], shape, norm, spec["seed"])
-    run = forward_fn(model, spec["target"], x, "float32")
+    labels = make_labels(spec["batch"], shape, spec["seed"]) if spec["target"] == "train" else None
+    run = forward_fn(model, spec["target"], x, "float32", labels)
     gc.collect()
     method = "child_vmhwm" if reset_peak_rss() else "child_maxrss"
     before = current_rss_bytes()

@@ -86,9 +86,10 @@ def to_markdown(result: dict) -> str:
         lines += [
             "## Peak memory (MiB)",
             "",
-            "CPU: peak RSS of a fresh child process during one forward (peak) and its growth "
-            "over the RSS before the forward (forward); tensors: peak of live tensor bytes "
-            "during a second, profiled forward (the allocator's retained memory excluded). "
+            "CPU: peak RSS of a fresh child process during one pass (peak) and its growth "
+            "over the RSS before the pass (forward); tensors: peak of live tensor bytes "
+            "during a second, profiled pass (the allocator's retained memory excluded). A pass "
+            "is one forward, or for `train` one training step (forward, loss, backward). "
             "CUDA: max_memory_allocated.",
             "",
             "| target | dtype | shape | tokens | batch | config | peak | before | forward "
