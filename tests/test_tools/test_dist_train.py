@@ -190,3 +190,33 @@ def test_setup_cpu_distributed(monkeypatch):
     gpu_cfg = Config(dict())
     assert not setup_cpu_distributed(gpu_cfg, "pytorch")
     assert "model_wrapper_cfg" not in gpu_cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/slurm_train.sh: the srun command it builds (a stand-in srun records its arguments)
+# ---------------------------------------------------------------------------------------------
+def test_slurm_script_builds_the_srun_command(tmp_path):
+    record = tmp_path / "srun_args.txt"
+    fake = tmp_path / "bin" / "srun"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHON": "/opt/venv/bin/python",
+        "GPUS_PER_NODE": "4",
+    }
+    script = REPO / "tools" / "slurm_train.sh"
+    cmd = ["bash", str(script), "part", "job", "configs/fatr_ade20k.py", "8", "--amp"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    args = record.read_text().splitlines()
+    assert args[:7] == [
+        "-p", "part", "--job-name=job", "--gres=gpu:4", "--ntasks=8", "--ntasks-per-node=4",
+        "--cpus-per-task=5",
+    ]  # fmt: skip
+    assert args[-7:] == [
+        "/opt/venv/bin/python", "-u", "tools/train.py", "configs/fatr_ade20k.py",
+        "--launcher", "slurm", "--amp",
+    ]  # fmt: skip
