@@ -16,7 +16,8 @@ with the config's mean/std.
 
 What is measured, per (dtype, shape, batch, target):
 
-* ``backbone``: ``model.backbone(x)`` (patch embedding, blocks with reduction, restoration);
+* ``backbone``: ``model.backbone(x)`` (patch embedding, blocks with reduction, then
+  restoration, or the compact token set for a backbone built with ``compact_output=True``);
 * ``segmentor``: ``model.encode_decode(x, metas)``: backbone, decode head and the resize of
   the logits to the input size, i.e. mmseg's whole-image inference without data loading;
 * ``train`` (opt-in): one training step without the optimizer update: ``model.loss(x,

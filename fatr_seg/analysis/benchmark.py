@@ -383,7 +383,7 @@ class Bench:
         for dtype in a.dtypes:
             for shape in a.memory_shapes:
                 for batch in a.memory_batch_sizes:
-                    x = None
+                    x = labels = None
                     for target in a.memory_targets:
                         for name, path in zip(self.names, a.configs):
                             self.progress.describe(
@@ -403,7 +403,8 @@ class Bench:
                                 if x is None:
                                     x = make_images(batch, shape, self.norms[self.ref], a.seed)
                                     x = x.to(device)
-                                labels = make_labels(batch, shape, a.seed)
+                                    if "train" in a.memory_targets:
+                                        labels = make_labels(batch, shape, a.seed)
                                 row.update(self._cuda_memory(name, target, x, dtype, labels))
                             else:
                                 spec = dict(

@@ -147,9 +147,9 @@ def forward_fn(model, target: str, x: torch.Tensor, dtype: str, labels=None):
 
     ``backbone`` and ``segmentor`` (``encode_decode``) run one forward in inference mode.
     ``train`` runs one training step without the optimizer update: the segmentor in train mode,
-    ``model.loss`` on ``labels`` (B, H, W) (see :func:`make_labels`), the summed losses'
-    backward, and the gradients freed (``set_to_none``) before the next call. The model is put
-    back in the mode it had.
+    ``model.loss`` on ``labels`` (B, H, W) (see :func:`make_labels`), the backward of the loss
+    the Runner would optimise (mmengine's ``parse_losses``), and the gradients freed
+    (``set_to_none``) before the next call. The model is put back in the mode it had.
     """
     metas = image_metas(x.shape[0], tuple(x.shape[2:]))
     autocast = x.is_cuda and dtype != "float32"
@@ -171,7 +171,7 @@ def forward_fn(model, target: str, x: torch.Tensor, dtype: str, labels=None):
                 model.zero_grad(set_to_none=True)
                 with context():
                     losses = model.loss(x, samples)
-                loss = sum(v for k, v in losses.items() if "loss" in k)
+                loss, _ = model.parse_losses(losses)
                 loss.backward()
             finally:
                 model.train(was_training)
