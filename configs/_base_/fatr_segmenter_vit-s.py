@@ -38,10 +38,11 @@ model = dict(
             method='fatr',
             layers=(4, 7, 10),
             keep_ratio=0.7,
-            windows=(2, 2, 1),
-            score='exact',
+            score='hf',
+            aggregate='merge',
+            metric='keys',
             reweight='identity',
-            restore='dc'),
+            restore='copy'),
         # The Segmenter head below runs on the reduced token set (exactly the logits of the
         # stock head on the restored grid). Set False to feed full-grid maps to any mmseg head.
         compact_output=True,

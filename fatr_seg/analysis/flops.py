@@ -12,9 +12,10 @@ Counting conventions (those of the paper and of fvcore/mmengine):
   Softmax, LayerNorm, GELU and other elementwise ops count zero.
 * Attention ``softmax(q kᵀ) v`` costs ``n_q · n_k · (d + d_v)`` MACs per head.
 * The reduction's overhead is counted where it happens: the exact HF score recomputes
-  ``q kᵀ`` (``n² · C`` MACs per reduction layer); the logit proxy costs ``n · C``; the DC term
-  of the reweighted attention (``A[:, DC] V[DC]``) costs ``2 · n · D · C`` (D = DC tokens).
-  DC aggregation (``scatter_add``) and restoration (``gather``) do no multiplications; they are
+  ``q kᵀ`` (``n² · C`` MACs per reduction layer); the logit proxy and the CLS attention cost
+  ``n · C``; similarities for merging cost one dot product per compared pair; the DC term of
+  the reweighted attention (``A[:, DC] V[DC]``) costs ``2 · n · D · C`` (D = DC tokens).
+  Aggregation (``scatter_add``) and restoration (``gather``) do no multiplications; they are
   reported apart as additions and moved elements, never mixed into the MACs.
 
 The count does not depend on the device, so the tools count on CPU, where the exact score runs
@@ -34,8 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..layers.attention import Attention
 from ..layers.config import ReductionConfig
-from ..layers.reducer import FrequencyTokenReducer
-from ..ops.reduce import num_keep
+from ..layers.reducer import TokenReducer
+from ..ops.reduce import dc_window_ids
 
 __all__ = [
     "BlockTokens",
@@ -143,7 +144,7 @@ class MacReport:
         by_op: MACs per op name, e.g. ``{'aten.addmm': ..., 'aten.bmm': ...}``.
         by_module: MACs per module path (``FlopCounterMode``'s attribution; parents include
             their children).
-        scoring_macs: MACs spent inside :class:`FrequencyTokenReducer` modules (HF scoring).
+        scoring_macs: MACs spent inside :class:`TokenReducer` modules (scores, similarities).
         dc_term_macs: MACs of batched matmuls inside fatr_seg :class:`Attention` modules: the
             DC term ``A[:, DC] V[DC]`` of the reweighted attention (plain attention is one fused
             op, counted under its own name).
@@ -181,7 +182,7 @@ def _module_kinds(model: nn.Module) -> dict[str, str]:
     # Relative path -> 'reducer' / 'attention' for the modules whose MACs are overhead.
     kinds = {}
     for path, mod in model.named_modules():
-        if isinstance(mod, FrequencyTokenReducer):
+        if isinstance(mod, TokenReducer):
             kinds[path] = "reducer"
         elif isinstance(mod, Attention):
             kinds[path] = "attention"
@@ -207,7 +208,7 @@ def count_macs(
 
     Args:
         fn: A module (called as ``fn(*inputs)``, or ``getattr(fn, method)(*inputs)``) or any
-            callable. For a module, MACs inside its :class:`FrequencyTokenReducer` and
+            callable. For a module, MACs inside its :class:`TokenReducer` and
             :class:`Attention` submodules are also reported as scoring and DC-term overhead.
         *inputs: Positional arguments of the call.
         method: Name of the module method to call instead of ``forward`` (e.g.
@@ -272,16 +273,17 @@ class BlockTokens:
 
 
 def token_schedule(
-    num_patches: int, depth: int, reduction: dict | ReductionConfig | None
+    grid: tuple[int, int], depth: int, reduction: dict | ReductionConfig | None
 ) -> list[BlockTokens]:
     """Tokens per block of a (possibly reduced) ViT; data-independent.
 
-    Follows the reducer: a reduction block keeps ``ceil(keep_ratio · M)`` of its M patch tokens
-    and then holds ``windows²`` DC tokens (empty windows are masked, not removed, so the count
-    does not depend on the data).
+    Follows :class:`~fatr_seg.layers.TokenReducer`: a reduction block keeps
+    :meth:`ReductionConfig.num_keep` of its M patch tokens; ``'dc'`` then holds one DC token per
+    window (empty windows are masked, not removed, so the count does not depend on the data),
+    ``'fuse'`` adds one fused token, ``'merge'`` adds none.
 
     Args:
-        num_patches: Patch tokens N of the input grid.
+        grid: The patch grid (H, W).
         depth: Number of blocks.
         reduction: Reduction config (dict or :class:`ReductionConfig`) or None.
 
@@ -289,7 +291,7 @@ def token_schedule(
         One :class:`BlockTokens` per block.
     """
     red = ReductionConfig.from_dict(reduction, depth=depth)
-    M, D = num_patches, 0
+    M, D, dc_grid = grid[0] * grid[1], 0, None
     out = []
     for i in range(depth):
         j = red.index(i) if red else None
@@ -297,15 +299,32 @@ def token_schedule(
         if j is None:
             out.append(BlockTokens(attn, attn, D, False))
             continue
-        keep = num_keep(red.keep_ratio[j], M)
-        dc_after = red.windows[j] ** 2
-        if keep == M and (D == 0 or red.windows[j] ** 2 == D):
+        keep = red.num_keep(j, M)
+        new_grid = red.dc_grid(j)
+        if keep == M and (new_grid is None or D == 0 or new_grid == dc_grid):
             # The reducer leaves the sequence unchanged (nothing to fold, DC grid the same).
-            out.append(BlockTokens(attn, attn, D, True))
+            out.append(BlockTokens(attn, attn, D, False))
             continue
-        out.append(BlockTokens(attn, 1 + keep + dc_after, D, True))
-        M, D = keep, dc_after
+        if new_grid is not None:
+            D, dc_grid = dc_window_ids(tuple(grid), new_grid)[1], new_grid
+        M = keep + (1 if red.aggregate[j] == "fuse" else 0)
+        out.append(BlockTokens(attn, 1 + M + D, D, True))
     return out
+
+
+def _selection_macs(red: ReductionConfig, j: int, n: int, M: int, keep: int, dim: int,
+                    heads: int, grid: tuple[int, int]) -> int:  # fmt: skip
+    """MACs of reduction layer ``j``'s score and merge partners (n tokens, M patches)."""
+    score = red.score[j]
+    d_metric = dim // heads if red.metric == "keys" else dim
+    macs = {"hf": n * n * dim, "hf_proxy": n * dim, "cls": n * dim}.get(score, 0)
+    if score == "bipartite":
+        macs += ((M + 1) // 2) * (M // 2) * d_metric
+    elif score == "window":
+        macs += (grid[0] // 2) * (grid[1] // 2) * 16 * d_metric
+    elif red.aggregate[j] == "merge":  # nearest kept token of every dropped one
+        macs += (M - keep) * keep * d_metric
+    return macs
 
 
 def analytic_vit_macs(
@@ -316,8 +335,9 @@ def analytic_vit_macs(
     in_channels: int = 3,
     mlp_ratio: float = 4.0,
     reduction: dict | ReductionConfig | None = None,
-    scoring: str | None = "auto",
+    scoring: bool = True,
     dc_term: bool = True,
+    num_heads: int = 6,
 ) -> int:
     """Closed-form MACs of :class:`fatr_seg.layers.FATRVisionTransformer` (one image, no head).
 
@@ -328,8 +348,9 @@ def analytic_vit_macs(
 
     Overheads, as counted on CPU (where the fused kernel returns the row log-sum-exp):
 
-    * exact score: ``n² · C`` per reduction block (``q kᵀ`` once more);
-    * logit proxy: ``n · C`` per reduction block;
+    * scores: ``n² · C`` per exact HF score (``q kᵀ`` once more), ``n · C`` for the logit proxy
+      and the CLS attention; similarities: one dot product (head dim for keys, C for tokens)
+      per compared pair (bipartite A×B, 2×2 windows, dropped × kept for nearest merging);
     * DC term of the reweighted attention: ``2 · n · D · C`` in every block after the first
       reduction that sees ``D > 0`` DC tokens (only if ``reduction.reweight`` is set).
 
@@ -341,9 +362,9 @@ def analytic_vit_macs(
         in_channels: Input channels.
         mlp_ratio: MLP hidden / C.
         reduction: Reduction config or None.
-        scoring: ``'auto'`` (the config's score), ``'exact'``, ``'logit_proxy'`` or None (no
-            scoring overhead: tokens only).
+        scoring: Include the scores and similarities (False: tokens only).
         dc_term: Include the DC term of the reweighted attention.
+        num_heads: Attention heads (sets the head dim of key similarities).
 
     Returns:
         MACs as an integer.
@@ -352,14 +373,17 @@ def analytic_vit_macs(
     N = grid[0] * grid[1]
     hidden = int(dim * mlp_ratio)
     macs = N * patch_size * patch_size * in_channels * dim
-    if scoring == "auto":
-        scoring = red.score if red else None
     first = red.layers[0] - 1 if red else depth
-    for i, blk in enumerate(token_schedule(N, depth, red)):
+    M = N
+    for i, blk in enumerate(token_schedule(grid, depth, red)):
         n, m = blk.attn, blk.mlp
         macs += 4 * n * dim * dim + 2 * n * n * dim + 2 * m * dim * hidden
-        if blk.reduces and red.method == "fatr":
-            macs += {"exact": n * n * dim, "logit_proxy": n * dim, None: 0}[scoring]
+        j = red.index(i) if red else None
+        if j is not None and blk.reduces:
+            keep = red.num_keep(j, M)
+            if scoring:
+                macs += _selection_macs(red, j, n, M, keep, dim, num_heads, grid)
+            M = keep + (1 if red.aggregate[j] == "fuse" else 0)
         if dc_term and red and red.reweight is not None and i > first and blk.dc:
             macs += 2 * n * blk.dc * dim
     return macs

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..layers.attention import AttnStats
 from ..layers.vit import FATRVisionTransformer
-from ..ops.reduce import num_keep
+from ..ops.select import num_keep
 from ..ops.scoring import hf_scores, topk_agreement
 
 __all__ = [

@@ -6,25 +6,22 @@ Nothing here imports mmseg, mmengine or mmcv.
 from .attention import Attention
 from .block import Block
 from .compact import CompactTokens, compact_tokens
-from .config import REDUCTION_DEFAULTS, ReductionConfig
-from .peer_reducers import EViTReducer, ToMeReducer, build_reducer
-from .reducer import FrequencyTokenReducer
+from .config import PRESETS, REDUCTION_DEFAULTS, ReductionConfig
+from .reducer import TokenReducer
 from .restorer import TokenRestorer
 from .vit import FATRVisionTransformer, PatchEmbed, ReductionTrace
 
 __all__ = [
+    "PRESETS",
     "REDUCTION_DEFAULTS",
     "Attention",
     "Block",
     "CompactTokens",
-    "EViTReducer",
     "FATRVisionTransformer",
-    "FrequencyTokenReducer",
     "PatchEmbed",
     "ReductionConfig",
     "ReductionTrace",
-    "ToMeReducer",
+    "TokenReducer",
     "TokenRestorer",
-    "build_reducer",
     "compact_tokens",
 ]

@@ -33,12 +33,17 @@ class Attention(nn.Module):
     """timm-compatible attention (``qkv``, ``proj``) on the fused kernel.
 
     With ``reweight`` set it computes FATR's ``Â V`` (see
-    :func:`fatr_seg.ops.reweighted_attention`) with learnable per-head ``omega1`` (ω1) and
-    ``omega2`` (ω2): ``Â = A_LP + (1 + ω1) A_HP + (1 + ω2) A_DC``.
+    :func:`fatr_seg.ops.reweighted_attention`) with learnable per-head ``omega1`` (ω1) and, when
+    the sequence can hold DC tokens, ``omega2``: ``Â = A_LP + (1 + ω1) A_HP + (1 + ω2) A_DC``.
 
-    * ``'paper'`` initialises ω1 = ω2 = 0, the paper's literal formula (DC columns count twice).
-    * ``'identity'`` initialises ω1 = 0, ω2 = -1: the block starts as plain attention, so a
-      pretrained model is reproduced before fine-tuning.
+    ``omega2`` is stored shifted by one: the parameter is ``1 + ω2``, the extra weight of the DC
+    columns, so 0 is plain attention and weight decay pulls towards it (not towards the paper's
+    doubled DC columns).
+
+    * ``'identity'`` initialises ω1 = 0 and ``omega2`` = 0 (ω2 = -1): the block starts as plain
+      attention, so a pretrained model is reproduced before fine-tuning.
+    * ``'paper'`` initialises ω1 = 0 and ``omega2`` = 1 (ω2 = 0), the paper's literal formula
+      (DC columns count twice).
 
     Args:
         dim: Embedding dim C.
@@ -47,6 +52,7 @@ class Attention(nn.Module):
         attn_drop: Kept for API parity; fused attention here runs without dropout.
         proj_drop: Dropout after the output projection.
         reweight: None, ``'identity'`` or ``'paper'``.
+        dc_terms: Whether the sequence can hold DC tokens (creates ``omega2``).
         fused_attn: Use the fused kernel; None reads ``FATR_FUSED_ATTN``.
     """
 
@@ -58,6 +64,7 @@ class Attention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         reweight: str | None = None,
+        dc_terms: bool = True,
         fused_attn: bool | None = None,
     ) -> None:
         super().__init__()
@@ -75,8 +82,9 @@ class Attention(nn.Module):
         self.reweight = reweight
         if reweight is not None:
             self.omega1 = nn.Parameter(torch.zeros(num_heads))
-            omega2_init = -1.0 if reweight == "identity" else 0.0
-            self.omega2 = nn.Parameter(torch.full((num_heads,), omega2_init))
+            if dc_terms:
+                omega2_init = 0.0 if reweight == "identity" else 1.0
+                self.omega2 = nn.Parameter(torch.full((num_heads,), omega2_init))
 
     def forward(
         self,
@@ -103,7 +111,7 @@ class Attention(nn.Module):
             out, lse = attention_with_lse(q, k, v, self.scale, key_bias, self.fused_attn)
         else:
             out, lse = reweighted_attention(
-                q, k, v, self.scale, num_dc, 1 + self.omega1, 1 + self.omega2,
+                q, k, v, self.scale, num_dc, 1 + self.omega1, getattr(self, "omega2", None),
                 key_bias, self.fused_attn,
             )  # fmt: skip
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, n, C)))

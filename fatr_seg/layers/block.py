@@ -9,7 +9,7 @@ from torch import nn
 from ..ops.reduce import FoldRecord
 from ..ops.state import TokenState
 from .attention import Attention
-from .reducer import FrequencyTokenReducer
+from .reducer import TokenReducer
 
 __all__ = ["Block"]
 
@@ -29,6 +29,7 @@ class Block(nn.Module):
         init_values: LayerScale init; None disables LayerScale.
         reweight: Attention reweighting mode of this block (None before the first reduction).
         reducer: The reduction of this block, or None.
+        dc_terms: Whether the sequence can hold DC tokens (reweighting then has ``omega2``).
         fused_attn: Use fused attention (None reads ``FATR_FUSED_ATTN``).
     """
 
@@ -42,13 +43,14 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         init_values: float | None = None,
         reweight: str | None = None,
-        reducer: FrequencyTokenReducer | None = None,
+        reducer: TokenReducer | None = None,
+        dc_terms: bool = True,
         fused_attn: bool | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias, proj_drop=drop, reweight=reweight,
-                              fused_attn=fused_attn)  # fmt: skip
+                              dc_terms=dc_terms, fused_attn=fused_attn)  # fmt: skip
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.reducer = reducer

@@ -1,42 +1,100 @@
-"""The one validated configuration of a token reduction."""
+"""The one validated configuration of a token reduction: a score plus an aggregation per layer.
+
+Every method is a combination. A reduction layer ranks the patch tokens by a **score** and keeps
+the top ``ceil(keep_ratio · M)`` (or all but ``r``); an **aggregation** says what becomes of the
+others:
+
+========== ===================================================================================
+score      ``'hf'`` FATR's exact HF score (attention a token receives), ``'hf_proxy'`` its
+           pre-softmax proxy, ``'random'``, ``'cls'`` (EViT: CLS attention), ``'bipartite'``
+           (ToMe: A tokens by similarity to their B partner), ``'window'`` (ALGM: 2×2 windows
+           by their inner similarity; first reduction layer only)
+aggregate  ``'merge'`` (join the most similar kept token, or the partner the score proposes;
+           size-weighted, proportional attention), ``'dc'`` (fold into local DC tokens, the
+           paper's form), ``'fuse'`` (EViT: one token, the CLS-attention-weighted sum)
+========== ===================================================================================
+
+``method`` names a preset (:data:`PRESETS`) that fills every key the config leaves out, so a
+peer gets its own defaults (``dict(method='tome')`` has no FATR reweighting).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-__all__ = ["METHODS", "REDUCTION_DEFAULTS", "ReductionConfig"]
+from ..ops.select import num_keep
 
-METHODS = ("fatr", "random", "evit", "tome")
-SCORES = ("exact", "logit_proxy")
+__all__ = ["AGGREGATES", "METHODS", "PRESETS", "REDUCTION_DEFAULTS", "SCORES", "ReductionConfig"]
+
+SCORES = ("hf", "hf_proxy", "random", "cls", "bipartite", "window")
+AGGREGATES = ("merge", "dc", "fuse")
+METRICS = ("keys", "x")
 REWEIGHTS = ("identity", "paper", None)
-RESTORES = ("dc", "residual")
+RESTORES = ("copy", "residual")
+# Names of earlier versions, still accepted.
+_SCORE_ALIASES = {"exact": "hf", "logit_proxy": "hf_proxy"}
+_RESTORE_ALIASES = {"dc": "copy"}
 
-REDUCTION_DEFAULTS: dict[str, Any] = dict(
-    method="fatr",
+_FATR = dict(
     layers=(4, 7, 10),
     keep_ratio=0.7,
-    windows=(2, 2, 1),
-    score="exact",
+    score="hf",
+    aggregate="merge",
+    metric="keys",
+    merge_radius=None,
     reweight="identity",
-    restore="dc",
+    restore="copy",
 )
+#: Preset per ``method``: every key a config leaves out comes from its method's preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The dense default: FATR's HF selection; every LF token joins its most similar kept token.
+    "fatr": _FATR,
+    # The paper's literal configuration: LF tokens folded into 2x2, 2x2, 1x1 DC windows.
+    "fatr_paper": dict(_FATR, aggregate="dc", windows=(2, 2, 1)),
+    # Control for the score: FATR's aggregation with a random keep.
+    "random": dict(_FATR, score="random"),
+    "evit": dict(layers=(4, 7, 10), keep_ratio=0.7, score="cls", aggregate="fuse", reweight=None,
+                 restore="copy"),  # fmt: skip
+    # ToMe at the same three layers and keep ratio as FATR (the matched schedule) ...
+    "tome": dict(layers=(4, 7, 10), keep_ratio=0.7, score="bipartite", aggregate="merge",
+                 metric="keys", reweight=None, restore="copy"),  # fmt: skip
+    # ... and with its own constant schedule: r tokens merged in every block.
+    "tome_constant": dict(layers=tuple(range(1, 13)), r=16, score="bipartite", aggregate="merge",
+                          metric="keys", reweight=None, restore="copy"),  # fmt: skip
+    # ALGM: local 2x2 merging after block 1, global bipartite merging after block 5, on the
+    # block's output tokens; a fixed budget per batch instead of ALGM's similarity threshold.
+    "algm": dict(layers=(1, 5), keep_ratio=(0.7, 0.7), score=("window", "bipartite"),
+                 aggregate="merge", metric="x", reweight=None, restore="copy"),  # fmt: skip
+}
+METHODS = tuple(PRESETS)
+#: The default reduction (``method='fatr'``), as a config dict.
+REDUCTION_DEFAULTS: dict[str, Any] = dict(method="fatr", **_FATR)
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise ValueError(f"reduction.{key}={value!r} is invalid: {allowed}")
 
 
-def _as_tuple(cfg: dict, key: str, kind: type) -> tuple:
-    """``cfg[key]`` as a tuple of ``kind`` (int or float), or a ValueError naming the key."""
-    value = cfg[key]
-    if isinstance(value, list | tuple) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in value
-    ):
-        if kind is int and not all(isinstance(v, int) for v in value):
-            _fail(key, value, "values must be integers")
-        return tuple(kind(v) for v in value)
-    _fail(key, value, f"give a list or tuple of {kind.__name__}s")
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _per_layer(cfg: dict, key: str, n: int, kind: type, allowed: str = "") -> tuple | None:
+    """``cfg[key]`` as one value per layer (a single value is repeated), or a ValueError."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    values = tuple(value) if isinstance(value, list | tuple) else (value,) * n
+    if len(values) != n:
+        _fail(key, value, f"give one value or {n} values, one per layer")
+    for v in values:
+        ok = isinstance(v, str) if kind is str else _is_number(v)
+        if kind is int and ok and (not float(v).is_integer() or isinstance(v, float)):
+            ok = False
+        if not ok:
+            _fail(key, value, allowed or f"values must be {kind.__name__}s")
+    return tuple(kind(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -44,101 +102,195 @@ class ReductionConfig:
     """Token reduction settings, validated at construction.
 
     Attributes:
-        method: ``'fatr'`` (frequency-aware), ``'random'`` (random keep, same DC aggregation),
-            ``'evit'`` (top-k by CLS attention, the rest fused into one attention-weighted token;
-            ``windows`` is ignored) or ``'tome'`` (bipartite soft matching with proportional
-            attention; ``keep_ratio`` ≥ 0.5, ``restore='dc'``).
+        method: The preset the config started from (see :data:`PRESETS`).
         layers: 1-indexed blocks that reduce (as in the paper), strictly increasing.
-        keep_ratio: Fraction of the patch tokens present that each reduction layer keeps, in
-            (0, 1]; one float for all layers or one per layer.
-        windows: DC windows per side at each reduction layer; non-increasing, each dividing the
-            previous one (so DC windows nest and merge exactly by count).
-        score: ``'exact'`` (column mean of softmax attention) or ``'logit_proxy'``.
+        keep_ratio: Per layer, the fraction of the patch tokens present that it keeps, in
+            (0, 1]; None when ``r`` sets the budget.
+        r: Per layer, the number of patch tokens it removes (ToMe's ``r``); None when
+            ``keep_ratio`` sets the budget.
+        score: Per layer, the score function (see the module docstring).
+        aggregate: Per layer, the aggregation (see the module docstring).
+        windows: For ``'dc'`` layers: DC windows per side (the paper's form); each dividing the
+            previous one, so DC windows nest and merge exactly by count.
+        window_size: For ``'dc'`` layers: DC window side in patches, so windows stay local at
+            any input size; each a multiple of the previous one. Exclusive with ``windows``.
+        metric: Similarity features for ``'merge'`` and the similarity scores: ``'keys'``
+            (the block's keys averaged over heads, as ToMe) or ``'x'`` (its output tokens, as
+            ALGM).
+        merge_radius: For ``'merge'`` with no partner proposed by the score: prefer kept tokens
+            within this many patches (None: anywhere).
         reweight: ``'identity'`` (starts as plain attention), ``'paper'`` (ω = 0 in the paper's
             formula) or None (no reweighting).
-        restore: ``'dc'`` or ``'residual'`` (see :func:`fatr_seg.ops.restore_tokens`).
+        restore: ``'copy'`` (an aggregated patch gets its representative's token) or
+            ``'residual'`` (plus what it lacked at aggregation; see
+            :func:`fatr_seg.ops.accumulate_residual`).
     """
 
     method: str = "fatr"
     layers: tuple[int, ...] = (4, 7, 10)
-    keep_ratio: tuple[float, ...] = (0.7, 0.7, 0.7)
-    windows: tuple[int, ...] = (2, 2, 1)
-    score: str = "exact"
+    keep_ratio: tuple[float, ...] | None = (0.7, 0.7, 0.7)
+    r: tuple[int, ...] | None = None
+    score: tuple[str, ...] = ("hf", "hf", "hf")
+    aggregate: tuple[str, ...] = ("merge", "merge", "merge")
+    windows: tuple[int, ...] | None = None
+    window_size: tuple[int, ...] | None = None
+    metric: str = "keys"
+    merge_radius: int | None = None
     reweight: str | None = "identity"
-    restore: str = "dc"
+    restore: str = "copy"
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901 - one check per rule, in order
+        n = len(self.layers)
         if self.method not in METHODS:
             _fail("method", self.method, f"choose one of {METHODS}")
-        if not self.layers:
+        if not n:
             _fail("layers", self.layers, "give at least one layer (or reduction=None)")
-        if any(not isinstance(i, int) or i < 1 for i in self.layers):
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 1 for i in self.layers):
             _fail("layers", self.layers, "layers are 1-indexed positive integers")
         if any(b <= a for a, b in zip(self.layers, self.layers[1:], strict=False)):
             _fail("layers", self.layers, "layers must be strictly increasing")
-        if len(self.keep_ratio) != len(self.layers):
-            _fail("keep_ratio", self.keep_ratio, f"give one value or {len(self.layers)} values")
-        if any(not 0.0 < float(r) <= 1.0 for r in self.keep_ratio):
-            _fail("keep_ratio", self.keep_ratio, "each value must lie in (0, 1]")
-        if len(self.windows) != len(self.layers):
-            _fail("windows", self.windows, f"give {len(self.layers)} values, one per layer")
-        if any(not isinstance(w, int) or w < 1 for w in self.windows):
-            _fail("windows", self.windows, "windows per side are positive integers")
-        if any(a % b for a, b in zip(self.windows, self.windows[1:], strict=False)):
-            _fail("windows", self.windows, "each value must divide the previous one, e.g. (2,2,1)")
-        if self.score not in SCORES:
-            _fail("score", self.score, f"choose one of {SCORES}")
+        if (self.keep_ratio is None) == (self.r is None):
+            _fail("keep_ratio", self.keep_ratio, "give exactly one of keep_ratio and r")
+        if self.keep_ratio is not None:
+            if len(self.keep_ratio) != n:
+                _fail("keep_ratio", self.keep_ratio, f"give one value or {n} values")
+            if any(not (_is_number(v) and 0.0 < float(v) <= 1.0) for v in self.keep_ratio):
+                _fail("keep_ratio", self.keep_ratio, "each value must lie in (0, 1]")
+        if self.r is not None and (len(self.r) != n or any(v < 0 for v in self.r)):
+            _fail("r", self.r, f"give one or {n} non-negative integers")
+        for key, allowed in (("score", SCORES), ("aggregate", AGGREGATES)):
+            value = getattr(self, key)
+            if len(value) != n or any(v not in allowed for v in value):
+                _fail(key, value, f"choose from {allowed}, one value or {n} values")
+        self._check_dc(n)
+        for j, (score, agg) in enumerate(zip(self.score, self.aggregate, strict=True)):
+            if score in ("bipartite", "window") and agg != "merge":
+                _fail("aggregate", self.aggregate, f"score {score!r} proposes partners: "
+                      "it needs aggregate 'merge'")  # fmt: skip
+            if agg == "fuse" and score != "cls":
+                _fail("aggregate", self.aggregate, "'fuse' weights tokens by their CLS "
+                      "attention: it needs score 'cls'")  # fmt: skip
+            if score == "window" and j != 0:
+                _fail("score", self.score, "'window' needs the unreduced grid: only the first "
+                      "reduction layer can use it")  # fmt: skip
+            if score == "bipartite" and self.keep_ratio and self.keep_ratio[j] < 0.5:
+                _fail("keep_ratio", self.keep_ratio, "bipartite matching (ToMe) merges at most "
+                      "half the tokens per layer: use keep_ratio >= 0.5")  # fmt: skip
+        if self.metric not in METRICS:
+            _fail("metric", self.metric, f"choose one of {METRICS}")
+        if self.merge_radius is not None and (
+            not isinstance(self.merge_radius, int) or self.merge_radius < 1
+        ):
+            _fail("merge_radius", self.merge_radius, "a positive integer (patches) or None")
         if self.reweight not in REWEIGHTS:
             _fail("reweight", self.reweight, f"choose one of {REWEIGHTS}")
         if self.restore not in RESTORES:
             _fail("restore", self.restore, f"choose one of {RESTORES}")
-        if self.method == "tome" and any(float(r) < 0.5 for r in self.keep_ratio):
-            _fail("keep_ratio", self.keep_ratio, "ToMe merges at most half the tokens per layer")
-        if self.method == "tome" and self.restore != "dc":
-            _fail("restore", self.restore, "ToMe merges tokens, it has no 'residual' to keep")
+
+    def _check_dc(self, n: int) -> None:
+        dc_layers = [j for j, a in enumerate(self.aggregate) if a == "dc"]
+        if self.windows is not None and self.window_size is not None:
+            _fail("windows", self.windows, "give windows (per side) or window_size, not both")
+        for key in ("windows", "window_size"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if not dc_layers:
+                _fail(key, value, "only 'dc' aggregation has DC windows")
+            if len(value) != n or any(not isinstance(v, int) or v < 1 for v in value):
+                _fail(key, value, f"give one positive integer or {n}, one per layer")
+            used = [value[j] for j in dc_layers]
+            pairs = zip(used, used[1:], strict=False)
+            if key == "windows" and any(a % b for a, b in pairs):
+                _fail(key, value, "each value must divide the previous one, e.g. (2,2,1)")
+            if key == "window_size" and any(b % a for a, b in pairs):
+                _fail(key, value, "each value must be a multiple of the previous one, e.g. (4,8)")
+        if dc_layers and self.windows is None and self.window_size is None:
+            _fail("aggregate", self.aggregate, "'dc' needs windows (per side) or window_size")
+
+    def dc_grid(self, j: int) -> tuple[str, int] | None:
+        """The DC windows of reduction layer ``j`` (see :func:`fatr_seg.ops.dc_window_ids`)."""
+        if self.aggregate[j] != "dc":
+            return None
+        return ("side", self.windows[j]) if self.windows else ("size", self.window_size[j])
+
+    def num_keep(self, j: int, num_tokens: int) -> int:
+        """Patch tokens reduction layer ``j`` keeps of ``num_tokens`` (M).
+
+        ``ceil(keep_ratio · M)`` or ``M - r``, at least 1; bipartite matching merges at most one
+        token per pair, so it keeps at least ``floor(M / 2)`` (ToMe clamps ``r`` the same way).
+        """
+        if self.keep_ratio is not None:
+            keep = num_keep(self.keep_ratio[j], num_tokens)
+        else:
+            keep = max(1, num_tokens - self.r[j])
+        if self.score[j] == "bipartite":
+            keep = max(keep, num_tokens // 2)
+        return keep
+
+    def with_keep_ratio(self, keep_ratio: float | tuple[float, ...]) -> ReductionConfig:
+        """A copy with another budget (one ratio, or one per layer); validated like any config."""
+        ratio = _per_layer(dict(keep_ratio=keep_ratio), "keep_ratio", len(self.layers), float,
+                           "give a number in (0, 1] or one per layer")  # fmt: skip
+        return replace(self, keep_ratio=ratio, r=None)
 
     @classmethod
     def from_dict(cls, cfg: dict | None, depth: int | None = None) -> ReductionConfig | None:
         """Build from a config dict; unknown keys and out-of-range layers raise ``ValueError``.
 
-        Missing keys take :data:`REDUCTION_DEFAULTS`. ``None`` means no reduction.
+        Keys the dict leaves out come from the preset of its ``method`` (default ``'fatr'``).
+        ``None`` means no reduction.
         """
         if cfg is None:
             return None
         if isinstance(cfg, ReductionConfig):
             out = cfg
         else:
-            if not isinstance(cfg, dict):
-                raise ValueError(f"reduction must be a dict or None, got {type(cfg).__name__}")
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(cfg) - known)
-            if unknown:
-                raise ValueError(
-                    f"reduction has unknown key(s) {unknown}; valid keys are {sorted(known)}"
-                )
-            merged = {**REDUCTION_DEFAULTS, **cfg}
-            if merged["method"] in ("evit", "tome") and "windows" not in cfg:
-                # They have no DC windows; don't validate the FATR default against their layers.
-                merged["windows"] = (1,) * len(tuple(merged["layers"]) if isinstance(
-                    merged["layers"], list | tuple) else ())  # fmt: skip
-            layers = _as_tuple(merged, "layers", int)
-            ratio = merged["keep_ratio"]
-            if isinstance(ratio, int | float) and not isinstance(ratio, bool):
-                ratio = (float(ratio),) * len(layers)
-            else:
-                ratio = _as_tuple(merged, "keep_ratio", float)
-            out = cls(
-                method=merged["method"],
-                layers=layers,
-                keep_ratio=ratio,
-                windows=_as_tuple(merged, "windows", int),
-                score=merged["score"],
-                reweight=merged["reweight"],
-                restore=merged["restore"],
-            )
+            out = cls._from_mapping(cfg)
         if depth is not None and out.layers[-1] > depth:
             _fail("layers", out.layers, f"the model has {depth} blocks (layers are 1-indexed)")
         return out
+
+    @classmethod
+    def _from_mapping(cls, cfg: dict) -> ReductionConfig:
+        if not isinstance(cfg, dict):
+            raise ValueError(f"reduction must be a dict or None, got {type(cfg).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(
+                f"reduction has unknown key(s) {unknown}; valid keys are {sorted(known)}"
+            )
+        method = cfg.get("method", "fatr")
+        if method not in PRESETS:
+            _fail("method", method, f"choose one of {METHODS}")
+        merged = {**PRESETS[method], **cfg}
+        if "r" in cfg and "keep_ratio" not in cfg:
+            merged.pop("keep_ratio", None)
+        if "keep_ratio" in cfg and "r" not in cfg:
+            merged.pop("r", None)
+        layers = merged["layers"]
+        if not isinstance(layers, list | tuple):
+            _fail("layers", layers, "give a list or tuple of 1-indexed block numbers")
+        n = len(layers)
+        score = merged["score"]
+        score = [_SCORE_ALIASES.get(s, s) for s in (score if isinstance(score, list | tuple)
+                                                    else [score] * n)]  # fmt: skip
+        restore = _RESTORE_ALIASES.get(merged["restore"], merged["restore"])
+        return cls(
+            method=method,
+            layers=tuple(layers),
+            keep_ratio=_per_layer(merged, "keep_ratio", n, float),
+            r=_per_layer(merged, "r", n, int),
+            score=_per_layer(dict(score=score), "score", n, str),
+            aggregate=_per_layer(merged, "aggregate", n, str),
+            windows=_per_layer(merged, "windows", n, int),
+            window_size=_per_layer(merged, "window_size", n, int),
+            metric=merged.get("metric", "keys"),
+            merge_radius=merged.get("merge_radius"),
+            reweight=merged["reweight"],
+            restore=restore,
+        )
 
     def index(self, block: int) -> int | None:
         """Position of 0-indexed ``block`` among the reduction layers, or None."""

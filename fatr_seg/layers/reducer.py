@@ -1,70 +1,93 @@
-"""The reduction step inside a block: score tokens, keep the HF ones, fold the rest into DC."""
+"""The reduction step inside a block: one score, one aggregation (see :mod:`.config`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..ops.reduce import FoldRecord, fold_tokens, num_keep
+from ..ops.merge import fuse_tokens, merge_tokens, nearest_kept
+from ..ops.reduce import FoldRecord, fold_tokens
 from ..ops.scoring import hf_scores
+from ..ops.select import bipartite_scores, cls_attention, select_topk, window_scores
 from ..ops.state import TokenState
 from .attention import AttnStats
+from .config import ReductionConfig
 
-__all__ = ["FrequencyTokenReducer"]
+__all__ = ["TokenReducer"]
 
 
-class FrequencyTokenReducer(nn.Module):
-    """One FATR reduction layer.
+class TokenReducer(nn.Module):
+    """Reduction layer ``j`` of a :class:`ReductionConfig`.
 
-    Keeps the top ``ceil(keep_ratio · M)`` patch tokens by HF score (M counted at forward time, so
-    any input size works) and folds the rest into ``windows × windows`` local DC tokens.
+    Keeps the top patch tokens by the layer's score (the budget is counted at forward time from
+    the tokens present, so any input size works) and aggregates the others.
 
     Args:
+        cfg: The reduction config.
+        j: Which of its reduction layers this is (0-based).
         dim: Embedding dim C.
-        keep_ratio: Fraction of present patch tokens to keep, in (0, 1].
-        windows: DC windows per side after this layer.
-        score: ``'exact'`` (attention column mean, exact and memory-bounded) or
-            ``'logit_proxy'``; ignored by ``method='random'``.
-        method: ``'fatr'`` or ``'random'`` (random keep, same DC aggregation; a control).
-        keep_residual: Track what ``restore='residual'`` needs.
+
+    Attributes:
+        dc_pos: For ``'dc'`` layers, the learnable positional term of the DC tokens,
+            zero-initialised so a pretrained model is unchanged at the start: one per window for
+            windows per side, one shared vector for windows by size (their number depends on the
+            input size). None for other aggregations.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        keep_ratio: float = 0.7,
-        windows: int = 2,
-        score: str = "exact",
-        method: str = "fatr",
-        keep_residual: bool = False,
-    ) -> None:
+    def __init__(self, cfg: ReductionConfig, j: int, dim: int) -> None:
         super().__init__()
-        self.keep_ratio = keep_ratio
-        self.windows = windows
-        self.score = score
-        self.method = method
-        self.keep_residual = keep_residual
-        # The paper adds an unspecified positional term to DC tokens: a learnable per-window
-        # embedding, zero-initialised so a pretrained model is unchanged at the start.
-        self.dc_pos = nn.Parameter(torch.zeros(windows * windows, dim))
+        self.cfg = cfg
+        self.j = j
+        grid = cfg.dc_grid(j)
+        self.dc_pos = None
+        if grid is not None:
+            num = grid[1] ** 2 if grid[0] == "side" else 1
+            self.dc_pos = nn.Parameter(torch.zeros(num, dim))
 
-    def scores(
-        self, stats: AttnStats, state: TokenState, key_bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """HF score of each patch token, (B, M)."""
-        M = state.num_patches
-        if self.method == "random":
-            return torch.rand(stats.q.shape[0], M, device=stats.q.device)
-        s = hf_scores(stats.q, stats.k, stats.scale, self.score, key_bias, lse=stats.lse)
-        if key_bias is not None and state.empty_dc_windows():
-            s = self.without_empty_queries(s, stats, key_bias, state.num_dc)
-        return s[:, 1 : 1 + M]
+    @property
+    def score(self) -> str:
+        return self.cfg.score[self.j]
+
+    @property
+    def aggregate(self) -> str:
+        return self.cfg.aggregate[self.j]
+
+    def extra_repr(self) -> str:
+        budget = (f"keep_ratio={self.cfg.keep_ratio[self.j]}" if self.cfg.keep_ratio
+                  else f"r={self.cfg.r[self.j]}")  # fmt: skip
+        return f"score={self.score!r}, aggregate={self.aggregate!r}, {budget}"
+
+    def metric(self, x: torch.Tensor, stats: AttnStats, M: int) -> torch.Tensor:
+        """(B, M, d) similarity features of the patch tokens."""
+        if self.cfg.metric == "keys":
+            return stats.k.mean(dim=1)[:, 1 : 1 + M]
+        return x[:, 1 : 1 + M].detach()
 
     @torch.no_grad()
+    def scores(
+        self, x: torch.Tensor, stats: AttnStats, state: TokenState, key_bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Scores (B, M), proposed partner positions (B, M) or None, fusion weights or None."""
+        M = state.num_patches
+        if self.score == "random":
+            return torch.rand(x.shape[0], M, device=x.device), None, None
+        if self.score == "cls":
+            attn = cls_attention(stats.q, stats.k, stats.scale, key_bias)[:, 1 : 1 + M]
+            return attn, None, attn
+        if self.score == "bipartite":
+            return (*bipartite_scores(self.metric(x, stats, M)), None)
+        if self.score == "window":
+            return (*window_scores(self.metric(x, stats, M), state.hw_shape), None)
+        method = "exact" if self.score == "hf" else "logit_proxy"
+        s = hf_scores(stats.q, stats.k, stats.scale, method, key_bias, lse=stats.lse)
+        if key_bias is not None and state.empty_dc_windows():
+            s = self.without_empty_queries(s, stats, key_bias, state.num_dc)
+        return s[:, 1 : 1 + M], None, None
+
     def without_empty_queries(
         self, s: torch.Tensor, stats: AttnStats, key_bias: torch.Tensor, num_dc: int
     ) -> torch.Tensor:
-        """Take the query rows of empty DC tokens out of the scores ``s`` (B, n).
+        """Take the query rows of empty DC tokens out of the HF scores ``s`` (B, n).
 
         An empty DC window (count 0) is masked as a key, but it is still a query; its query is
         built from its positional term alone and must not vote in the column mean.
@@ -74,7 +97,7 @@ class FrequencyTokenReducer(nn.Module):
         q_dc = stats.q[:, :, -num_dc:].float()  # (B, h, D, d)
         logits = q_dc @ stats.k.float().transpose(-2, -1) * stats.scale  # (B, h, D, n)
         w = empty[:, None, :, None].float()  # (B, 1, D, 1)
-        if self.score == "logit_proxy":  # s = mean_h (sum_q q) . k * scale
+        if self.score == "hf_proxy":  # s = mean_h (sum_q q) . k * scale
             return s - (logits * w).sum(dim=(1, 2)) / h
         rows = (logits + key_bias[:, None, None, :].float()).softmax(dim=-1)  # (B, h, D, n)
         removed = (rows * w).sum(dim=(1, 2))  # (B, n)
@@ -88,7 +111,7 @@ class FrequencyTokenReducer(nn.Module):
         state: TokenState,
         key_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, TokenState, FoldRecord]:
-        """Reduce ``x`` (B, 1 + M + D, C) to (B, 1 + K + windows², C).
+        """Reduce ``x`` (B, 1 + M + D, C) after the block's attention sub-block.
 
         Args:
             x: The sequence after the attention sub-block.
@@ -96,19 +119,28 @@ class FrequencyTokenReducer(nn.Module):
             state: The sequence's state.
             key_bias: The attention's key bias, (B, n) or None.
         """
-        M, D = state.num_patches, state.num_dc
-        keep = num_keep(self.keep_ratio, M)
-        scores = self.scores(stats, state, key_bias)
-        if keep == M and (D == 0 or state.windows == self.windows):
-            # Nothing to fold and no DC grid to change: leave the sequence exactly as it is.
+        M = state.num_patches
+        keep = self.cfg.num_keep(self.j, M)
+        grid = self.cfg.dc_grid(self.j)
+        if keep == M and (grid is None or state.num_dc == 0 or state.dc_grid == grid):
+            # Nothing to aggregate and no DC grid to change: leave the sequence exactly as it is.
             empty = state.patch_idx[:, :0]
-            rec = FoldRecord(state.patch_idx, scores, empty, empty, state.source)
-            return x, state, rec
-        return fold_tokens(
-            x, state, scores, keep, self.windows, self.dc_pos, keep_residual=self.keep_residual,
-            weights=self.fusion_weights(scores),
-        )  # fmt: skip
-
-    def fusion_weights(self, scores: torch.Tensor) -> torch.Tensor | None:
-        """Per-token weights for the DC means; FATR's DC tokens are plain means (None)."""
-        return None
+            scores = torch.zeros(state.patch_idx.shape, device=x.device)
+            return x, state, FoldRecord(state.patch_idx, scores, empty, empty, state.source)
+        scores, partner, weights = self.scores(x, stats, state, key_bias)
+        keep_pos, drop_pos = select_topk(scores, keep)
+        residual = self.cfg.restore == "residual"
+        if self.aggregate == "dc":
+            return fold_tokens(x, state, keep_pos, drop_pos, scores, grid, self.dc_pos, residual)
+        if self.aggregate == "fuse":
+            return fuse_tokens(x, state, keep_pos, drop_pos, weights, scores, residual)
+        with torch.no_grad():
+            if partner is None:
+                radius = self.cfg.merge_radius
+                dst = nearest_kept(self.metric(x, stats, M), keep_pos, drop_pos,
+                                   state.patch_idx, state.hw_shape, radius)  # fmt: skip
+            else:  # the partner's position -> its index among the kept tokens
+                index = torch.zeros_like(scores, dtype=torch.long)
+                index.scatter_(1, keep_pos, torch.arange(keep, device=x.device).expand_as(keep_pos))
+                dst = index.gather(1, partner.gather(1, drop_pos))
+        return merge_tokens(x, state, keep_pos, drop_pos, dst, scores, residual)

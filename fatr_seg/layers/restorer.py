@@ -15,14 +15,15 @@ class TokenRestorer(nn.Module):
     """Scatter HF and DC tokens back onto the patch grid.
 
     Args:
-        mode: ``'dc'`` (each folded patch gets its DC token) or ``'residual'`` (its own feature at
-            removal plus the change of its DC token since then).
+        mode: ``'copy'`` (each aggregated patch gets the token that represents it) or
+            ``'residual'`` (plus what it lacked when it was aggregated; see
+            :func:`fatr_seg.ops.accumulate_residual`).
     """
 
-    def __init__(self, mode: str = "dc") -> None:
+    def __init__(self, mode: str = "copy") -> None:
         super().__init__()
-        if mode not in ("dc", "residual"):
-            raise ValueError(f"restore={mode!r} is invalid: choose 'dc' or 'residual'")
+        if mode not in ("copy", "residual"):
+            raise ValueError(f"restore={mode!r} is invalid: choose 'copy' or 'residual'")
         self.mode = mode
 
     def forward(

@@ -18,7 +18,7 @@ from ..ops.state import TokenState, init_state
 from .block import Block
 from .compact import CompactTokens, compact_tokens
 from .config import ReductionConfig
-from .peer_reducers import build_reducer
+from .reducer import TokenReducer
 from .restorer import TokenRestorer
 
 __all__ = ["FATRVisionTransformer", "PatchEmbed", "ReductionTrace"]
@@ -130,11 +130,11 @@ class FATRVisionTransformer(nn.Module):
         if any(not -num_layers <= i < num_layers for i in out_indices):
             raise ValueError(f"out_indices={out_indices} out of range for {num_layers} layers")
         self.reduction = ReductionConfig.from_dict(reduction, depth=num_layers)
-        if compact_output and self.reduction and self.reduction.restore != "dc":
+        if compact_output and self.reduction and self.reduction.restore != "copy":
             raise ValueError(
-                f"compact_output=True needs reduction restore='dc' (got "
-                f"{self.reduction.restore!r}): with 'residual' every folded patch has its own "
-                "feature, so the grid cannot be represented by the reduced tokens"
+                f"compact_output=True needs reduction restore='copy' (got "
+                f"{self.reduction.restore!r}): with 'residual' every aggregated patch has its "
+                "own feature, so the grid cannot be represented by the reduced tokens"
             )
         self.final_norm = final_norm
 
@@ -145,18 +145,19 @@ class FATRVisionTransformer(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, num_layers).tolist()
         red = self.reduction
         first = red.layers[0] - 1 if red else num_layers
+        dc_terms = bool(red) and "dc" in red.aggregate
         blocks = []
         for i in range(num_layers):
             j = red.index(i) if red else None
-            reducer = None if j is None else build_reducer(red, j, embed_dims)
+            reducer = None if j is None else TokenReducer(red, j, embed_dims)
             reweight = red.reweight if (red and i > first) else None
             block = Block(embed_dims, num_heads, mlp_ratio, qkv_bias, drop_rate, dpr[i],
-                          init_values, reweight=reweight, reducer=reducer,
+                          init_values, reweight=reweight, reducer=reducer, dc_terms=dc_terms,
                           fused_attn=fused_attn)  # fmt: skip
             blocks.append(block)
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(embed_dims, eps=norm_eps) if final_norm else nn.Identity()
-        self.restorer = TokenRestorer(red.restore if red else "dc")
+        self.restorer = TokenRestorer(red.restore if red else "copy")
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -249,6 +250,28 @@ class FATRVisionTransformer(nn.Module):
             else:
                 outs.append(self.restorer(tokens, state, norm))
         return tuple(outs)
+
+    def set_keep_ratio(self, keep_ratio: float | tuple[float, ...]) -> None:
+        """Change the reduction budget in place: no rebuild, no new parameters, no reload.
+
+        Every reducer reads its budget from the model's :class:`ReductionConfig` at forward
+        time, so after this call the model computes exactly what a model built with this
+        ``keep_ratio`` (and the same weights) computes. Outputs keep their full-grid shapes.
+
+        Args:
+            keep_ratio: One ratio in (0, 1] for every reduction layer, or one per layer. It
+                replaces a token-count budget (``r``) too.
+
+        Raises:
+            ValueError: A ratio outside (0, 1], a tuple of the wrong length, a non-number, or a
+                model without reduction; the message names ``keep_ratio`` and what is allowed.
+        """
+        if self.reduction is None:
+            raise ValueError("set_keep_ratio: this model has no reduction (reduction=None)")
+        self.reduction = self.reduction.with_keep_ratio(keep_ratio)
+        for blk in self.blocks:
+            if blk.reducer is not None:
+                blk.reducer.cfg = self.reduction
 
     @torch.no_grad()
     def reduction_trace(self, x: torch.Tensor) -> list[ReductionTrace]:

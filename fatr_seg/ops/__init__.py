@@ -1,10 +1,11 @@
-"""Pure torch functions of the method: attention, scoring, selection, DC aggregation, restoration.
+"""Pure torch functions of the method: attention, scoring, selection, aggregation, restoration.
 
 Nothing here imports mmseg, mmengine or mmcv.
 """
 
 from .attention import attention, attention_with_lse, fused_attn_default, reweighted_attention
-from .reduce import FoldRecord, fold_tokens, merge_map, num_keep, select_topk, window_ids
+from .merge import fuse_tokens, merge_tokens, nearest_kept
+from .reduce import FoldRecord, accumulate_residual, dc_window_ids, fold_tokens, window_ids
 from .restore import restore_tokens
 from .scoring import (
     attention_column_mean,
@@ -13,25 +14,33 @@ from .scoring import (
     logit_proxy_score,
     topk_agreement,
 )
+from .select import bipartite_scores, cls_attention, num_keep, select_topk, window_scores
 from .state import TokenState, init_state
 
 __all__ = [
     "FoldRecord",
     "TokenState",
+    "accumulate_residual",
     "attention",
     "attention_column_mean",
     "attention_column_mean_triton",
     "attention_with_lse",
+    "bipartite_scores",
+    "cls_attention",
+    "dc_window_ids",
     "fold_tokens",
+    "fuse_tokens",
     "fused_attn_default",
     "hf_scores",
     "init_state",
     "logit_proxy_score",
-    "merge_map",
+    "merge_tokens",
+    "nearest_kept",
     "num_keep",
     "restore_tokens",
     "reweighted_attention",
     "select_topk",
     "topk_agreement",
     "window_ids",
+    "window_scores",
 ]

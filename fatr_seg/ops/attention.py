@@ -95,7 +95,7 @@ def reweighted_attention(
     scale: float,
     num_dc: int,
     coef_hp: torch.Tensor,
-    coef_dc: torch.Tensor,
+    coef_dc: torch.Tensor | None,
     key_bias: torch.Tensor | None = None,
     fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -123,7 +123,8 @@ def reweighted_attention(
         scale: Logit scale.
         num_dc: Number of DC tokens at the end of the sequence (may be 0).
         coef_hp: ``1 + ω1`` per head, (h,).
-        coef_dc: ``1 + ω2`` per head, (h,).
+        coef_dc: ``1 + ω2`` per head, (h,); None if the sequence never holds DC tokens
+            (``num_dc`` must then be 0).
         key_bias: Optional additive bias per key, (B, n).
         fused: Use the fused kernel.
 
@@ -131,8 +132,10 @@ def reweighted_attention(
         ``Â V`` (B, h, n, d) and the row log-sum-exp of ``A`` (B, h, n) or None.
     """
     B, h, n, d = v.shape
+    if coef_dc is None and num_dc:
+        raise ValueError(f"{num_dc} DC tokens but no DC coefficient (coef_dc=None)")
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, coef_hp, coef_dc)
+        t is not None and t.requires_grad for t in (q, k, v, coef_hp, coef_dc)
     )
     lse_exposed = fused and q.device.type == "cpu"
     dc_term = None

@@ -1,4 +1,4 @@
-"""Token selection and DC aggregation: one FATR reduction step as pure functions.
+"""Aggregation into DC tokens (FATR's paper form), and what every aggregation shares.
 
 Indices are computed under ``no_grad``; features move with ``gather`` / ``scatter_add`` so that
 gradients reach every kept token and every folded token through its DC mean.
@@ -6,39 +6,13 @@ gradients reach every kept token and every folded token through its DC mean.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from .state import TokenState
 
-__all__ = ["FoldRecord", "fold_tokens", "merge_map", "num_keep", "select_topk", "window_ids"]
-
-
-def num_keep(keep_ratio: float, num_tokens: int) -> int:
-    """``ceil(keep_ratio · M)``, robust to float error (``ceil(0.7 · 10)`` is 7, not 8), ≥ 1."""
-    return max(1, min(num_tokens, math.ceil(round(keep_ratio * num_tokens, 6))))
-
-
-@torch.no_grad()
-def select_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split positions into the top-k by score and the rest, deterministically.
-
-    Ties break towards the lower position (a stable descending sort), so the result never depends
-    on the kernel or on the other images in the batch.
-
-    Args:
-        scores: (B, M) float.
-        k: Number of positions to keep, 1 ≤ k ≤ M.
-
-    Returns:
-        ``keep`` (B, k) and ``drop`` (B, M - k), each sorted ascending (spatial order preserved).
-    """
-    order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
-    keep = order[:, :k].sort(dim=1).values
-    drop = order[:, k:].sort(dim=1).values
-    return keep, drop
+__all__ = ["FoldRecord", "accumulate_residual", "dc_window_ids", "fold_tokens", "window_ids"]
 
 
 def window_ids(hw_shape: tuple[int, int], windows: int, device=None) -> torch.Tensor:
@@ -56,25 +30,42 @@ def window_ids(hw_shape: tuple[int, int], windows: int, device=None) -> torch.Te
     return (rows[:, None] * windows + cols[None, :]).reshape(-1)
 
 
-def merge_map(old_windows: int, new_windows: int, device=None) -> torch.Tensor:
-    """Window of the new (coarser) grid that each old DC window falls into, (old²,) long.
+def dc_window_ids(
+    hw_shape: tuple[int, int], grid: tuple[str, int], device=None
+) -> tuple[torch.Tensor, int]:
+    """DC window of every original patch, and the number of windows.
 
-    Requires ``old_windows % new_windows == 0``: then ``floor(floor(r·wo/H) / k) = floor(r·wn/H)``
-    with ``k = wo / wn``, so old windows nest exactly inside new ones.
+    Args:
+        hw_shape: The patch grid (H, W).
+        grid: ``('side', w)``: ``w × w`` windows over the grid, whatever its size (the paper's
+            form); ``('size', s)``: windows of ``s × s`` patches (the last row and column of
+            windows may be smaller), so windows stay local at every input size.
+
+    Returns:
+        ``ids`` (H·W,) long and the window count.
     """
-    k = old_windows // new_windows
-    j = torch.arange(old_windows * old_windows, device=device)
-    return (j // old_windows // k) * new_windows + (j % old_windows) // k
+    kind, value = grid
+    if kind == "side":
+        return window_ids(hw_shape, value, device), value * value
+    if kind != "size":
+        raise ValueError(f"DC grid kind must be 'side' or 'size', got {kind!r}")
+    H, W = hw_shape
+    gw = -(-W // value)
+    rows = torch.arange(H, device=device) // value
+    cols = torch.arange(W, device=device) // value
+    return (rows[:, None] * gw + cols[None, :]).reshape(-1), -(-H // value) * gw
 
 
 class FoldRecord(NamedTuple):
     """What one reduction step did, for analysis and visualisation (all in original-grid terms).
 
     Attributes:
-        kept: (B, K) original-grid indices of the kept HF tokens.
+        kept: (B, K) original-grid indices of the kept patch tokens (-1: a token with no cell,
+            such as EViT's fused token).
         kept_scores: (B, K) their scores.
-        folded: (B, L) original-grid indices of the tokens folded at this step.
-        folded_window: (B, L) the DC window each folded token went into.
+        folded: (B, L) original-grid indices of the tokens dropped at this step.
+        folded_window: (B, L) where each went: its DC window, or the new position of the token it
+            joined.
         source: (B, N) the source map after this step.
     """
 
@@ -85,100 +76,114 @@ class FoldRecord(NamedTuple):
     source: torch.Tensor
 
 
+def accumulate_residual(
+    state: TokenState, old: torch.Tensor, new: torch.Tensor, old_to_new: torch.Tensor
+) -> torch.Tensor:
+    """``state.residual`` after one reduction step, for ``restore='residual'``.
+
+    Every original patch accumulates, at each step, the value of the token that represented it
+    before the step minus the value of the token that represents it after. Restoring a patch as
+    ``representative_now + residual`` therefore gives back the token it was part of at every step
+    before it was aggregated, plus every change that its representative went through since: a
+    folded or merged patch keeps its own feature, and a kept token's patch (old delta 0) is exact.
+
+    Args:
+        state: The state before the step.
+        old: (B, M + D, C) the sequence without CLS before the step.
+        new: (B, M' + D', C) the sequence without CLS after the step.
+        old_to_new: (B, M + D) long, the new position of each old token's representative.
+
+    Returns:
+        (B, N, C) the new residual.
+    """
+    C = old.shape[-1]
+    rep = new.gather(1, old_to_new[..., None].expand(-1, -1, C))  # (B, M + D, C)
+    delta = old - rep
+    residual = state.residual
+    step = delta.gather(1, state.source[..., None].expand(-1, -1, C))  # (B, N, C)
+    return step if residual is None else residual + step
+
+
 def fold_tokens(
     x: torch.Tensor,
     state: TokenState,
+    keep_pos: torch.Tensor,
+    drop_pos: torch.Tensor,
     scores: torch.Tensor,
-    keep: int,
-    windows: int,
+    grid: tuple[str, int],
     dc_pos: torch.Tensor | None = None,
     keep_residual: bool = False,
-    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, TokenState, FoldRecord]:
-    """Keep the top-``keep`` patch tokens and fold the rest into local DC tokens.
+    """Keep the ``keep_pos`` patch tokens and fold the dropped ones into local DC tokens.
 
     DC token of window j is the count-weighted mean of everything folded into it so far: the
-    existing DC tokens (merged by count when ``windows`` shrinks) and the newly removed tokens.
-    Sums and counts accumulate in float32. A window that holds nothing stays at zero (plus its
-    positional term) with count 0, never NaN.
+    existing DC tokens (merged by count when the DC grid coarsens) and the newly dropped tokens,
+    each weighted by the patches it stands for. Sums and counts accumulate in float32. A window
+    that holds nothing stays at zero (plus its positional term) with count 0, never NaN.
 
     Args:
         x: (B, 1 + M + D, C) ``[CLS, patch tokens, DC tokens]``.
         state: The sequence's state (M patch tokens, D DC tokens).
-        scores: (B, M) HF score of each patch token (higher = keep).
-        keep: Number of patch tokens to keep.
-        windows: DC windows per side after this step; must divide ``state.windows`` if DC tokens
-            exist already.
-        dc_pos: Optional (windows², C) positional term added to the DC tokens.
+        keep_pos: (B, K) kept positions, ascending.
+        drop_pos: (B, L) dropped positions.
+        scores: (B, M) the scores of the split (for the record).
+        grid: DC windows after this step (see :func:`dc_window_ids`); existing DC windows must
+            nest in them.
+        dc_pos: Optional positional term added to the DC tokens, (num_windows, C) or (1, C).
         keep_residual: Also track ``state.residual`` for ``restore='residual'``.
-        weights: Optional (B, M) fusion weight of each patch token (EViT fuses by attention);
-            DC tokens are then weighted running means, their total weight kept in
-            ``state.dc_weight``. None gives plain (count-weighted) means.
 
     Returns:
-        ``x`` (B, 1 + keep + windows², C), the new state and a :class:`FoldRecord`.
-
-    Note:
-        It always rebuilds the DC tokens and adds ``dc_pos``; a layer with nothing to fold
-        (``keep == M``, windows unchanged) must not call it (the reducer skips it then).
+        ``x`` (B, 1 + K + num_windows, C), the new state and a :class:`FoldRecord`.
     """
     B, _, C = x.shape
     M, D = state.num_patches, state.num_dc
-    num_win = windows * windows
+    K = keep_pos.shape[1]
     device = x.device
-    keep_pos, drop_pos = select_topk(scores, keep)  # positions in 0..M-1
     with torch.no_grad():
+        win_of_patch, num_win = dc_window_ids(state.hw_shape, grid, device)
         drop_orig = state.patch_idx.gather(1, drop_pos)  # (B, L)
-        drop_win = window_ids(state.hw_shape, windows, device)[drop_orig]  # (B, L)
-        dc_to_new = merge_map(state.windows, windows, device) if D else drop_win.new_zeros(0)
+        drop_win = win_of_patch[drop_orig]  # (B, L)
+        if D:
+            old_win, _ = dc_window_ids(state.hw_shape, state.dc_grid, device)
+            dc_to_new = torch.zeros(D, dtype=torch.long, device=device)
+            dc_to_new.scatter_(0, old_win, win_of_patch)  # nested windows: any member agrees
 
     patches = x[:, 1 : 1 + M]
     hf = patches.gather(1, keep_pos[..., None].expand(-1, -1, C))
     lf = patches.gather(1, drop_pos[..., None].expand(-1, -1, C))
 
     acc = torch.promote_types(x.dtype, torch.float32)  # fp32 for fp16/bf16, fp64 stays fp64
-    ones = torch.ones_like(drop_win, dtype=torch.float32)
-    w_lf = ones if weights is None else weights.float().gather(1, drop_pos)  # (B, L)
+    w_lf = state.sizes().gather(1, drop_pos)  # (B, L) patches each dropped token stands for
     sums = x.new_zeros(B, num_win, C, dtype=acc)
     sums = sums.scatter_add(1, drop_win[..., None].expand(-1, -1, C), lf.to(acc) * w_lf[..., None])
-    counts = torch.zeros(B, num_win, device=device).scatter_add(1, drop_win, ones)
-    wsum = None if weights is None else torch.zeros_like(counts).scatter_add(1, drop_win, w_lf)
+    counts = torch.zeros(B, num_win, device=device).scatter_add(1, drop_win, w_lf)
     if D:
-        old_w = state.dc_count if state.dc_weight is None else state.dc_weight
         idx = dc_to_new.expand(B, D)
-        old_dc = x[:, 1 + M :].to(acc) * old_w[..., None]
+        old_dc = x[:, 1 + M :].to(acc) * state.dc_count[..., None]
         sums = sums.scatter_add(1, idx[..., None].expand(-1, -1, C), old_dc)
         counts = counts.scatter_add(1, idx, state.dc_count)
-        if weights is not None:
-            wsum = wsum.scatter_add(1, idx, old_w)
-    wsum = counts if weights is None else wsum
     # Windows that hold nothing keep 0 (weight 0 -> divide by 1), never NaN.
-    denom = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+    denom = torch.where(counts > 0, counts, torch.ones_like(counts))
     dc = (sums / denom[..., None]).to(x.dtype)  # (B, num_win, C)
     if dc_pos is not None:
         dc = dc + dc_pos.to(x.dtype)
-    x = torch.cat([x[:, :1], hf, dc], dim=1)
+    new_x = torch.cat([x[:, :1], hf, dc], dim=1)
 
     with torch.no_grad():
         # Old position (patch or DC) -> new position; then push the source map through it.
         old_to_new = keep_pos.new_empty(B, M + D)
-        old_to_new.scatter_(1, keep_pos, torch.arange(keep, device=device).expand(B, keep))
-        old_to_new.scatter_(1, drop_pos, keep + drop_win)
+        old_to_new.scatter_(1, keep_pos, torch.arange(K, device=device).expand(B, K))
+        old_to_new.scatter_(1, drop_pos, K + drop_win)
         if D:
-            old_to_new[:, M:] = keep + dc_to_new
+            old_to_new[:, M:] = K + dc_to_new
         source = old_to_new.gather(1, state.source)
         patch_idx = state.patch_idx.gather(1, keep_pos)
 
     residual = state.residual
     if keep_residual:
-        if residual is None:
-            residual = x.new_zeros(B, state.source.shape[1], C)
-        dc_then = dc.gather(1, drop_win[..., None].expand(-1, -1, C))
-        residual = residual.scatter(1, drop_orig[..., None].expand(-1, -1, C), lf - dc_then)
-
+        residual = accumulate_residual(state, x[:, 1:], new_x[:, 1:], old_to_new)
     new_state = state.replace(
-        source=source, patch_idx=patch_idx, dc_count=counts, windows=windows, residual=residual,
-        dc_weight=None if weights is None else wsum,
+        source=source, patch_idx=patch_idx, dc_count=counts, dc_grid=grid, residual=residual,
         patch_size=None if state.patch_size is None else state.patch_size.gather(1, keep_pos),
         # The one host read of this step: every later block's key bias depends on it.
         has_empty_dc=not bool((counts > 0).all()),
@@ -190,4 +195,4 @@ def fold_tokens(
         folded_window=drop_win,
         source=source,
     )
-    return x, new_state, record
+    return new_x, new_state, record

@@ -23,13 +23,14 @@ class TokenState:
         patch_idx: (B, M) long. Original-grid index of each HF token (ascending for FATR; for
             a merged ToMe token, the index of the token it was merged into).
         dc_count: (B, D) float32. Number of original patches folded into each DC token.
-        windows: DC windows per side of the current DC tokens (0 while there are none).
-        residual: (B, N, C) or None. For a folded patch, its feature when it was removed minus its
-            DC token's value then; zero for HF patches. Kept only for ``restore='residual'``.
-        dc_weight: (B, D) float32 or None. Total fusion weight of each DC token when tokens are
-            fused with weights (EViT fuses by attention); None means plain counts.
+        dc_grid: The DC windows of the current DC tokens, ``('side', w)`` or ``('size', s)``
+            (see :func:`fatr_seg.ops.dc_window_ids`); None while there are none.
+        residual: (B, N, C) or None. Per original patch, what its representative lacks to give
+            back the patch's own token (see :func:`fatr_seg.ops.accumulate_residual`); zero for
+            patches that were never aggregated. Kept only for ``restore='residual'``.
         patch_size: (B, M) float32 or None. Number of original patches merged into each patch
-            token (ToMe); None means 1 everywhere. Sizes enter attention as ``log(size)``.
+            token (ToMe, merging aggregations); None means 1 everywhere. Sizes enter attention as
+            ``log(size)``.
         has_empty_dc: Whether some DC window holds no patch yet (count 0). The reduction step
             that changes the DC tokens sets it, reading the counts once; None means unknown, and
             :meth:`key_bias` then reads the counts itself. On CUDA every read is a host sync, so
@@ -40,9 +41,8 @@ class TokenState:
     source: torch.Tensor
     patch_idx: torch.Tensor
     dc_count: torch.Tensor
-    windows: int = 0
+    dc_grid: tuple[str, int] | None = None
     residual: torch.Tensor | None = None
-    dc_weight: torch.Tensor | None = None
     patch_size: torch.Tensor | None = None
     has_empty_dc: bool | None = None
 
@@ -55,6 +55,12 @@ class TokenState:
     def num_dc(self) -> int:
         """D, the number of DC tokens at the end of the sequence."""
         return self.dc_count.shape[1]
+
+    def sizes(self) -> torch.Tensor:
+        """(B, M) float32: original patches per patch token (ones when nothing was merged)."""
+        if self.patch_size is not None:
+            return self.patch_size.float()
+        return torch.ones(self.patch_idx.shape, device=self.patch_idx.device)
 
     def key_bias(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """Additive attention bias per key (B, 1 + M + D), or None when it would be all zero.

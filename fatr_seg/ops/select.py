@@ -1,0 +1,136 @@
+"""Token budgets, top-k selection, and the score functions of the peers.
+
+A reduction step splits the patch tokens into kept and dropped ones by a score (higher = keep);
+some score functions also propose, for every token, the kept token it would join if dropped
+(ToMe's bipartite matching, ALGM's 2×2 windows). FATR's own HF score is in
+:mod:`fatr_seg.ops.scoring`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["bipartite_scores", "cls_attention", "num_keep", "select_topk", "window_scores"]
+
+
+def num_keep(keep_ratio: float, num_tokens: int) -> int:
+    """``ceil(keep_ratio · M)``, robust to float error (``ceil(0.7 · 10)`` is 7, not 8), ≥ 1."""
+    return max(1, min(num_tokens, math.ceil(round(keep_ratio * num_tokens, 6))))
+
+
+@torch.no_grad()
+def select_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split positions into the top-k by score and the rest, deterministically.
+
+    Ties break towards the lower position (a stable descending sort), so the result never depends
+    on the kernel or on the other images in the batch.
+
+    Args:
+        scores: (B, M) float.
+        k: Number of positions to keep, 1 ≤ k ≤ M.
+
+    Returns:
+        ``keep`` (B, k) and ``drop`` (B, M - k), each sorted ascending (spatial order preserved).
+    """
+    order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
+    keep = order[:, :k].sort(dim=1).values
+    drop = order[:, k:].sort(dim=1).values
+    return keep, drop
+
+
+@torch.no_grad()
+def cls_attention(
+    q: torch.Tensor, k: torch.Tensor, scale: float, key_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """EViT's attentiveness: the CLS query's attention to every key, averaged over heads.
+
+    Args:
+        q, k: (B, h, n, d); the CLS token is at position 0.
+        scale: Logit scale.
+        key_bias: Optional (B, n) additive key bias.
+
+    Returns:
+        (B, n) float32, each row sums to 1.
+    """
+    logits = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * scale  # (B, h, 1, n)
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, None, :].float()
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+@torch.no_grad()
+def bipartite_scores(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite soft matching as a score and a proposed partner.
+
+    Tokens alternate into set A (even positions) and set B (odd positions). Every A token's
+    partner is its most similar B token (cosine similarity of ``metric``); its score is minus that
+    similarity, so the top-k keeps every B token (score ``+inf``) and the A tokens least similar
+    to their partners: dropping the rest merges exactly the ``M - k`` most similar edges, as ToMe
+    does (valid while ``M - k ≤ |A|``).
+
+    Args:
+        metric: (B, M, d) similarity features (ToMe: the keys averaged over heads).
+
+    Returns:
+        ``scores`` (B, M) float32 and ``partner`` (B, M) long, a position in 0..M-1 (a B token's
+        partner is itself).
+    """
+    B, M, _ = metric.shape
+    a_pos = torch.arange(0, M, 2, device=metric.device)
+    b_pos = torch.arange(1, M, 2, device=metric.device)
+    partner = torch.arange(M, device=metric.device).expand(B, M).clone()
+    scores = torch.full((B, M), float("inf"), device=metric.device)
+    if len(b_pos) == 0:
+        return scores, partner
+    m = F.normalize(metric.float(), dim=-1)
+    best, dst = (m[:, a_pos] @ m[:, b_pos].transpose(1, 2)).max(dim=-1)  # (B, |A|)
+    scores[:, a_pos] = -best
+    partner[:, a_pos] = b_pos[dst]
+    return scores, partner
+
+
+@torch.no_grad()
+def window_scores(
+    metric: torch.Tensor, hw_shape: tuple[int, int], window: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALGM's local merging as a score and a proposed partner, on an unreduced grid.
+
+    The grid is cut into ``window × window`` windows (rows and columns past the last full window
+    belong to none). A window's similarity is the mean cosine similarity of its distinct token
+    pairs. Its last token (bottom right) is the partner of the others and scores ``+inf``; the
+    others score minus the window's similarity, so the top-k drops whole windows, most similar
+    first, into their last token. Tokens in no window score ``+inf``.
+
+    Args:
+        metric: (B, N, d) features of the N = H·W patch tokens in grid order (ALGM: the block's
+            output tokens).
+        hw_shape: The patch grid (H, W).
+        window: Window side in patches.
+
+    Returns:
+        ``scores`` (B, N) float32 and ``partner`` (B, N) long positions.
+    """
+    B, N, d = metric.shape
+    H, W = hw_shape
+    if N != H * W:
+        raise ValueError(f"window_scores needs the full {H}x{W} grid in order, got {N} tokens")
+    gh, gw, s = H // window, W // window, window * window
+    device = metric.device
+    pos = torch.arange(N, device=device).view(H, W)
+    partner = pos.flatten().expand(B, N).clone()
+    scores = torch.full((B, N), float("inf"), device=device)
+    if gh == 0 or gw == 0 or s == 1:
+        return scores, partner
+    # (gh, gw, s): the positions of each window's tokens, row-major inside the window.
+    win = pos[: gh * window, : gw * window].reshape(gh, window, gw, window)
+    win = win.permute(0, 2, 1, 3).reshape(gh * gw, s)
+    m = F.normalize(metric.float(), dim=-1)[:, win]  # (B, G, s, d)
+    pair_sum = (m @ m.transpose(-2, -1)).sum(dim=(-2, -1)) - m.pow(2).sum(dim=(-2, -1))
+    sim = pair_sum / (s * (s - 1))  # (B, G)
+    members = win[:, :-1].reshape(-1)  # every token but the last of each window
+    scores[:, members] = -sim.repeat_interleave(s - 1, dim=1)
+    partner[:, members] = win[:, -1:].expand(-1, s - 1).reshape(-1)
+    return scores, partner
