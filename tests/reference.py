@@ -5,9 +5,11 @@ Nothing here imports ``fatr_seg``: every quantity is rebuilt from its definition
 
 * attention builds the full ``A = softmax(q kᵀ · scale + bias)`` and, for the reweighting, the full
   matrix ``Â = A_LP + (1 + ω1) A_HP + (1 + ω2) A_DC``;
-* the HF score is the explicit column mean of ``A`` over heads and query rows;
-* selection, window assignment, DC aggregation, the source map and restoration are Python loops over
-  single images and single tokens.
+* the HF score is the explicit column mean of ``A`` over heads and query rows; the peers' scores
+  (logit proxy, CLS attention, ToMe's bipartite matching, ALGM's 2x2 windows) are loops too;
+* selection, merging into kept tokens, DC windows, EViT's fusion, the residual, the source map and
+  restoration are Python loops over single images and single tokens, each token carrying the list
+  of original patches it stands for.
 
 :func:`vit_forward` runs a whole reduced ViT from a ``state_dict`` (timm key names), one image at a
 time, so a batched ``FATRVisionTransformer`` can be compared with it end to end.
@@ -88,7 +90,79 @@ def column_mean_scores(A, query_valid=None):
 
 
 # --------------------------------------------------------------------------------------------
-# Selection, windows, DC tokens, source map, restoration (one image at a time)
+# Scores (one image at a time, plain loops)
+# --------------------------------------------------------------------------------------------
+def proxy_scores(q, k, scale, query_valid):
+    """Logit proxy ``mean_h (Σ_{valid q} q) · k · scale`` per key of one image: list of n floats.
+
+    ``q``, ``k``: (h, n, d); ``query_valid``: list of n bools (empty DC tokens vote no query).
+    """
+    h, n, d = q.shape
+    out = []
+    for key in range(n):
+        total = 0.0
+        for head in range(h):
+            qs = sum(q[head, row].to(DT) for row in range(n) if query_valid[row])
+            total += float(qs @ k[head, key].to(DT)) * scale
+        out.append(total / h)
+    return out
+
+
+def cls_scores(A):
+    """EViT's attentiveness of one image: row 0 of A (h, n, n) averaged over heads."""
+    h = A.shape[0]
+    return [float(sum(A[head, 0, key] for head in range(h)) / h) for key in range(A.shape[-1])]
+
+
+def cosine(a, b):
+    a, b = a.detach().to(DT), b.detach().to(DT)  # similarities choose indices only
+    return float(a @ b / (a.norm().clamp_min(1e-12) * b.norm().clamp_min(1e-12)))
+
+
+def bipartite(metric):
+    """ToMe's split as its code does it, for M patch tokens of one image.
+
+    The sequence ``[CLS, patches]`` alternates into A (even positions) and B (odd): patch ``i``
+    is in A when ``i + 1`` is even. Each A patch gets its most similar B patch (first on ties)
+    and the score ``-similarity``; B patches score ``+inf`` and are their own partner.
+
+    Returns:
+        ``(scores, partner)`` lists of M.
+    """
+    M = metric.shape[0]
+    b_set = [i for i in range(M) if (i + 1) % 2 == 1]
+    scores, partner = [math.inf] * M, list(range(M))
+    for i in range(M):
+        if (i + 1) % 2 == 0 and b_set:
+            sims = [cosine(metric[i], metric[j]) for j in b_set]
+            best = max(range(len(b_set)), key=lambda t: (sims[t], -t))
+            scores[i], partner[i] = -sims[best], b_set[best]
+    return scores, partner
+
+
+def windows2x2(metric, hw_shape):
+    """ALGM's local windows on an unreduced grid: scores and partners (lists of N).
+
+    Full 2x2 windows only; a window's similarity is the mean cosine over its 12 ordered pairs of
+    distinct tokens; its bottom-right token is the partner of the other three (score ``-sim``),
+    and scores ``+inf`` like every token outside a full window.
+    """
+    H, W = hw_shape
+    N = H * W
+    scores, partner, sim_of = [math.inf] * N, list(range(N)), {}
+    for wr in range(H // 2):
+        for wc in range(W // 2):
+            cells = [(2 * wr + a) * W + 2 * wc + b for a in (0, 1) for b in (0, 1)]
+            pair = [cosine(metric[i], metric[j]) for i in cells for j in cells if i != j]
+            sim = sum(pair) / len(pair)
+            for c in cells[:3]:
+                scores[c], partner[c] = -sim, cells[3]
+            sim_of[cells[3]] = sim
+    return scores, partner, sim_of
+
+
+# --------------------------------------------------------------------------------------------
+# Selection, aggregation, source map, restoration (one image at a time)
 # --------------------------------------------------------------------------------------------
 def num_keep(keep_ratio, num_tokens):
     """``ceil(keep_ratio · M)`` in exact rational arithmetic on the ratio's decimal text, ≥ 1.
@@ -111,146 +185,228 @@ def boundary_margin(scores, k):
     return math.inf if k >= len(s) else s[k - 1] - s[k]
 
 
-def window_of(p, hw_shape, w):
-    """Window (row-major) of original patch ``p`` on a ``w × w`` split: ``floor(r·w/H)``."""
+def window_of(p, hw_shape, grid):
+    """DC window (row-major) of original patch ``p``: ``grid`` is ``('side', w)`` (``w × w``
+    windows, ``floor(r·w/H)``) or ``('size', s)`` (``s × s`` patches, ``floor(r/s)``). An int is
+    ``('side', w)``."""
+    kind, w = grid if isinstance(grid, tuple) else ("side", grid)
     H, W = hw_shape
     r, c = divmod(p, W)
-    return (r * w // H) * w + (c * w // W)
+    if kind == "side":
+        return (r * w // H) * w + (c * w // W)
+    return (r // w) * (-(-W // w)) + c // w
+
+
+def num_windows(hw_shape, grid):
+    kind, w = grid if isinstance(grid, tuple) else ("side", grid)
+    return w * w if kind == "side" else (-(-hw_shape[0] // w)) * (-(-hw_shape[1] // w))
+
+
+@dataclass
+class Tok:
+    """One token of the sequence without CLS: what it stands for."""
+
+    cell: int  # grid index of a patch token (-1: EViT's fused token); window id of a DC token
+    members: list[int]  # original patches it represents
+    size: float  # weight in size-weighted means (patches it stands for)
 
 
 @dataclass
 class ImageState:
-    """Bookkeeping of one image's reduced sequence ``[CLS, HF tokens, DC tokens]``."""
+    """Bookkeeping of one image's reduced sequence ``[CLS, patch tokens, DC tokens]``."""
 
     hw_shape: tuple[int, int]
-    hf: list[int]  # original index of each HF token, in sequence order
-    windows: int = 0  # DC windows per side (0: no DC tokens yet)
-    dc_count: list[int] = field(default_factory=list)
-    feat_then: dict[int, torch.Tensor] = field(default_factory=dict)  # folded patch -> feature
-    dc_then: dict[int, torch.Tensor] = field(default_factory=dict)  # folded patch -> its DC then
+    patches: list[Tok]
+    dc: list[Tok] = field(default_factory=list)
+    dc_grid: tuple | None = None
+    sized: bool = False  # patch sizes tracked (after a merge): log(size) enters attention
+    prop_attn: bool = True
+    resid: dict[int, torch.Tensor] = field(default_factory=dict)  # patch -> residual
 
     @classmethod
     def initial(cls, hw_shape):
-        return cls(tuple(hw_shape), list(range(hw_shape[0] * hw_shape[1])))
+        N = hw_shape[0] * hw_shape[1]
+        return cls(tuple(hw_shape), [Tok(p, [p], 1.0) for p in range(N)])
 
     @property
     def num_patches(self):
         return self.hw_shape[0] * self.hw_shape[1]
 
+    @property
+    def hf(self):
+        """Grid index of every patch token, in sequence order."""
+        return [t.cell for t in self.patches]
+
+    @property
+    def dc_count(self):
+        return [t.size for t in self.dc]
+
+    def tokens(self):
+        return self.patches + self.dc
+
     def position(self, p):
         """Position (in the sequence without CLS) of the token that represents patch ``p``."""
-        if p in self.hf:
-            return self.hf.index(p)
-        return len(self.hf) + window_of(p, self.hw_shape, self.windows)
+        hits = [i for i, t in enumerate(self.tokens()) if p in t.members]
+        assert len(hits) == 1, (p, hits)
+        return hits[0]
 
     def source(self):
         return [self.position(p) for p in range(self.num_patches)]
 
-    def lf_window(self):
-        hf = set(self.hf)
-        return [-1 if p in hf else window_of(p, self.hw_shape, self.windows)
-                for p in range(self.num_patches)]  # fmt: skip
-
     def key_bias(self):
-        """(n,) 0 / -inf over ``[CLS, HF, DC]``: empty DC windows take no part in attention."""
-        bias = [0.0] * (1 + len(self.hf)) + [0.0 if c > 0 else NEG_INF for c in self.dc_count]
-        return torch.tensor(bias, dtype=DT)
+        """(n,) over ``[CLS, patches, DC]``: ``log(size)`` on patch tokens with proportional
+        attention, ``-inf`` on empty DC windows, 0 elsewhere."""
+        pb = [math.log(t.size) if (self.sized and self.prop_attn) else 0.0 for t in self.patches]
+        db = [0.0 if t.size > 0 else NEG_INF for t in self.dc]
+        return torch.tensor([0.0] + pb + db, dtype=DT)
 
 
 @dataclass
-class FoldResult:
-    kept: list[int]  # original indices kept as HF tokens
+class StepResult:
+    kept: list[int]  # grid indices of the kept patch tokens, in their new sequence order
     kept_scores: list[float]
-    folded: list[int]  # original indices folded at this step
-    folded_window: list[int]
+    folded: list[int]  # grid indices of the dropped tokens
     margin: float  # score gap at the selection boundary (for near-tie diagnostics)
 
 
-def fold(x, st, scores, keep, w, dc_pos=None, skip_noop=True):
-    """One reduction step on one image.
-
-    With ``skip_noop`` (what a reduction layer does), a step that folds nothing and leaves the DC
-    grid as it is returns the sequence untouched; without it (``fold_tokens`` itself) the DC
-    tokens are rebuilt anyway (count-weighted mean of themselves, plus ``dc_pos``).
+def reduce_step(x, st, scores, keep, aggregate, grid=None, dc_pos=None, partner=None,
+                metric=None, radius=None, weights=None, kept_order=None, prop_attn=True,
+                skip_noop=True):  # fmt: skip
+    """One reduction step on one image, by loops.
 
     Args:
-        x: (1 + M + D, C) tokens ``[CLS, HF, DC]`` (any float dtype; autograd flows through).
+        x: (1 + M + D, C) tokens ``[CLS, patches, DC]`` (any float dtype; autograd flows).
         st: The image's :class:`ImageState` (not modified).
-        scores: list of M floats.
-        keep: Number of HF tokens to keep.
-        w: DC windows per side after this step.
-        dc_pos: Optional (w², C) positional term added to every DC token.
+        scores: list of M floats; the top ``keep`` stay (ties to the lower position).
+        aggregate: ``'dc'``, ``'merge'`` or ``'fuse'``.
+        grid: DC windows after the step (``'dc'``).
+        dc_pos: (windows, C) or (1, C) positional term of the DC tokens (``'dc'``).
+        partner: list of M: for ``'merge'``, the position each dropped token joins (else the
+            most similar kept token by ``metric`` (M, d), within ``radius`` when one is).
+        weights: list of M fusion weights (``'fuse'``).
+        kept_order: key function of a kept position: the order of the kept tokens in the new
+            sequence (default: ascending position).
+        prop_attn: Proportional attention after a merge.
+        skip_noop: A step that drops nothing and leaves the DC grid as it is does nothing.
 
     Returns:
-        ``(x_new, state_new, FoldResult)``.
+        ``(x_new, state_new, StepResult)``.
     """
-    M, D = len(st.hf), len(st.dc_count)
+    M, D = len(st.patches), len(st.dc)
     assert len(scores) == M
     keep_pos, drop_pos = select(scores, keep)
-    result = FoldResult(
-        kept=[st.hf[i] for i in keep_pos],
-        kept_scores=[scores[i] for i in keep_pos],
-        folded=[st.hf[i] for i in drop_pos],
-        folded_window=[window_of(st.hf[i], st.hw_shape, w) for i in drop_pos],
-        margin=boundary_margin(scores, keep),
-    )
-    if skip_noop and keep == M and (D == 0 or st.windows == w):
-        return x, st, result  # nothing to fold and no DC grid to change
-
+    if kept_order is not None:
+        keep_pos = sorted(keep_pos, key=kept_order)
+    result = StepResult([st.patches[i].cell for i in keep_pos], [scores[i] for i in keep_pos],
+                        [st.patches[i].cell for i in drop_pos], boundary_margin(scores, keep))
+    if skip_noop and keep == M and (aggregate != "dc" or D == 0 or st.dc_grid == grid):
+        return x, st, result
     C = x.shape[-1]
-    sums = [torch.zeros(C, dtype=x.dtype) for _ in range(w * w)]
-    counts = [0] * (w * w)
-    # Existing DC tokens: each old window lies inside exactly one new window (nesting). Find it
-    # from the patches the old window holds, and fold the old mean in with its count as weight.
-    hf_set = set(st.hf)
-    for j in range(D):
-        if st.dc_count[j] == 0:
-            continue
-        members = [p for p in range(st.num_patches)
-                   if p not in hf_set and window_of(p, st.hw_shape, st.windows) == j]  # fmt: skip
-        assert len(members) == st.dc_count[j]
-        targets = {window_of(p, st.hw_shape, w) for p in members}
-        assert len(targets) == 1, "old DC windows must nest inside new ones"
-        jn = targets.pop()
-        sums[jn] = sums[jn] + st.dc_count[j] * x[1 + M + j]
-        counts[jn] += st.dc_count[j]
-    # Newly removed tokens.
-    for i in drop_pos:
-        jn = window_of(st.hf[i], st.hw_shape, w)
-        sums[jn] = sums[jn] + x[1 + i]
-        counts[jn] += 1
-    dc = []
-    for jn in range(w * w):
-        val = sums[jn] / counts[jn] if counts[jn] else torch.zeros(C, dtype=x.dtype)
-        if dc_pos is not None:
-            val = val + dc_pos[jn].to(x.dtype)
-        dc.append(val)
-
-    new = ImageState(st.hw_shape, [st.hf[i] for i in keep_pos], w, counts,
-                     dict(st.feat_then), dict(st.dc_then))  # fmt: skip
-    for i in drop_pos:
-        p = st.hf[i]
-        new.feat_then[p] = x[1 + i]
-        new.dc_then[p] = dc[window_of(p, st.hw_shape, w)]
-    x_new = torch.stack([x[0]] + [x[1 + i] for i in keep_pos] + dc)
+    old_tokens = st.tokens()
+    new = ImageState(st.hw_shape, [], [], st.dc_grid, st.sized, st.prop_attn, dict(st.resid))
+    rows = [x[0]]
+    if aggregate == "merge":
+        dst = {}
+        for i in drop_pos:
+            if partner is not None:
+                dst[i] = partner[i]
+                continue
+            best, best_val = None, -math.inf
+            for j in keep_pos:
+                val = cosine(metric[i], metric[j])
+                if radius is not None:
+                    pi, pj = st.patches[i].cell, st.patches[j].cell
+                    H, W = st.hw_shape
+                    near = pi >= 0 and pj >= 0 and max(abs(pi // W - pj // W),
+                                                       abs(pi % W - pj % W)) <= radius
+                    val = val - (0.0 if near else 3.0)
+                if val > best_val:
+                    best, best_val = j, val
+            dst[i] = best
+        for j in keep_pos:
+            group = [j] + [i for i in drop_pos if dst[i] == j]
+            size = sum(st.patches[i].size for i in group)
+            val = sum(st.patches[i].size * x[1 + i] for i in group) / size
+            members = sorted(p for i in group for p in st.patches[i].members)
+            new.patches.append(Tok(st.patches[j].cell, members, size))
+            rows.append(val)
+        new.sized, new.prop_attn = True, prop_attn
+        new.dc = list(st.dc)
+        rows += [x[1 + M + j] for j in range(D)]
+    elif aggregate == "fuse":
+        for j in keep_pos:
+            new.patches.append(st.patches[j])
+            rows.append(x[1 + j])
+        fused = sum(weights[i] * x[1 + i] for i in drop_pos)
+        members = sorted(p for i in drop_pos for p in st.patches[i].members)
+        new.patches.append(Tok(-1, members, sum(st.patches[i].size for i in drop_pos)))
+        rows.append(fused)
+        new.dc = list(st.dc)
+        rows += [x[1 + M + j] for j in range(D)]
+    else:
+        for j in keep_pos:
+            new.patches.append(st.patches[j])
+            rows.append(x[1 + j])
+        nw = num_windows(st.hw_shape, grid)
+        sums = [torch.zeros(C, dtype=x.dtype) for _ in range(nw)]
+        counts = [0.0] * nw
+        members = [[] for _ in range(nw)]
+        # Existing DC tokens: each old window lies inside exactly one new window (nesting).
+        for t, j in zip(st.dc, range(D)):
+            targets = {window_of(p, st.hw_shape, grid) for p in t.members}
+            assert len(targets) <= 1, "old DC windows must nest inside new ones"
+            if not targets:
+                continue
+            jn = targets.pop()
+            sums[jn] = sums[jn] + t.size * x[1 + M + j]
+            counts[jn] += t.size
+            members[jn] += t.members
+        for i in drop_pos:
+            jn = window_of(st.patches[i].cell, st.hw_shape, grid)
+            sums[jn] = sums[jn] + st.patches[i].size * x[1 + i]
+            counts[jn] += st.patches[i].size
+            members[jn] += st.patches[i].members
+        for jn in range(nw):
+            val = sums[jn] / counts[jn] if counts[jn] else torch.zeros(C, dtype=x.dtype)
+            if dc_pos is not None:
+                val = val + dc_pos[jn if dc_pos.shape[0] > 1 else 0].to(x.dtype)
+            new.dc.append(Tok(jn, sorted(members[jn]), counts[jn]))
+            rows.append(val)
+        new.dc_grid = grid
+    x_new = torch.stack(rows)
+    # Residual: each patch adds (its token before the step) - (its token after the step).
+    new_tokens = new.tokens()
+    for p in range(st.num_patches):
+        before = x[1 + [i for i, t in enumerate(old_tokens) if p in t.members][0]]
+        after = x_new[1 + [i for i, t in enumerate(new_tokens) if p in t.members][0]]
+        new.resid[p] = new.resid.get(p, 0) + (before - after)
     return x_new, new, result
 
 
-def restore(tokens, st, mode="dc"):
+def restore(tokens, st, mode="copy"):
     """Tokens (M + D, C) without CLS -> (N, C), one per original patch, by a loop over patches.
 
-    ``'dc'``: HF patches get their token, folded patches their current DC token. ``'residual'``:
-    folded patches get ``DC_now + (feature_then - DC_then)``.
+    ``'copy'``: every patch gets the token that represents it. ``'residual'``: plus its
+    accumulated residual.
     """
     out = []
     for p in range(st.num_patches):
         val = tokens[st.position(p)]
-        if mode == "residual" and p not in st.hf:
-            val = val + (st.feat_then[p] - st.dc_then[p])
+        if mode == "residual" and p in st.resid:
+            val = val + st.resid[p]
         out.append(val)
     return torch.stack(out)
 
 
+def bipartite_order(M):
+    """ToMe's order of the kept tokens: unmerged A patches, then B patches, each ascending."""
+    return lambda i: ((i + 1) % 2, i)
+
+
+def window_order(sim_of, absorbed):
+    """ALGM's order after local merging: windows that merged, most similar first, then the rest
+    ascending."""
+    return lambda i: (0, -sim_of[i], i) if i in absorbed else (1, 0.0, i)
 # --------------------------------------------------------------------------------------------
 # A whole ViT, one image at a time
 # --------------------------------------------------------------------------------------------
@@ -272,10 +428,27 @@ class LayerRecord:
 
     layer: int  # 1-indexed
     scores: list[float]  # score of each patch token present before the step
-    fold: FoldResult
+    step: StepResult
     source: list[int]
-    lf_window: list[int]
-    dc_count: list[int]
+    dc_count: list[float]
+
+
+def _layer_keep(red, j, M):
+    if red.get("keep_ratio") is not None:
+        keep = num_keep(red["keep_ratio"][j], M)
+    else:
+        keep = max(1, M - red["r"][j])
+    if red["score"][j] == "bipartite":
+        keep = max(keep, M - M // 2)
+    return keep
+
+
+def _layer_grid(red, j):
+    if red["aggregate"][j] != "dc":
+        return None
+    if red.get("windows") is not None:
+        return ("side", red["windows"][j])
+    return ("size", red["window_size"][j])
 
 
 def vit_forward(sd, images, cfg):
@@ -284,12 +457,14 @@ def vit_forward(sd, images, cfg):
     Args:
         sd: ``state_dict`` with timm names (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
             ``blocks.i.{norm1, attn.qkv, attn.proj, attn.omega1/2, reducer.dc_pos, norm2, mlp.fc1,
-            mlp.fc2}``, ``norm``).
+            mlp.fc2}``, ``norm``). ``attn.omega2`` holds ``1 + ω2`` (fatr_seg's storage).
         images: (B, 3, H, W).
         cfg: dict with ``patch_size``, ``num_heads``, ``num_layers``, ``pos_grid``,
-            ``out_indices`` (0-indexed), ``final_norm``, ``norm_eps`` and ``reduction`` (None or a
-            dict with every key given: ``layers`` (1-indexed), ``keep_ratio`` (one per layer),
-            ``windows``, ``reweight``, ``restore``).
+            ``out_indices`` (0-indexed), ``final_norm``, ``norm_eps`` and ``reduction``: None or
+            a dict with every key of fatr_seg's ``ReductionConfig`` given one per layer
+            (``dataclasses.asdict`` of one): ``layers`` (1-indexed), ``keep_ratio`` or ``r``,
+            ``score``, ``aggregate``, ``windows`` or ``window_size``, ``metric``,
+            ``merge_radius``, ``prop_attn``, ``reweight``, ``restore``. Not ``'random'``.
 
     Returns:
         ``(outs, records)``: one (B, C, H/p, W/p) float64 map per out index, and per image the list
@@ -320,15 +495,17 @@ def vit_forward(sd, images, cfg):
         for i in range(depth):
             pre = f"blocks.{i}."
             n = x.shape[0]
-            D = len(st.dc_count)
+            D = len(st.dc)
             bias = st.key_bias()[None]
             hdim = C // heads
+            scale = hdim**-0.5
             qkv = _linear(_layer_norm(x, sd, pre + "norm1", 1e-6), sd, pre + "attn.qkv")
             q, k, v = qkv.reshape(n, 3, heads, hdim).permute(1, 2, 0, 3)[:, None]  # (1,h,n,d)
-            A = attention_matrix(q, k, hdim**-0.5, bias)
+            A = attention_matrix(q, k, scale, bias)
             if red and red["reweight"] is not None and i >= layers[0]:
-                Ahat = reweighted_matrix(A, D, sd[pre + "attn.omega1"], sd[pre + "attn.omega2"],
-                                         bias)  # fmt: skip
+                w2 = sd.get(pre + "attn.omega2")
+                w2 = torch.zeros(heads, dtype=DT) if w2 is None else w2.to(DT) - 1
+                Ahat = reweighted_matrix(A, D, sd[pre + "attn.omega1"], w2, bias)
             else:
                 Ahat = A
             y = (Ahat @ v.to(DT))[0].transpose(0, 1).reshape(n, C)
@@ -338,20 +515,44 @@ def vit_forward(sd, images, cfg):
             x = x + y
             if i + 1 in layers:
                 j = layers.index(i + 1)
-                M = len(st.hf)
-                scores = column_mean_scores(A, torch.isfinite(bias))[0, 1 : 1 + M].tolist()
-                keep = num_keep(red["keep_ratio"][j], M)
-                x, st, res = fold(x, st, scores, keep, red["windows"][j],
-                                  sd[pre + "reducer.dc_pos"].to(DT))  # fmt: skip
-                recs.append(LayerRecord(i + 1, scores, res, st.source(), st.lf_window(),
-                                        list(st.dc_count)))  # fmt: skip
+                M = len(st.patches)
+                kind = red["score"][j]
+                valid = torch.isfinite(bias)
+                metric = (k[0].to(DT).mean(0)[1 : 1 + M] if red["metric"] == "keys"
+                          else x[1 : 1 + M].detach())  # fmt: skip
+                partner = weights = order = None
+                if kind == "hf":
+                    scores = column_mean_scores(A, valid)[0, 1 : 1 + M].tolist()
+                elif kind == "hf_proxy":
+                    scores = proxy_scores(q[0], k[0], scale, valid[0].tolist())[1 : 1 + M]
+                elif kind == "cls":
+                    scores = weights = cls_scores(A[0])[1 : 1 + M]
+                elif kind == "bipartite":
+                    scores, partner = bipartite(metric)
+                    order = bipartite_order(M)
+                elif kind == "window":
+                    scores, partner, sim_of = windows2x2(metric, (H, W))
+                else:
+                    raise ValueError(f"the reference has no score {kind!r}")
+                keep = _layer_keep(red, j, M)
+                if kind == "window":
+                    _, drop = select(scores, keep)
+                    order = window_order(sim_of, {partner[d] for d in drop})
+                dc_pos = sd.get(pre + "reducer.dc_pos")
+                x, st, res = reduce_step(
+                    x, st, scores, keep, red["aggregate"][j], grid=_layer_grid(red, j),
+                    dc_pos=None if dc_pos is None else dc_pos.to(DT), partner=partner,
+                    metric=metric, radius=red["merge_radius"], weights=weights,
+                    kept_order=order, prop_attn=red["prop_attn"],
+                )  # fmt: skip
+                recs.append(LayerRecord(i + 1, scores, res, st.source(), st.dc_count))
             hid = F.gelu(_linear(_layer_norm(x, sd, pre + "norm2", 1e-6), sd, pre + "mlp.fc1"))
             y = _linear(hid, sd, pre + "mlp.fc2")
             if pre + "ls2.gamma" in sd:
                 y = y * sd[pre + "ls2.gamma"].to(DT)
             x = x + y
             if i in outs:
-                full = restore(x[1:], st, red["restore"] if red else "dc")  # (N, C)
+                full = restore(x[1:], st, red["restore"] if red else "copy")  # (N, C)
                 if i == depth - 1 and cfg["final_norm"]:
                     full = _layer_norm(full, sd, "norm", cfg["norm_eps"])
                 outs[i].append(full.T.reshape(C, H, W))

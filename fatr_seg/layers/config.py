@@ -64,8 +64,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                           metric="keys", reweight=None, restore="copy"),  # fmt: skip
     # ALGM: local 2x2 merging after block 1, global bipartite merging after block 5, on the
     # block's output tokens; a fixed budget per batch instead of ALGM's similarity threshold.
+    # Its code computes sizes but its attention ignores them: no proportional attention.
     "algm": dict(layers=(1, 5), keep_ratio=(0.7, 0.7), score=("window", "bipartite"),
-                 aggregate="merge", metric="x", reweight=None, restore="copy"),  # fmt: skip
+                 aggregate="merge", metric="x", prop_attn=False, reweight=None,
+                 restore="copy"),  # fmt: skip
 }
 METHODS = tuple(PRESETS)
 #: The default reduction (``method='fatr'``), as a config dict.
@@ -119,6 +121,8 @@ class ReductionConfig:
             ALGM).
         merge_radius: For ``'merge'`` with no partner proposed by the score: prefer kept tokens
             within this many patches (None: anywhere).
+        prop_attn: For ``'merge'``: later blocks attend to a merged token with ``log(size)``
+            added to its logit (ToMe's proportional attention), as if to all its patches.
         reweight: ``'identity'`` (starts as plain attention), ``'paper'`` (ω = 0 in the paper's
             formula) or None (no reweighting).
         restore: ``'copy'`` (an aggregated patch gets its representative's token) or
@@ -136,6 +140,7 @@ class ReductionConfig:
     window_size: tuple[int, ...] | None = None
     metric: str = "keys"
     merge_radius: int | None = None
+    prop_attn: bool = True
     reweight: str | None = "identity"
     restore: str = "copy"
 
@@ -178,6 +183,8 @@ class ReductionConfig:
                       "half the tokens per layer: use keep_ratio >= 0.5")  # fmt: skip
         if self.metric not in METRICS:
             _fail("metric", self.metric, f"choose one of {METRICS}")
+        if not isinstance(self.prop_attn, bool):
+            _fail("prop_attn", self.prop_attn, "True or False")
         if self.merge_radius is not None and (
             not isinstance(self.merge_radius, int) or self.merge_radius < 1
         ):
@@ -218,20 +225,27 @@ class ReductionConfig:
         """Patch tokens reduction layer ``j`` keeps of ``num_tokens`` (M).
 
         ``ceil(keep_ratio · M)`` or ``M - r``, at least 1; bipartite matching merges at most one
-        token per pair, so it keeps at least ``floor(M / 2)`` (ToMe clamps ``r`` the same way).
+        token per A-B pair, so it keeps at least ``ceil(M / 2)`` (ToMe clamps ``r`` the same way).
         """
         if self.keep_ratio is not None:
             keep = num_keep(self.keep_ratio[j], num_tokens)
         else:
             keep = max(1, num_tokens - self.r[j])
         if self.score[j] == "bipartite":
-            keep = max(keep, num_tokens // 2)
+            keep = max(keep, num_tokens - num_tokens // 2)
         return keep
 
     def with_keep_ratio(self, keep_ratio: float | tuple[float, ...]) -> ReductionConfig:
         """A copy with another budget (one ratio, or one per layer); validated like any config."""
-        ratio = _per_layer(dict(keep_ratio=keep_ratio), "keep_ratio", len(self.layers), float,
-                           "give a number in (0, 1] or one per layer")  # fmt: skip
+        n = len(self.layers)
+        values = tuple(keep_ratio) if isinstance(keep_ratio, list | tuple) else (keep_ratio,)
+        if not values or not all(_is_number(v) for v in values):
+            _fail("keep_ratio", keep_ratio, f"give a number in (0, 1], or {n}, one per layer")
+        if len(values) not in (1, n):
+            _fail("keep_ratio", keep_ratio, f"give one value or {n} values, one per layer")
+        if any(not 0.0 < float(v) <= 1.0 for v in values):
+            _fail("keep_ratio", keep_ratio, "each value must lie in (0, 1]")
+        ratio = tuple(float(v) for v in values) * (n if len(values) == 1 else 1)
         return replace(self, keep_ratio=ratio, r=None)
 
     @classmethod
@@ -288,6 +302,7 @@ class ReductionConfig:
             window_size=_per_layer(merged, "window_size", n, int),
             metric=merged.get("metric", "keys"),
             merge_radius=merged.get("merge_radius"),
+            prop_attn=merged.get("prop_attn", True),
             reweight=merged["reweight"],
             restore=restore,
         )

@@ -129,6 +129,8 @@ class TokenReducer(nn.Module):
             return x, state, FoldRecord(state.patch_idx, scores, empty, empty, state.source)
         scores, partner, weights = self.scores(x, stats, state, key_bias)
         keep_pos, drop_pos = select_topk(scores, keep)
+        if partner is not None:
+            keep_pos = self.peer_order(keep_pos, drop_pos, scores, partner)
         residual = self.cfg.restore == "residual"
         if self.aggregate == "dc":
             return fold_tokens(x, state, keep_pos, drop_pos, scores, grid, self.dc_pos, residual)
@@ -143,4 +145,32 @@ class TokenReducer(nn.Module):
                 index = torch.zeros_like(scores, dtype=torch.long)
                 index.scatter_(1, keep_pos, torch.arange(keep, device=x.device).expand_as(keep_pos))
                 dst = index.gather(1, partner.gather(1, drop_pos))
-        return merge_tokens(x, state, keep_pos, drop_pos, dst, scores, residual)
+        return merge_tokens(x, state, keep_pos, drop_pos, dst, scores, residual,
+                            self.cfg.prop_attn)  # fmt: skip
+
+    @torch.no_grad()
+    def peer_order(
+        self, keep_pos: torch.Tensor, drop_pos: torch.Tensor, scores: torch.Tensor,
+        partner: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """The order of the kept tokens in the merged sequence, as the peers' code has it.
+
+        It matters for the next bipartite split, which alternates over sequence positions.
+        ToMe (and ALGM's global step): the unmerged A tokens, then the B tokens, each in sequence
+        order. ALGM's local step: the windows that merged, most similar first, then the other
+        tokens in sequence order.
+        """
+        M = scores.shape[1]
+        pos = torch.arange(M, device=scores.device, dtype=torch.float64).expand_as(scores)
+        if self.score == "bipartite":
+            key = pos + M * (pos.long() % 2 == 0)  # B tokens (even positions) after A tokens
+        else:
+            absorbs = torch.zeros_like(scores, dtype=torch.bool)
+            absorbs.scatter_(1, partner.gather(1, drop_pos), True)
+            # A window member scores minus the window's similarity; its partner scores inf.
+            member_sim = torch.zeros_like(pos).scatter_reduce(
+                1, partner, -scores.double(), "amax", include_self=False
+            )
+            key = torch.where(absorbs, -2.0 - member_sim, pos)
+        order = key.gather(1, keep_pos).argsort(dim=1, stable=True)
+        return keep_pos.gather(1, order)

@@ -50,9 +50,12 @@ class ReductionTrace(NamedTuple):
     Attributes:
         layer: 1-indexed block.
         hw_shape: Patch grid (H, W).
-        kept: (B, K) original-grid indices of the HF tokens kept by this layer.
-        kept_scores: (B, K) their HF scores.
-        lf_window: (B, N) DC window of every LF patch after this layer, -1 for HF patches.
+        kept: (B, K) original-grid indices of the patch tokens kept by this layer (-1: a token
+            with no cell, such as EViT's fused token).
+        kept_scores: (B, K) their scores.
+        group: (B, N) for every patch that no longer is a token of its own, the position (in the
+            sequence without CLS) of the token it was aggregated into: a DC token, a kept token
+            it merged into, a fused token; -1 for a patch that is its token's own cell.
         source: (B, N) source map after this layer (position in the sequence without CLS).
     """
 
@@ -60,8 +63,17 @@ class ReductionTrace(NamedTuple):
     hw_shape: tuple[int, int]
     kept: torch.Tensor
     kept_scores: torch.Tensor
-    lf_window: torch.Tensor
+    group: torch.Tensor
     source: torch.Tensor
+
+
+def aggregated_into(state: TokenState) -> torch.Tensor:
+    """(B, N): the token each aggregated patch is represented by, -1 for a token's own cell."""
+    B, N = state.source.shape
+    dc_cells = state.patch_idx.new_full((B, state.num_dc), -1)
+    cells = torch.cat([state.patch_idx, dc_cells], dim=1)  # grid cell of every token
+    own = cells.gather(1, state.source) == torch.arange(N, device=state.source.device)
+    return torch.where(own, -1, state.source)
 
 
 class FATRVisionTransformer(nn.Module):
@@ -222,11 +234,10 @@ class FATRVisionTransformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             x, state, rec = blk(x, state)
             if rec is not None and traces is not None:
-                M = state.num_patches
-                lf_window = torch.where(state.source >= M, state.source - M, -1)
                 trace = ReductionTrace(
-                    i + 1, state.hw_shape, rec.kept, rec.kept_scores, lf_window, state.source
-                )
+                    i + 1, state.hw_shape, rec.kept, rec.kept_scores, aggregated_into(state),
+                    state.source,
+                )  # fmt: skip
                 traces.append(trace)
             if i in out_indices:
                 outs.append((x, state))

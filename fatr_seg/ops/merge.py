@@ -72,22 +72,24 @@ def merge_tokens(
     dst: torch.Tensor,
     scores: torch.Tensor,
     keep_residual: bool = False,
+    prop_attn: bool = True,
 ) -> tuple[torch.Tensor, TokenState, FoldRecord]:
     """Merge every dropped patch token into a kept one; DC tokens pass through unchanged.
 
     A merged token is the size-weighted mean of its members, ``Σ sᵢ xᵢ / Σ sᵢ``, where the size
     ``s`` counts the original patches a token stands for (``state.patch_size``, 1 when None).
-    Sizes are kept in the new state, so later blocks attend with ``log(size)`` (proportional
-    attention) and a merged token weighs as much as the patches it replaced.
+    Sizes are kept in the new state; with ``prop_attn`` later blocks attend with ``log(size)``
+    (proportional attention), so a merged token weighs as much as the patches it replaced.
 
     Args:
         x: (B, 1 + M + D, C) ``[CLS, patch tokens, DC tokens]``.
         state: The sequence's state.
-        keep_pos: (B, K) kept positions, ascending.
+        keep_pos: (B, K) kept positions, in the order the merged sequence takes.
         drop_pos: (B, L) dropped positions.
         dst: (B, L) long, for each dropped token the index into ``keep_pos`` it joins.
         scores: (B, M) the scores the split was made by (for the record only).
         keep_residual: Track ``state.residual`` for ``restore='residual'``.
+        prop_attn: Proportional attention in later blocks.
 
     Returns:
         ``x`` (B, 1 + K + D, C), the new state and a :class:`FoldRecord` (``folded_window`` =
@@ -122,7 +124,8 @@ def merge_tokens(
         residual = accumulate_residual(state, x[:, 1:], new_x[:, 1:], old_to_new)
 
     new_state = state.replace(
-        source=source, patch_idx=patch_idx, patch_size=new_size.float(), residual=residual
+        source=source, patch_idx=patch_idx, patch_size=new_size.float(), residual=residual,
+        prop_attn=prop_attn,
     )
     record = FoldRecord(
         kept=patch_idx,

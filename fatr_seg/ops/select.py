@@ -65,25 +65,28 @@ def cls_attention(
 def bipartite_scores(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ToMe's bipartite soft matching as a score and a proposed partner.
 
-    Tokens alternate into set A (even positions) and set B (odd positions). Every A token's
-    partner is its most similar B token (cosine similarity of ``metric``); its score is minus that
-    similarity, so the top-k keeps every B token (score ``+inf``) and the A tokens least similar
-    to their partners: dropping the rest merges exactly the ``M - k`` most similar edges, as ToMe
-    does (valid while ``M - k ≤ |A|``).
+    As in ToMe's code, the sequence ``[CLS, patches]`` alternates into set A (even sequence
+    positions: CLS, which never merges, and the patches at odd positions 1, 3, ...) and set B
+    (the patches at even positions 0, 2, ...). Every A patch's partner is its most similar B patch
+    (cosine similarity of ``metric``); its score is minus that similarity, so the top-k keeps every
+    B patch (score ``+inf``) and the A patches least similar to their partners: dropping the rest
+    merges exactly the ``M - k`` most similar edges, as ToMe does (valid while
+    ``M - k ≤ floor(M / 2)``).
 
     Args:
-        metric: (B, M, d) similarity features (ToMe: the keys averaged over heads).
+        metric: (B, M, d) similarity features of the patch tokens (ToMe: the keys averaged over
+            heads).
 
     Returns:
-        ``scores`` (B, M) float32 and ``partner`` (B, M) long, a position in 0..M-1 (a B token's
+        ``scores`` (B, M) float32 and ``partner`` (B, M) long, a position in 0..M-1 (a B patch's
         partner is itself).
     """
     B, M, _ = metric.shape
-    a_pos = torch.arange(0, M, 2, device=metric.device)
-    b_pos = torch.arange(1, M, 2, device=metric.device)
+    a_pos = torch.arange(1, M, 2, device=metric.device)
+    b_pos = torch.arange(0, M, 2, device=metric.device)
     partner = torch.arange(M, device=metric.device).expand(B, M).clone()
     scores = torch.full((B, M), float("inf"), device=metric.device)
-    if len(b_pos) == 0:
+    if len(a_pos) == 0:
         return scores, partner
     m = F.normalize(metric.float(), dim=-1)
     best, dst = (m[:, a_pos] @ m[:, b_pos].transpose(1, 2)).max(dim=-1)  # (B, |A|)

@@ -30,7 +30,8 @@ class TokenState:
             patches that were never aggregated. Kept only for ``restore='residual'``.
         patch_size: (B, M) float32 or None. Number of original patches merged into each patch
             token (ToMe, merging aggregations); None means 1 everywhere. Sizes enter attention as
-            ``log(size)``.
+            ``log(size)`` when ``prop_attn``.
+        prop_attn: Whether attention adds ``log(patch_size)`` to the merged tokens' logits.
         has_empty_dc: Whether some DC window holds no patch yet (count 0). The reduction step
             that changes the DC tokens sets it, reading the counts once; None means unknown, and
             :meth:`key_bias` then reads the counts itself. On CUDA every read is a host sync, so
@@ -44,6 +45,7 @@ class TokenState:
     dc_grid: tuple[str, int] | None = None
     residual: torch.Tensor | None = None
     patch_size: torch.Tensor | None = None
+    prop_attn: bool = True
     has_empty_dc: bool | None = None
 
     @property
@@ -70,13 +72,14 @@ class TokenState:
         Returns None (so the fastest fused kernel runs) when no key needs a bias.
         """
         empty_dc = self.empty_dc_windows()
-        if not empty_dc and self.patch_size is None:
+        sized = self.patch_size is not None and self.prop_attn
+        if not empty_dc and not sized:
             return None
         B, M = self.patch_idx.shape
         bias = self.dc_count.new_zeros(B, 1 + M + self.num_dc, dtype=dtype)
         if empty_dc:
             bias[:, 1 + M :] = torch.where(self.dc_count > 0, 0.0, float("-inf"))
-        if self.patch_size is not None:
+        if sized:
             bias[:, 1 : 1 + M] = self.patch_size.log()
         return bias
 
