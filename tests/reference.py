@@ -297,8 +297,12 @@ def reduce_step(x, st, scores, keep, aggregate, grid=None, dc_pos=None, partner=
     keep_pos, drop_pos = select(scores, keep)
     if kept_order is not None:
         keep_pos = sorted(keep_pos, key=kept_order)
-    result = StepResult([st.patches[i].cell for i in keep_pos], [scores[i] for i in keep_pos],
-                        [st.patches[i].cell for i in drop_pos], boundary_margin(scores, keep))
+    result = StepResult(
+        [st.patches[i].cell for i in keep_pos],
+        [scores[i] for i in keep_pos],
+        [st.patches[i].cell for i in drop_pos],
+        boundary_margin(scores, keep),
+    )
     if skip_noop and keep == M and (aggregate != "dc" or D == 0 or st.dc_grid == grid):
         return x, st, result
     C = x.shape[-1]
@@ -317,8 +321,11 @@ def reduce_step(x, st, scores, keep, aggregate, grid=None, dc_pos=None, partner=
                 if radius is not None:
                     pi, pj = st.patches[i].cell, st.patches[j].cell
                     H, W = st.hw_shape
-                    near = pi >= 0 and pj >= 0 and max(abs(pi // W - pj // W),
-                                                       abs(pi % W - pj % W)) <= radius
+                    near = (
+                        pi >= 0
+                        and pj >= 0
+                        and max(abs(pi // W - pj // W), abs(pi % W - pj % W)) <= radius
+                    )
                     val = val - (0.0 if near else 3.0)
                 if val > best_val:
                     best, best_val = j, val
@@ -407,6 +414,8 @@ def window_order(sim_of, absorbed):
     """ALGM's order after local merging: windows that merged, most similar first, then the rest
     ascending."""
     return lambda i: (0, -sim_of[i], i) if i in absorbed else (1, 0.0, i)
+
+
 # --------------------------------------------------------------------------------------------
 # A whole ViT, one image at a time
 # --------------------------------------------------------------------------------------------

@@ -38,20 +38,24 @@ class CompactTokens:
         counts: (B, T) float32 (float64 for float64 tokens): how many grid positions each token
             stands for (0 for an empty DC window, which no position reads).
         hw_shape: The patch grid (H, W).
+        num_dc: How many of the tokens (the last ones) are DC tokens.
     """
 
     tokens: torch.Tensor
     source: torch.Tensor
     counts: torch.Tensor
     hw_shape: tuple[int, int]
+    num_dc: int = 0
 
     def key_bias(self) -> torch.Tensor | None:
         """Additive attention bias per token, (B, T): ``log(count)``; None when all counts are 1.
 
         Attending once to a token with bias ``log c`` equals attending to its ``c`` grid copies;
-        a count of 0 gives ``-inf`` (the token is not attended to).
+        a count of 0 gives ``-inf`` (the token is not attended to). Decided from shapes alone:
+        with as many tokens as grid positions and no DC token, every token stands for exactly
+        one position (each stands for at least one), so no value is read on the host.
         """
-        if self.tokens.shape[1] == self.source.shape[1] and bool((self.counts == 1).all()):
+        if self.tokens.shape[1] == self.source.shape[1] and self.num_dc == 0:
             return None
         return self.counts.log()
 
@@ -82,4 +86,4 @@ def compact_tokens(tokens: torch.Tensor, state: TokenState) -> CompactTokens:
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     counts = x.new_zeros(x.shape[:2], dtype=dtype)
     counts.scatter_add_(1, state.source, torch.ones_like(state.source, dtype=dtype))
-    return CompactTokens(x, state.source, counts, tuple(state.hw_shape))
+    return CompactTokens(x, state.source, counts, tuple(state.hw_shape), state.num_dc)

@@ -54,20 +54,47 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fatr_paper": dict(_FATR, aggregate="dc", windows=(2, 2, 1)),
     # Control for the score: FATR's aggregation with a random keep.
     "random": dict(_FATR, score="random"),
-    "evit": dict(layers=(4, 7, 10), keep_ratio=0.7, score="cls", aggregate="fuse", reweight=None,
-                 restore="copy"),  # fmt: skip
+    "evit": dict(
+        layers=(4, 7, 10),
+        keep_ratio=0.7,
+        score="cls",
+        aggregate="fuse",
+        reweight=None,
+        restore="copy",
+    ),  # fmt: skip
     # ToMe at the same three layers and keep ratio as FATR (the matched schedule) ...
-    "tome": dict(layers=(4, 7, 10), keep_ratio=0.7, score="bipartite", aggregate="merge",
-                 metric="keys", reweight=None, restore="copy"),  # fmt: skip
+    "tome": dict(
+        layers=(4, 7, 10),
+        keep_ratio=0.7,
+        score="bipartite",
+        aggregate="merge",
+        metric="keys",
+        reweight=None,
+        restore="copy",
+    ),  # fmt: skip
     # ... and with its own constant schedule: r tokens merged in every block.
-    "tome_constant": dict(layers=tuple(range(1, 13)), r=16, score="bipartite", aggregate="merge",
-                          metric="keys", reweight=None, restore="copy"),  # fmt: skip
+    "tome_constant": dict(
+        layers=tuple(range(1, 13)),
+        r=16,
+        score="bipartite",
+        aggregate="merge",
+        metric="keys",
+        reweight=None,
+        restore="copy",
+    ),  # fmt: skip
     # ALGM: local 2x2 merging after block 1, global bipartite merging after block 5, on the
     # block's output tokens; a fixed budget per batch instead of ALGM's similarity threshold.
     # Its code computes sizes but its attention ignores them: no proportional attention.
-    "algm": dict(layers=(1, 5), keep_ratio=(0.7, 0.7), score=("window", "bipartite"),
-                 aggregate="merge", metric="x", prop_attn=False, reweight=None,
-                 restore="copy"),  # fmt: skip
+    "algm": dict(
+        layers=(1, 5),
+        keep_ratio=(0.7, 0.7),
+        score=("window", "bipartite"),
+        aggregate="merge",
+        metric="x",
+        prop_attn=False,
+        reweight=None,
+        restore="copy",
+    ),  # fmt: skip
 }
 METHODS = tuple(PRESETS)
 #: The default reduction (``method='fatr'``), as a config dict.
@@ -287,6 +314,11 @@ class ReductionConfig:
         if not isinstance(layers, list | tuple):
             _fail("layers", layers, "give a list or tuple of 1-indexed block numbers")
         n = len(layers)
+        for key, value in PRESETS[method].items():
+            per_layer = isinstance(value, tuple) and key != "layers"
+            if per_layer and key not in cfg and len(value) != n:
+                _fail(key, value, f"method {method!r} gives it for {len(value)} layers; give "
+                      f"{key} for your {n} layers too")  # fmt: skip
         score = merged["score"]
         score = [_SCORE_ALIASES.get(s, s) for s in (score if isinstance(score, list | tuple)
                                                     else [score] * n)]  # fmt: skip

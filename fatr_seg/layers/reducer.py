@@ -80,7 +80,7 @@ class TokenReducer(nn.Module):
             return (*window_scores(self.metric(x, stats, M), state.hw_shape), None)
         method = "exact" if self.score == "hf" else "logit_proxy"
         s = hf_scores(stats.q, stats.k, stats.scale, method, key_bias, lse=stats.lse)
-        if key_bias is not None and state.empty_dc_windows():
+        if state.num_dc:
             s = self.without_empty_queries(s, stats, key_bias, state.num_dc)
         return s[:, 1 : 1 + M], None, None
 
@@ -90,9 +90,11 @@ class TokenReducer(nn.Module):
         """Take the query rows of empty DC tokens out of the HF scores ``s`` (B, n).
 
         An empty DC window (count 0) is masked as a key, but it is still a query; its query is
-        built from its positional term alone and must not vote in the column mean.
+        built from its positional term alone and must not vote in the column mean. Computed
+        whether or not some window is empty (an empty set removes nothing), so that no value is
+        read on the host.
         """
-        empty = ~torch.isfinite(key_bias[:, -num_dc:])  # (B, D); some element has one
+        empty = ~torch.isfinite(key_bias[:, -num_dc:])  # (B, D)
         B, h, n, _ = stats.k.shape
         q_dc = stats.q[:, :, -num_dc:].float()  # (B, h, D, d)
         logits = q_dc @ stats.k.float().transpose(-2, -1) * stats.scale  # (B, h, D, n)

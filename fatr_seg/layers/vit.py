@@ -67,6 +67,12 @@ class ReductionTrace(NamedTuple):
     source: torch.Tensor
 
 
+_NONFINITE = (
+    "input images contain NaN or Inf; check the data pipeline's normalisation "
+    "(or build the backbone with check_finite=False to pass them through)"
+)
+
+
 def aggregated_into(state: TokenState) -> torch.Tensor:
     """(B, N): the token each aggregated patch is represented by, -1 for a token's own cell."""
     B, N = state.source.shape
@@ -97,9 +103,10 @@ class FATRVisionTransformer(nn.Module):
         out_indices: 0-indexed blocks whose outputs are returned as NCHW maps.
         reduction: Reduction config dict (see :class:`ReductionConfig`) or None for a plain ViT.
         fused_attn: Use fused attention (None reads ``FATR_FUSED_ATTN``).
-        check_finite: Reject inputs holding NaN or Inf at the entry with a ``ValueError`` (one
-            reduction over the input; on CUDA it synchronises once per forward). NaN would
-            otherwise reach the token ranking, where it silently scrambles the selection.
+        check_finite: Reject inputs holding NaN or Inf at the entry (one reduction over the
+            input, checked asynchronously: a ``ValueError`` on CPU, a device-side assert on
+            CUDA; no host synchronisation either way). NaN would otherwise reach the token
+            ranking, where it silently scrambles the selection.
         compact_output: Return :class:`CompactTokens` (the reduced token set and its source
             map) instead of full-grid maps, for a decoder that runs on the reduced set
             (``fatr_seg.models.FATRSegmenterHead``). Needs ``restore='dc'``; with no reduction
@@ -205,11 +212,14 @@ class FATRVisionTransformer(nn.Module):
             raise ValueError(
                 f"image {x.shape[2]}x{x.shape[3]} is smaller than one {self.patch_size}-pixel patch"
             )
-        if self.check_finite and not bool(torch.isfinite(x).all()):
-            raise ValueError(
-                "input images contain NaN or Inf; check the data pipeline's normalisation "
-                "(or build the backbone with check_finite=False to pass them through)"
-            )
+        if self.check_finite:
+            try:
+                # Asynchronous: no host read. CPU raises right here; CUDA asserts on the device.
+                torch._assert_async(torch.isfinite(x).all(), _NONFINITE)
+            except RuntimeError as err:
+                if _NONFINITE not in str(err):
+                    raise
+                raise ValueError(_NONFINITE) from None
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenState]:
         """Patch-embed ``x`` (B, 3, H, W) and prepend CLS: (B, 1 + N, C) and the initial state."""

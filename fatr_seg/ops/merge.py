@@ -124,7 +124,10 @@ def merge_tokens(
         residual = accumulate_residual(state, x[:, 1:], new_x[:, 1:], old_to_new)
 
     new_state = state.replace(
-        source=source, patch_idx=patch_idx, patch_size=new_size.float(), residual=residual,
+        source=source,
+        patch_idx=patch_idx,
+        patch_size=new_size.float(),
+        residual=residual,
         prop_attn=prop_attn,
     )
     record = FoldRecord(
@@ -135,7 +138,6 @@ def merge_tokens(
         source=source,
     )
     return new_x, new_state, record
-
 
 
 def fuse_tokens(

@@ -185,8 +185,6 @@ def fold_tokens(
     new_state = state.replace(
         source=source, patch_idx=patch_idx, dc_count=counts, dc_grid=grid, residual=residual,
         patch_size=None if state.patch_size is None else state.patch_size.gather(1, keep_pos),
-        # The one host read of this step: every later block's key bias depends on it.
-        has_empty_dc=not bool((counts > 0).all()),
     )  # fmt: skip
     record = FoldRecord(
         kept=patch_idx,

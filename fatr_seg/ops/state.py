@@ -32,10 +32,6 @@ class TokenState:
             token (ToMe, merging aggregations); None means 1 everywhere. Sizes enter attention as
             ``log(size)`` when ``prop_attn``.
         prop_attn: Whether attention adds ``log(patch_size)`` to the merged tokens' logits.
-        has_empty_dc: Whether some DC window holds no patch yet (count 0). The reduction step
-            that changes the DC tokens sets it, reading the counts once; None means unknown, and
-            :meth:`key_bias` then reads the counts itself. On CUDA every read is a host sync, so
-            a forward pays one per reduction layer instead of one per block.
     """
 
     hw_shape: tuple[int, int]
@@ -46,7 +42,6 @@ class TokenState:
     residual: torch.Tensor | None = None
     patch_size: torch.Tensor | None = None
     prop_attn: bool = True
-    has_empty_dc: bool | None = None
 
     @property
     def num_patches(self) -> int:
@@ -65,36 +60,25 @@ class TokenState:
         return torch.ones(self.patch_idx.shape, device=self.patch_idx.device)
 
     def key_bias(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """Additive attention bias per key (B, 1 + M + D), or None when it would be all zero.
+        """Additive attention bias per key (B, 1 + M + D), or None when it is all zero.
 
         A DC window with no folded patch yet holds no information; it gets ``-inf`` so it receives
-        no attention. Merged patch tokens (ToMe) get ``log(size)``: proportional attention.
-        Returns None (so the fastest fused kernel runs) when no key needs a bias.
+        no attention. Merged patch tokens get ``log(size)`` (proportional attention). Whether a
+        bias is needed depends only on the state's structure, never on tensor values, so building
+        it reads nothing on the host (no synchronisation on CUDA, no graph break when compiled).
         """
-        empty_dc = self.empty_dc_windows()
         sized = self.patch_size is not None and self.prop_attn
-        if not empty_dc and not sized:
+        if self.num_dc == 0 and not sized:
             return None
         B, M = self.patch_idx.shape
-        bias = self.dc_count.new_zeros(B, 1 + M + self.num_dc, dtype=dtype)
-        if empty_dc:
-            bias[:, 1 + M :] = torch.where(self.dc_count > 0, 0.0, float("-inf"))
-        if sized:
-            bias[:, 1 : 1 + M] = self.patch_size.log()
-        return bias
-
-    def empty_dc_windows(self) -> bool:
-        """Whether some DC window is empty (from ``has_empty_dc`` when known, else a read)."""
-        if self.num_dc == 0:
-            return False
-        if self.has_empty_dc is not None:
-            return self.has_empty_dc
-        return not bool((self.dc_count > 0).all())
+        patch_bias = (self.patch_size.log() if sized
+                      else self.dc_count.new_zeros(B, M))  # fmt: skip
+        dc_bias = torch.where(self.dc_count > 0, 0.0, float("-inf"))
+        cls_bias = self.dc_count.new_zeros(B, 1)
+        return torch.cat([cls_bias, patch_bias.to(cls_bias.dtype), dc_bias], dim=1).to(dtype)
 
     def replace(self, **changes) -> TokenState:
-        """A copy with ``changes``; new counts without a new ``has_empty_dc`` make it unknown."""
-        if "dc_count" in changes and "has_empty_dc" not in changes:
-            changes["has_empty_dc"] = None
+        """A copy with ``changes``."""
         return replace(self, **changes)
 
 

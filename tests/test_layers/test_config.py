@@ -1,28 +1,67 @@
-"""ReductionConfig: defaults, normalisation, and a ValueError naming the key for every bad value."""
+"""ReductionConfig: presets, normalisation, and a ValueError naming the key for every bad value."""
 
 import dataclasses
 
 import pytest
 
-from fatr_seg.layers import REDUCTION_DEFAULTS, FATRVisionTransformer, ReductionConfig
+from fatr_seg.layers import PRESETS, REDUCTION_DEFAULTS, FATRVisionTransformer, ReductionConfig
 
 
-def test_defaults_and_normalisation():
+def test_default_is_the_fatr_preset():
     cfg = ReductionConfig.from_dict({})
-    assert cfg.method == "fatr" and cfg.score == "exact" and cfg.restore == "dc"
-    assert cfg.layers == (4, 7, 10) and cfg.windows == tuple(REDUCTION_DEFAULTS["windows"])
-    assert cfg.keep_ratio == (0.7, 0.7, 0.7)
-    assert cfg.reweight == "identity"
-    cfg = ReductionConfig.from_dict(dict(layers=[2, 5], keep_ratio=[0.5, 1], windows=[4, 2]))
-    assert cfg.layers == (2, 5) and cfg.keep_ratio == (0.5, 1.0) and cfg.windows == (4, 2)
-    assert isinstance(cfg.keep_ratio[1], float)
-    assert ReductionConfig.from_dict(dict(layers=(3,), keep_ratio=1, windows=(1,))).keep_ratio == (
-        1.0,
-    )
+    assert cfg.method == "fatr" == REDUCTION_DEFAULTS["method"]
+    assert cfg.layers == (4, 7, 10) and cfg.keep_ratio == (0.7, 0.7, 0.7) and cfg.r is None
+    assert cfg.score == ("hf",) * 3 and cfg.aggregate == ("merge",) * 3
+    assert cfg.reweight == "identity" and cfg.restore == "copy" and cfg.prop_attn
+    assert cfg.windows is None and cfg.window_size is None
     assert ReductionConfig.from_dict(None) is None
     assert ReductionConfig.from_dict(cfg) is cfg
+    assert cfg.index(3) == 0 and cfg.index(6) == 1 and cfg.index(0) is None
+
+
+def test_normalisation_and_aliases():
+    cfg = ReductionConfig.from_dict(dict(method="fatr_paper", layers=[2, 5], keep_ratio=[0.5, 1],
+                                         windows=[4, 2], score="exact", restore="dc"))  # fmt: skip
+    assert cfg.layers == (2, 5) and cfg.keep_ratio == (0.5, 1.0) and cfg.windows == (4, 2)
+    assert isinstance(cfg.keep_ratio[1], float)
+    assert cfg.score == ("hf", "hf") and cfg.restore == "copy"  # the earlier names
+    assert ReductionConfig.from_dict(dict(score="logit_proxy")).score == ("hf_proxy",) * 3
     assert ReductionConfig.from_dict(dict(reweight=None)).reweight is None
-    assert cfg.index(1) == 0 and cfg.index(4) == 1 and cfg.index(0) is None
+    assert cfg.dc_grid(0) == ("side", 4) and cfg.dc_grid(1) == ("side", 2)
+    by_size = ReductionConfig.from_dict(dict(aggregate="dc", window_size=4))
+    assert by_size.window_size == (4, 4, 4) and by_size.dc_grid(2) == ("size", 4)
+    assert ReductionConfig.from_dict(dict(aggregate="merge")).dc_grid(0) is None
+
+
+@pytest.mark.parametrize("method", sorted(PRESETS))
+def test_every_preset_builds_and_is_its_own(method):
+    cfg = ReductionConfig.from_dict(dict(method=method))
+    assert cfg.method == method
+    for key, value in PRESETS[method].items():
+        got = getattr(cfg, key)
+        want = value if isinstance(value, tuple) or value is None or isinstance(value, bool) else (
+            (value,) * len(cfg.layers) if key in ("keep_ratio", "r", "score", "aggregate")
+            else value)  # fmt: skip
+        assert got == want, key
+
+
+def test_peers_keep_their_own_defaults():
+    """A peer named by method= does not inherit FATR's reweighting or score."""
+    for method in ("tome", "tome_constant", "evit", "algm"):
+        cfg = ReductionConfig.from_dict(dict(method=method))
+        assert cfg.reweight is None, method
+        assert "hf" not in cfg.score, method
+    assert ReductionConfig.from_dict(dict(method="tome")).aggregate == ("merge",) * 3
+    assert ReductionConfig.from_dict(dict(method="evit")).aggregate == ("fuse",) * 3
+    assert ReductionConfig.from_dict(dict(method="algm")).prop_attn is False
+
+
+def test_budget_by_count():
+    cfg = ReductionConfig.from_dict(dict(method="tome_constant", layers=(1, 2), r=5))
+    assert cfg.r == (5, 5) and cfg.keep_ratio is None
+    assert cfg.num_keep(0, 30) == 25 and cfg.num_keep(0, 8) == 4  # bipartite: at most half
+    assert ReductionConfig.from_dict(dict(r=3)).keep_ratio is None
+    assert ReductionConfig.from_dict(dict(method="tome_constant", keep_ratio=0.8)).r is None
 
 
 def test_frozen():
@@ -38,23 +77,40 @@ BAD = [
     ("layers", dict(layers=(7, 4, 10))),  # unsorted
     ("layers", dict(layers=(4, 4, 10))),  # repeated
     ("layers", dict(layers=(4.0, 7, 10))),
-    ("layers", dict(layers=(), windows=(), keep_ratio=())),
+    ("layers", dict(layers=(), keep_ratio=())),
     ("keep_ratio", dict(keep_ratio=0.0)),
     ("keep_ratio", dict(keep_ratio=-0.3)),
     ("keep_ratio", dict(keep_ratio=1.2)),
     ("keep_ratio", dict(keep_ratio=(0.7, 0.7))),  # one per layer, or one for all
     ("keep_ratio", dict(keep_ratio=(0.7, 0.7, 1.5))),
     ("keep_ratio", dict(keep_ratio=float("nan"))),
-    ("windows", dict(windows=(2, 1))),  # length must match layers
-    ("windows", dict(windows=(2, 2, 1, 1))),
-    ("windows", dict(windows=(3, 2, 1))),  # 2 does not divide 3
-    ("windows", dict(windows=(1, 2, 2))),  # growing
-    ("windows", dict(windows=(2, 0, 0))),
-    ("windows", dict(windows=(2, 2.0, 1))),
-    ("method", dict(method="dct")),
-    ("keep_ratio", dict(method="tome", keep_ratio=0.4)),  # ToMe merges at most half
-    ("restore", dict(method="tome", restore="residual")),
+    ("keep_ratio", dict(keep_ratio=0.7, r=4)),  # one budget
+    ("r", dict(r=-1)),
+    ("r", dict(r=2.5)),
+    ("windows", dict(method="fatr_paper", windows=(2, 1))),  # length must match layers
+    ("windows", dict(method="fatr_paper", windows=(2, 2, 1, 1))),
+    ("windows", dict(method="fatr_paper", windows=(3, 2, 1))),  # 2 does not divide 3
+    ("windows", dict(method="fatr_paper", windows=(1, 2, 2))),  # growing
+    ("windows", dict(method="fatr_paper", windows=(2, 0, 0))),
+    ("windows", dict(method="fatr_paper", windows=(2, 2.0, 1))),
+    ("windows", dict(method="fatr_paper", layers=(2, 5))),  # the preset's 3 windows, 2 layers
+    ("windows", dict(windows=(2, 2, 1))),  # 'merge' has no DC windows
+    ("window_size", dict(aggregate="dc", window_size=(4, 2, 2))),  # must grow
+    ("windows", dict(aggregate="dc", window_size=4, windows=2)),  # one of the two
+    ("aggregate", dict(aggregate="dc")),  # DC windows not given
+    ("aggregate", dict(aggregate="mean")),
+    ("aggregate", dict(score="bipartite", aggregate="dc", windows=1)),  # partners need merge
+    ("aggregate", dict(aggregate="fuse")),  # fusion weights come from the CLS score
     ("score", dict(score="cosine")),
+    ("score", dict(score=("hf", "window", "hf"))),  # windows need the unreduced grid
+    ("keep_ratio", dict(method="tome", keep_ratio=0.4)),  # bipartite merges at most half
+    ("keep_ratio", dict(method="tome", keep_ratio=(0.7, 0.49, 0.9))),
+    ("method", dict(method="dct")),
+    ("method", dict(method="evit_")),
+    ("metric", dict(metric="values")),
+    ("merge_radius", dict(merge_radius=0)),
+    ("merge_radius", dict(merge_radius=1.5)),
+    ("prop_attn", dict(prop_attn="yes")),
     ("reweight", dict(reweight="none")),
     ("reweight", dict(reweight=True)),
     ("restore", dict(restore="nearest")),
@@ -63,16 +119,16 @@ BAD = [
 
 @pytest.mark.parametrize("key,overrides", BAD, ids=[f"{k}-{i}" for i, (k, _) in enumerate(BAD)])
 def test_invalid_values_raise_naming_the_key(key, overrides):
-    with pytest.raises(ValueError, match=rf"\b{key}\b"):
+    with pytest.raises(ValueError, match=rf"reduction\.{key}="):
         ReductionConfig.from_dict(overrides)
 
 
-@pytest.mark.parametrize("key", ["restore", "score", "method", "reweight"])
+@pytest.mark.parametrize("key", ["restore", "score", "method", "reweight", "aggregate"])
 def test_error_lists_the_allowed_values(key):
     with pytest.raises(ValueError) as info:
         ReductionConfig.from_dict({key: "bogus"})
-    allowed = {"restore": "residual", "score": "logit_proxy", "method": "random",
-               "reweight": "paper"}[key]  # fmt: skip
+    allowed = {"restore": "residual", "score": "bipartite", "method": "fatr_paper",
+               "reweight": "paper", "aggregate": "merge"}[key]  # fmt: skip
     assert allowed in str(info.value) and "bogus" in str(info.value)
 
 
@@ -99,8 +155,9 @@ def test_not_a_dict():
     "key,overrides",
     [
         ("layers", dict(layers=4)),
-        ("windows", dict(layers=(4,), keep_ratio=0.7, windows=2)),
+        ("windows", dict(method="fatr_paper", layers=(4,), keep_ratio=0.7, windows="2")),
         ("keep_ratio", dict(keep_ratio="0.7")),
+        ("score", dict(score=3)),
     ],
 )
 def test_wrong_types_raise_value_error_naming_the_key(key, overrides):

@@ -1,5 +1,7 @@
 """Property tests (hypothesis) of the reduce / restore invariants, ops and whole model."""
 
+import dataclasses
+
 import pytest
 import reference as ref
 import torch
@@ -8,7 +10,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from fatr_seg.layers import FATRVisionTransformer
-from fatr_seg.ops import fold_tokens, init_state, num_keep, restore_tokens
+from fatr_seg.ops import fold_tokens, init_state, num_keep, restore_tokens, select_topk
 
 SETTINGS = settings(max_examples=30, deadline=None)
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -68,16 +70,19 @@ def test_fold_restore_invariants_and_reference(H, W, B, ws, r1, r2, seed):
         assert keep == ref.num_keep(r, M) and 1 <= keep <= M
         scores = torch.randint(0, 4, (B, M), generator=gen).float()  # plenty of ties
         dc_pos = torch.randn(w * w, C, generator=gen)
-        x, state, _ = fold_tokens(x, state, scores, keep, w, dc_pos, keep_residual=True)
+        keep_pos, drop_pos = select_topk(scores, keep)
+        x, state, _ = fold_tokens(x, state, keep_pos, drop_pos, scores, ("side", w), dc_pos,
+                                  keep_residual=True)  # fmt: skip
         check_invariants(x, state, dc_pos)
         for b in range(B):
             xb, sb = per_image[b]
-            xb, sb, _ = ref.fold(xb, sb, scores[b].tolist(), keep, w, dc_pos.double(), False)
+            xb, sb, _ = ref.reduce_step(xb, sb, scores[b].tolist(), keep, "dc", grid=("side", w),
+                                        dc_pos=dc_pos.double(), skip_noop=False)  # fmt: skip
             per_image[b] = (xb, sb)
             assert state.source[b].tolist() == [sb.position(p) for p in range(N)]
             assert state.dc_count[b].tolist() == [float(c) for c in sb.dc_count]
             assert_close(x[b].double(), xb, atol=1e-5, rtol=1e-5)
-            for mode in ("dc", "residual"):
+            for mode in ("copy", "residual"):
                 res = state.residual if mode == "residual" else None
                 assert_close(restore_tokens(x[:, 1:], state.source, res)[b].double(),
                              ref.restore(xb[1:], sb, mode), atol=1e-5, rtol=1e-5)  # fmt: skip
@@ -93,14 +98,16 @@ def test_fold_restore_invariants_and_reference(H, W, B, ws, r1, r2, seed):
     B=st.integers(1, 3),
     ws=windows_pair(),
     ratios=st.tuples(st.floats(0.05, 1.0), st.floats(0.05, 1.0), st.floats(0.05, 1.0)),
-    restore=st.sampled_from(["dc", "residual"]),
+    restore=st.sampled_from(["copy", "residual"]),
     reweight=st.sampled_from(["identity", "paper", None]),
+    aggregate=st.sampled_from(["merge", "dc"]),
     seed=st.integers(0, 2**16),
 )
-def test_model_invariants_and_reference(H, W, B, ws, ratios, restore, reweight, seed):
+def test_model_invariants_and_reference(H, W, B, ws, ratios, restore, reweight, aggregate, seed):
     patch, C, heads, depth = 2, 12, 2, 4
-    red = dict(method="fatr", layers=(1, 2, 4), keep_ratio=ratios, windows=(ws[0], ws[0], ws[1]),
-               score="exact", reweight=reweight, restore=restore)  # fmt: skip
+    windows = dict(windows=(ws[0], ws[0], ws[1])) if aggregate == "dc" else {}
+    red = dict(method="fatr", layers=(1, 2, 4), keep_ratio=ratios, aggregate=aggregate,
+               reweight=reweight, restore=restore, **windows)  # fmt: skip
     torch.manual_seed(seed)
     model = FATRVisionTransformer(
         img_size=(8, 8), patch_size=patch, embed_dims=C, num_layers=depth, num_heads=heads,
@@ -117,16 +124,17 @@ def test_model_invariants_and_reference(H, W, B, ws, ratios, restore, reweight, 
     for o in outs:
         assert o.shape == (B, C, H, W) and o.isfinite().all()
     for t in traces:
-        hf = t.lf_window == -1
-        counts = [torch.bincount(r[r >= 0], minlength=1).sum() for r in t.lf_window]
-        assert all(int(c) + int(h.sum()) == N for c, h in zip(counts, hf, strict=True))
+        own = t.group == -1
+        assert (own.sum(1) == t.kept.shape[1]).all()  # the kept tokens' own cells, no others
+        assert torch.equal(t.group[~own], t.source[~own])
         assert t.kept_scores.isfinite().all()
     M = state.num_patches
-    assert (state.dc_count.sum(1) + M == N).all()
+    assert (state.dc_count.sum(1) + state.sizes().sum(1) == N).all()
     assert tokens.isfinite().all()
     final = outs[-1].flatten(2).transpose(1, 2)  # (B, N, C), no final norm
     kept = final.gather(1, state.patch_idx[..., None].expand(-1, -1, C))
-    assert torch.equal(kept, tokens[:, 1 : 1 + M])  # kept tokens restored exactly
+    if restore == "copy" or aggregate == "dc":  # a merged token's own cell gets its residual
+        assert torch.equal(kept, tokens[:, 1 : 1 + M])  # kept tokens restored exactly
 
     cfg = dict(
         patch_size=patch,
@@ -136,10 +144,10 @@ def test_model_invariants_and_reference(H, W, B, ws, ratios, restore, reweight, 
         out_indices=model.out_indices,
         final_norm=False,
         norm_eps=1e-6,
-        reduction=red,
+        reduction=dataclasses.asdict(model.reduction),
     )
     want, records = ref.vit_forward(model.state_dict(), x, cfg)
-    assume(all(r.fold.margin > 1e-7 for recs in records for r in recs))  # no near-ties
+    assume(all(r.step.margin > 1e-7 for recs in records for r in recs))  # no near-ties
     for got, exp in zip(outs, want, strict=True):
         assert_close(got.double(), exp, atol=1e-5, rtol=1e-5)
     for j, t in enumerate(traces):

@@ -57,16 +57,41 @@ CASES = [
     ((5, 7), (45, 70), dict(method="fatr", merge_radius=1, metric="x", **LAYERS), True, 3),
     ((5, 7), (40, 56), dict(method="fatr", prop_attn=False, reweight=None, **LAYERS), True, 1),
     ((5, 7), (40, 56), dict(method="fatr_paper", **LAYERS), True, 2),
-    ((5, 7), (45, 70), dict(method="fatr_paper", restore="residual", reweight="paper",
-                            **LAYERS), True, 3),  # fmt: skip  # pad + interpolate
-    ((5, 7), (40, 56), dict(method="fatr_paper", windows=(3, 3, 1), score="hf_proxy",
-                            **LAYERS), True, 1),  # fmt: skip
-    ((4, 4), (24, 80), dict(method="fatr_paper", windows=(4, 2, 2), keep_ratio=(0.5, 0.9, 0.5),
-                            layers=(2, 4, 5)), True, 3),  # fmt: skip
-    ((5, 7), (40, 56), dict(method="fatr", aggregate="dc", window_size=(2, 2, 4),
-                            restore="residual", **LAYERS), True, 2),  # fmt: skip
-    ((5, 7), (40, 56), dict(method="fatr", aggregate=("merge", "dc", "dc"), windows=(1, 2, 1),
-                            **LAYERS), True, 2),  # fmt: skip
+    (
+        (5, 7),
+        (45, 70),
+        dict(method="fatr_paper", restore="residual", reweight="paper", **LAYERS),
+        True,
+        3,
+    ),  # fmt: skip  # pad + interpolate
+    (
+        (5, 7),
+        (40, 56),
+        dict(method="fatr_paper", windows=(3, 3, 1), score="hf_proxy", **LAYERS),
+        True,
+        1,
+    ),  # fmt: skip
+    (
+        (4, 4),
+        (24, 80),
+        dict(method="fatr_paper", windows=(4, 2, 2), keep_ratio=(0.5, 0.9, 0.5), layers=(2, 4, 5)),
+        True,
+        3,
+    ),  # fmt: skip
+    (
+        (5, 7),
+        (40, 56),
+        dict(method="fatr", aggregate="dc", window_size=(2, 2, 4), restore="residual", **LAYERS),
+        True,
+        2,
+    ),  # fmt: skip
+    (
+        (5, 7),
+        (40, 56),
+        dict(method="fatr", aggregate=("merge", "dc", "dc"), windows=(1, 2, 1), **LAYERS),
+        True,
+        2,
+    ),  # fmt: skip
     ((5, 7), (40, 56), dict(method="evit", **LAYERS), True, 2),
     ((5, 7), (40, 56), dict(method="evit", restore="residual", **LAYERS), True, 2),
     ((5, 7), (40, 56), dict(method="tome", **LAYERS), True, 2),
@@ -74,8 +99,13 @@ CASES = [
     ((5, 7), (40, 56), dict(method="tome_constant", layers=(1, 2, 3, 4, 5, 6), r=4), True, 2),
     # ALGM drops whole 2x2 windows (3 tokens each): budgets that cut between windows
     ((5, 7), (40, 56), dict(method="algm", layers=(1, 4), keep_ratio=(0.65, 0.7)), True, 2),
-    ((6, 8), (48, 64), dict(method="algm", layers=(2, 4), keep_ratio=(0.625, 0.7),
-                            restore="residual"), True, 2),  # fmt: skip
+    (
+        (6, 8),
+        (48, 64),
+        dict(method="algm", layers=(2, 4), keep_ratio=(0.625, 0.7), restore="residual"),
+        True,
+        2,
+    ),  # fmt: skip
     ((23, 37), (92 * 2, 148 * 2), dict(method="fatr", **LAYERS), True, 1),  # 23x37 grid
 ]
 

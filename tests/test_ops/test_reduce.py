@@ -7,13 +7,13 @@ import reference as ref
 import torch
 from torch.testing import assert_close
 
-from fatr_seg.layers import FrequencyTokenReducer
+from fatr_seg.layers import ReductionConfig, TokenReducer
 from fatr_seg.layers.attention import AttnStats
 from fatr_seg.ops import (
     attention_with_lse,
+    dc_window_ids,
     fold_tokens,
     init_state,
-    merge_map,
     num_keep,
     restore_tokens,
     select_topk,
@@ -36,7 +36,7 @@ def random_inputs(B, H, W, C, seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# num_keep, select_topk, window_ids, merge_map
+# num_keep, select_topk, window_ids, dc_window_ids
 # ---------------------------------------------------------------------------------------------
 def test_num_keep_is_robust_to_float_error():
     assert 0.07 * 100 > 7  # 7.000000000000001: a naive ceil would give 8
@@ -111,13 +111,32 @@ def test_window_ids_uneven_split_example():
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("hw", [(1, 1), (2, 3), (5, 5), (23, 37), (37, 23), (4, 8), (22, 30)])
+@pytest.mark.parametrize("grid", [("side", 1), ("side", 3), ("size", 1), ("size", 4), ("size", 7)])
+def test_dc_window_ids_match_reference(hw, grid):
+    ids, count = dc_window_ids(hw, grid)
+    N = hw[0] * hw[1]
+    assert ids.tolist() == [ref.window_of(p, hw, grid) for p in range(N)]
+    assert count == ref.num_windows(hw, grid)
+    assert 0 <= ids.min() and ids.max() < count
+    if grid[0] == "size":  # every window of s x s patches is a contiguous block of the grid
+        rows, cols = torch.arange(N) // hw[1], torch.arange(N) % hw[1]
+        for j in ids.unique():
+            r, c = rows[ids == j], cols[ids == j]
+            assert r.max() - r.min() < grid[1] and c.max() - c.min() < grid[1]
+
+
 @pytest.mark.parametrize("old,new", [(2, 1), (4, 2), (4, 1), (6, 3), (6, 2), (3, 3), (3, 1)])
 @pytest.mark.parametrize("hw", [(23, 37), (7, 5), (12, 12)])
-def test_merge_map_nests_old_windows_in_new(old, new, hw):
-    mm = merge_map(old, new)
-    assert mm.shape == (old * old,)
-    old_ids, new_ids = window_ids(hw, old), window_ids(hw, new)
-    assert (mm[old_ids] == new_ids).all()
+@pytest.mark.parametrize("kind", ["side", "size"])
+def test_nested_windows_merge_exactly(old, new, hw, kind):
+    """Old DC windows lie inside one new window each (sizes grow where sides shrink)."""
+    if kind == "size":
+        old, new = new, old  # windows by size nest when each size is a multiple of the last
+    old_ids, _ = dc_window_ids(hw, (kind, old))
+    new_ids, _ = dc_window_ids(hw, (kind, new))
+    for j in old_ids.unique():
+        assert new_ids[old_ids == j].unique().numel() == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,14 +153,15 @@ def test_reducer_scores_match_explicit_column_mean(num_dc, with_lse):
     if num_dc:
         dc_count[0, 1] = 0.0  # an empty window: masked key
     state = init_state(B, (23, 37), q.device).replace(
-        patch_idx=torch.arange(M).expand(B, M), dc_count=dc_count, windows=2 if num_dc else 0
-    )
+        patch_idx=torch.arange(M).expand(B, M), dc_count=dc_count,
+        dc_grid=("side", 2) if num_dc else None,
+    )  # fmt: skip
     bias = state.key_bias()
     assert (bias is None) == (num_dc == 0)
     lse = attention_with_lse(q, k, v, d**-0.5, bias)[1] if with_lse else None
-    reducer = FrequencyTokenReducer(h * d, 0.7, 2)
+    reducer = TokenReducer(ReductionConfig.from_dict(dict(method="fatr_paper")), 0, h * d)
 
-    scores = reducer.scores(AttnStats(q, k, d**-0.5, lse), state, bias)
+    scores = reducer.scores(None, AttnStats(q, k, d**-0.5, lse), state, bias)[0]
 
     A = ref.attention_matrix(q, k, d**-0.5, bias)
     valid = None if bias is None else torch.isfinite(bias)  # empty DC tokens don't vote
@@ -163,6 +183,17 @@ def test_reducer_scores_match_explicit_column_mean(num_dc, with_lse):
 # ---------------------------------------------------------------------------------------------
 # fold_tokens + restore_tokens over two consecutive reduction layers
 # ---------------------------------------------------------------------------------------------
+def as_grid(w):
+    return w if isinstance(w, tuple) else ("side", w)
+
+
+def fold(x, state, scores, keep, w, dc_pos=None, keep_residual=False):
+    """One DC step as a reduction layer takes it: top-k by ``scores``, fold into ``w × w`` (or
+    the grid ``w``)."""
+    keep_pos, drop_pos = select_topk(scores, keep)
+    return fold_tokens(x, state, keep_pos, drop_pos, scores, as_grid(w), dc_pos, keep_residual)
+
+
 def run_fatr(x, hw, steps, residual):
     """fold_tokens for each (scores, keep, windows, dc_pos), with `between_layers` in between."""
     state = init_state(x.shape[0], hw, x.device)
@@ -170,13 +201,18 @@ def run_fatr(x, hw, steps, residual):
     for i, (scores, keep, w, dc_pos) in enumerate(steps):
         if i:
             x = between_layers(x)
-        x, state, rec = fold_tokens(x, state, scores, keep, w, dc_pos, keep_residual=residual)
+        x, state, rec = fold(x, state, scores, keep, w, dc_pos, keep_residual=residual)
         out.append((x, state, rec))
     return out
 
 
+def ref_fold(xb, st, scores, keep, w, dc_pos):
+    return ref.reduce_step(xb, st, scores, keep, "dc", grid=as_grid(w), dc_pos=dc_pos,
+                           skip_noop=False)  # fmt: skip
+
+
 def run_reference(x, hw, steps):
-    """The reference, one image at a time; returns per step and image (x, state, FoldResult)."""
+    """The reference, one image at a time; returns per step and image (x, state, StepResult)."""
     out = [[] for _ in steps]
     for b in range(x.shape[0]):
         xb, st = x[b].double(), ref.ImageState.initial(hw)
@@ -184,7 +220,7 @@ def run_reference(x, hw, steps):
             if i:
                 xb = between_layers(xb)
             pos = None if dc_pos is None else dc_pos.double()
-            xb, st, res = ref.fold(xb, st, scores[b].tolist(), keep, w, pos, skip_noop=False)
+            xb, st, res = ref_fold(xb, st, scores[b].tolist(), keep, w, pos)
             out[i].append((xb, st, res))
     return out
 
@@ -197,7 +233,8 @@ def make_steps(B, hw, C, windows, ratios, gen, dc_pos=True, tie_levels=None):
         else:
             scores = torch.rand(B, M, generator=gen)
         keep = num_keep(r, M)
-        pos = torch.randn(w * w, C, generator=gen) if dc_pos else None
+        num = w * w if not isinstance(w, tuple) else 1  # windows by size share one term
+        pos = torch.randn(num, C, generator=gen) if dc_pos else None
         steps.append((scores, keep, w, pos))
         M = keep
     return steps
@@ -207,18 +244,20 @@ def check_against_reference(x, hw, steps, atol=1e-5):
     N = hw[0] * hw[1]
     got = run_fatr(x, hw, steps, residual=True)
     want = run_reference(x, hw, steps)
-    for (xs, state, rec), per_image in zip(got, want, strict=True):
+    for (xs, state, rec), per_image, step in zip(got, want, steps, strict=True):
         for b, (xr, st, res) in enumerate(per_image):
             assert state.patch_idx[b].tolist() == st.hf
             assert state.source[b].tolist() == st.source()
             assert state.dc_count[b].tolist() == [float(c) for c in st.dc_count]
-            assert state.windows == st.windows
+            assert state.dc_grid == st.dc_grid == as_grid(step[2])
             assert rec.kept[b].tolist() == res.kept
             assert rec.folded[b].tolist() == res.folded
-            assert rec.folded_window[b].tolist() == res.folded_window
+            assert rec.folded_window[b].tolist() == [
+                ref.window_of(p, hw, as_grid(step[2])) for p in res.folded
+            ]
             assert_close(rec.kept_scores[b].double(), torch.tensor(res.kept_scores, dtype=ref.DT))
             assert_close(xs[b].double(), xr, atol=atol, rtol=1e-5)  # CLS, HF and DC values
-            for mode in ("dc", "residual"):
+            for mode in ("copy", "residual"):
                 residual = state.residual if mode == "residual" else None
                 restored = restore_tokens(xs[:, 1:], state.source, residual)
                 assert restored.shape == (x.shape[0], N, x.shape[-1])
@@ -229,7 +268,17 @@ def check_against_reference(x, hw, steps, atol=1e-5):
 
 
 GRIDS = [(23, 37), (5, 7), (1, 9), (2, 2)]
-WINDOW_PAIRS = [(1, 1), (2, 2), (2, 1), (3, 3), (3, 1), (4, 2)]
+WINDOW_PAIRS = [
+    (1, 1),
+    (2, 2),
+    (2, 1),
+    (3, 3),
+    (3, 1),
+    (4, 2),
+    (("size", 2), ("size", 4)),
+    (("size", 3), ("size", 3)),
+    (("size", 1), ("size", 5)),
+]
 
 
 @pytest.mark.parametrize("hw", GRIDS)
@@ -237,7 +286,8 @@ WINDOW_PAIRS = [(1, 1), (2, 2), (2, 1), (3, 3), (3, 1), (4, 2)]
 @pytest.mark.parametrize("B", [1, 3])
 def test_two_reduction_layers_match_reference(hw, windows, B):
     C = 8
-    x, gen = random_inputs(B, *hw, C, seed=hw[0] * 100 + windows[0] * 10 + windows[1] + B)
+    w0, w1 = (as_grid(w)[1] for w in windows)
+    x, gen = random_inputs(B, *hw, C, seed=hw[0] * 100 + w0 * 10 + w1 + B)
     steps = make_steps(B, hw, C, windows, (0.7, 0.6), gen)
     check_against_reference(x, hw, steps)
 
@@ -254,11 +304,11 @@ def test_equal_scores_keep_the_lowest_positions():
     B, hw, C = 2, (4, 5), 3
     x, _ = random_inputs(B, *hw, C, seed=0)
     state = init_state(B, hw, x.device)
-    out, state, rec = fold_tokens(x, state, torch.zeros(B, 20), 14, 2)
+    out, state, rec = fold(x, state, torch.zeros(B, 20), 14, 2)
     assert rec.kept.tolist() == [list(range(14))] * B
     assert_close(out[:, 1:15], x[:, 1:15], atol=0, rtol=0)
     # A second step with equal scores again keeps the first positions of what is left.
-    out, state, rec = fold_tokens(out, state, torch.ones(B, 14), 10, 1)
+    out, state, rec = fold(out, state, torch.ones(B, 14), 10, 1)
     assert rec.kept.tolist() == [list(range(10))] * B
 
 
@@ -266,20 +316,19 @@ def test_dc_values_by_hand():
     """2x2 grid: DC = mean of the dropped tokens, then a count-weighted merge into one window."""
     x = torch.tensor([[[0.0], [1.0], [2.0], [4.0], [8.0]]])  # CLS, 4 patches (C = 1)
     state = init_state(1, (2, 2), x.device)
-    x, state, _ = fold_tokens(x, state, torch.tensor([[0.0, 3.0, 1.0, 2.0]]), 2, 2)
+    x, state, _ = fold(x, state, torch.tensor([[0.0, 3.0, 1.0, 2.0]]), 2, 2)
     # Keeps patches 1 and 3; patch 0 -> window 0, patch 2 -> window 2; windows 1, 3 empty.
     assert x.flatten().tolist() == [0.0, 2.0, 8.0, 1.0, 0.0, 4.0, 0.0]
     assert state.dc_count.tolist() == [[1.0, 0.0, 1.0, 0.0]]
     assert state.source.tolist() == [[2, 0, 4, 1]]
-    assert state.has_empty_dc is True  # read once here; later blocks' key bias uses it
     assert state.key_bias()[0, 3:].tolist() == [0.0, float("-inf"), 0.0, float("-inf")]
     x = x * 2  # the blocks in between change every token
-    x, state, _ = fold_tokens(x, state, torch.tensor([[1.0, 0.0]]), 1, 1)
+    x, state, _ = fold(x, state, torch.tensor([[1.0, 0.0]]), 1, 1)
     # Keeps patch 1 (value 4); window 0 <- (1·2 + 1·8 + 0·0 + 1·16) / 3 (DC 0, DC 2, patch 3).
     assert_close(x.flatten(), torch.tensor([0.0, 4.0, 26.0 / 3]))
     assert state.dc_count.tolist() == [[3.0]]
     assert state.source.tolist() == [[1, 0, 1, 1]]
-    assert state.has_empty_dc is False and state.key_bias() is None
+    assert state.key_bias()[0].tolist() == [0.0, 0.0, 0.0]  # DC tokens: a bias, never a read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +355,7 @@ def test_fold_gradients_match_reference_and_reach_every_token(windows):
         for i, (scores, keep, w, _) in enumerate(steps):
             if i:
                 xb = between_layers(xb)
-            xb, st, _ = ref.fold(xb, st, scores[b].tolist(), keep, w, pos_r[i], skip_noop=False)
+            xb, st, _ = ref_fold(xb, st, scores[b].tolist(), keep, w, pos_r[i])
         total = total + (xb * weight[b].double()).sum()
     total.backward()
 
@@ -337,7 +386,7 @@ def test_residual_restores_folded_tokens_exactly_without_later_change():
     B, hw, C = 2, (5, 6), 3
     x, gen = random_inputs(B, *hw, C, seed=4)
     state = init_state(B, hw, x.device)
-    xs, state, _ = fold_tokens(x, state, torch.rand(B, 30, generator=gen), 12, 2,
-                               torch.randn(4, C, generator=gen), keep_residual=True)  # fmt: skip
+    xs, state, _ = fold(x, state, torch.rand(B, 30, generator=gen), 12, 2,
+                        torch.randn(4, C, generator=gen), keep_residual=True)  # fmt: skip
     restored = restore_tokens(xs[:, 1:], state.source, state.residual)
     assert_close(restored, x[:, 1:], atol=1e-6, rtol=1e-6)
