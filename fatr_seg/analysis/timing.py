@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from ..layers.attention import AttnStats
 from ..layers.vit import FATRVisionTransformer
-from ..ops.select import num_keep
 from ..ops.scoring import hf_scores, topk_agreement
+from ..ops.select import num_keep
 
 __all__ = [
     "TimingStats",

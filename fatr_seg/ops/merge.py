@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .state import TokenState
 from .reduce import FoldRecord, accumulate_residual
+from .state import TokenState
 
 __all__ = ["fuse_tokens", "merge_tokens", "nearest_kept"]
 
