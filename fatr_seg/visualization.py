@@ -1,4 +1,4 @@
-"""Drawing token maps: which patches a reduction layer kept as HF tokens, and where the rest went.
+"""Drawing token maps: which patches a reduction layer kept as tokens, and where the rest went.
 
 Pure numpy/matplotlib on top of :class:`fatr_seg.layers.vit.ReductionTrace`; no mmseg import, so
 the pictures can be drawn from any ``FATRVisionTransformer``. ``tools/visualize_tokens.py`` adds the
@@ -13,8 +13,8 @@ import numpy as np
 
 __all__ = ["TokenMap", "WINDOW_COLORS", "draw_token_figure", "token_map", "token_overlay"]
 
-# Colours of DC windows (up to 16 per layer, then repeated). Saturated and far from grey so that
-# they read on the synthetic textures.
+# Colours of the aggregating tokens (DC windows, merged-into tokens; up to 16 per layer, then
+# repeated). Saturated and far from grey so that they read on the synthetic textures.
 WINDOW_COLORS = np.array(
     [
         [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
@@ -32,10 +32,12 @@ class TokenMap:
 
     Attributes:
         layer: 1-indexed block that reduced.
-        window: (H, W) int array: DC window of each folded patch, -1 for patches still HF.
-        folded_here: (H, W) bool array: patches this layer folded (the rest of the folded ones
-            were folded by an earlier layer).
-        num_windows: DC windows that hold at least one patch.
+        window: (H, W) int array: the token each aggregated patch went into (a DC window, the
+            kept token it merged into, EViT's fused token), -1 for patches that are their own
+            token.
+        folded_here: (H, W) bool array: patches this layer aggregated (the rest of the
+            aggregated ones were aggregated by an earlier layer).
+        num_windows: Tokens that hold at least one aggregated patch.
     """
 
     layer: int
@@ -56,17 +58,17 @@ def token_map(trace, previous=None, index: int = 0) -> TokenMap:
     """Turn one :class:`ReductionTrace` into a :class:`TokenMap` for image ``index``.
 
     Args:
-        trace: The layer's ``ReductionTrace`` (``lf_window`` is (B, N), ``hw_shape`` is (H, W)).
+        trace: The layer's ``ReductionTrace`` (``group`` is (B, N), ``hw_shape`` is (H, W)).
         previous: The trace of the previous reduction layer, or None for the first one; used to
             tell patches folded here from patches folded earlier.
         index: Image in the batch.
     """
     H, W = trace.hw_shape
-    window = trace.lf_window[index].detach().cpu().numpy().astype(np.int64).reshape(H, W)
+    window = trace.group[index].detach().cpu().numpy().astype(np.int64).reshape(H, W)
     if previous is None:
         before = np.full_like(window, -1)
     else:
-        before = previous.lf_window[index].detach().cpu().numpy().astype(np.int64).reshape(H, W)
+        before = previous.group[index].detach().cpu().numpy().astype(np.int64).reshape(H, W)
     folded_here = (window >= 0) & (before < 0)
     num_windows = int(np.unique(window[window >= 0]).size)
     return TokenMap(int(trace.layer), window, folded_here, num_windows)
@@ -85,7 +87,7 @@ def _upsample(grid: np.ndarray, patch_size: int, shape: tuple[int, int]) -> np.n
 def token_overlay(
     image: np.ndarray, tmap: TokenMap, patch_size: int, alpha: float = 0.8
 ) -> np.ndarray:
-    """Paint folded patches with their DC window's colour over ``image``; HF patches stay clear.
+    """Paint aggregated patches with their token's colour over ``image``; kept ones stay clear.
 
     Patches folded by this layer get a lighter tint than patches folded earlier, so the two read
     apart; the image stays faintly visible under both.

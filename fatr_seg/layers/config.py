@@ -15,7 +15,9 @@ aggregate  ``'merge'`` (join the most similar kept token, or the partner the sco
 ========== ===================================================================================
 
 ``method`` names a preset (:data:`PRESETS`) that fills every key the config leaves out, so a
-peer gets its own defaults (``dict(method='tome')`` has no FATR reweighting).
+peer gets its own defaults (``dict(method='tome')`` has no FATR reweighting). A config that
+gives DC windows (``windows`` or ``window_size``) but no ``aggregate`` aggregates into them
+(``'dc'``), as configs did before merging existed.
 """
 
 from __future__ import annotations
@@ -306,6 +308,8 @@ class ReductionConfig:
         if method not in PRESETS:
             _fail("method", method, f"choose one of {METHODS}")
         merged = {**PRESETS[method], **cfg}
+        if ("windows" in cfg or "window_size" in cfg) and "aggregate" not in cfg:
+            merged["aggregate"] = "dc"  # DC windows given: the paper's aggregation is meant
         if "r" in cfg and "keep_ratio" not in cfg:
             merged.pop("keep_ratio", None)
         if "keep_ratio" in cfg and "r" not in cfg:

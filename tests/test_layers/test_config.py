@@ -31,6 +31,9 @@ def test_normalisation_and_aliases():
     by_size = ReductionConfig.from_dict(dict(aggregate="dc", window_size=4))
     assert by_size.window_size == (4, 4, 4) and by_size.dc_grid(2) == ("size", 4)
     assert ReductionConfig.from_dict(dict(aggregate="merge")).dc_grid(0) is None
+    # DC windows without an aggregation: the DC aggregation (as before merging existed)
+    assert ReductionConfig.from_dict(dict(windows=(2, 2, 1))).aggregate == ("dc",) * 3
+    assert ReductionConfig.from_dict(dict(window_size=3)).aggregate == ("dc",) * 3
 
 
 @pytest.mark.parametrize("method", sorted(PRESETS))
@@ -94,7 +97,7 @@ BAD = [
     ("windows", dict(method="fatr_paper", windows=(2, 0, 0))),
     ("windows", dict(method="fatr_paper", windows=(2, 2.0, 1))),
     ("windows", dict(method="fatr_paper", layers=(2, 5))),  # the preset's 3 windows, 2 layers
-    ("windows", dict(windows=(2, 2, 1))),  # 'merge' has no DC windows
+    ("windows", dict(aggregate="merge", windows=(2, 2, 1))),  # 'merge' has no DC windows
     ("window_size", dict(aggregate="dc", window_size=(4, 2, 2))),  # must grow
     ("windows", dict(aggregate="dc", window_size=4, windows=2)),  # one of the two
     ("aggregate", dict(aggregate="dc")),  # DC windows not given
