@@ -1,11 +1,13 @@
 """Convert a timm ViT or an mmseg ``VisionTransformer``/Segmenter checkpoint to fatr_seg's format.
 
-``python tools/convert_weights.py SRC DST [--format auto|timm|mmseg]``
+``python tools/convert_weights.py SRC DST [--format auto|timm|mmseg] [--overwrite]``
 
-fatr_seg's format is timm's ViT key names in ``{'state_dict': ...}``, saved with ``torch.save``;
-``init_cfg=dict(type='Pretrained', checkpoint=DST)`` loads it strictly. SRC may be ``.pth``,
+fatr_seg's format is timm's ViT key names in ``{'state_dict': ...}``, saved with ``torch.save``,
+or as a flat ``.safetensors`` file when DST ends in ``.safetensors``;
+``init_cfg=dict(type='Pretrained', checkpoint=DST)`` loads either strictly. SRC may be ``.pth``,
 ``.pt``, ``.bin`` (``torch.save``) or ``.safetensors``; a whole-segmentor checkpoint (``backbone.*``
-and ``decode_head.*``) keeps its prefixes, with the backbone's keys renamed.
+and ``decode_head.*``) keeps its prefixes, with the backbone's keys renamed. An existing DST is
+kept unless ``--overwrite`` is given.
 
 Typical use. timm weights: download them on a machine with internet, then convert::
 
@@ -43,6 +45,7 @@ from fatr_seg.models.convert import (  # noqa: E402
     detect_format,
     load_checkpoint_file,
     mmseg_vit_to_fatr,
+    save_checkpoint_file,
     timm_to_fatr,
 )
 
@@ -50,15 +53,17 @@ FORMATS = {"timm": "fatr", "mmseg": "mmseg"}  # CLI name -> convert.detect_forma
 SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
-def convert(src: str, dst: str, fmt: str = "auto") -> str:
+def convert(src: str, dst: str, fmt: str = "auto", overwrite: bool = False) -> str:
     """Convert ``src`` to fatr_seg's format at ``dst``; returns a one-line summary.
 
     Raises:
         CheckpointError: ``src`` is missing, unreadable, of an unsupported type or not a ViT of
-            the requested format.
+            the requested format; ``dst`` exists and ``overwrite`` is False.
     """
     if not osp.isfile(src):
         raise CheckpointError(f"checkpoint not found: {src}")
+    if osp.lexists(dst) and not overwrite:
+        raise CheckpointError(f"{dst} exists already: not overwriting it (--overwrite replaces it)")
     if not src.endswith(SUFFIXES):
         raise CheckpointError(
             f"unsupported checkpoint type {osp.splitext(src)[1] or '(none)'} for {src}: expected "
@@ -79,7 +84,7 @@ def convert(src: str, dst: str, fmt: str = "auto") -> str:
     added = [] if had_bias else [k for k in out if k.endswith("patch_embed.proj.bias")]
 
     os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
-    torch.save({"state_dict": out}, dst)
+    save_checkpoint_file(out, dst)
     depth = len({m.group(1) for k in out if (m := re.match(r"(?:backbone\.)?blocks\.(\d+)\.", k))})
     summary = (
         f"{detected} ViT ({depth} blocks) -> {dst}: {len(out)} tensors, "
@@ -96,16 +101,18 @@ def parse_args():
         "fatr_seg's format (timm key names, {'state_dict': ...})"
     )
     parser.add_argument("src", help="source checkpoint (.pth/.pt/.bin/.safetensors)")
-    parser.add_argument("dst", help="output path, e.g. pretrain/vit_small_patch16_384.pth")
+    parser.add_argument("dst", help="output path, e.g. pretrain/vit_small_patch16_384.pth "
+                        "(.safetensors: a flat safetensors file)")  # fmt: skip
     parser.add_argument("--format", choices=["auto", *FORMATS], default="auto",
                         help="source key format (default: detected)")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     return parser.parse_args()
 
 
 def main():
     args = parse_args()
     try:
-        print(convert(args.src, args.dst, args.format))
+        print(convert(args.src, args.dst, args.format, args.overwrite))
     except CheckpointError as err:
         sys.exit(f"error: {err}")
 

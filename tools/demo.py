@@ -132,7 +132,7 @@ def _cfg_options(args, train=False):
     on the same images anyway.
     """
     if train:
-        # The test loader stays configured (train.py's preflight checks its folder too).
+        # The test loader stays configured (training neither reads nor checks it).
         opts = [f"train_dataloader.dataset.data_root={args.data_root}",
                 f"test_dataloader.dataset.data_root={args.data_root}",
                 "val_cfg=None", "val_dataloader=None", "val_evaluator=None"]  # fmt: skip

@@ -1,12 +1,21 @@
 """mmseg/mmengine glue: the only part of ``fatr_seg`` that imports mmseg, mmengine or mmcv.
 
-Importing it (e.g. through ``custom_imports``) also makes mmengine checkpoints loadable under
-torch >= 2.6's ``weights_only=True`` default (see :mod:`fatr_seg.models.compat`).
+Importing it (e.g. through ``custom_imports``) registers the backbone, the head, the CamVid
+dataset and its annotation loader, and makes mmengine checkpoints loadable under torch >= 2.6's
+``weights_only=True`` default (see :mod:`fatr_seg.models.compat`).
 """
 
 from . import compat  # noqa: F401
 from .backbone import FATRViT
 from .convert import CheckpointError, convert_state_dict
+from .datasets import CamVidDataset, LoadCamVidAnnotations
 from .segmenter_head import FATRSegmenterHead
 
-__all__ = ["CheckpointError", "FATRSegmenterHead", "FATRViT", "convert_state_dict"]
+__all__ = [
+    "CamVidDataset",
+    "CheckpointError",
+    "FATRSegmenterHead",
+    "FATRViT",
+    "LoadCamVidAnnotations",
+    "convert_state_dict",
+]

@@ -23,6 +23,7 @@ __all__ = [
     "load_checkpoint_file",
     "mmseg_vit_to_fatr",
     "resize_pos_embed",
+    "save_checkpoint_file",
     "timm_to_fatr",
 ]
 
@@ -72,6 +73,21 @@ def load_checkpoint_file(path: str) -> dict:
     if not isinstance(ckpt, dict) or not ckpt:
         raise CheckpointError(f"{path} holds no state dict ({WEIGHTS_HELP})")
     return ckpt
+
+
+def save_checkpoint_file(state_dict: dict, path: str) -> None:
+    """Write a state dict that :func:`load_checkpoint_file` reads back.
+
+    ``.safetensors``: the flat tensor dict (what the Hugging Face hub stores); anything else:
+    ``{'state_dict': ...}`` with ``torch.save`` (what mmengine's checkpoints hold).
+    """
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        # safetensors stores neither views sharing memory nor non-contiguous tensors.
+        save_file({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, path)
+    else:
+        torch.save({"state_dict": state_dict}, path)
 
 
 def detect_format(state_dict: dict) -> str:

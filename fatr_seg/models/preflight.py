@@ -6,7 +6,8 @@ import os
 
 __all__ = ["PreflightError", "check_config", "check_config_paths", "check_model"]
 
-DATA_HELP = "see README.md, section 'ADE20K'"
+# README section on getting each dataset, by dataset type; other types point to ADE20K's.
+DATA_SECTIONS = {"CamVidDataset": "CamVid"}
 WEIGHTS_HELP = "see README.md, section 'Pretrained weights'"
 
 
@@ -18,7 +19,14 @@ class PreflightError(RuntimeError):
 COMPACT_HEADS = ("FATRSegmenterHead",)
 
 
-def _dataset_dirs(dataset: dict) -> list[str]:
+def data_help(dataset_type) -> str:
+    """Where the README says how to get the data of ``dataset_type``."""
+    name = dataset_type if isinstance(dataset_type, str) else getattr(dataset_type, "__name__", "")
+    return f"see README.md, section '{DATA_SECTIONS.get(name, 'ADE20K')}'"
+
+
+def _dataset_dirs(dataset: dict) -> list[tuple[str, str]]:
+    """``(directory, README hint)`` for each folder a dataset config reads."""
     if dataset is None:
         return []
     if "datasets" in dataset:  # ConcatDataset
@@ -28,7 +36,7 @@ def _dataset_dirs(dataset: dict) -> list[str]:
     root = dataset.get("data_root", "") or ""
     prefixes = (dataset.get("data_prefix") or {}).values()
     dirs = [os.path.join(root, p) for p in prefixes if isinstance(p, str) and p]
-    return dirs or ([root] if root else [])
+    return [(d, data_help(dataset.get("type"))) for d in dirs or ([root] if root else [])]
 
 
 def check_config_paths(cfg, train: bool = True) -> None:
@@ -36,16 +44,18 @@ def check_config_paths(cfg, train: bool = True) -> None:
 
     Args:
         cfg: An mmengine ``Config``.
-        train: Also check the training data and the backbone's pretrained checkpoint.
+        train: Check what training reads (training and validation data, the backbone's
+            pretrained checkpoint); else what testing reads (the test data).
     """
-    loaders = ["val_dataloader", "test_dataloader"] + (["train_dataloader"] if train else [])
+    # A Runner builds a loader only when its loop runs: training never reads the test data.
+    loaders = ["val_dataloader", "train_dataloader"] if train else ["test_dataloader"]
     for name in loaders:
         loader = cfg.get(name)
-        if not loader:
+        if not loader or (name == "val_dataloader" and not cfg.get("val_cfg")):
             continue
-        for path in _dataset_dirs(loader.get("dataset")):
+        for path, hint in _dataset_dirs(loader.get("dataset")):
             if not os.path.isdir(path):
-                raise PreflightError(f"data directory not found: {path} ({name}; {DATA_HELP})")
+                raise PreflightError(f"data directory not found: {path} ({name}; {hint})")
     if train:
         init_cfg = (cfg.get("model", {}).get("backbone") or {}).get("init_cfg") or {}
         ckpt = init_cfg.get("checkpoint") if init_cfg.get("type") == "Pretrained" else None
