@@ -15,8 +15,7 @@ from fatr_seg.models.preflight import PreflightError, check_config_paths
 register_all_modules()
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(p for p in CONFIGS.rglob("*.py") if "_base_" not in p.parts)
-MAIN_REDUCTION = dict(method="fatr", layers=(4, 7, 10), keep_ratio=0.7, windows=(2, 2, 1),
-                      score="exact", reweight="identity", restore="dc")  # fmt: skip
+MAIN_REDUCTION = dict(method="fatr", layers=(4, 7, 10), keep_ratio=0.7)
 _cache: dict[str, Config] = {}
 
 
@@ -52,10 +51,13 @@ def test_config_parses_and_builds(path):
         assert cfg.get(name), f"{path.name} lacks {name}"
 
 
-def test_main_config_is_the_paper_setting():
+def test_main_config_is_the_default_setting():
     cfg = load("fatr_ade20k.py")
     backbone = cfg.model.backbone
     assert backbone.reduction == MAIN_REDUCTION
+    red = ReductionConfig.from_dict(backbone.reduction)
+    assert red == ReductionConfig.from_dict({})  # the 'fatr' preset, nothing else
+    assert red.aggregate == ("merge",) * 3 and red.restore == "copy"
     assert (backbone.embed_dims, backbone.num_layers, backbone.num_heads) == (384, 12, 6)
     assert backbone.patch_size == 16 and tuple(cfg.crop_size) == (512, 512)
     assert backbone.init_cfg == dict(type="Pretrained",
@@ -92,7 +94,9 @@ def test_baseline_is_the_main_model_without_reduction():
         (dict(windows=(2, 3, 1)), r"reduction\.windows=\(2, 3, 1\)"),
         (dict(layers=(4, 7, 13)), r"reduction\.layers=\(4, 7, 13\).*12 blocks"),
         (dict(restore="nearest"), r"reduction\.restore='nearest'"),
-        (dict(score="max"), r"reduction\.score='max'"),
+        (dict(score="max"), r"reduction\.score=.*'max'"),
+        (dict(method="fatr_paper", windows=(2, 1)), r"reduction\.windows=\(2, 1\)"),
+        (dict(method="tomee"), r"reduction\.method='tomee'.*fatr_paper"),
     ],
 )
 def test_invalid_reduction_fails_at_build_naming_the_key(change, match):

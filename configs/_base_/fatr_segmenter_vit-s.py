@@ -34,15 +34,11 @@ model = dict(
         norm_eps=1e-6,
         final_norm=True,
         out_indices=-1,
-        reduction=dict(
-            method='fatr',
-            layers=(4, 7, 10),
-            keep_ratio=0.7,
-            score='hf',
-            aggregate='merge',
-            metric='keys',
-            reweight='identity',
-            restore='copy'),
+        # The 'fatr' preset fills the other keys: score='hf', aggregate='merge', metric='keys',
+        # prop_attn=True, reweight='identity', restore='copy' (see docs/method.md). Another
+        # method= gives its own preset (e.g. 'fatr_paper', 'tome', 'algm'); windows=... alone
+        # switches to the paper's DC aggregation.
+        reduction=dict(method='fatr', layers=(4, 7, 10), keep_ratio=0.7),
         # The Segmenter head below runs on the reduced token set (exactly the logits of the
         # stock head on the restored grid). Set False to feed full-grid maps to any mmseg head.
         compact_output=True,

@@ -15,7 +15,7 @@ import torch
 from torch.testing import assert_close
 
 from fatr_seg.layers import FATRVisionTransformer
-from fatr_seg.ops import fold_tokens, init_state
+from fatr_seg.ops import fold_tokens, init_state, select_topk
 
 EMBED, HEADS, DEPTH, PATCH = 64, 4, 6, 8
 GRID = (12, 16)  # 192 patch tokens
@@ -116,7 +116,7 @@ def first_layer_scores(model, x):
         ((tokens, state),) = model.forward_tokens(x, out_indices=(LAYERS[0] - 2,))
         blk = model.blocks[LAYERS[0] - 1]
         _, stats = blk.attn(blk.norm1(tokens), None, 0, True)
-        return blk.reducer.scores(stats, state, None)
+        return blk.reducer.scores(tokens, stats, state, None)[0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -158,7 +158,8 @@ def test_dc_means_accumulate_in_fp32():
     x = (3.0 + torch.randn(B, 1 + M, C, generator=gen)).to(torch.bfloat16)
     scores = torch.rand(B, M, generator=gen)
     state = init_state(B, (40, 100), x.device)
-    out, new_state, rec = fold_tokens(x, state, scores, keep=1, windows=1)
+    keep_pos, drop_pos = select_topk(scores, 1)
+    out, new_state, rec = fold_tokens(x, state, keep_pos, drop_pos, scores, ("side", 1))
     assert out.dtype == torch.bfloat16 and new_state.dc_count.eq(M - 1).all()
     for b in range(B):
         folded = x[b, 1:][rec.folded[b]].double().mean(0)  # exact mean of the folded tokens

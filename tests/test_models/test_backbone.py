@@ -125,10 +125,10 @@ def test_dc_restoration_invariants(size):
         if not done:
             continue
         # LF: each position equals the DC token of the spatial window that contains it.
-        win = window_ids((H, W), state.windows)
+        win = window_ids((H, W), state.dc_grid[1])
         lf = torch.ones(2, H * W, dtype=torch.bool).scatter(1, state.patch_idx, False)
         assert lf.sum() == 2 * (H * W - M) > 0
-        assert torch.equal(done[-1].lf_window[lf], win.expand(2, -1)[lf])
+        assert torch.equal(done[-1].group[lf], M + win.expand(2, -1)[lf])
         dc_of_each = take(seq, 1 + M + win.expand(2, -1))
         assert_close(grid[lf], dc_of_each[lf], rtol=0, atol=1e-6)
 
@@ -156,8 +156,9 @@ def test_residual_restoration_invariants():
     assert_close(take(grid, state.patch_idx), model.norm(seq[:, 1 : 1 + M]), rtol=0, atol=1e-6)
     residual = state.residual
     assert torch.equal(take(residual, state.patch_idx), torch.zeros_like(seq[:, 1 : 1 + M]))
+    # (DC aggregation leaves kept tokens unchanged, so their patches carry no residual.)
     lf = torch.ones(2, H * W, dtype=torch.bool).scatter(1, state.patch_idx, False)
-    win = window_ids((H, W), state.windows).expand(2, -1)
+    win = window_ids((H, W), state.dc_grid[1]).expand(2, -1)
     expected = model.norm(take(seq, 1 + M + win) + residual)
     assert_close(grid[lf], expected[lf], rtol=0, atol=1e-5)
     # Unlike 'dc', positions sharing a DC token differ (their own removed features survive).
@@ -195,12 +196,15 @@ def test_keep_all_equals_the_baseline_config(restore, score):
 # A small segmentor from the main config: forward and backward
 
 
-@pytest.mark.parametrize("restore", ["dc", "residual"])
-def test_segmentor_from_config_trains(restore):
+@pytest.mark.parametrize("restore", ["copy", "residual"])
+@pytest.mark.parametrize("method", ["fatr", "fatr_paper"])
+def test_segmentor_from_config_trains(restore, method):
     """``model.loss`` on random input; every trainable parameter gets a non-zero gradient."""
-    cfg = tiny_config(**{"model.backbone.reduction.layers": LAYERS,
-                         "model.backbone.reduction.restore": restore,
-                         "model.backbone.compact_output": restore == "dc"})  # fmt: skip
+    red = dict(method=method, layers=LAYERS, restore=restore, _delete_=True)
+    if method == "fatr_paper":
+        red["windows"] = WINDOWS
+    cfg = tiny_config(**{"model.backbone.reduction": red,
+                         "model.backbone.compact_output": restore == "copy"})  # fmt: skip
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
     model.init_weights()
@@ -219,8 +223,10 @@ def test_segmentor_from_config_trains(restore):
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert any(n.endswith("omega2") for n, _ in trainable)
-    assert any(n.endswith("dc_pos") for n, _ in trainable)
+    assert any(n.endswith("omega1") for n, _ in trainable)
+    dc = method == "fatr_paper"  # DC tokens: omega2 and DC positional terms, else none
+    assert any(n.endswith("omega2") for n, _ in trainable) == dc
+    assert any(n.endswith("dc_pos") for n, _ in trainable) == dc
     no_grad = [n for n, p in trainable if p.grad is None or not p.grad.abs().sum() > 0]
     assert not no_grad, f"no gradient reached {no_grad}"
     assert all(torch.isfinite(p.grad).all() for _, p in trainable)

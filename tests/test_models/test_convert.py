@@ -183,7 +183,7 @@ def test_reduced_backbone_loads_the_same_checkpoint(timm_model, timm_ckpt):
     for k, v in ckpt.items():
         assert torch.equal(own[k], v), k
     for k in extra:
-        expected = -1.0 if k.endswith("omega2") else 0.0  # reweight='identity' init
+        expected = 0.0  # reweight="identity": omega1 = 0, omega2 (stored as 1 + w2) = 0
         assert torch.equal(own[k], torch.full_like(own[k], expected)), k
 
 

@@ -109,10 +109,11 @@ def test_windows_larger_than_the_grid_stay_empty_and_masked(base_cfg):
     outs, traces = backbone_states(model.backbone, x)
     assert traces[0].hw_shape == (1, 3)
     for trace in traces[:2]:  # 2×2 windows: only windows 0 and 1 lie on the single grid row
-        used = trace.lf_window[trace.lf_window >= 0]
+        M = trace.kept.shape[1]
+        used = trace.group[trace.group >= 0] - M  # DC token -> its window
         assert used.numel() > 0 and set(used.tolist()) <= {0, 1}
     state = outs[2][1]  # after block 3: two 2×2 reductions
-    assert state.windows == 2
+    assert state.dc_grid == ("side", 2)
     assert (state.dc_count[:, 2:] == 0).all() and (state.dc_count[:, :2].sum(1) > 0).all()
     assert state.dc_count.sum(1).add(state.num_patches).eq(3).all()
     assert all(torch.isfinite(tokens).all() for tokens, _ in outs)
@@ -162,7 +163,7 @@ def test_budget_equal_to_all_tokens(base_cfg):
     outs, traces = backbone_states(model.backbone, x)
     (x1, s1), (x2, s2), (x3, s3), (x4, s4) = outs
     assert x2.shape == x1.shape and s2.num_dc == 0  # no-op: nothing added, nothing removed
-    assert (traces[0].kept == torch.arange(4)).all() and (traces[0].lf_window == -1).all()
+    assert (traces[0].kept == torch.arange(4)).all() and (traces[0].group == -1).all()
     assert s3.num_patches == 2 and s3.num_dc == 4 and s3.dc_count.sum(1).eq(2).all()
     assert s4.num_patches == 2 and s4.num_dc == 1 and s4.dc_count.eq(2).all()
     assert (traces[2].kept == traces[1].kept).all()  # block 4 kept every HF token

@@ -165,7 +165,7 @@ def test_stock_head_on_compact_output_says_what_to_do():
 
 def test_compact_output_rejects_residual_restore():
     red = dict(REDUCTIONS["fatr"], restore="residual")
-    with pytest.raises(ValueError, match="compact_output=True needs reduction restore='dc'"):
+    with pytest.raises(ValueError, match="compact_output=True needs reduction restore='copy'"):
         FATRViT(img_size=64, patch_size=8, embed_dims=EMBED, num_layers=8, num_heads=HEADS,
                 reduction=red, compact_output=True)  # fmt: skip
 
