@@ -7,6 +7,13 @@ torch >= 2.6's ``weights_only=True`` default (see :mod:`fatr_seg.models.compat`)
 from . import compat  # noqa: F401
 from .backbone import FATRViT
 from .convert import CheckpointError, convert_state_dict
+from .distill import DistillEncoderDecoder
 from .segmenter_head import FATRSegmenterHead
 
-__all__ = ["CheckpointError", "FATRSegmenterHead", "FATRViT", "convert_state_dict"]
+__all__ = [
+    "CheckpointError",
+    "DistillEncoderDecoder",
+    "FATRSegmenterHead",
+    "FATRViT",
+    "convert_state_dict",
+]
