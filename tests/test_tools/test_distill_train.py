@@ -8,8 +8,6 @@ weights, EMA weights in ``state_dict``, loaded by ``tools/test.py`` with the FAT
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import torch
 from mmengine.config import Config
 from mmseg.registry import MODELS
 from mmseg.utils import register_all_modules
-from tiny_configs import TINY_MODEL
+from tiny_configs import TINY_MODEL, loader_options, run_tool
 
 import fatr_seg.models  # noqa: F401  (lets torch.load read mmengine checkpoints)
 from fatr_seg.datasets import write_dataset
@@ -55,18 +53,6 @@ param_scheduler = []
 """
 
 
-def _loader_options(data_root):
-    opts = []
-    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
-        opts += [f"{loader}.dataset.data_root={data_root}", f"{loader}.num_workers=0"]
-    return opts
-
-
-def _run(args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distill_train")
@@ -84,18 +70,29 @@ def distilled(tmp_path_factory):
     config = tmp / "tiny_fatr_distill.py"
     config.write_text(distill_config(plain, teacher))
     work = tmp / "work"
-    train = _run(["tools/train.py", config, "--work-dir", work, "--cfg-options",
-                  *_loader_options(data_root), f"train_cfg.max_iters={MAX_ITERS}",
-                  f"train_cfg.val_interval={MAX_ITERS}", "train_dataloader.batch_size=2",
-                  f"default_hooks.checkpoint.interval={MAX_ITERS}",
-                  "default_hooks.logger.interval=1"])  # fmt: skip
+    train = run_tool(["tools/train.py", config, "--work-dir", work, "--cfg-options",
+                      *loader_options(data_root), f"train_cfg.max_iters={MAX_ITERS}",
+                      f"train_cfg.val_interval={MAX_ITERS}", "train_dataloader.batch_size=2",
+                      f"default_hooks.checkpoint.interval={MAX_ITERS}",
+                      "default_hooks.logger.interval=1"])  # fmt: skip
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     ckpt = work / f"iter_{MAX_ITERS}.pth"
     test_dir = tmp / "test"
-    test = _run(["tools/test.py", plain, ckpt, "--work-dir", test_dir, "--cfg-options",
-                 *_loader_options(data_root)])  # fmt: skip
+    test = run_tool(["tools/test.py", plain, ckpt, "--work-dir", test_dir, "--cfg-options",
+                     *loader_options(data_root)])  # fmt: skip
+    # The distillation config tests it too, without its teacher (only training reads it).
+    distill_test_dir = tmp / "distill_test"
+    distill_test = run_tool(["tools/test.py", config, ckpt, "--work-dir", distill_test_dir,
+                             "--cfg-options", *loader_options(data_root),
+                             f"model.teacher_checkpoint={tmp / 'missing.pth'}"])  # fmt: skip
     return dict(plain=plain, config=config, ckpt=ckpt, work=work, data_root=data_root,
-                test=test, test_dir=test_dir, tmp=tmp)  # fmt: skip
+                test=test, test_dir=test_dir, distill_test=distill_test,
+                distill_test_dir=distill_test_dir, tmp=tmp)  # fmt: skip
+
+
+def _metrics(test_dir):
+    runs = sorted(test_dir.glob("*/*.json"))
+    return json.loads(runs[-1].read_text().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -136,17 +133,23 @@ def test_plain_config_tests_the_distilled_checkpoint(distilled):
     assert test.returncode == 0, test.stdout[-3000:] + test.stderr[-3000:]
     log = test.stdout + test.stderr
     assert "do not match exactly" not in log and "missing keys" not in log
-    runs = sorted(distilled["test_dir"].glob("*/*.json"))
-    metrics = json.loads(runs[-1].read_text().splitlines()[-1])
+    metrics = _metrics(distilled["test_dir"])
     assert 0.0 <= metrics["mIoU"] <= 100.0
+    # With the distillation config (its EMAHook swaps in the same EMA weights): same metrics.
+    other = distilled["distill_test"]
+    assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
+    again = _metrics(distilled["distill_test_dir"])
+    assert {k: again[k] for k in ("aAcc", "mIoU", "mAcc")} == {
+        k: metrics[k] for k in ("aAcc", "mIoU", "mAcc")
+    }
 
 
 @pytest.mark.slow
 def test_missing_teacher_stops_before_training_in_one_line(distilled, tmp_path):
     missing = tmp_path / "work_dirs" / "segmenter" / "iter_10000.pth"
-    proc = _run(["tools/train.py", distilled["config"], "--work-dir", tmp_path / "work",
-                 "--cfg-options", *_loader_options(distilled["data_root"]),
-                 f"model.teacher_checkpoint={missing}"])  # fmt: skip
+    proc = run_tool(["tools/train.py", distilled["config"], "--work-dir", tmp_path / "work",
+                     "--cfg-options", *loader_options(distilled["data_root"]),
+                     f"model.teacher_checkpoint={missing}"])  # fmt: skip
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()
     assert err and str(missing) in err[-1] and "teacher checkpoint not found" in err[-1]
