@@ -193,6 +193,18 @@ def test_mmseg_zoo_checkpoint_gives_mmseg_logits(tmp_path):
     assert_close(model._forward(images), ref._forward(images), rtol=1e-9, atol=1e-9)
 
 
+def test_distill_from_an_mmseg_zoo_checkpoint(tmp_path):
+    path = tmp_path / "segmenter_vit-t_mask_zoo.pth"
+    torch.save({"meta": {}, "state_dict": mmseg_segmenter(seed=4).state_dict()}, path)
+    model = build((path, None))
+    model.train()
+    images, samples = batch(seed=6)
+    losses = model.loss(images, samples)
+    assert losses["loss_distill"] > 0
+    losses_total(losses).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses and gradients
 
