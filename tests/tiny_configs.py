@@ -1,8 +1,30 @@
 """Config text shared by the tests that run a tiny segmentor through tools/ or mmengine's Runner.
 
 Pieces of mmengine config files (Python source), for templates based on
-``configs/fatr_ade20k_demo.py``; they use the template's ``crop_size``.
+``configs/fatr_ade20k_demo.py``; they use the template's ``crop_size``. Also how those tests run
+a tool: :func:`loader_options` and :func:`run_tool`.
 """
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def loader_options(data_root) -> list[str]:
+    """``--cfg-options`` that point every data loader at ``data_root``, without workers."""
+    opts = []
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        opts += [f"{loader}.dataset.data_root={data_root}", f"{loader}.num_workers=0"]
+    return opts
+
+
+def run_tool(args, cwd=REPO) -> subprocess.CompletedProcess:
+    """``python ARGS...`` in the repository, as a user runs a tool; output captured."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
 
 # Training only: no validation or test loop.
 NO_EVAL = """val_dataloader = None

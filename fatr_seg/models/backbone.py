@@ -7,12 +7,16 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 
 from ..layers.vit import FATRVisionTransformer
-from .convert import CheckpointError, convert_state_dict, load_checkpoint_file, resize_pos_embed
+from .convert import (
+    FATR_ONLY,
+    CheckpointError,
+    convert_state_dict,
+    load_checkpoint_file,
+    load_state_strict,
+    resize_pos_embed,
+)
 
 __all__ = ["FATRViT"]
-
-# Parameters that exist only with a reduction; a plain ViT checkpoint lacks them by design.
-_FATR_ONLY = (".attn.omega1", ".attn.omega2", ".reducer.dc_pos")
 
 
 @MODELS.register_module()
@@ -62,19 +66,6 @@ class FATRViT(FATRVisionTransformer, BaseModule):
             print_log(f"resizing pos_embed {tuple(pos.shape)} -> {tuple(self.pos_embed.shape)}",
                       logger="current")  # fmt: skip
             state["pos_embed"] = resize_pos_embed(pos, self.pos_grid)
-        own = self.state_dict()
-        wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                 for k, v in state.items() if k in own and v.shape != own[k].shape]  # fmt: skip
-        if wrong:
-            raise CheckpointError(
-                f"{path} does not match this backbone: shape mismatch {wrong[:4]} "
-                "(check embed_dims/mlp_ratio/patch_size/in_channels)"
-            )
-        result = self.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith(_FATR_ONLY)]
-        if missing or result.unexpected_keys:
-            raise CheckpointError(
-                f"{path} does not match this backbone: missing {missing[:8]}, "
-                f"unexpected {result.unexpected_keys[:8]} (check embed_dims/num_layers/patch_size)"
-            )
+        hint = " (check embed_dims/num_layers/mlp_ratio/patch_size/in_channels)"
+        load_state_strict(self, state, path, "this backbone", optional=FATR_ONLY, hint=hint)
         print_log(f"loaded pretrained backbone from {path}", logger="current")

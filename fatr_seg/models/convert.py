@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "FATR_ONLY",
     "CheckpointError",
     "convert_state_dict",
     "detect_format",
     "load_checkpoint_file",
+    "load_state_strict",
     "mmseg_vit_to_fatr",
     "resize_pos_embed",
     "save_checkpoint_file",
@@ -40,6 +42,10 @@ _MMSEG_BLOCK = [
     (r"ffn\.layers\.1\.", "mlp.fc2."),
 ]
 _TIMM_DROP = ("head.", "fc_norm.", "head_drop.")
+#: Key suffixes of the parameters that exist only with a reduction: a plain ViT checkpoint lacks
+#: them by design, and they keep their init (``omega1 = omega2 = 0`` and ``dc_pos = 0`` give the
+#: unreduced model's attention and DC tokens; see docs/method.md).
+FATR_ONLY = (".attn.omega1", ".attn.omega2", ".reducer.dc_pos")
 
 
 class CheckpointError(ValueError):
@@ -164,3 +170,34 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int]) -> torc
     grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
     grid = grid.flatten(2).transpose(1, 2).to(pos_embed.dtype)
     return torch.cat([pos_embed[:, :1], grid], dim=1)
+
+
+def load_state_strict(
+    module: torch.nn.Module, state: dict, path: str, what: str, optional: tuple[str, ...] = (),
+    hint: str = "",
+) -> None:  # fmt: skip
+    """Load ``state`` into ``module``: every key used, every module key present, shapes equal.
+
+    Args:
+        module: The module to load into.
+        state: Its state dict, already in the module's key names.
+        path: The checkpoint file, for the messages.
+        what: What ``module`` is, for the messages (``'this backbone'``, ``'the teacher'``).
+        optional: Key suffixes the checkpoint may lack; those parameters keep their init.
+        hint: Appended to the message, e.g. which config keys to check.
+
+    Raises:
+        CheckpointError: Naming the mismatched, missing or unexpected keys.
+    """
+    own = module.state_dict()
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+             for k, v in state.items() if k in own and v.shape != own[k].shape]  # fmt: skip
+    if wrong:
+        raise CheckpointError(f"{path} does not match {what}: shape mismatch {wrong[:4]}{hint}")
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(optional)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path} does not match {what}: missing {missing[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}{hint}"
+        )

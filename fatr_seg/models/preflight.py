@@ -61,6 +61,17 @@ def check_config_paths(cfg, train: bool = True) -> None:
         ckpt = init_cfg.get("checkpoint") if init_cfg.get("type") == "Pretrained" else None
         if ckpt and "://" not in ckpt and not os.path.isfile(ckpt):
             raise PreflightError(f"pretrained checkpoint not found: {ckpt} ({WEIGHTS_HELP})")
+        # DistillEncoderDecoder: the trained unreduced segmentor it distils from.
+        teacher = cfg.get("model", {}).get("teacher_checkpoint")
+        if teacher and not os.path.isfile(teacher):
+            raise PreflightError(
+                f"teacher checkpoint not found: {teacher} "
+                f"(model.teacher_checkpoint; {DISTILL_HELP})"
+            )
+
+
+# Where a distillation teacher comes from (``DistillEncoderDecoder``'s ``teacher_checkpoint``).
+DISTILL_HELP = "see README.md, section 'Fine-tune a trained Segmenter into FATR'"
 
 
 def check_model(cfg) -> None:

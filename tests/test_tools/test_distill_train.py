@@ -1,0 +1,157 @@
+"""Self-distillation through ``tools/train.py``, then ``tools/test.py`` with the *plain* config.
+
+A tiny unreduced Segmenter (the teacher) is written as a checkpoint; a tiny FATR Segmenter derived
+from ``configs/fatr_ade20k_demo.py`` is fine-tuned from it for a few iterations with the recipe of
+``configs/fatr_ade20k_finetune.py`` (AdamW with zero-decay groups, EMAHook) and sampled budgets,
+in a subprocess as a user runs it. The checkpoint must then be a plain FATR checkpoint: no teacher
+weights, EMA weights in ``state_dict``, loaded by ``tools/test.py`` with the FATR config.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmseg.registry import MODELS
+from mmseg.utils import register_all_modules
+from tiny_configs import TINY_MODEL, loader_options, run_tool
+
+import fatr_seg.models  # noqa: F401  (lets torch.load read mmengine checkpoints)
+from fatr_seg.datasets import write_dataset
+from fatr_seg.models.distill import draw_keep_ratio
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO / "configs" / "fatr_ade20k_demo.py"
+FINETUNE_CONFIG = REPO / "configs" / "fatr_ade20k_finetune.py"
+MAX_ITERS = 3
+register_all_modules()
+
+# The default reduction at blocks 2 and 3 (whatever TINY_MODEL's reduction says).
+PLAIN = (
+    f"""
+_base_ = [{str(DEMO_CONFIG)!r}]
+crop_size = (64, 64)
+"""
+    + TINY_MODEL
+    + """model['backbone']['reduction'] = dict(_delete_=True, method='fatr', layers=(2, 3))
+"""
+)
+
+
+def distill_config(plain_path, teacher):
+    recipe = Config.fromfile(str(FINETUNE_CONFIG))
+    return f"""
+_base_ = [{str(plain_path)!r}]
+model = dict(
+    type='DistillEncoderDecoder', teacher_checkpoint={str(teacher)!r},
+    init_student_from_teacher=True, budget_range=(0.5, 0.9), budget_seed=3,
+    backbone=dict(drop_path_rate=0.0, init_cfg=None))
+optim_wrapper = dict(_delete_=True, **{recipe.optim_wrapper.to_dict()!r})
+custom_hooks = {[h.to_dict() for h in recipe.custom_hooks]!r}
+param_scheduler = []
+"""
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distill_train")
+    data_root = tmp / "data"
+    write_dataset(data_root, num_train=8, num_val=4, size=64, seed=0, progress=False)
+    plain = tmp / "tiny_fatr.py"
+    plain.write_text(PLAIN)
+    cfg = Config.fromfile(str(plain))
+    cfg.model.backbone.update(reduction=None, compact_output=False, init_cfg=None)
+    torch.manual_seed(0)
+    teacher_model = MODELS.build(cfg.model)
+    teacher = tmp / "teacher" / "iter_7.pth"
+    teacher.parent.mkdir()
+    torch.save({"meta": {}, "state_dict": teacher_model.state_dict()}, teacher)
+    config = tmp / "tiny_fatr_distill.py"
+    config.write_text(distill_config(plain, teacher))
+    work = tmp / "work"
+    train = run_tool(["tools/train.py", config, "--work-dir", work, "--cfg-options",
+                      *loader_options(data_root), f"train_cfg.max_iters={MAX_ITERS}",
+                      f"train_cfg.val_interval={MAX_ITERS}", "train_dataloader.batch_size=2",
+                      f"default_hooks.checkpoint.interval={MAX_ITERS}",
+                      "default_hooks.logger.interval=1"])  # fmt: skip
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    ckpt = work / f"iter_{MAX_ITERS}.pth"
+    test_dir = tmp / "test"
+    test = run_tool(["tools/test.py", plain, ckpt, "--work-dir", test_dir, "--cfg-options",
+                     *loader_options(data_root)])  # fmt: skip
+    # The distillation config tests it too, without its teacher (only training reads it).
+    distill_test_dir = tmp / "distill_test"
+    distill_test = run_tool(["tools/test.py", config, ckpt, "--work-dir", distill_test_dir,
+                             "--cfg-options", *loader_options(data_root),
+                             f"model.teacher_checkpoint={tmp / 'missing.pth'}"])  # fmt: skip
+    return dict(plain=plain, config=config, ckpt=ckpt, work=work, data_root=data_root,
+                test=test, test_dir=test_dir, distill_test=distill_test,
+                distill_test_dir=distill_test_dir, tmp=tmp)  # fmt: skip
+
+
+def _metrics(test_dir):
+    runs = sorted(test_dir.glob("*/*.json"))
+    return json.loads(runs[-1].read_text().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_losses_are_logged(distilled):
+    scalars = sorted(distilled["work"].glob("*/vis_data/scalars.json"))
+    records = [json.loads(s) for s in scalars[-1].read_text().splitlines() if s.strip()]
+    train = [r for r in records if "loss" in r]
+    assert len(train) == MAX_ITERS
+    for r in train:
+        assert r["loss_distill"] > 0 and r["decode.loss_ce"] > 0
+        assert abs(r["loss"] - r["loss_distill"] - r["decode.loss_ce"]) < 1e-3 * r["loss"]
+    # One ratio per iteration, drawn from (budget_seed, the Runner's iteration).
+    expected = [draw_keep_ratio((0.5, 0.9), 3, it) for it in range(MAX_ITERS)]
+    assert [r["keep_ratio"] for r in train] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_checkpoint_is_a_plain_fatr_checkpoint_with_ema_weights(distilled):
+    ckpt = torch.load(distilled["ckpt"], map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    plain = MODELS.build(Config.fromfile(str(distilled["plain"])).model)
+    plain.load_state_dict(state, strict=True)
+    assert set(state) == set(plain.state_dict())
+    ema = ckpt["ema_state_dict"]
+    assert set(ema) == {"steps"} | {f"module.{k}" for k in state}
+    # EMAHook swaps: state_dict holds the averaged weights, ema_state_dict the trained ones.
+    key = "backbone.blocks.0.attn.qkv.weight"
+    assert not torch.equal(state[key], ema[f"module.{key}"])
+    teacher = torch.load(next((distilled["tmp"] / "teacher").glob("*.pth")), weights_only=True)
+    # 3 AdamW steps of 1e-4 from the teacher's weights; EMA 0.9998 stays nearer to them.
+    moved = (ema[f"module.{key}"] - teacher["state_dict"][key]).abs().max()
+    assert 0 < (state[key] - teacher["state_dict"][key]).abs().max() < moved <= 4e-4
+
+
+@pytest.mark.slow
+def test_plain_config_tests_the_distilled_checkpoint(distilled):
+    test = distilled["test"]
+    assert test.returncode == 0, test.stdout[-3000:] + test.stderr[-3000:]
+    log = test.stdout + test.stderr
+    assert "do not match exactly" not in log and "missing keys" not in log
+    metrics = _metrics(distilled["test_dir"])
+    assert 0.0 <= metrics["mIoU"] <= 100.0
+    # With the distillation config (its EMAHook swaps in the same EMA weights): same metrics.
+    other = distilled["distill_test"]
+    assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
+    again = _metrics(distilled["distill_test_dir"])
+    assert {k: again[k] for k in ("aAcc", "mIoU", "mAcc")} == {
+        k: metrics[k] for k in ("aAcc", "mIoU", "mAcc")
+    }
+
+
+@pytest.mark.slow
+def test_missing_teacher_stops_before_training_in_one_line(distilled, tmp_path):
+    missing = tmp_path / "work_dirs" / "segmenter" / "iter_10000.pth"
+    proc = run_tool(["tools/train.py", distilled["config"], "--work-dir", tmp_path / "work",
+                     "--cfg-options", *loader_options(distilled["data_root"]),
+                     f"model.teacher_checkpoint={missing}"])  # fmt: skip
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert err and str(missing) in err[-1] and "teacher checkpoint not found" in err[-1]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "work").exists()
