@@ -1,8 +1,8 @@
 """mmseg/mmengine glue: the only part of ``fatr_seg`` that imports mmseg, mmengine or mmcv.
 
 Importing it (e.g. through ``custom_imports``) registers the backbone, the head, the CamVid
-dataset and its annotation loader, the distillation segmentor, and makes mmengine checkpoints loadable under torch >= 2.6's
-``weights_only=True`` default (see :mod:`fatr_seg.models.compat`).
+dataset and its annotation loader and the distillation segmentor, and makes mmengine checkpoints
+loadable under torch >= 2.6's ``weights_only=True`` default (see :mod:`fatr_seg.models.compat`).
 """
 
 from . import compat  # noqa: F401
