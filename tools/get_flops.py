@@ -258,7 +258,7 @@ def paper_table(only: list[str] | None = None) -> dict:
         tokens_only = fatr.macs - fatr.scoring_macs - fatr.dc_term_macs
         # Cross-check of the counter against the closed form (same schedule, no overhead).
         analytic = analytic_vit_macs(
-            grid, dim, 12, patch, reduction=PAPER_REDUCTION, scoring=None, dc_term=False
+            grid, dim, 12, patch, reduction=PAPER_REDUCTION, scoring=False, dc_term=False
         )
         if analytic != tokens_only:
             raise RuntimeError(f"{name}: counter {tokens_only} != closed form {analytic} MACs")

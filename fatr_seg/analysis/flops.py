@@ -305,19 +305,22 @@ def token_schedule(
             # The reducer leaves the sequence unchanged (nothing to fold, DC grid the same).
             out.append(BlockTokens(attn, attn, D, False))
             continue
+        d_in = D
         if new_grid is not None:
             D, dc_grid = dc_window_ids(tuple(grid), new_grid)[1], new_grid
         M = keep + (1 if red.aggregate[j] == "fuse" else 0)
-        out.append(BlockTokens(attn, 1 + M + D, D, True))
+        out.append(BlockTokens(attn, 1 + M + D, d_in, True))
     return out
 
 
-def _selection_macs(red: ReductionConfig, j: int, n: int, M: int, keep: int, dim: int,
+def _selection_macs(red: ReductionConfig, j: int, n: int, M: int, D: int, keep: int, dim: int,
                     heads: int, grid: tuple[int, int]) -> int:  # fmt: skip
-    """MACs of reduction layer ``j``'s score and merge partners (n tokens, M patches)."""
+    """MACs of reduction layer ``j``'s score and merge partners (n tokens: M patches, D DC)."""
     score = red.score[j]
     d_metric = dim // heads if red.metric == "keys" else dim
     macs = {"hf": n * n * dim, "hf_proxy": n * dim, "cls": n * dim}.get(score, 0)
+    if score in ("hf", "hf_proxy") and D:  # the DC queries' logits, to drop empty windows' votes
+        macs += D * n * dim
     if score == "bipartite":
         macs += ((M + 1) // 2) * (M // 2) * d_metric
     elif score == "window":
@@ -349,7 +352,8 @@ def analytic_vit_macs(
     Overheads, as counted on CPU (where the fused kernel returns the row log-sum-exp):
 
     * scores: ``n² · C`` per exact HF score (``q kᵀ`` once more), ``n · C`` for the logit proxy
-      and the CLS attention; similarities: one dot product (head dim for keys, C for tokens)
+      and the CLS attention, plus ``D · n · C`` for an HF score that sees D DC tokens (their
+      query logits, so that empty windows do not vote); similarities: one dot product (head dim for keys, C for tokens)
       per compared pair (bipartite A×B, 2×2 windows, dropped × kept for nearest merging);
     * DC term of the reweighted attention: ``2 · n · D · C`` in every block after the first
       reduction that sees ``D > 0`` DC tokens (only if ``reduction.reweight`` is set).
@@ -382,7 +386,7 @@ def analytic_vit_macs(
         if j is not None and blk.reduces:
             keep = red.num_keep(j, M)
             if scoring:
-                macs += _selection_macs(red, j, n, M, keep, dim, num_heads, grid)
+                macs += _selection_macs(red, j, n, M, blk.dc, keep, dim, num_heads, grid)
             M = keep + (1 if red.aggregate[j] == "fuse" else 0)
         if dc_term and red and red.reweight is not None and i > first and blk.dc:
             macs += 2 * n * blk.dc * dim

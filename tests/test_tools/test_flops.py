@@ -98,13 +98,20 @@ def test_vit_s_baseline_matches_closed_form(img_size):
 
 
 def test_token_schedule_deit_s():
-    blocks = token_schedule(196, 12, RED)
+    blocks = token_schedule((14, 14), 12, RED)
     # 196 patches: keep ceil(.7·196)=138 (+4 DC), ceil(.7·138)=97 (+1), ceil(.7·97)=68 (+1).
     assert [b.attn for b in blocks] == [197] * 4 + [143] * 3 + [99] * 3 + [70] * 2
     assert [b.mlp for b in blocks] == [197] * 3 + [143] * 3 + [99] * 3 + [70] * 3
     assert [b.dc for b in blocks] == [0] * 4 + [4] * 3 + [1] * 5
     assert [i for i, b in enumerate(blocks) if b.reduces] == [3, 6, 9]
-    assert all(not b.reduces and b.attn == b.mlp == 197 for b in token_schedule(196, 12, None))
+    assert all(not b.reduces and b.attn == b.mlp == 197
+               for b in token_schedule((14, 14), 12, None))  # fmt: skip
+    # The default (merging): no DC tokens, 196 -> 138 -> 97 -> 68 patch tokens.
+    merged = token_schedule((14, 14), 12, dict(method="fatr"))
+    assert [b.attn for b in merged] == [197] * 4 + [139] * 3 + [98] * 3 + [69] * 2
+    assert all(b.dc == 0 for b in merged)
+    evit = token_schedule((14, 14), 12, dict(method="evit"))  # one fused token more each time
+    assert [b.mlp for b in evit][3::3] == [1 + 138 + 1, 1 + 98 + 1, 1 + 70 + 1]
 
 
 @pytest.mark.slow
@@ -112,8 +119,9 @@ def test_fatr_count_matches_schedule_and_shows_overhead():
     x = torch.zeros(1, 3, 224, 224)
     exact = count_macs(vit_s(RED), x)
     proxy = count_macs(vit_s(dict(RED, score="logit_proxy")), x)
-    C, sched = 384, token_schedule(196, 12, RED)
+    C, sched = 384, token_schedule((14, 14), 12, RED)
     n_red = [b.attn for b in sched if b.reduces]  # 197, 143, 99
+    d_red = [b.dc for b in sched if b.reduces]  # DC tokens seen by the score: 0, 4, 1
     # Written out: tokens only, plus q kᵀ again per reduction (exact) or n·C (proxy), plus the
     # DC term 2·n·D·C in blocks after the first reduction.
     tokens_only = (
@@ -121,8 +129,9 @@ def test_fatr_count_matches_schedule_and_shows_overhead():
         + 196 * 16 * 16 * 3 * C
     )
     dc_term = sum(2 * b.attn * b.dc * C for b in sched[4:])
-    assert exact.scoring_macs == sum(n * n * C for n in n_red)
-    assert proxy.scoring_macs == sum(n * C for n in n_red)
+    # (+ D·n·C: the DC tokens' query logits, so that empty windows do not vote)
+    assert exact.scoring_macs == sum(n * n * C + d * n * C for n, d in zip(n_red, d_red))
+    assert proxy.scoring_macs == sum(n * C + d * n * C for n, d in zip(n_red, d_red))
     assert exact.dc_term_macs == proxy.dc_term_macs == dc_term
     assert exact.macs == tokens_only + exact.scoring_macs + dc_term
     assert proxy.macs == tokens_only + proxy.scoring_macs + dc_term
@@ -130,7 +139,7 @@ def test_fatr_count_matches_schedule_and_shows_overhead():
     for rep, score in ((exact, "exact"), (proxy, "logit_proxy")):
         assert rep.macs == analytic_vit_macs((14, 14), C, 12, 16, reduction=dict(RED, score=score))
     assert (
-        analytic_vit_macs((14, 14), C, 12, 16, reduction=RED, scoring=None, dc_term=False)
+        analytic_vit_macs((14, 14), C, 12, 16, reduction=RED, scoring=False, dc_term=False)
         == tokens_only
     )
     # DC aggregation adds one value per folded token and channel: (196-138) + (138-97) +
@@ -178,22 +187,18 @@ def test_get_flops_compare_mode(tmp_path):
     assert result["schema"] == "fatr_seg.get_flops/1"
     assert result["shape"] == [64, 64] and result["tokens"] == 16
     base, fatr = result["models"]
-    red = dict(RED, windows=(2, 2, 1))  # the config's reduction
+    red = dict(method="fatr")  # the config's reduction
     assert base["backbone"]["macs"] == analytic_vit_macs((4, 4), 384, 12, 16)
-    # On a 4x4 grid some DC windows can be empty; their query rows are then taken out of the HF
-    # score with one extra (D x n x d) product per head (without_empty_queries in the reducer),
-    # at most at the two reduction layers that see existing DC tokens (n <= 17, D <= 4, 6 heads).
-    extra = fatr["backbone"]["macs"] - analytic_vit_macs((4, 4), 384, 12, 16, reduction=red)
-    assert extra % (6 * 64) == 0 and 0 <= extra <= 2 * 6 * 4 * 17 * 64
+    assert fatr["backbone"]["macs"] == analytic_vit_macs((4, 4), 384, 12, 16, reduction=red)
     assert base["ratio"] == {"backbone": 1.0, "segmentor": 1.0}
     assert fatr["ratio"]["backbone"] == pytest.approx(
         fatr["backbone"]["macs"] / base["backbone"]["macs"], rel=1e-12
     )
     assert fatr["backbone"]["scoring_macs"] > 0
     # The Segmenter head (FATRSegmenterHead) runs on the baseline's 16 patch tokens and on
-    # FATR's compact output: 16 -> 12 -> 9 -> 7 HF tokens plus the last layer's one DC token.
+    # FATR's compact output: 16 -> 12 -> 9 -> 7 merged tokens.
     assert base["decode_head_macs"] == segmenter_head_macs(16, 384, 150, 2)
-    assert fatr["decode_head_macs"] == segmenter_head_macs(7 + 1, 384, 150, 2)
+    assert fatr["decode_head_macs"] == segmenter_head_macs(7, 384, 150, 2)
     for m in (base, fatr):
         assert m["segmentor"]["macs"] == m["backbone"]["macs"] + m["decode_head_macs"]
 
