@@ -131,9 +131,13 @@ def _read_remote(path: str):
     except CheckpointError:
         raise
     except Exception as err:  # urllib, torch.load and the zoo lookups raise many types
+        hint = (
+            "a model name mmengine's model zoo does not know"
+            if isinstance(err, KeyError)
+            else "without network access, download it elsewhere and give the local file"
+        )
         raise CheckpointError(
-            f"cannot load checkpoint {path}: {_first_line(err)} (without network access, "
-            f"download it elsewhere and give the local file; {WEIGHTS_HELP})"
+            f"cannot load checkpoint {path}: {_first_line(err)} ({hint}; {WEIGHTS_HELP})"
         ) from err
 
 

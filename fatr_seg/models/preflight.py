@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .convert import is_remote
+
 __all__ = ["PreflightError", "check_config", "check_config_paths", "check_model"]
 
 DATA_HELP = "see README.md, section 'ADE20K'"
@@ -36,7 +38,8 @@ def check_config_paths(cfg, train: bool = True) -> None:
 
     Args:
         cfg: An mmengine ``Config``.
-        train: Also check the training data and the backbone's pretrained checkpoint.
+        train: Also check the training data and the backbone's pretrained checkpoint (a
+            local path; URLs and model-zoo prefixes are left to the loader).
     """
     loaders = ["val_dataloader", "test_dataloader"] + (["train_dataloader"] if train else [])
     for name in loaders:
@@ -47,10 +50,23 @@ def check_config_paths(cfg, train: bool = True) -> None:
             if not os.path.isdir(path):
                 raise PreflightError(f"data directory not found: {path} ({name}; {DATA_HELP})")
     if train:
-        init_cfg = (cfg.get("model", {}).get("backbone") or {}).get("init_cfg") or {}
-        ckpt = init_cfg.get("checkpoint") if init_cfg.get("type") == "Pretrained" else None
-        if ckpt and "://" not in ckpt and not os.path.isfile(ckpt):
-            raise PreflightError(f"pretrained checkpoint not found: {ckpt} ({WEIGHTS_HELP})")
+        for ckpt in _pretrained_checkpoints(cfg.get("model") or {}):
+            if not is_remote(ckpt) and not os.path.isfile(ckpt):
+                raise PreflightError(f"pretrained checkpoint not found: {ckpt} ({WEIGHTS_HELP})")
+
+
+def _pretrained_checkpoints(model: dict) -> list[str]:
+    """Checkpoints the backbone loads: its ``init_cfg`` and mmseg's ``pretrained`` keys.
+
+    mmseg's zoo configs set ``model.pretrained``; the segmentor hands it to the backbone.
+    """
+    backbone = model.get("backbone") or {}
+    init_cfgs = backbone.get("init_cfg") or []
+    init_cfgs = init_cfgs if isinstance(init_cfgs, list | tuple) else [init_cfgs]
+    paths = [c.get("checkpoint") for c in init_cfgs
+             if c.get("type") in ("Pretrained", "Pretrained_Part")]  # fmt: skip
+    paths += [model.get("pretrained"), backbone.get("pretrained")]
+    return [p for p in paths if isinstance(p, str) and p]
 
 
 def check_model(cfg) -> None:
