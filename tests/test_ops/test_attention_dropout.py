@@ -104,3 +104,31 @@ def test_attention_module_drops_only_in_training():
 def test_attn_drop_out_of_range_is_rejected():
     with pytest.raises(ValueError, match=r"attn_drop=1\.0 is invalid"):
         Attention(16, 2, attn_drop=1.0)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_dc_columns_come_from_the_same_dropped_call(device, grad):
+    """Device-agnostic (CUDA kernels draw masks their own way): with V zero outside the DC rows,
+    ``Ã V`` is ``Ã[:, DC] V[DC]``, so ``c_dc = 1`` must exactly double the output, which holds
+    only if both terms saw the same dropped matrix."""
+    dtype = torch.float32 if device == "cuda" else DT
+    q, k, v = (t.to(device, dtype) for t in qkv(2))
+    num_dc = 3
+    v[:, :, : N - num_dc] = 0
+    c_hp = torch.ones(H, device=device, dtype=dtype)
+    outs = []
+    for c in (0.0, 1.0):
+        torch.manual_seed(5)
+        if device == "cuda":
+            torch.cuda.manual_seed(5)
+        c_dc = torch.full((H,), c, device=device, dtype=dtype, requires_grad=grad)
+        with torch.set_grad_enabled(grad):
+            out, _ = reweighted_attention(q, k, v, SCALE, num_dc, c_hp, c_dc, None, True, P)
+        outs.append(out.detach())
+    assert outs[0].abs().sum() > 0
+    assert_close(outs[1], 2 * outs[0], rtol=1e-5, atol=1e-6)
