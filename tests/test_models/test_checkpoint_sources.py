@@ -197,3 +197,18 @@ def test_pretrained_part_takes_the_image_encoder_keys(tmp_path):
         type="Pretrained_Part", checkpoint=str(tmp_path / "part.pth"))))  # fmt: skip
     model.init_weights()
     outputs_match(model.eval(), ref)
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_checkpoint_pos_embed_resized_with_interpolate_mode_like_mmseg(tmp_path, mode):
+    src = mmseg_vit(seed=8)  # a 4x4 grid
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "vit.pth")
+    kwargs = dict(img_size=(48, 40), interpolate_mode=mode)
+    ref = VisionTransformer(
+        **{**BASE, **kwargs}, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "vit.pth"))
+    )
+    ref.init_weights()  # mmseg resizes the stored grid to 6x5 with ``mode``
+    ours = fatr_vit(str(tmp_path / "vit.pth"), **kwargs)
+    assert_close(ours.pos_embed, ref.pos_embed, rtol=1e-6, atol=1e-6)
+    ref.eval()
+    outputs_match(ours, ref)

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mmengine.config import ConfigDict
 from mmseg.models.backbones import VisionTransformer
 from mmseg.registry import MODELS
@@ -269,3 +270,14 @@ def test_reduced_backbone_trains_with_every_mmseg_option():
     sum(t.square().mean() for t in flat(outs)).backward()
     for n, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
+
+
+def test_nearest_interpolation_works_where_mmseg_fails():
+    model = FATRViT(**BASE, interpolate_mode="nearest")
+    pos = model.interpolate_pos_embed((5, 4))
+    grid = model.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(5, 4), mode="nearest").flatten(2).transpose(1, 2)
+    assert_close(pos, torch.cat([model.pos_embed[:, :1], expected], dim=1), rtol=0, atol=0)
+    assert model(torch.randn(1, 3, 40, 32))[0].shape == (1, 32, 5, 4)
+    with pytest.raises(ValueError, match="align_corners"):  # mmseg passes align_corners=False
+        VisionTransformer(**BASE, interpolate_mode="nearest")(torch.randn(1, 3, 40, 32))

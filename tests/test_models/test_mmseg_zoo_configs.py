@@ -14,6 +14,7 @@ import mmseg
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
 from mmengine.utils import import_modules_from_strings
 from mmseg.registry import MODELS
@@ -81,6 +82,31 @@ def test_zoo_config_with_fatrvit_builds_and_trains(name):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert "backbone.blocks.0.attn.qkv.weight" in changed
     assert "backbone.blocks.11.attn.omega1" in changed  # FATR's reweighting trains too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vit/vit_vit-b16-ln_mln_upernet_8xb2-160k_ade20k-512x512.py",  # 4 maps + neck, final norm
+        "dpt/dpt_vit-b16_8xb2-160k_ade20k-512x512.py",  # [map, cls_token] per output
+    ],
+)
+def test_other_vit_zoo_configs_with_fatrvit_train(name):
+    """UPerNet (MultiLevelNeck) and DPT (output_cls_token=True) ViT-B configs, SyncBN as BN."""
+    root = os.path.dirname(ZOO)
+    cfg = Config.fromfile(os.path.join(root, name))
+    stock = MODELS.build(cfg.model.backbone)
+    cfg.model.backbone.type = "FATRViT"
+    cfg.model.backbone.reduction = dict(method="fatr")
+    cfg.custom_imports = dict(imports=["fatr_seg.models"], allow_failed_imports=False)
+    model = revert_sync_batchnorm(build(shrink(cfg)))
+    ours = {mmseg_name(k): v.shape for k, v in model.backbone.state_dict().items()
+            if not k.endswith(_FATR_ONLY)}  # fmt: skip
+    assert ours == {k: v.shape for k, v in stock.state_dict().items()}
+    model.train()
+    log = model.train_step(seg_batch(CROP, 150), build_optim_wrapper(model, cfg.optim_wrapper))
+    assert torch.isfinite(log["loss"])
 
 
 @torch.no_grad()
