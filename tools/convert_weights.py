@@ -5,9 +5,10 @@
 fatr_seg's format is timm's ViT key names in ``{'state_dict': ...}``, saved with ``torch.save``,
 or as a flat ``.safetensors`` file when DST ends in ``.safetensors``;
 ``init_cfg=dict(type='Pretrained', checkpoint=DST)`` loads either strictly. SRC may be ``.pth``,
-``.pt``, ``.bin`` (``torch.save``) or ``.safetensors``; a whole-segmentor checkpoint (``backbone.*``
-and ``decode_head.*``) keeps its prefixes, with the backbone's keys renamed. An existing DST is
-kept unless ``--overwrite`` is given.
+``.pt``, ``.bin`` (``torch.save``) or ``.safetensors``, or a URL / model-zoo prefix such as
+``https://download.openmmlab.com/...`` (read by mmengine's ``CheckpointLoader``); a
+whole-segmentor checkpoint (``backbone.*`` and ``decode_head.*``) keeps its prefixes, with the
+backbone's keys renamed. An existing DST is kept unless ``--overwrite`` is given.
 
 Typical use. timm weights: download them on a machine with internet, then convert::
 
@@ -43,6 +44,7 @@ sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), ".."))
 from fatr_seg.models.convert import (  # noqa: E402
     CheckpointError,
     detect_format,
+    is_remote,
     load_checkpoint_file,
     mmseg_vit_to_fatr,
     save_checkpoint_file,
@@ -56,15 +58,20 @@ SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 def convert(src: str, dst: str, fmt: str = "auto", overwrite: bool = False) -> str:
     """Convert ``src`` to fatr_seg's format at ``dst``; returns a one-line summary.
 
+    ``src`` may be a URL or a model-zoo prefix (``https://``, ``open-mmlab://`` ...), read
+    through mmengine's ``CheckpointLoader``.
+
     Raises:
-        CheckpointError: ``src`` is missing, unreadable, of an unsupported type or not a ViT of
-            the requested format; ``dst`` exists and ``overwrite`` is False.
+        CheckpointError: ``src`` is missing, unreadable, of an unsupported type, cannot be
+            downloaded, or is not a ViT of the requested format; ``dst`` exists and
+            ``overwrite`` is False.
     """
-    if not osp.isfile(src):
+    remote = is_remote(src)
+    if not remote and not osp.isfile(src):
         raise CheckpointError(f"checkpoint not found: {src}")
     if osp.lexists(dst) and not overwrite:
         raise CheckpointError(f"{dst} exists already: not overwriting it (--overwrite replaces it)")
-    if not src.endswith(SUFFIXES):
+    if not remote and not src.endswith(SUFFIXES):
         raise CheckpointError(
             f"unsupported checkpoint type {osp.splitext(src)[1] or '(none)'} for {src}: expected "
             f"one of {', '.join(SUFFIXES)} (for timm .npz weights, load them with timm and save "
@@ -100,7 +107,7 @@ def parse_args():
         description="Convert a timm ViT or mmseg VisionTransformer/Segmenter checkpoint to "
         "fatr_seg's format (timm key names, {'state_dict': ...})"
     )
-    parser.add_argument("src", help="source checkpoint (.pth/.pt/.bin/.safetensors)")
+    parser.add_argument("src", help="source checkpoint (.pth/.pt/.bin/.safetensors, or a URL)")
     parser.add_argument("dst", help="output path, e.g. pretrain/vit_small_patch16_384.pth "
                         "(.safetensors: a flat safetensors file)")  # fmt: skip
     parser.add_argument("--format", choices=["auto", *FORMATS], default="auto",

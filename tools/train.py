@@ -17,6 +17,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), ".."))
+from fatr_seg.models.convert import CheckpointError  # noqa: E402
 from fatr_seg.models.dist import setup_cpu_distributed  # noqa: E402
 from fatr_seg.models.preflight import PreflightError, check_config  # noqa: E402
 
@@ -59,7 +60,10 @@ def main():
         sys.exit(f"error: {err}")
     setup_cpu_distributed(cfg, args.launcher)  # mmengine 0.10.7 needs CUDA for --launcher
     runner = Runner.from_cfg(cfg)
-    runner.train()
+    try:
+        runner.train()
+    except CheckpointError as err:  # pretrained weights: unreadable, mismatched, not downloadable
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

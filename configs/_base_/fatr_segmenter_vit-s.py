@@ -31,7 +31,10 @@ model = dict(
         mlp_ratio=4.0,
         drop_rate=0.0,
         drop_path_rate=0.1,
-        norm_eps=1e-6,
+        # timm's ViT, whose weights these configs load (FATRViT's defaults are mmseg's: no patch
+        # bias, LayerNorm eps 1e-5, no final norm).
+        norm_cfg=dict(type='LN', eps=1e-6),
+        patch_bias=True,
         final_norm=True,
         out_indices=-1,
         # The 'fatr' preset fills the other keys: score='hf', aggregate='merge', metric='keys',

@@ -7,9 +7,10 @@ from .attention import Attention
 from .block import Block
 from .compact import CompactTokens, compact_tokens
 from .config import PRESETS, REDUCTION_DEFAULTS, ReductionConfig
+from .embed import PatchEmbed, resample_pos_embed
 from .reducer import TokenReducer
 from .restorer import TokenRestorer
-from .vit import FATRVisionTransformer, PatchEmbed, ReductionTrace
+from .vit import FATRVisionTransformer, ReductionTrace
 
 __all__ = [
     "PRESETS",
@@ -24,4 +25,5 @@ __all__ = [
     "TokenReducer",
     "TokenRestorer",
     "compact_tokens",
+    "resample_pos_embed",
 ]

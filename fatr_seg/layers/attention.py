@@ -49,8 +49,10 @@ class Attention(nn.Module):
         dim: Embedding dim C.
         num_heads: Heads h.
         qkv_bias: Bias on the qkv projection.
-        attn_drop: Kept for API parity; fused attention here runs without dropout.
+        attn_drop: Dropout on the attention probabilities in training (``dropout_p`` of the
+            fused kernel; see :func:`fatr_seg.ops.reweighted_attention` for the reweighted form).
         proj_drop: Dropout after the output projection.
+        proj_bias: Bias on the output projection.
         reweight: None, ``'identity'`` or ``'paper'``.
         dc_terms: Whether the sequence can hold DC tokens (creates ``omega2``).
         fused_attn: Use the fused kernel; None reads ``FATR_FUSED_ATTN``.
@@ -66,18 +68,20 @@ class Attention(nn.Module):
         reweight: str | None = None,
         dc_terms: bool = True,
         fused_attn: bool | None = None,
+        proj_bias: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        if attn_drop:
-            raise ValueError("attn_drop is not supported: fused attention runs without dropout")
+        if not 0.0 <= attn_drop < 1.0:
+            raise ValueError(f"attn_drop={attn_drop} is invalid: a probability in [0, 1)")
+        self.attn_drop = float(attn_drop)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.fused_attn = fused_attn_default() if fused_attn is None else fused_attn
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self.reweight = reweight
         if reweight is not None:
@@ -107,12 +111,13 @@ class Attention(nn.Module):
         B, n, C = x.shape
         qkv = self.qkv(x).reshape(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, h, n, d)
+        drop = self.attn_drop if self.training else 0.0
         if self.reweight is None:
-            out, lse = attention_with_lse(q, k, v, self.scale, key_bias, self.fused_attn)
+            out, lse = attention_with_lse(q, k, v, self.scale, key_bias, self.fused_attn, drop)
         else:
             out, lse = reweighted_attention(
                 q, k, v, self.scale, num_dc, 1 + self.omega1, getattr(self, "omega2", None),
-                key_bias, self.fused_attn,
+                key_bias, self.fused_attn, drop,
             )  # fmt: skip
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, n, C)))
         if not return_stats:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from timm.layers import DropPath, LayerScale, Mlp
 from torch import nn
@@ -25,12 +27,17 @@ class Block(nn.Module):
         num_heads: Attention heads.
         mlp_ratio: MLP hidden size / C.
         qkv_bias: Bias on qkv.
+        drop: Dropout after the attention projection and in the MLP.
         drop_path: Stochastic depth rate.
         init_values: LayerScale init; None disables LayerScale.
         reweight: Attention reweighting mode of this block (None before the first reduction).
         reducer: The reduction of this block, or None.
         dc_terms: Whether the sequence can hold DC tokens (reweighting then has ``omega2``).
         fused_attn: Use fused attention (None reads ``FATR_FUSED_ATTN``).
+        attn_drop: Dropout on the attention probabilities.
+        proj_bias: Bias on the attention's output projection.
+        act_layer: The MLP's activation (a module class or factory).
+        norm_eps: LayerNorm epsilon.
     """
 
     def __init__(
@@ -46,16 +53,20 @@ class Block(nn.Module):
         reducer: TokenReducer | None = None,
         dc_terms: bool = True,
         fused_attn: bool | None = None,
+        attn_drop: float = 0.0,
+        proj_bias: bool = True,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias, proj_drop=drop, reweight=reweight,
-                              dc_terms=dc_terms, fused_attn=fused_attn)  # fmt: skip
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, reweight, dc_terms,
+                              fused_attn, proj_bias)  # fmt: skip
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.reducer = reducer
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 

@@ -80,9 +80,14 @@ class CompactTokens:
         )
 
 
-def compact_tokens(tokens: torch.Tensor, state: TokenState) -> CompactTokens:
-    """Build :class:`CompactTokens` from a sequence ``[CLS, patches, DC]`` and its state."""
-    x = tokens[:, 1:]
+def compact_tokens(
+    tokens: torch.Tensor, state: TokenState, num_prefix_tokens: int = 1
+) -> CompactTokens:
+    """Build :class:`CompactTokens` from a sequence ``[CLS, patches, DC]`` and its state.
+
+    ``num_prefix_tokens`` is 1 with a CLS token, 0 for a sequence without one.
+    """
+    x = tokens[:, num_prefix_tokens:]
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     counts = x.new_zeros(x.shape[:2], dtype=dtype)
     counts.scatter_add_(1, state.source, torch.ones_like(state.source, dtype=dtype))

@@ -27,18 +27,22 @@ class TokenRestorer(nn.Module):
         self.mode = mode
 
     def forward(
-        self, x: torch.Tensor, state: TokenState, norm: nn.Module | None = None
+        self,
+        x: torch.Tensor,
+        state: TokenState,
+        norm: nn.Module | None = None,
+        num_prefix_tokens: int = 1,
     ) -> torch.Tensor:
-        """Restore ``x`` (B, 1 + M + D, C) to (B, C, H, W), H, W = ``state.hw_shape``.
+        """Restore ``x`` (B, P + M + D, C) to (B, C, H, W), H, W = ``state.hw_shape``.
 
         ``norm`` (a per-token norm such as the backbone's final LayerNorm) is applied after the
         restoration, so that in ``'residual'`` mode the residual lives in the same space as the
-        DC token it is added to.
+        DC token it is added to. ``num_prefix_tokens`` (P) is 1 with a CLS token, 0 without.
         """
         B, _, C = x.shape
         H, W = state.hw_shape
         residual = state.residual if self.mode == "residual" else None
-        grid = restore_tokens(x[:, 1:], state.source, residual)  # (B, H*W, C)
+        grid = restore_tokens(x[:, num_prefix_tokens:], state.source, residual)  # (B, H*W, C)
         if norm is not None:
             grid = norm(grid)
         return grid.transpose(1, 2).reshape(B, C, H, W)

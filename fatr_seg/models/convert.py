@@ -1,28 +1,36 @@
-"""Checkpoint conversion: timm ViT and mmseg ``VisionTransformer`` -> fatr_seg (timm) keys.
+"""Checkpoint reading and conversion: timm ViT and mmseg ``VisionTransformer`` -> timm keys.
 
 fatr_seg's backbone uses timm's ViT key names, so a timm checkpoint needs only its classifier
 dropped. mmseg's ``VisionTransformer`` (and Segmenter checkpoints, which wrap it as
 ``backbone.*``) use mmcv's ``MultiheadAttention`` / ``FFN`` names; they are renamed here.
 mmseg's ``VisionTransformer`` defaults to ``patch_bias=False`` (so do its Segmenter configs); such
 a checkpoint gets an explicit zero patch-embedding bias, which computes the same function.
+
+Checkpoints are read from local ``.pth``/``.safetensors`` files, or through mmengine's
+``CheckpointLoader`` from URLs and model-zoo prefixes (``https://``, ``open-mmlab://``,
+``torchvision://``, ``mmcls://`` ...).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 
 import torch
-import torch.nn.functional as F
+
+from ..layers.embed import resample_pos_embed
 
 __all__ = [
     "FATR_ONLY",
     "CheckpointError",
     "convert_state_dict",
     "detect_format",
+    "is_remote",
     "load_checkpoint_file",
     "load_state_strict",
+    "mmseg_name",
     "mmseg_vit_to_fatr",
     "resize_pos_embed",
     "save_checkpoint_file",
@@ -31,15 +39,21 @@ __all__ = [
 
 WEIGHTS_HELP = "see README.md, section 'Pretrained weights'"
 
-# mmseg VisionTransformer -> timm names (per block, then the rest).
-_MMSEG_BLOCK = [
-    (r"ln1\.", "norm1."),
-    (r"attn\.attn\.in_proj_weight", "attn.qkv.weight"),
-    (r"attn\.attn\.in_proj_bias", "attn.qkv.bias"),
-    (r"attn\.attn\.out_proj\.", "attn.proj."),
-    (r"ln2\.", "norm2."),
-    (r"ffn\.layers\.0\.0\.", "mlp.fc1."),
-    (r"ffn\.layers\.1\.", "mlp.fc2."),
+# mmseg VisionTransformer name prefix <-> timm name prefix: inside a block ...
+_BLOCK_NAMES = [
+    ("ln1.", "norm1."),
+    ("attn.attn.in_proj_weight", "attn.qkv.weight"),
+    ("attn.attn.in_proj_bias", "attn.qkv.bias"),
+    ("attn.attn.out_proj.", "attn.proj."),
+    ("ln2.", "norm2."),
+    ("ffn.layers.0.0.", "mlp.fc1."),
+    ("ffn.layers.1.", "mlp.fc2."),
+]
+# ... and outside the blocks (``ln1`` is the final norm there).
+_TOP_NAMES = [
+    ("patch_embed.projection.", "patch_embed.proj."),
+    ("ln1.", "norm."),
+    ("ln_pre.", "norm_pre."),
 ]
 _TIMM_DROP = ("head.", "fc_norm.", "head_drop.")
 #: Key suffixes of the parameters that exist only with a reduction: a plain ViT checkpoint lacks
@@ -48,30 +62,119 @@ _TIMM_DROP = ("head.", "fc_norm.", "head_drop.")
 FATR_ONLY = (".attn.omega1", ".attn.omega2", ".reducer.dc_pos")
 
 
+def _rename(key: str, to_timm: bool) -> str:
+    """One backbone key (no ``backbone.`` prefix) renamed between mmseg's and timm's names."""
+    src, dst = (0, 1) if to_timm else (1, 0)
+    blocks = ("layers.", "blocks.") if to_timm else ("blocks.", "layers.")
+    m = re.match(re.escape(blocks[0]) + r"(\d+)\.(.*)", key)
+    if m:
+        rest = m.group(2)
+        for pair in _BLOCK_NAMES:
+            if rest.startswith(pair[src]):
+                rest = pair[dst] + rest[len(pair[src]) :]
+                break
+        return f"{blocks[1]}{m.group(1)}.{rest}"
+    for pair in _TOP_NAMES:
+        if key.startswith(pair[src]):
+            return pair[dst] + key[len(pair[src]) :]
+    return key
+
+
+def mmseg_name(key: str) -> str:
+    """The name mmseg's ``VisionTransformer`` gives the parameter fatr_seg calls ``key``."""
+    return _rename(key, to_timm=False)
+
+
+def is_remote(path: str) -> bool:
+    """Whether ``path`` is a URL or a model-zoo prefix (read by mmengine's CheckpointLoader)."""
+    return "://" in path
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with a message that names the problem."""
 
 
-def load_checkpoint_file(path: str) -> dict:
-    """Read a checkpoint's state dict (accepts ``{'state_dict': ...}``, ``{'model': ...}``).
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
 
-    ``.safetensors`` files are read with safetensors; anything else with ``torch.load``
-    (``weights_only=True``).
+
+def _download(url: str) -> str:
+    """Download ``url`` once into torch hub's checkpoint folder (as mmengine's http loader).
+
+    The file name starts with a hash of the URL: hub URLs of different models often end in the
+    same name (``.../model.safetensors``). In a distributed run rank 0 downloads first; the
+    others then find the file.
     """
+    from mmengine.dist import barrier, get_dist_info
+
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    path = os.path.join(folder, f"{digest}_{os.path.basename(url.split('?')[0])}")
+
+    def fetch() -> None:
+        if not os.path.isfile(path):
+            os.makedirs(folder, exist_ok=True)
+            torch.hub.download_url_to_file(url, path, progress=False)
+
+    rank, world_size = get_dist_info()
+    if rank == 0:
+        fetch()
+    if world_size > 1:
+        barrier()
+    if rank > 0:
+        fetch()
+    return path
+
+
+def _read_remote(path: str):
+    """Read a checkpoint from a URL or model-zoo prefix; any failure is one CheckpointError."""
+    from mmengine.runner import CheckpointLoader
+
+    try:
+        if path.startswith(("http://", "https://")) and path.split("?")[0].endswith(".safetensors"):
+            # mmengine reads URLs with torch.load, which cannot read safetensors.
+            return _read_local(_download(path))
+        return CheckpointLoader.load_checkpoint(path, map_location="cpu", logger="current")
+    except CheckpointError:
+        raise
+    except Exception as err:  # urllib, torch.load and the zoo lookups raise many types
+        hint = (
+            "a model name mmengine's model zoo does not know"
+            if isinstance(err, KeyError)
+            else "without network access, download it elsewhere and give the local file"
+        )
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: {_first_line(err)} ({hint}; {WEIGHTS_HELP})"
+        ) from err
+
+
+def _read_local(path: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path} ({WEIGHTS_HELP})")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            ckpt = load_file(path, device="cpu")
-        else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load / safetensors raise many types on a bad file
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(err).__name__}: {first}"
-        ) from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from err
+
+
+def load_checkpoint_file(path: str) -> dict:
+    """Read a checkpoint's state dict (accepts ``{'state_dict': ...}``, ``{'model': ...}``).
+
+    Local ``.safetensors`` files are read with safetensors, other local files with
+    ``torch.load`` (``weights_only=True``). URLs and model-zoo prefixes (see :func:`is_remote`)
+    go through mmengine's ``CheckpointLoader``, as mmseg's own backbones load them (its http
+    loader caches the file under torch hub's folder and unpickles it fully, i.e. trusts the
+    source); a ``.safetensors`` URL is downloaded to the same cache and read with safetensors.
+
+    Raises:
+        CheckpointError: A missing or unreadable file, a failed download (the message names the
+            URL), or a file without a state dict.
+    """
+    ckpt = _read_remote(path) if is_remote(path) else _read_local(path)
     for key in ("state_dict", "model", "module"):
         if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
             ckpt = ckpt[key]
@@ -132,18 +235,7 @@ def mmseg_vit_to_fatr(state_dict: dict) -> dict:
         if prefix == "" and any(k.startswith("backbone.") for k in state_dict):
             out[key] = v  # a segmentor's head or neck
             continue
-        k = key[len(prefix) :]
-        m = re.match(r"layers\.(\d+)\.(.*)", k)
-        if m:
-            rest = m.group(2)
-            for pat, rep in _MMSEG_BLOCK:
-                rest = re.sub("^" + pat, rep, rest)
-            k = f"blocks.{m.group(1)}.{rest}"
-        elif k.startswith("patch_embed.projection."):
-            k = k.replace("patch_embed.projection.", "patch_embed.proj.")
-        elif k.startswith("ln1."):
-            k = k.replace("ln1.", "norm.")
-        out[prefix + k] = v
+        out[prefix + _rename(key[len(prefix) :], to_timm=True)] = v
     # patch_bias=False (mmseg's default): a zero bias is the same function.
     for pre in {k[: -len("patch_embed.proj.weight")] for k in out
                 if k.endswith("patch_embed.proj.weight")}:  # fmt: skip
@@ -158,18 +250,16 @@ def convert_state_dict(state_dict: dict) -> dict:
     return timm_to_fatr(state_dict) if fmt == "fatr" else mmseg_vit_to_fatr(state_dict)
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
-    """Resize a (1, 1 + h·w, C) square-grid positional embedding to ``new_grid`` (bicubic)."""
+def resize_pos_embed(
+    pos_embed: torch.Tensor, new_grid: tuple[int, int], mode: str = "bicubic"
+) -> torch.Tensor:
+    """Resize a checkpoint's (1, 1 + h·w, C) square-grid positional embedding to ``new_grid``."""
     n = pos_embed.shape[1] - 1
     side = math.isqrt(n)
     if side * side != n:
         raise CheckpointError(f"pos_embed with {n} patch positions is not a square grid")
-    if (side, side) == tuple(new_grid):
-        return pos_embed
-    grid = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
-    grid = grid.flatten(2).transpose(1, 2).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:, :1], grid], dim=1)
+    out = resample_pos_embed(pos_embed.float(), (side, side), new_grid, mode)
+    return out.to(pos_embed.dtype)
 
 
 def load_state_strict(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .convert import is_remote
+
 __all__ = ["PreflightError", "check_config", "check_config_paths", "check_model"]
 
 # README section on getting each dataset, by dataset type; other types point to ADE20K's.
@@ -45,7 +47,8 @@ def check_config_paths(cfg, train: bool = True) -> None:
     Args:
         cfg: An mmengine ``Config``.
         train: Check what training reads (training and validation data, the backbone's
-            pretrained checkpoint); else what testing reads (the test data).
+            pretrained checkpoint, a distillation teacher; local paths only, URLs and
+            model-zoo prefixes are left to the loader); else what testing reads (the test data).
     """
     # A Runner builds a loader only when its loop runs: training never reads the test data.
     loaders = ["val_dataloader", "train_dataloader"] if train else ["test_dataloader"]
@@ -57,10 +60,9 @@ def check_config_paths(cfg, train: bool = True) -> None:
             if not os.path.isdir(path):
                 raise PreflightError(f"data directory not found: {path} ({name}; {hint})")
     if train:
-        init_cfg = (cfg.get("model", {}).get("backbone") or {}).get("init_cfg") or {}
-        ckpt = init_cfg.get("checkpoint") if init_cfg.get("type") == "Pretrained" else None
-        if ckpt and "://" not in ckpt and not os.path.isfile(ckpt):
-            raise PreflightError(f"pretrained checkpoint not found: {ckpt} ({WEIGHTS_HELP})")
+        for ckpt in _pretrained_checkpoints(cfg.get("model") or {}):
+            if not is_remote(ckpt) and not os.path.isfile(ckpt):
+                raise PreflightError(f"pretrained checkpoint not found: {ckpt} ({WEIGHTS_HELP})")
         # DistillEncoderDecoder: the trained unreduced segmentor it distils from.
         teacher = cfg.get("model", {}).get("teacher_checkpoint")
         if teacher and not os.path.isfile(teacher):
@@ -72,6 +74,20 @@ def check_config_paths(cfg, train: bool = True) -> None:
 
 # Where a distillation teacher comes from (``DistillEncoderDecoder``'s ``teacher_checkpoint``).
 DISTILL_HELP = "see README.md, section 'Fine-tune a trained Segmenter into FATR'"
+
+
+def _pretrained_checkpoints(model: dict) -> list[str]:
+    """Checkpoints the backbone loads: its ``init_cfg`` and mmseg's ``pretrained`` keys.
+
+    mmseg's zoo configs set ``model.pretrained``; the segmentor hands it to the backbone.
+    """
+    backbone = model.get("backbone") or {}
+    init_cfgs = backbone.get("init_cfg") or []
+    init_cfgs = init_cfgs if isinstance(init_cfgs, list | tuple) else [init_cfgs]
+    paths = [c.get("checkpoint") for c in init_cfgs
+             if c.get("type") in ("Pretrained", "Pretrained_Part")]  # fmt: skip
+    paths += [model.get("pretrained"), backbone.get("pretrained")]
+    return [p for p in paths if isinstance(p, str) and p]
 
 
 def check_model(cfg) -> None:

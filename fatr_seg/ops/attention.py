@@ -33,8 +33,9 @@ def attention(
     scale: float,
     key_bias: torch.Tensor | None = None,
     fused: bool = True,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Softmax attention ``softmax(q kᵀ · scale + key_bias) v``.
+    """Softmax attention ``dropout(softmax(q kᵀ · scale + key_bias)) v``.
 
     Args:
         q: Queries, (B, h, n, d).
@@ -43,17 +44,25 @@ def attention(
         scale: Logit scale, usually ``d ** -0.5``.
         key_bias: Optional additive bias per key, (B, n); ``-inf`` removes a key.
         fused: Use ``F.scaled_dot_product_attention``; otherwise the explicit softmax.
+        dropout_p: Dropout on the attention probabilities (pass 0 outside training), as
+            ``nn.MultiheadAttention``'s ``dropout`` and timm's ``attn_drop``: kept entries are
+            scaled by ``1 / (1 - dropout_p)``.
 
     Returns:
         (B, h, n, dv).
     """
     bias = _bias_4d(key_bias, q.dtype)
     if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale
+        )
     logits = (q @ k.transpose(-2, -1)) * scale  # (B, h, n, n): debug path only
     if bias is not None:
         logits = logits + bias
-    return logits.softmax(dim=-1) @ v
+    attn = logits.softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, dropout_p)
+    return attn @ v
 
 
 def attention_with_lse(
@@ -63,6 +72,7 @@ def attention_with_lse(
     scale: float,
     key_bias: torch.Tensor | None = None,
     fused: bool = True,
+    dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention that also returns the per-row log-sum-exp when the fused kernel exposes it.
 
@@ -73,14 +83,15 @@ def attention_with_lse(
 
     Returns:
         ``out`` (B, h, n, dv) and ``lse`` (B, h, n) float32, or None where no kernel exposes it
-        (CUDA, the explicit path, different value width).
+        (CUDA, the explicit path, different value width, attention dropout: the CPU flash kernel
+        has none, so ``F.scaled_dot_product_attention`` then takes its math path).
     """
-    if fused and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]:
+    if fused and q.device.type == "cpu" and v.shape[-1] == q.shape[-1] and dropout_p == 0.0:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=_bias_4d(key_bias, q.dtype), scale=scale
         )
         return out, lse.to(torch.promote_types(q.dtype, torch.float32))
-    return attention(q, k, v, scale, key_bias, fused), None
+    return attention(q, k, v, scale, key_bias, fused, dropout_p), None
 
 
 def _pad_width(num_dc: int) -> int:
@@ -98,6 +109,7 @@ def reweighted_attention(
     coef_dc: torch.Tensor | None,
     key_bias: torch.Tensor | None = None,
     fused: bool = True,
+    dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FATR's reweighted attention ``Â V`` in one attention call.
 
@@ -118,6 +130,12 @@ def reweighted_attention(
     The DC tokens are the last ``num_dc`` tokens of the sequence. Keys removed by ``key_bias``
     (``-inf``, e.g. DC windows that hold no token yet) are left out of ``mean_tokens`` too.
 
+    Attention dropout (``dropout_p``) drops entries of ``A`` itself, as in a plain ViT block:
+    ``Â = A_LP + coef_hp · (Ã - A_LP) + coef_dc · Ã_DC`` with ``Ã`` the dropped (and rescaled)
+    ``A``, which is plain attention dropout when the coefficients are 1 and 0. Both ``Ã V`` and
+    ``Ã[:, DC]`` then come from the one-hot call, so they see the same dropped entries; the
+    log-sum-exp shortcut would read the undropped ``A`` and is not used.
+
     Args:
         q, k, v: (B, h, n, d).
         scale: Logit scale.
@@ -127,6 +145,7 @@ def reweighted_attention(
             (``num_dc`` must then be 0).
         key_bias: Optional additive bias per key, (B, n).
         fused: Use the fused kernel.
+        dropout_p: Attention dropout (pass 0 outside training).
 
     Returns:
         ``Â V`` (B, h, n, d) and the row log-sum-exp of ``A`` (B, h, n) or None.
@@ -139,7 +158,7 @@ def reweighted_attention(
     )
     lse_exposed = fused and q.device.type == "cpu"
     dc_term = None
-    if num_dc > 0 and (needs_grad or not lse_exposed):
+    if num_dc > 0 and (needs_grad or not lse_exposed or dropout_p > 0.0):
         pad = num_dc if q.device.type == "cpu" else _pad_width(num_dc)
         onehot = v.new_zeros(n, pad)
         onehot[n - num_dc :, :num_dc] = torch.eye(num_dc, dtype=v.dtype, device=v.device)
@@ -151,11 +170,12 @@ def reweighted_attention(
             scale,
             key_bias,
             fused,
+            dropout_p,
         )
         av, a_dc = out[..., :d], out[..., d : d + num_dc]  # (B,h,n,d), (B,h,n,num_dc)
         dc_term = a_dc @ v[:, :, n - num_dc :]  # (B, h, n, d)
     else:
-        av, lse = attention_with_lse(q, k, v, scale, key_bias, fused)
+        av, lse = attention_with_lse(q, k, v, scale, key_bias, fused, dropout_p)
         if num_dc > 0:
             k_dc = k[:, :, n - num_dc :]
             logits = (q @ k_dc.transpose(-2, -1)).to(lse.dtype) * scale  # (B, h, n, D)

@@ -31,6 +31,8 @@ register_all_modules()
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOL = REPO_ROOT / "tools" / "convert_weights.py"
 EMBED, HEADS, DEPTH, PATCH, IMG = 48, 3, 4, 8, 64
+# timm's ViT in FATRViT's (mmseg's) arguments: patch bias, LayerNorm eps 1e-6, final norm.
+TIMM_LIKE = dict(norm_cfg=dict(type="LN", eps=1e-6), patch_bias=True, final_norm=True)
 REDUCTION = dict(layers=(2, 3, 4), keep_ratio=0.6, windows=(2, 2, 1))
 
 
@@ -80,7 +82,7 @@ def mmseg_vit(img_size=IMG, seed=0, **kwargs):
 
 def fatr_vit(checkpoint=None, img_size=IMG, **kwargs):
     kwargs = dict(img_size=img_size, patch_size=PATCH, embed_dims=EMBED, num_layers=DEPTH,
-                  num_heads=HEADS, **kwargs)  # fmt: skip
+                  num_heads=HEADS, **{**TIMM_LIKE, **kwargs})  # fmt: skip
     if checkpoint is not None:
         kwargs["init_cfg"] = dict(type="Pretrained", checkpoint=str(checkpoint))
     model = MODELS.build(dict(type="FATRViT", **kwargs))
@@ -199,7 +201,7 @@ def test_reduced_backbone_loads_the_same_checkpoint(timm_model, timm_ckpt):
 )
 def test_mismatched_checkpoint_names_the_problem(timm_ckpt, kwargs, match):
     cfg = dict(img_size=IMG, patch_size=PATCH, embed_dims=EMBED, num_layers=DEPTH,
-               num_heads=HEADS)  # fmt: skip
+               num_heads=HEADS, **TIMM_LIKE)  # fmt: skip
     cfg["init_cfg"] = dict(type="Pretrained", checkpoint=str(timm_ckpt))
     model = MODELS.build(dict(type="FATRViT", **{**cfg, **kwargs}))
     with pytest.raises(CheckpointError, match=match) as err:
@@ -241,9 +243,10 @@ def test_mmseg_checkpoint_gives_mmseg_features(tmp_path, patch_bias):
 def tiny_segmentor(backbone_type, num_classes=5, **backbone):
     backbone = dict(type=backbone_type, img_size=IMG, patch_size=PATCH, embed_dims=EMBED,
                     num_layers=DEPTH, num_heads=HEADS, **backbone)  # fmt: skip
-    if backbone_type == "VisionTransformer":
-        backbone.update(norm_cfg=dict(type="LN", eps=1e-6), final_norm=True,
-                        with_cls_token=True, interpolate_mode="bicubic")  # fmt: skip
+    backbone.update(norm_cfg=dict(type="LN", eps=1e-6), final_norm=True, with_cls_token=True,
+                    interpolate_mode="bicubic")  # fmt: skip
+    if backbone_type == "FATRViT":
+        backbone.update(patch_bias=True)  # the converted checkpoint holds a (zero) patch bias
     head = dict(type="SegmenterMaskTransformerHead", in_channels=EMBED, channels=EMBED,
                 num_classes=num_classes, num_layers=1, num_heads=HEADS, embed_dims=EMBED,
                 dropout_ratio=0.0)  # fmt: skip
@@ -368,7 +371,8 @@ def test_timm_vit_small_patch16_384_end_to_end(tmp_path):
 
     def build(**kwargs):
         cfg = dict(type="FATRViT", img_size=384, patch_size=16, embed_dims=384, num_layers=12,
-                   num_heads=6, init_cfg=dict(type="Pretrained", checkpoint=str(dst)))  # fmt: skip
+                   num_heads=6, init_cfg=dict(type="Pretrained", checkpoint=str(dst)),
+                   **TIMM_LIKE)  # fmt: skip
         model = MODELS.build({**cfg, **kwargs})
         model.init_weights()
         return model.eval()
