@@ -12,8 +12,10 @@ from torch import nn
 
 EMBED, HEADS, DEPTH, PATCH, IMG, CLASSES = 32, 2, 4, 8, 64, 5
 
+# timm's settings, as the repo's configs state them (FATRViT's own defaults are mmseg's).
 BACKBONE = dict(type="FATRViT", img_size=(IMG, IMG), patch_size=PATCH, embed_dims=EMBED,
-                num_layers=DEPTH, num_heads=HEADS, drop_path_rate=0.0,
+                num_layers=DEPTH, num_heads=HEADS, drop_path_rate=0.0, patch_bias=True,
+                final_norm=True, norm_cfg=dict(type="LN", eps=1e-6),
                 reduction=dict(layers=(2, 3), keep_ratio=0.5), compact_output=True)  # fmt: skip
 CE = dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)
 HEAD = dict(type="FATRSegmenterHead", in_channels=EMBED, channels=EMBED, num_heads=HEADS,

@@ -353,8 +353,9 @@ def analytic_vit_macs(
 
     * scores: ``n² · C`` per exact HF score (``q kᵀ`` once more), ``n · C`` for the logit proxy
       and the CLS attention, plus ``D · n · C`` for an HF score that sees D DC tokens (their
-      query logits, so that empty windows do not vote); similarities: one dot product (head dim for keys, C for tokens)
-      per compared pair (bipartite A×B, 2×2 windows, dropped × kept for nearest merging);
+      query logits, so that empty windows do not vote); similarities: one dot product (head
+      dim for keys, C for tokens) per compared pair (bipartite A×B, 2×2 windows, dropped ×
+      kept for nearest merging);
     * DC term of the reweighted attention: ``2 · n · D · C`` in every block after the first
       reduction that sees ``D > 0`` DC tokens (only if ``reduction.reweight`` is set).
 
