@@ -87,5 +87,10 @@ class FATRSegmenterHead(SegmenterMaskTransformerHead):
         classes = F.normalize(self.classes_proj(z[:, n:]), dim=2, p=2)
         masks = self.mask_norm(patches @ classes.transpose(1, 2))  # (B, n, num_classes)
         if isinstance(x, CompactTokens):
-            return x.scatter(masks)
-        return masks.transpose(1, 2).reshape(b, self.num_classes, h, w)
+            logits = x.scatter(masks)
+        else:
+            logits = masks.transpose(1, 2).reshape(b, self.num_classes, h, w)
+        # Contiguous, as mmseg's head makes it: the (B, K, H, W) view of (B, N, K) masks has
+        # channels-last strides, and resizing 150 such channels to the image size then took
+        # 5-6x as long (2.4 s vs 0.42 s at 512², one thread) as on a contiguous tensor.
+        return logits.contiguous()
