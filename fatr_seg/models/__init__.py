@@ -1,12 +1,25 @@
 """mmseg/mmengine glue: the only part of ``fatr_seg`` that imports mmseg, mmengine or mmcv.
 
-Importing it (e.g. through ``custom_imports``) also makes mmengine checkpoints loadable under
-torch >= 2.6's ``weights_only=True`` default (see :mod:`fatr_seg.models.compat`).
+Importing it (e.g. through ``custom_imports``) registers ``FATRViT``, ``FATRSegmenterHead`` and
+``AllowMMEngineCheckpointsHook`` in mmseg's registries and changes nothing else: what touches
+process-wide state (torch's ``weights_only`` allow-list, the CPU process group) is done by a call,
+:func:`allow_mmengine_checkpoints` and :func:`setup_cpu_distributed` (both made by
+:func:`fatr_seg.models.runtime.build_runner`, which ``tools/train.py`` and ``tools/test.py`` use),
+or by the hook a config lists.
 """
 
-from . import compat  # noqa: F401
 from .backbone import FATRViT
+from .compat import AllowMMEngineCheckpointsHook, allow_mmengine_checkpoints
 from .convert import CheckpointError, convert_state_dict
+from .dist import setup_cpu_distributed
 from .segmenter_head import FATRSegmenterHead
 
-__all__ = ["CheckpointError", "FATRSegmenterHead", "FATRViT", "convert_state_dict"]
+__all__ = [
+    "AllowMMEngineCheckpointsHook",
+    "CheckpointError",
+    "FATRSegmenterHead",
+    "FATRViT",
+    "allow_mmengine_checkpoints",
+    "convert_state_dict",
+    "setup_cpu_distributed",
+]
