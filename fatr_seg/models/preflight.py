@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
+from .convert import WEIGHTS_HELP
+
 __all__ = ["PreflightError", "check_config", "check_config_paths", "check_model"]
 
 DATA_HELP = "see README.md, section 'ADE20K'"
-WEIGHTS_HELP = "see README.md, section 'Pretrained weights'"
 
 
 class PreflightError(RuntimeError):
