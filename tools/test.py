@@ -23,11 +23,7 @@ def parse_args():
     parser.add_argument("--out", help="dir to save the predicted segmentation maps")
     parser.add_argument("--show-dir", help="dir to save painted predictions")
     parser.add_argument("--mode", choices=["whole", "slide"], help="override test_cfg.mode")
-    add_runner_args(
-        parser,
-        work_dir_help="the dir to save the evaluation metrics",
-        cfg_options_help="override config settings",
-    )
+    add_runner_args(parser, "the dir to save the evaluation metrics", "override config settings")
     return parser.parse_args()
 
 

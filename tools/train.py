@@ -21,11 +21,8 @@ def parse_args():
     parser.add_argument("config", help="train config file path")
     parser.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
     parser.add_argument("--amp", action="store_true", help="automatic mixed precision training")
-    add_runner_args(
-        parser,
-        work_dir_help="the dir to save logs and models",
-        cfg_options_help="override config settings, e.g. train_cfg.max_iters=100",
-    )
+    add_runner_args(parser, "the dir to save logs and models",
+                    "override config settings, e.g. train_cfg.max_iters=100")  # fmt: skip
     return parser.parse_args()
 
 

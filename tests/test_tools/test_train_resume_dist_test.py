@@ -29,16 +29,11 @@ TINY_CONFIG = """
 _base_ = [{base!r}]
 crop_size = (64, 64)
 custom_hooks = []
-pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='PackSegInputs'),
-]
-train_dataloader = dict(
+train_dataloader = dict(  # no random crop or flip: their draws are not part of a checkpoint
     batch_size=2,
     num_workers=0,
     sampler=dict(type='InfiniteSampler', shuffle=True, seed=0),
-    dataset=dict(data_root={data_root!r}, pipeline=pipeline))
+    dataset=dict(data_root={data_root!r}, pipeline={{{{_base_.test_pipeline}}}}))
 test_dataloader = dict(num_workers=0, dataset=dict(data_root={data_root!r}))
 val_dataloader = None
 val_evaluator = None
