@@ -4,7 +4,7 @@ On a small machine shared with other jobs, torch's default (one OpenMP thread pe
 every parallel op waits for all its threads, and a thread that shares its core with another busy
 process is scheduled late, so each op runs at the pace of the slowest core. The demo's training
 step (ViT-T, batch 16 of 192²) took several times longer with 2 threads than with 1 on a 2-core
-machine with one other busy process (``docs/benchmarks.md``, "Demo").
+machine with other busy processes (``docs/benchmarks.md``, "Demo").
 
 :func:`busy_cpus` measures the load from ``/proc/stat`` over a short interval (the load average
 lags by minutes and counts the caller's own work that just ended); :func:`choose_threads` turns it
@@ -77,9 +77,17 @@ class ThreadChoice:
     reason: str
 
     def env(self) -> dict[str, str]:
-        """Environment variables that make a child process's torch use :attr:`threads`."""
+        """Environment variables that make a child process's torch use :attr:`threads`.
+
+        With more than one thread, ``OMP_WAIT_POLICY=PASSIVE`` too: a thread that reaches the
+        end of a parallel op first then sleeps instead of spinning, so load that appears while
+        the job runs slows it down instead of stalling it (measured in ``docs/benchmarks.md``).
+        """
         n = str(self.threads)
-        return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+        env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+        if self.threads > 1:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        return env
 
     def __str__(self) -> str:
         return f"{self.threads} thread{'s' if self.threads > 1 else ''} ({self.reason})"
@@ -90,6 +98,13 @@ def choose_threads(
 ) -> ThreadChoice:
     """Threads for a CPU job started now: one per CPU that other processes leave free.
 
+    When none is free (the machine is saturated), one per CPU again: the threads then get a fair
+    share of every CPU instead of one thread's share, and with ``OMP_WAIT_POLICY=PASSIVE``
+    (:meth:`ThreadChoice.env`) a thread waiting for a descheduled partner sleeps instead of
+    spinning. On the 2-core machine, saturated by other jobs, the demo's training step ran at a
+    median 1.5 to 2.5 s with 2 passive threads, 1.9 to 4.5 s with 1 thread and 11 to 25 s with
+    torch's default (2 spinning threads): ``docs/benchmarks.md``, "Demo".
+
     Args:
         requested: A count the user asked for (e.g. ``--threads``); taken as is. Otherwise
             ``OMP_NUM_THREADS`` from the environment is taken as is when set.
@@ -98,8 +113,8 @@ def choose_threads(
         interval: Measuring time in seconds.
 
     Returns:
-        At least 1 and at most the usable CPUs: ``floor(cpus - busy + MAX_BUSY_PER_THREAD)``,
-        so a CPU counts as free when less than a quarter of it is busy.
+        ``floor(cpus - busy + MAX_BUSY_PER_THREAD)`` (a CPU counts as free when less than a
+        quarter of it is busy), or all usable CPUs when that is 0.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cpus = max(1, cpus or 1)
@@ -114,8 +129,11 @@ def choose_threads(
         busy = busy_cpus(interval)
     if busy is None:
         return ThreadChoice(cpus, cpus, None, "CPU load unknown (no /proc/stat): one per CPU")
-    threads = max(1, min(cpus, math.floor(cpus - busy + MAX_BUSY_PER_THREAD)))
+    free = min(cpus, math.floor(cpus - busy + MAX_BUSY_PER_THREAD))
     reason = f"{busy:.1f} of {cpus} CPUs busy with other processes"
-    if threads < cpus:
-        reason += f": {threads} that do not wait on a shared core"
-    return ThreadChoice(threads, cpus, busy, reason)
+    if free < 1:
+        reason += ": none free, one passive thread per CPU for a fair share"
+        return ThreadChoice(cpus, cpus, busy, reason)
+    if free < cpus:
+        reason += f": {free} on the free CPU{'s' if free > 1 else ''} only"
+    return ThreadChoice(free, cpus, busy, reason)

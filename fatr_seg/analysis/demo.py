@@ -111,8 +111,8 @@ def cfg_options(args, train=False):
                 for loader in ("val_dataloader", "test_dataloader")]  # fmt: skip
     if train and args.max_iters:
         n = args.max_iters
-        # The demo configs' schedule: param_scheduler[0] warms up for 50 iterations (a sixth of
-        # a shorter run), param_scheduler[1] decays from there to max_iters.
+        # The demo configs' schedule: param_scheduler[0] warms up for a sixth of the run (at most
+        # 50 iterations), param_scheduler[1] decays from there to max_iters.
         warm = max(1, min(50, n // 6))
         opts += [f"train_cfg.max_iters={n}", f"default_hooks.checkpoint.interval={n}",
                  f"param_scheduler.0.end={warm}", f"param_scheduler.1.begin={warm}",
