@@ -6,14 +6,13 @@ Multi-process: ``tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS`` (torchrun).
 
 import argparse
 import os.path as osp
-import sys
 import warnings
 
 # mmengine and mmcv import pkg_resources (hence setuptools < 81); its deprecation notice is noise.
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from fatr_seg.models.preflight import PreflightError
-from fatr_seg.models.runner import add_runner_args, build_runner, load_config
+from fatr_seg.models.runner import add_runner_args, run_tool
 
 
 def parse_args():
@@ -27,25 +26,23 @@ def parse_args():
     return parser.parse_args()
 
 
+def configure(cfg, args):
+    """The options only testing has: the checkpoint, the inference mode and the outputs."""
+    if not osp.isfile(args.checkpoint):
+        raise PreflightError(f"checkpoint not found: {args.checkpoint}")
+    cfg.load_from = args.checkpoint
+    if args.mode:
+        cfg.model.test_cfg.mode = args.mode
+    if args.out:
+        cfg.test_evaluator["output_dir"] = args.out
+        cfg.test_evaluator["keep_results"] = True
+    if args.show_dir:
+        cfg.default_hooks.visualization.update(draw=True, show=False)
+        cfg.visualizer.save_dir = args.show_dir
+
+
 def main():
-    args = parse_args()
-    try:
-        cfg = load_config(args)
-        if not osp.isfile(args.checkpoint):
-            raise PreflightError(f"checkpoint not found: {args.checkpoint}")
-        cfg.load_from = args.checkpoint
-        if args.mode:
-            cfg.model.test_cfg.mode = args.mode
-        if args.out:
-            cfg.test_evaluator["output_dir"] = args.out
-            cfg.test_evaluator["keep_results"] = True
-        if args.show_dir:
-            cfg.default_hooks.visualization.update(draw=True, show=False)
-            cfg.visualizer.save_dir = args.show_dir
-        runner = build_runner(cfg, train=False)
-    except PreflightError as err:
-        sys.exit(f"error: {err}")
-    runner.test()
+    run_tool(parse_args(), configure, train=False)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,17 @@
 """Train a segmentor: ``python tools/train.py CONFIG [--work-dir DIR] [--resume] [--amp]``.
 
-Thin like mmseg's own: parse args, load the config, build a Runner
-(:func:`fatr_seg.models.runner.build_runner` checks the config's paths first), train.
+Thin like mmseg's own: parse args, then :func:`fatr_seg.models.runner.run_tool` loads the config,
+checks its paths, builds a Runner and trains.
 Multi-process: ``tools/dist_train.sh CONFIG NUM_PROCS`` (torchrun).
 """
 
 import argparse
-import sys
 import warnings
 
 # mmengine and mmcv import pkg_resources (hence setuptools < 81); its deprecation notice is noise.
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
-from fatr_seg.models.preflight import PreflightError
-from fatr_seg.models.runner import add_runner_args, build_runner, load_config
+from fatr_seg.models.runner import add_runner_args, run_tool
 
 
 def parse_args():
@@ -26,18 +24,16 @@ def parse_args():
     return parser.parse_args()
 
 
+def configure(cfg, args):
+    """The options only training has: mixed precision and resuming."""
+    if args.amp:
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+    cfg.resume = args.resume or cfg.get("resume", False)
+
+
 def main():
-    args = parse_args()
-    try:
-        cfg = load_config(args)
-        if args.amp:
-            cfg.optim_wrapper.type = "AmpOptimWrapper"
-            cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
-        cfg.resume = args.resume or cfg.get("resume", False)
-        runner = build_runner(cfg, train=True)
-    except PreflightError as err:
-        sys.exit(f"error: {err}")
-    runner.train()
+    run_tool(parse_args(), configure, train=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .compat import allow_mmengine_checkpoints
 from .dist import setup_cpu_distributed
 from .preflight import PreflightError, check_config
 
-__all__ = ["LAUNCHERS", "add_runner_args", "build_runner", "load_config"]
+__all__ = ["LAUNCHERS", "add_runner_args", "build_runner", "load_config", "run_tool"]
 
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 
@@ -75,3 +75,26 @@ def build_runner(cfg: Config, train: bool):
     allow_mmengine_checkpoints()
     setup_cpu_distributed(cfg, cfg.get("launcher", "none"))
     return Runner.from_cfg(cfg)
+
+
+def run_tool(args, configure, train: bool) -> None:
+    """What ``tools/train.py`` and ``tools/test.py`` do with their parsed ``args``.
+
+    Load the config (:func:`load_config`), let ``configure(cfg, args)`` apply the tool's own
+    options, build the Runner (:func:`build_runner`), then train or test.
+
+    Raises:
+        SystemExit: With one line (``error: ...``) for a :class:`PreflightError`: a missing
+            config, checkpoint, data directory or pretrained checkpoint, or model parts that do
+            not fit together. Nothing has been built then.
+    """
+    try:
+        cfg = load_config(args)
+        configure(cfg, args)
+        runner = build_runner(cfg, train=train)
+    except PreflightError as err:
+        raise SystemExit(f"error: {err}") from None
+    if train:
+        runner.train()
+    else:
+        runner.test()
