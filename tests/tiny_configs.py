@@ -40,7 +40,7 @@ TINY_MODEL = """model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(
         img_size=crop_size, embed_dims=32, num_layers=4, num_heads=2, drop_path_rate=0.0,
-        reduction=dict(layers=(2, 3), windows=(2, 1)), compact_output=True),
+        reduction=dict(layers=(2, 3), aggregate='dc', windows=(2, 1)), compact_output=True),
     # The main configs' head (Segmenter mask transformer on the reduced tokens), not the demo's
     # linear decoder, so training, testing and resuming cover the compact path.
     decode_head=dict(

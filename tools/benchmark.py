@@ -102,11 +102,9 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 import torch
 
-ROOT = osp.abspath(osp.join(osp.dirname(osp.abspath(__file__)), ".."))
-sys.path.insert(0, ROOT)
-from fatr_seg.analysis.benchmark import DEFAULT_TARGETS, TARGETS, benchmark  # noqa: E402
-from fatr_seg.analysis.benchmark_models import DTYPES  # noqa: E402
-from fatr_seg.analysis.benchmark_report import write_outputs  # noqa: E402
+from fatr_seg.analysis.benchmark import DEFAULT_TARGETS, TARGETS, benchmark
+from fatr_seg.analysis.benchmark_models import DTYPES
+from fatr_seg.analysis.benchmark_report import write_outputs
 
 DEFAULT_CONFIGS = ["configs/baseline_vit-s_ade20k.py", "configs/fatr_ade20k.py"]
 QUICK = dict(shapes=[(64, 64), (128, 128)], batch_sizes=[1, 2], iters=2, warmup=1)

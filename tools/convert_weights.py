@@ -40,8 +40,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 import torch
 
-sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), ".."))
-from fatr_seg.models.convert import (  # noqa: E402
+from fatr_seg.models.convert import (
     CheckpointError,
     detect_format,
     is_remote,

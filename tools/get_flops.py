@@ -17,6 +17,9 @@ and in-place matmul formulas it lacks), for ONE image of the given shape, on CPU
 MACs = FLOPs / 2 of matmul-like ops; elementwise ops count zero. Pretrained weights are never
 loaded (``init_cfg`` is cleared): the count depends on shapes only.
 
+The counting and the tables are :mod:`fatr_seg.analysis.flops_report`; this file is the command
+line.
+
 JSON schema (``--json``), compare mode::
 
     {"schema": "fatr_seg.get_flops/1", "unit": "MACs", "shape": [H, W], "tokens": N,
@@ -41,42 +44,21 @@ JSON schema (``--json``), compare mode::
 """
 
 import argparse
-import datetime
 import json
+import os
 import os.path as osp
 import sys
 import warnings
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
-import torch
-
-sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), ".."))
-from fatr_seg.analysis import analytic_vit_macs, count_macs  # noqa: E402
-from fatr_seg.layers import FATRVisionTransformer  # noqa: E402
-
-# The paper's MAC table (Lee et al., NeurIPS 2025; see ../shared/paper.md, "Cost check"):
-# (name, input size, patch size, embed dim, heads, baseline GMACs, FATR GMACs).
-PAPER_MACS = (
-    ("DeiT-T/16", 224, 16, 192, 3, 1.3, 0.8),
-    ("DeiT-S/16", 224, 16, 384, 6, 4.6, 3.0),
-    ("DeiT-B/16", 224, 16, 768, 12, 17.6, 11.6),
-    ("ViT-S/16", 384, 16, 384, 6, 15.5, 9.9),
-    ("ViT-B/16", 384, 16, 768, 12, 55.5, 35.9),
-    ("ViT-B/8", 224, 8, 768, 12, 78.3, 50.0),
+from fatr_seg.analysis.flops_report import (
+    PAPER_MACS,
+    compare,
+    format_compare,
+    format_paper_table,
+    paper_table,
 )
-# The reduction of that table: layers 4/7/10, keep 0.7, windows (2, 1, 1).
-PAPER_REDUCTION = dict(
-    method="fatr",
-    layers=(4, 7, 10),
-    keep_ratio=0.7,
-    windows=(2, 1, 1),
-    score="exact",
-    reweight="identity",
-    restore="dc",
-)
-TOLERANCE = 0.02  # the issue's acceptance band
-PAPER_DECIMALS = 1  # the paper prints GMACs with one decimal
 
 
 def parse_args(argv=None):
@@ -134,197 +116,6 @@ def parse_args(argv=None):
     return args
 
 
-def build_segmentor(path: str, cfg_options: dict | None = None):
-    """Build an mmseg segmentor from a config, without pretrained weights, in eval mode."""
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    from mmseg.registry import MODELS
-
-    cfg = Config.fromfile(path)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    if "model" not in cfg or "backbone" not in cfg.model:
-        raise ValueError(f"{path} defines no model.backbone")
-    # No weights exist here, and MACs and speed do not depend on them.
-    cfg.model.pop("pretrained", None)
-    cfg.model.backbone.init_cfg = None
-    init_default_scope(cfg.get("default_scope", "mmseg"))
-    return MODELS.build(cfg.model).eval(), cfg
-
-
-def image_metas(batch: int, shape: tuple[int, int]) -> list[dict]:
-    """The meta dicts ``encode_decode`` needs to resize logits to the input size."""
-    return [dict(img_shape=shape, ori_shape=shape, pad_shape=shape) for _ in range(batch)]
-
-
-def count_config(path: str, shape: tuple[int, int], cfg_options: dict | None = None) -> dict:
-    """Backbone and segmentor MACs of one config at ``shape`` (one image)."""
-    model, _ = build_segmentor(path, cfg_options)
-    x = torch.zeros(1, 3, *shape)
-    backbone = count_macs(model.backbone, x)
-    segmentor = count_macs(model, x, image_metas(1, shape), method="encode_decode")
-    return dict(
-        config=path,
-        name=osp.splitext(osp.basename(path))[0],
-        backbone=backbone.to_dict(),
-        segmentor=segmentor.to_dict(),
-        decode_head_macs=segmentor.macs - backbone.macs,
-    )
-
-
-def compare(paths: list[str], shape: tuple[int, int], cfg_options: dict | None = None) -> dict:
-    models = [count_config(p, shape, cfg_options) for p in paths]
-    ref = models[0]
-    for m in models:
-        m["ratio"] = {
-            t: m[t]["macs"] / ref[t]["macs"] if ref[t]["macs"] else float("nan")
-            for t in ("backbone", "segmentor")
-        }
-    patch = _patch_size(paths[0], cfg_options)
-    tokens = -(-shape[0] // patch) * -(-shape[1] // patch)
-    return dict(
-        schema="fatr_seg.get_flops/1",
-        unit="MACs",
-        shape=list(shape),
-        tokens=tokens,
-        torch=torch.__version__,
-        date=datetime.date.today().isoformat(),
-        models=models,
-    )
-
-
-def _patch_size(path: str, cfg_options: dict | None) -> int:
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(path)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    return int(cfg.model.backbone.get("patch_size", 16))
-
-
-def format_compare(result: dict) -> str:
-    H, W = result["shape"]
-    lines = [
-        f"MACs for one {H}x{W} image ({result['tokens']} patch tokens), torch {result['torch']}",
-        "",
-        "| config | backbone GMACs | ratio | of which scoring | DC term | segmentor GMACs "
-        "| ratio | decode head GMACs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for m in result["models"]:
-        b, s = m["backbone"], m["segmentor"]
-        lines.append(
-            f"| {m['name']} | {b['gmacs']:.3f} | {m['ratio']['backbone']:.3f} "
-            f"| {b['scoring_macs'] / 1e9:.3f} | {b['dc_term_macs'] / 1e9:.4f} "
-            f"| {s['gmacs']:.3f} | {m['ratio']['segmentor']:.3f} "
-            f"| {m['decode_head_macs'] / 1e9:.3f} |"
-        )
-    return "\n".join(lines)
-
-
-def _rel(ours: float, paper: float) -> float:
-    return ours / paper - 1.0
-
-
-def _within_rounding(ours: float, paper: float) -> bool:
-    # The paper's value v printed with one decimal stands for [v - 0.05, v + 0.05].
-    return abs(round(ours, PAPER_DECIMALS) - paper) < 1e-9 or abs(ours - paper) <= 0.05
-
-
-def paper_table(only: list[str] | None = None) -> dict:
-    """Count the paper's classification ViTs: baseline, FATR with and without its overhead.
-
-    Args:
-        only: Model names to count (default: all of :data:`PAPER_MACS`).
-    """
-    rows = []
-    for name, size, patch, dim, heads, paper_base, paper_fatr in PAPER_MACS:
-        if only and name not in only:
-            continue
-        x = torch.zeros(1, 3, size, size)
-        grid = (size // patch, size // patch)
-        counted = {}
-        for key, red in (("baseline", None), ("fatr", PAPER_REDUCTION)):
-            vit = FATRVisionTransformer(
-                img_size=size,
-                patch_size=patch,
-                embed_dims=dim,
-                num_layers=12,
-                num_heads=heads,
-                reduction=red,
-            ).eval()
-            counted[key] = count_macs(vit, x)
-        fatr = counted["fatr"]
-        tokens_only = fatr.macs - fatr.scoring_macs - fatr.dc_term_macs
-        # Cross-check of the counter against the closed form (same schedule, no overhead).
-        analytic = analytic_vit_macs(
-            grid, dim, 12, patch, reduction=PAPER_REDUCTION, scoring=False, dc_term=False
-        )
-        if analytic != tokens_only:
-            raise RuntimeError(f"{name}: counter {tokens_only} != closed form {analytic} MACs")
-        ours = dict(
-            baseline=counted["baseline"].macs / 1e9,
-            fatr_counted=fatr.macs / 1e9,
-            fatr_tokens_only=tokens_only / 1e9,
-        )
-        paper = dict(baseline=paper_base, fatr_counted=paper_fatr, fatr_tokens_only=paper_fatr)
-        rows.append(
-            dict(
-                model=name,
-                input=size,
-                patch=patch,
-                tokens=grid[0] * grid[1],
-                **ours,
-                scoring_overhead=fatr.scoring_macs / 1e9,
-                dc_term_overhead=fatr.dc_term_macs / 1e9,
-                paper_baseline=paper_base,
-                paper_fatr=paper_fatr,
-                rel_diff={k: _rel(v, paper[k]) for k, v in ours.items()},
-                within_rounding={k: _within_rounding(v, paper[k]) for k, v in ours.items()},
-            )
-        )
-    return dict(
-        schema="fatr_seg.get_flops.paper_table/1",
-        unit="GMACs",
-        tolerance=TOLERANCE,
-        reduction=PAPER_REDUCTION,
-        torch=torch.__version__,
-        date=datetime.date.today().isoformat(),
-        rows=rows,
-    )
-
-
-def format_paper_table(result: dict) -> str:
-    def cell(row, key):
-        rel = row["rel_diff"][key]
-        flag = "" if abs(rel) <= TOLERANCE else (" (r)" if row["within_rounding"][key] else " !")
-        return f"{row[key]:.3f} ({rel:+.1%}){flag}"
-
-    lines = [
-        "GMACs per image; FATR at layers 4/7/10, keep 0.7, windows (2, 1, 1). "
-        "Relative difference to the paper in brackets.",
-        "fatr counted = everything our counter sees, exact-score overhead included; "
-        "tokens only = minus the scoring and DC-term matmuls.",
-        "",
-        "| model | input | tokens | paper base | ours base | paper FATR | ours FATR tokens only "
-        "| ours FATR counted | scoring | DC term |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['model']} | {r['input']} | {r['tokens']} | {r['paper_baseline']:.1f} "
-            f"| {cell(r, 'baseline')} | {r['paper_fatr']:.1f} | {cell(r, 'fatr_tokens_only')} "
-            f"| {cell(r, 'fatr_counted')} | {r['scoring_overhead']:.3f} "
-            f"| {r['dc_term_overhead']:.4f} |"
-        )
-    lines += [
-        "",
-        f"(r): outside ±{TOLERANCE:.0%} but equal to the paper's value at its printed precision "
-        "(one decimal); !: outside both.",
-    ]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg_options = None
@@ -342,8 +133,6 @@ def main(argv=None) -> int:
         result = compare(args.configs, shape, cfg_options)
         print(format_compare(result))
     if args.json:
-        import os
-
         os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -5,14 +5,10 @@ Example:
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-# Run from a clone without installing: make the repository root importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fatr_seg.datasets.synthetic import is_complete, write_dataset  # noqa: E402
+from fatr_seg.datasets.synthetic import is_complete, write_dataset
 
 
 def parse_args(argv=None):

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import argparse
 import os.path as osp
-import sys
 import warnings
 
 # mmengine and mmcv import pkg_resources (hence setuptools < 81); its deprecation notice is noise.
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
+from fatr_seg.analysis.study import METHODS, PRESETS, VARIANTS, log, run_study
+from fatr_seg.analysis.study_report import plot, write_report
+
 REPO = osp.abspath(osp.join(osp.dirname(osp.abspath(__file__)), ".."))
-sys.path.insert(0, REPO)
-from fatr_seg.analysis.study import METHODS, PRESETS, VARIANTS, log, run_study  # noqa: E402
-from fatr_seg.analysis.study_report import plot, write_report  # noqa: E402
 
 
 def parse_args(argv=None):

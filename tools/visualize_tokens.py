@@ -22,8 +22,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 import numpy as np
 from mmengine.config import Config, DictAction
 
-sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), ".."))
-from fatr_seg.visualization import draw_token_figure, token_map  # noqa: E402
+from fatr_seg.visualization import draw_token_figure, token_map
 
 
 def parse_args(argv=None):
@@ -153,14 +152,15 @@ def main(argv=None):
     from mmseg.apis import init_model
     from mmseg.visualization import SegLocalVisualizer
 
-    import fatr_seg.models  # noqa: F401  (registers FATRViT, like the config's custom_imports)
     from fatr_seg.layers.vit import FATRVisionTransformer
+    from fatr_seg.models import allow_mmengine_checkpoints  # also registers FATRViT
 
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     if not args.checkpoint:
         print("warning: no --checkpoint given: the token maps show a model with RANDOM weights")
+    allow_mmengine_checkpoints()  # init_model reads a Runner checkpoint with torch.load
     model = init_model(cfg, args.checkpoint, device=args.device)
     if not isinstance(model.backbone, FATRVisionTransformer):
         sys.exit(f"error: backbone {type(model.backbone).__name__} is not a FATRViT")

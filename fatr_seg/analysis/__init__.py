@@ -6,9 +6,11 @@ logic of the tools lives in submodules imported by name, which import mmseg and 
 inside the functions that build or run segmentors:
 
 * :mod:`.benchmark`, :mod:`.benchmark_models`, :mod:`.benchmark_report`: ``tools/benchmark.py``;
+* :mod:`.flops_report`: ``tools/get_flops.py`` (with :func:`count_macs` and
+  :func:`analytic_vit_macs`);
+* :mod:`.demo`, :mod:`.demo_report`: ``tools/demo.py``, which picks each step's CPU threads
+  with :mod:`.cpu_load`;
 * :mod:`.study`, :mod:`.study_report`: ``tools/study.py``.
-
-``tools/get_flops.py`` uses :func:`count_macs` and :func:`analytic_vit_macs`.
 """
 
 from .flops import (

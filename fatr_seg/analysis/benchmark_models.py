@@ -1,10 +1,11 @@
 """Segmentors, inputs and forward passes of the benchmark, and its memory probe.
 
-:func:`build_segmentor` builds an mmseg segmentor from a config (no pretrained weights; speed does
-not depend on them), :func:`make_images` synthetic ADE20K-like inputs normalised like the
-config's data preprocessor, and :func:`forward_fn` the zero-argument forward that
-``tools/benchmark.py`` times. mmseg and mmengine are imported inside the functions that need
-them, so importing this module needs torch only.
+:func:`build_segmentor` builds an mmseg segmentor from a config (no pretrained weights; speed and
+MACs do not depend on them; :mod:`.flops_report` counts the same models), :func:`make_images`
+synthetic ADE20K-like inputs normalised like the config's data preprocessor, and
+:func:`forward_fn` the zero-argument forward that ``tools/benchmark.py`` times. mmseg and
+mmengine are imported inside the functions that need them, so importing this module needs torch
+only.
 
 Peak memory on CPU is measured in a fresh child process per cell (:func:`run_memory_probe`
 starts ``python -m fatr_seg.analysis.benchmark_models SPEC``, which runs :func:`memory_probe`),
@@ -65,13 +66,24 @@ def _shrink(cfg) -> None:
     cfg.model.pop("auxiliary_head", None)
 
 
-def build_segmentor(path: str, tiny: bool = False):
-    """mmseg segmentor from a config, without pretrained weights, in eval mode, on CPU."""
+def build_segmentor(path: str, tiny: bool = False, cfg_options: dict | None = None):
+    """mmseg segmentor from a config, without pretrained weights, in eval mode, on CPU.
+
+    Args:
+        path: Config file.
+        tiny: Shrink the model to width 64 (``--quick``), same depth and reduction.
+        cfg_options: Overrides merged into the config first (``--cfg-options``).
+
+    Returns:
+        ``(model, cfg, (mean, std))``: the normalisation of the config's data preprocessor.
+    """
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS
 
     cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
     if "model" not in cfg or "backbone" not in cfg.model:
         raise ValueError(f"{path} defines no model.backbone")
     cfg.model.pop("pretrained", None)

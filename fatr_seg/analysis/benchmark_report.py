@@ -17,6 +17,14 @@ def _fmt_bytes(n) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f}"
 
 
+def _cell(r: dict) -> str:
+    """The leading columns of a timing or memory row: what ran, on what, with which config."""
+    return (
+        f"| {r['target']} | {r['dtype']} | {r['shape'][0]}x{r['shape'][1]} "
+        f"| {r['tokens']} | {r['batch']} | {r['config']} "
+    )
+
+
 def to_markdown(result: dict) -> str:
     """The result as markdown: settings, then one table per measurement (MACs, throughput,
     skipped cells, peak memory, scoring paths); tables without rows are left out."""
@@ -67,11 +75,8 @@ def to_markdown(result: dict) -> str:
             ideal = "-" if not ratio else f"{1 / ratio:.3f}"
             per_ideal = "-" if per_ideal is None else f"{per_ideal:.3f}"
             lines.append(
-                f"| {r['target']} | {r['dtype']} | {r['shape'][0]}x{r['shape'][1]} "
-                f"| {r['tokens']} | {r['batch']} | {r['config']} "
-                f"| {ips['median']:.3f} [{ips['q1']:.3f}, {ips['q3']:.3f}] "
-                f"| {r['speedup']:.3f} | {r['speedup_paired']:.3f} "
-                f"| {ideal} | {per_ideal} |"
+                _cell(r) + f"| {ips['median']:.3f} [{ips['q1']:.3f}, {ips['q3']:.3f}] "
+                f"| {r['speedup']:.3f} | {r['speedup_paired']:.3f} | {ideal} | {per_ideal} |"
             )
         lines.append("")
     if result["skipped"]:
@@ -106,10 +111,7 @@ def to_markdown(result: dict) -> str:
                     f"| {_fmt_bytes(r['forward_bytes'])} "
                     f"| {'–' if tensors is None else _fmt_bytes(tensors)} |"
                 )
-            lines.append(
-                f"| {r['target']} | {r['dtype']} | {r['shape'][0]}x{r['shape'][1]} "
-                f"| {r['tokens']} | {r['batch']} | {r['config']} {tail}"
-            )
+            lines.append(_cell(r) + tail)
         lines.append("")
     if result["scoring"]:
         lines += [

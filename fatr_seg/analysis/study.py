@@ -305,11 +305,11 @@ def run_study(args) -> dict:
     """Run (or resume) the whole study; returns the content of ``results.json``."""
     from mmseg.utils import register_all_modules
 
-    import fatr_seg.models  # noqa: F401  (registers FATRViT)
-
     from ..datasets import write_dataset
+    from ..models import allow_mmengine_checkpoints  # also registers FATRViT
 
     register_all_modules(init_default_scope=True)
+    allow_mmengine_checkpoints()  # build_model loads the baselines' Runner checkpoints
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.work_dir, exist_ok=True)

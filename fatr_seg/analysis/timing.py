@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..layers.attention import AttnStats
 from ..layers.vit import FATRVisionTransformer
-from ..ops.scoring import hf_scores, topk_agreement
+from ..ops.scoring import hf_scores, topk_agreement, triton_available
 from ..ops.select import num_keep
 
 __all__ = [
@@ -292,7 +292,7 @@ def time_scoring_paths(
     q, k, scale, lse = stats.q, stats.k, stats.scale, stats.lse
     device = q.device
     if use_triton is None:
-        use_triton = q.is_cuda and _triton_importable()
+        use_triton = q.is_cuda and triton_available()
     M = q.shape[2] - 1  # patch tokens at the first reduction: all but CLS
     paths: dict[str, Callable[[], torch.Tensor]] = {
         "attention": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale),
@@ -324,11 +324,3 @@ def time_scoring_paths(
         num_patches=M,
         max_abs_diff=diffs,
     )
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -1,23 +1,31 @@
 """mmseg/mmengine glue: the only part of ``fatr_seg`` that imports mmseg, mmengine or mmcv.
 
-Importing it (e.g. through ``custom_imports``) registers the backbone, the head, the CamVid
-dataset and its annotation loader and the distillation segmentor, and makes mmengine checkpoints
-loadable under torch >= 2.6's ``weights_only=True`` default (see :mod:`fatr_seg.models.compat`).
+Importing it (e.g. through ``custom_imports``) registers ``FATRViT``, ``FATRSegmenterHead``,
+``DistillEncoderDecoder``, ``CamVidDataset``, ``LoadCamVidAnnotations`` and
+``AllowMMEngineCheckpointsHook`` in mmseg's registries and changes nothing else: what touches
+process-wide state (torch's ``weights_only`` allow-list, the CPU process group) is done by a call,
+:func:`allow_mmengine_checkpoints` and :func:`setup_cpu_distributed` (both made by
+:func:`fatr_seg.models.runner.build_runner`, which ``tools/train.py`` and ``tools/test.py`` use),
+or by the hook a config lists.
 """
 
-from . import compat  # noqa: F401
 from .backbone import FATRViT
+from .compat import AllowMMEngineCheckpointsHook, allow_mmengine_checkpoints
 from .convert import CheckpointError, convert_state_dict
 from .datasets import CamVidDataset, LoadCamVidAnnotations
+from .dist import setup_cpu_distributed
 from .distill import DistillEncoderDecoder
 from .segmenter_head import FATRSegmenterHead
 
 __all__ = [
+    "AllowMMEngineCheckpointsHook",
     "CamVidDataset",
     "CheckpointError",
     "DistillEncoderDecoder",
     "FATRSegmenterHead",
     "FATRViT",
     "LoadCamVidAnnotations",
+    "allow_mmengine_checkpoints",
     "convert_state_dict",
+    "setup_cpu_distributed",
 ]

@@ -18,6 +18,12 @@ allowed object, so it is replaced by ``_history_buffer_method``, which only retu
 of ``HistoryBuffer``. Everything else still goes through torch's restricted unpickler. The numpy
 names are registered under both the numpy 2 (``numpy._core``) and numpy 1 (``numpy.core``) module
 paths, because checkpoints carry the path of the numpy that saved them.
+
+Nothing is registered on import: the allow-list is torch's process-wide state, so it is installed
+only where asked for, by :func:`allow_mmengine_checkpoints` (``tools/train.py``, ``tools/test.py``
+and ``tools/visualize_tokens.py`` call it) or by :class:`AllowMMEngineCheckpointsHook`, a hook a
+config lists in ``custom_hooks`` (our configs do), which installs it before the Runner loads or
+resumes a checkpoint.
 """
 
 import inspect
@@ -25,7 +31,11 @@ import pickle
 
 import numpy as np
 import torch
+from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
+from mmseg.registry import HOOKS
+
+__all__ = ["AllowMMEngineCheckpointsHook", "allow_mmengine_checkpoints", "mmengine_safe_globals"]
 
 _multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
 
@@ -63,12 +73,26 @@ def mmengine_safe_globals():
     return pairs
 
 
-def allow_mmengine_checkpoints():
+def allow_mmengine_checkpoints() -> None:
     """Register :func:`mmengine_safe_globals` with torch's ``weights_only`` unpickler.
 
-    Idempotent; called when ``fatr_seg.models`` is imported.
+    Process-wide and idempotent. Call it before mmengine loads a Runner checkpoint
+    (``Runner.resume``, ``load_from``, ``mmseg.apis.init_model``).
     """
     torch.serialization.add_safe_globals(mmengine_safe_globals())
 
 
-allow_mmengine_checkpoints()
+@HOOKS.register_module()
+class AllowMMEngineCheckpointsHook(Hook):
+    """Calls :func:`allow_mmengine_checkpoints` when the Runner starts.
+
+    ``before_run`` comes before the Runner loads ``load_from`` or resumes, in ``train``, ``val``
+    and ``test`` alike. List it in a config to resume with any tool, mmseg's own included::
+
+        custom_hooks = [dict(type='AllowMMEngineCheckpointsHook')]
+    """
+
+    priority = "VERY_HIGH"
+
+    def before_run(self, runner) -> None:
+        allow_mmengine_checkpoints()

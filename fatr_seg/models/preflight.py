@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 
-from .convert import is_remote
+from .convert import WEIGHTS_HELP, is_remote
 
 __all__ = ["PreflightError", "check_config", "check_config_paths", "check_model"]
 
 # README section on getting each dataset, by dataset type; other types point to ADE20K's.
 DATA_SECTIONS = {"CamVidDataset": "CamVid"}
-WEIGHTS_HELP = "see README.md, section 'Pretrained weights'"
 
 
 class PreflightError(RuntimeError):

@@ -24,6 +24,7 @@ __all__ = [
     "hf_scores",
     "logit_proxy_score",
     "topk_agreement",
+    "triton_available",
 ]
 
 _METHODS = ("exact", "logit_proxy")
@@ -170,7 +171,8 @@ def logit_proxy_score(
     return score.float()
 
 
-def _triton_available() -> bool:
+def triton_available() -> bool:
+    """Whether Triton can be imported (the ``'auto'`` backend then scores CUDA tensors with it)."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -213,7 +215,7 @@ def hf_scores(
     if method == "logit_proxy":
         return logit_proxy_score(q, k, scale, key_bias)
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_available() else "chunked"
+        backend = "triton" if q.is_cuda and triton_available() else "chunked"
     if backend == "triton":
         return attention_column_mean_triton(q, k, scale, key_bias)
     return attention_column_mean(q, k, scale, key_bias, lse=lse)

@@ -18,7 +18,7 @@ from mmengine.runner.checkpoint import _load_checkpoint
 from torch import nn
 from torch.utils.data import Dataset
 
-import fatr_seg.models  # noqa: F401  (registers the checkpoint allow-list)
+from fatr_seg.models import AllowMMEngineCheckpointsHook, allow_mmengine_checkpoints
 
 
 class ToyModel(BaseModel):
@@ -83,7 +83,8 @@ def make_runner(work_dir, name, max_iters, resume_from=None):
             checkpoint=dict(type="CheckpointHook", interval=2, by_epoch=False),
             logger=dict(type="LoggerHook", interval=1),
         ),
-        custom_hooks=[hook],
+        # Installs the allow-list before the Runner resumes (importing fatr_seg does not).
+        custom_hooks=[hook, AllowMMEngineCheckpointsHook()],
         load_from=resume_from,
         resume=resume_from is not None,
         randomness=dict(seed=0),
@@ -123,6 +124,7 @@ def test_resume_continues_like_an_uninterrupted_run(checkpoint, tmp_path):
 
 
 def test_checkpoint_needs_the_allow_list(checkpoint):
+    allow_mmengine_checkpoints()
     registered = torch.serialization.get_safe_globals()
     torch.serialization.clear_safe_globals()
     try:
@@ -137,6 +139,7 @@ def test_checkpoint_needs_the_allow_list(checkpoint):
 
 
 def test_allow_list_refuses_other_getattr():
+    allow_mmengine_checkpoints()
     buf = io.BytesIO()
     torch.save({"f": HistoryBuffer.__init__}, buf)  # pickled as getattr(HistoryBuffer, ...)
     buf.seek(0)

@@ -4,7 +4,8 @@
 model is the FATR segmentor of ``configs/fatr_ade20k_demo.py`` (shrunk to 4 blocks of width 32,
 reducing at blocks 2 and 3) trained on synthetic 64×64 images, so the reduction's own parameters
 (ω, DC positions), the decode head, the shuffled sampler, AdamW's moments and the LR schedule all
-have to come back for the resumed run to continue exactly like an uninterrupted one.
+have to come back for the resumed run to continue exactly like an uninterrupted one. The
+checkpoint allow-list comes from the ``AllowMMEngineCheckpointsHook`` the config inherits.
 """
 
 import copy
@@ -17,7 +18,6 @@ from mmengine.runner import Runner
 from tiny_configs import NO_EVAL, TINY_MODEL
 from torch.testing import assert_close
 
-import fatr_seg.models  # noqa: F401  (checkpoint allow-list for torch.load)
 from fatr_seg.datasets import write_dataset
 
 REPO = Path(__file__).resolve().parents[2]

@@ -117,7 +117,7 @@ def test_peak_tensor_bytes_is_the_exact_live_peak():
 
 
 def tiny_fatr():
-    red = dict(layers=(2, 3), keep_ratio=0.7, windows=(2, 1))
+    red = dict(layers=(2, 3), keep_ratio=0.7, aggregate="dc", windows=(2, 1))
     return FATRVisionTransformer(
         img_size=64, embed_dims=32, num_layers=4, num_heads=2, reduction=red
     ).eval()
@@ -161,8 +161,9 @@ SCORING_TRITON_SCRIPT = textwrap.dedent(
     from fatr_seg.layers import FATRVisionTransformer
 
     torch.manual_seed(0)
+    red = dict(layers=(2, 3), aggregate='dc', windows=(2, 1))
     vit = FATRVisionTransformer(img_size=64, embed_dims=32, num_layers=4, num_heads=2,
-                                reduction=dict(layers=(2, 3), windows=(2, 1))).eval()
+                                reduction=red).eval()
     with torch.inference_mode():
         stats, v = attention_stats_at(vit, torch.randn(1, 3, 64, 64), layer=2)
     out = time_scoring_paths(stats, v, 0.7, iters=1, warmup=0, use_triton=True)

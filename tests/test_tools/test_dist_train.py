@@ -25,8 +25,8 @@ import torch
 from tiny_configs import NO_EVAL, TINY_MODEL
 from torch.testing import assert_close
 
-import fatr_seg.models  # noqa: F401  (lets torch.load read mmengine checkpoints)
 from fatr_seg.datasets import write_dataset
+from fatr_seg.models import allow_mmengine_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "fatr_ade20k_demo.py"
@@ -115,6 +115,7 @@ def wait(run, what, timeout=400):
 
 
 def load_state(work_dir, it):
+    allow_mmengine_checkpoints()  # a Runner checkpoint, read with torch.load
     ckpt = torch.load(work_dir / f"iter_{it}.pth", map_location="cpu")
     return ckpt["state_dict"]
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fatr_seg.analysis import analytic_vit_macs, count_macs, flop_formulas, token_schedule
+from fatr_seg.analysis.flops_report import PAPER_REDUCTION
 from fatr_seg.layers import FATRVisionTransformer
 from fatr_seg.ops.attention import attention_with_lse
 from fatr_seg.ops.scoring import hf_scores
@@ -28,15 +29,7 @@ _spec = importlib.util.spec_from_file_location(
 get_flops = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(get_flops)
 
-RED = dict(
-    method="fatr",
-    layers=(4, 7, 10),
-    keep_ratio=0.7,
-    windows=(2, 1, 1),
-    score="exact",
-    reweight="identity",
-    restore="dc",
-)
+RED = PAPER_REDUCTION  # layers 4/7/10, keep 0.7, DC windows (2, 1, 1)
 SDPA_CPU = "aten._scaled_dot_product_flash_attention_for_cpu"
 
 

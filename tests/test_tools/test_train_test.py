@@ -3,10 +3,9 @@
 A tiny FATR Segmenter (4 blocks of width 32, reduction at blocks 2 and 3) derived from
 ``configs/fatr_ade20k_demo.py`` trains for a few iterations on 8 synthetic 64×64 images, in a
 subprocess exactly as a user runs it; the test run's metrics are read back the way
-``tools/demo.py`` reads them.
+``tools/demo.py`` reads them (``fatr_seg.analysis.demo_report``).
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,13 +14,12 @@ from pathlib import Path
 import pytest
 from tiny_configs import TINY_MODEL
 
+from fatr_seg.analysis.demo import last_checkpoint
+from fatr_seg.analysis.demo_report import read_test_metrics
 from fatr_seg.datasets import write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "fatr_ade20k_demo.py"
-_spec = importlib.util.spec_from_file_location("fatr_demo_tool", REPO / "tools" / "demo.py")
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
 
 MAX_ITERS = 3
 TINY_CONFIG = (
@@ -60,7 +58,7 @@ def tiny_run(tmp_path_factory):
                   f"default_hooks.checkpoint.interval={MAX_ITERS}",
                   "default_hooks.logger.interval=1"])  # fmt: skip
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    ckpt = demo.last_checkpoint(str(work))
+    ckpt = last_checkpoint(str(work))
     test_dir = tmp / "test"
     test = _run(["tools/test.py", config, ckpt, "--work-dir", test_dir, "--cfg-options",
                  *_loader_options(data_root)])  # fmt: skip
@@ -80,7 +78,7 @@ def test_train_writes_checkpoint_and_logs(tiny_run):
 
 @pytest.mark.slow
 def test_test_gives_miou(tiny_run):
-    metrics = demo.read_test_metrics(str(tiny_run["test_dir"]))
+    metrics = read_test_metrics(str(tiny_run["test_dir"]))
     assert isinstance(metrics["mIoU"], float) and 0.0 <= metrics["mIoU"] <= 100.0
     assert 0.0 <= metrics["aAcc"] <= 100.0
     # The per-class table names the 9 synthetic classes (mmseg prints it to the test log).

@@ -1,0 +1,316 @@
+"""The embedded default behind ``tools/demo.py`` (``make demo``): data, training, mIoU, cost and
+token maps of FATR beside the same ViT without reduction, on a CPU.
+
+:func:`run_demo` runs the steps, each through its tool in a subprocess from the repository root:
+
+1. generate the synthetic ADE20K-layout set if absent (``fatr_seg.datasets.write_dataset``);
+2. train the FATR config, then the baseline config, with ``tools/train.py`` (same iterations and
+   schedule: the baseline config inherits the FATR one and gets the same options);
+3. evaluate each last checkpoint with ``tools/test.py`` (mIoU);
+4. measure both: throughput (``tools/benchmark.py``) and MACs (``tools/get_flops.py``) at the demo
+   resolution;
+5. draw token maps with ``tools/visualize_tokens.py``;
+6. write ``WORK_DIR/summary.md`` (:func:`fatr_seg.analysis.demo_report.format_summary`).
+
+Before each tool starts, the CPU threads it gets are chosen from the load other processes put on
+the machine at that moment (:func:`fatr_seg.analysis.cpu_load.choose_threads`); the choice and
+its reason are printed and kept in the summary. Every tool's full output goes to
+``WORK_DIR/logs/STEP.log`` and only progress lines are echoed; a failing step raises
+:class:`~fatr_seg.analysis.demo_report.DemoError` naming the step and its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import os.path as osp
+import platform
+import re
+import subprocess
+import sys
+import time
+
+from .cpu_load import choose_threads
+from .demo_report import (
+    DemoError,
+    format_summary,
+    read_gmacs,
+    read_test_metrics,
+    read_throughput,
+    read_train_speed,
+)
+
+__all__ = ["BASELINE_CONFIG", "FATR_CONFIG", "QUICK", "last_checkpoint", "run_demo"]
+
+# The checkout this package runs from: tools/ and configs/ are there.
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+FATR_CONFIG = "configs/fatr_ade20k_demo.py"
+BASELINE_CONFIG = "configs/baseline_ade20k_demo.py"
+# Lines of the tools' output worth echoing: training/eval progress, results, errors.
+PROGRESS = re.compile(
+    r"Iter\((train|val|test)\)|mIoU|Saving checkpoint|per class results|^\|"
+    r"|Error|error:|warning:|Traceback|^block \d+:|^wrote |img/s|GMACs|GFLOPs"
+)
+QUICK = dict(num_train=8, num_val=4, size=96, max_iters=4, bench_iters=2, bench_warmup=1)
+# --quick also trains with batch 2 and loads data in the main process (fast start-up).
+QUICK_OPTIONS = ["train_dataloader.batch_size=2"] + [
+    f"{loader}.num_workers=0"
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader")
+]
+
+
+def log(msg):
+    print(f"[demo] {msg}", flush=True)
+
+
+def run_tool(cmd, log_path, verbose=False, env=None):
+    """Run ``cmd`` from the repo root, log everything to ``log_path``, echo progress lines.
+
+    Args:
+        env: Extra environment variables for the tool (e.g. its thread count).
+
+    Raises:
+        DemoError: naming the command and the log when it exits non-zero.
+    """
+    os.makedirs(osp.dirname(log_path), exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    env["PYTHONWARNINGS"] = env.get("PYTHONWARNINGS", "ignore::UserWarning")
+    last = []
+    with open(log_path, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
+        for line in proc.stdout:
+            f.write(line)
+            last = (last + [line.rstrip()])[-15:]
+            if verbose or PROGRESS.search(line):
+                print("    " + line.rstrip()[:160], flush=True)
+        code = proc.wait()
+    if code != 0:
+        reason = next((s for s in reversed(last) if s.strip()), "no output")
+        raise DemoError(f"{osp.basename(cmd[1])} exited with {code}: {reason[:200]} "
+                        f"(full log: {log_path})")  # fmt: skip
+    return log_path
+
+
+def cfg_options(args, train=False):
+    """``--cfg-options`` for the tools: the data root, and for training its length.
+
+    Training skips mmengine's validation at the last iteration: step 3 runs ``tools/test.py``
+    on the same images anyway.
+    """
+    if train:
+        # The test loader stays configured (train.py's preflight checks its folder too).
+        opts = [f"train_dataloader.dataset.data_root={args.data_root}",
+                f"test_dataloader.dataset.data_root={args.data_root}",
+                "val_cfg=None", "val_dataloader=None", "val_evaluator=None"]  # fmt: skip
+    else:
+        opts = [f"{loader}.dataset.data_root={args.data_root}"
+                for loader in ("val_dataloader", "test_dataloader")]  # fmt: skip
+    if train and args.max_iters:
+        n = args.max_iters
+        # The demo configs' schedule: param_scheduler[0] warms up for a sixth of the run (at most
+        # 50 iterations), param_scheduler[1] decays from there to max_iters.
+        warm = max(1, min(50, n // 6))
+        opts += [f"train_cfg.max_iters={n}", f"default_hooks.checkpoint.interval={n}",
+                 f"param_scheduler.0.end={warm}", f"param_scheduler.1.begin={warm}",
+                 f"param_scheduler.1.end={max(n, warm + 1)}"]  # fmt: skip
+    extra = list(args.cfg_options)
+    if train:  # validation is switched off above: options for its loader would have no target
+        extra = [o for o in extra if not o.startswith("val_")]
+    return opts + extra
+
+
+def threads_for(args, results, step):
+    """Choose the threads of ``step`` now, print and record the choice; its environment."""
+    choice = choose_threads(args.threads)
+    results["threads"][step] = str(choice)
+    log(f"{step}: {choice}")
+    return choice
+
+
+# --------------------------------------------------------------------------------------- steps
+
+
+def step_data(args):
+    from ..datasets.synthetic import is_complete, write_dataset
+
+    settings = dict(num_train=args.num_train, num_val=args.num_val, size=args.size, seed=0)
+    size = (args.size, args.size)
+    if is_complete(args.data_root, **dict(settings, size=size)):
+        log(f"data: {args.data_root} already holds {args.num_train} + {args.num_val} images")
+        return
+    log(f"data: generating {args.num_train} + {args.num_val} images of {args.size}x{args.size} "
+        f"into {args.data_root}")  # fmt: skip
+    write_dataset(args.data_root, progress=True, force=True, **dict(settings, size=size))
+
+
+def last_checkpoint(work_dir):
+    """Path of the newest checkpoint mmengine saved in ``work_dir``."""
+    pointer = osp.join(work_dir, "last_checkpoint")
+    if osp.isfile(pointer):
+        with open(pointer) as f:
+            path = f.read().strip()
+        if osp.isfile(path):
+            return path
+    ckpts = sorted(glob.glob(osp.join(work_dir, "*.pth")), key=osp.getmtime)
+    if not ckpts:
+        raise DemoError(f"no checkpoint in {work_dir} (train first, without --skip-train)")
+    return ckpts[-1]
+
+
+def step_train(args, config, name, results):
+    """Train ``config`` into ``WORK_DIR/name``; its last checkpoint."""
+    work_dir = osp.join(args.work_dir, name)
+    if args.skip_train:
+        ckpt = last_checkpoint(work_dir)
+        log(f"train ({name}): skipped, using {ckpt}")
+        return ckpt
+    threads = threads_for(args, results, f"train {name}")
+    cmd = [sys.executable, "tools/train.py", config, "--work-dir", work_dir]
+    cmd += ["--cfg-options", *cfg_options(args, train=True)]
+    log_path = osp.join(args.work_dir, "logs", f"train_{name}.log")
+    run_tool(cmd, log_path, args.verbose, threads.env())
+    results["train_speed"][config] = read_train_speed(log_path)
+    return last_checkpoint(work_dir)
+
+
+def step_test(args, config, ckpt, name, results):
+    test_dir = osp.join(args.work_dir, f"{name}_test")
+    threads = threads_for(args, results, f"test {name}")
+    cmd = [sys.executable, "tools/test.py", config, ckpt, "--work-dir", test_dir]
+    cmd += ["--cfg-options", *cfg_options(args)]
+    run_tool(cmd, osp.join(args.work_dir, "logs", f"test_{name}.log"), args.verbose, threads.env())
+    metrics = read_test_metrics(test_dir)
+    log(f"test ({name}): mIoU {metrics['mIoU']:.2f} %")
+    return metrics
+
+
+def step_benchmark(args, results):
+    """Images/s (``tools/benchmark.py``) and GMACs (``tools/get_flops.py``) of both configs.
+
+    A tool that is not there is reported and its numbers are left out of the summary.
+    """
+    out = {}
+    bench_dir = osp.join(args.work_dir, "benchmark")
+    configs = [args.baseline_config, args.config]
+    threads = threads_for(args, results, "benchmark")
+    if osp.isfile(osp.join(REPO, "tools/get_flops.py")):
+        path = osp.join(bench_dir, "flops.json")
+        cmd = [sys.executable, "tools/get_flops.py", *configs,
+               "--shape", str(args.size), str(args.size), "--json", path]  # fmt: skip
+        run_tool(cmd, osp.join(args.work_dir, "logs", "flops.log"), args.verbose, threads.env())
+        out["gmacs"] = read_gmacs(path, configs)
+    else:
+        log("benchmark: tools/get_flops.py is missing: GMACs left out")
+    if osp.isfile(osp.join(REPO, "tools/benchmark.py")):
+        # Throughput only: MACs come from get_flops, memory probes and scoring paths are
+        # separate studies (see docs) that would double this step's time.
+        cmd = [sys.executable, "tools/benchmark.py", *configs, "--shapes", str(args.size),
+               "--batch-sizes", "1", "--iters", str(args.bench_iters),
+               "--warmup", str(args.bench_warmup), "--targets", "segmentor", "--device", "cpu",
+               "--threads", str(threads.threads), "--no-memory", "--no-scoring", "--no-macs",
+               "--no-progress", "--out-dir", bench_dir]  # fmt: skip
+        run_tool(cmd, osp.join(args.work_dir, "logs", "benchmark.log"), args.verbose,
+                 threads.env())  # fmt: skip
+        out["throughput"] = read_throughput(osp.join(bench_dir, "benchmark.json"), configs)
+    else:
+        log("benchmark: tools/benchmark.py is missing: images/s left out")
+    return out
+
+
+def step_visualize(args, ckpt, results):
+    threads = threads_for(args, results, "token maps")
+    cmd = [sys.executable, "tools/visualize_tokens.py", args.config, "--checkpoint", ckpt,
+           "--out-dir", args.work_dir]  # fmt: skip
+    cmd += ["--cfg-options", *cfg_options(args)]
+    run_tool(cmd, osp.join(args.work_dir, "logs", "visualize.log"), args.verbose, threads.env())
+    overview = osp.join(args.work_dir, "tokens_overview.png")
+    blocks = glob.glob(osp.join(args.work_dir, "tokens_block*.png"))
+    blocks.sort(key=lambda p: int(re.search(r"block(\d+)", osp.basename(p)).group(1)))
+    return ([overview] if osp.isfile(overview) else []) + blocks
+
+
+def device_string():
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(s.split(":", 1)[1].strip() for s in f if s.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
+class Steps:
+    """Numbered, timed steps: ``with steps("train"):`` logs the start, the end and the time."""
+
+    def __init__(self, total, timings):
+        self.total, self.timings, self.index = total, timings, 0
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, title):
+        self.index += 1
+        tag = f"step {self.index}/{self.total}: {title}"
+        log(f"{tag} ...")
+        t0 = time.perf_counter()
+        yield
+        self.timings[title] = time.perf_counter() - t0
+        log(f"{tag} done in {self.timings[title]:.1f}s "
+            f"(total {time.perf_counter() - self.start:.1f}s)")  # fmt: skip
+
+
+def run_demo(args, start=None):
+    """Run the demo with the settings of ``tools/demo.py``; the results (also in
+    ``WORK_DIR/summary.json``) after writing and printing ``WORK_DIR/summary.md``.
+
+    Args:
+        args: The parsed options of ``tools/demo.py``.
+        start: ``time.perf_counter()`` at the program's start (the total includes start-up).
+
+    Raises:
+        DemoError: A config or checkpoint is missing or a step failed (one line saying which).
+    """
+    start = time.perf_counter() if start is None else start
+    os.chdir(REPO)
+    results = dict(fatr_config=args.config, baseline_config=args.baseline_config,
+                   num_train=args.num_train, num_val=args.num_val, size=args.size,
+                   timings={}, miou={}, threads={}, train_speed={})  # fmt: skip
+    models = [("fatr", args.config)] + (
+        [("baseline", args.baseline_config)] if args.train_baseline else []
+    )
+    steps = Steps(2 + 2 * len(models) + 1, results["timings"])
+    for config in (args.config, args.baseline_config):
+        if not osp.isfile(config):
+            raise DemoError(f"config not found: {config}")
+    os.makedirs(args.work_dir, exist_ok=True)
+    from mmengine.config import Config
+
+    results["max_iters"] = args.max_iters or Config.fromfile(args.config).train_cfg.max_iters
+    results["device"] = device_string()
+    with steps("data"):
+        step_data(args)
+    ckpts = {}
+    for name, config in models:
+        with steps(f"train {name}"):
+            ckpts[name] = step_train(args, config, name, results)
+        with steps(f"test {name}"):
+            results["miou"][config] = step_test(args, config, ckpts[name], name, results)
+    with steps("benchmark"):
+        results["bench"] = step_benchmark(args, results)
+    with steps("token maps"):
+        results["pictures"] = step_visualize(args, ckpts["fatr"], results)
+    results["total_s"] = time.perf_counter() - start
+    summary = format_summary(results)
+    path = osp.join(args.work_dir, "summary.md")
+    with open(path, "w") as f:
+        f.write(summary)
+    with open(osp.join(args.work_dir, "summary.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print("\n" + summary)
+    log(f"summary written to {path}; total time {results['total_s']:.1f}s")
+    return results

@@ -1,0 +1,202 @@
+"""What the demo reads back from its tools, and the summary it writes (``tools/demo.py``).
+
+The readers follow the tools' own outputs: mmengine's metrics JSON and mmseg's per-class table
+from ``tools/test.py``, the JSON of ``tools/get_flops.py`` (schema ``fatr_seg.get_flops/1``) and
+of ``tools/benchmark.py`` (``fatr_seg.benchmark/1``), mmengine's training log. A file that does
+not hold what is expected raises :class:`DemoError` naming the file and what is missing.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os.path as osp
+import re
+import statistics
+
+__all__ = [
+    "DemoError",
+    "format_summary",
+    "parse_per_class",
+    "read_gmacs",
+    "read_test_metrics",
+    "read_throughput",
+    "read_train_speed",
+]
+
+_ITER_TIME = re.compile(r"Iter\(train\)\s+\[\s*(\d+)/\d+\].*?\stime: ([0-9.]+)")
+
+
+class DemoError(RuntimeError):
+    """A step failed; the message is the one line shown to the user."""
+
+
+def read_test_metrics(test_dir):
+    """mIoU, aAcc, mAcc (%) and per-class IoU from the newest run of ``tools/test.py``.
+
+    mmengine writes ``TEST_DIR/<timestamp>/<timestamp>.json`` (one line of metrics) and the
+    per-class table to ``<timestamp>.log``.
+    """
+    runs = sorted(glob.glob(osp.join(test_dir, "*", "*.json")), key=osp.getmtime)
+    if not runs:
+        raise DemoError(f"tools/test.py wrote no metrics under {test_dir}")
+    with open(runs[-1]) as f:
+        lines = [json.loads(s) for s in f if s.strip()]
+    metrics = next((m for m in reversed(lines) if "mIoU" in m), None)
+    if metrics is None:
+        raise DemoError(f"no mIoU in {runs[-1]}")
+    result = {k: float(metrics[k]) for k in ("mIoU", "aAcc", "mAcc") if k in metrics}
+    result["per_class"] = parse_per_class(runs[-1][: -len(".json")] + ".log")
+    return result
+
+
+def parse_per_class(log_path):
+    """``{class: IoU}`` from the table mmseg's IoUMetric prints (empty if there is none)."""
+    if not osp.isfile(log_path):
+        return {}
+    with open(log_path) as f:
+        text = f.read()
+    start = text.rfind("per class results:")
+    if start < 0:
+        return {}
+    table = {}
+    for line in text[start:].splitlines()[1:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) >= 2 and cells[0] != "Class":
+            try:
+                table[cells[0]] = float(cells[1])
+            except ValueError:
+                continue
+        elif table and not line.startswith(("+", "|")):
+            break
+    return table
+
+
+def read_train_speed(log_path, skip=1):
+    """Median seconds per training iteration in a ``tools/train.py`` log, or None.
+
+    mmengine logs ``time`` every ``default_hooks.logger.interval`` iterations (averaged over its
+    ``log_processor.window_size``); the first ``skip`` logged values (start-up) are left out when
+    more remain.
+    """
+    if not osp.isfile(log_path):
+        return None
+    with open(log_path) as f:
+        times = [float(m.group(2)) for m in map(_ITER_TIME.search, f) if m]
+    times = times[skip:] if len(times) > skip else times
+    return statistics.median(times) if times else None
+
+
+def _schema_error(path, what):
+    return DemoError(f"{path} does not hold {what} (has its tool's JSON schema changed?)")
+
+
+def _check_found(path, configs, found, what, note=""):
+    missing = [c for c in configs if c not in found]
+    if missing:
+        raise _schema_error(path, f"{what} of {', '.join(missing)}{note}")
+    return found
+
+
+def read_gmacs(path, configs):
+    """``{config: segmentor GMACs}`` from ``tools/get_flops.py --json`` (schema
+    ``fatr_seg.get_flops/1``: ``models[i].config``, ``models[i].segmentor.gmacs``)."""
+    with open(path) as f:
+        data = json.load(f)
+    found = {}
+    for model in data.get("models", []):
+        for cfg in configs:
+            if osp.normpath(str(model.get("config", ""))) == osp.normpath(cfg):
+                try:
+                    found[cfg] = float(model["segmentor"]["gmacs"])
+                except (KeyError, TypeError, ValueError):
+                    raise _schema_error(path, f"segmentor.gmacs for {cfg}") from None
+    return _check_found(path, configs, found, "MACs")
+
+
+def read_throughput(path, configs):
+    """``{config: images/s}`` (median, segmentor, batch 1) from ``tools/benchmark.py``'s JSON
+    (schema ``fatr_seg.benchmark/1``: ``configs[i].name/path``, ``timing[j].config``,
+    ``timing[j].images_per_s.median``)."""
+    if not osp.isfile(path):
+        raise DemoError(f"tools/benchmark.py wrote no {path}")
+    with open(path) as f:
+        data = json.load(f)
+    names = {osp.normpath(c["path"]): c["name"] for c in data.get("configs", []) if "path" in c}
+    found = {}
+    for cfg in configs:
+        name = names.get(osp.normpath(cfg))
+        for rec in data.get("timing", []):
+            if rec.get("config") == name and rec.get("target") == "segmentor":
+                try:
+                    found[cfg] = float(rec["images_per_s"]["median"])
+                except (KeyError, TypeError, ValueError):
+                    raise _schema_error(path, f"images_per_s.median for {cfg}") from None
+                break
+    skipped = "; ".join(str(s.get("reason")) for s in data.get("skipped", []))
+    note = f" (skipped: {skipped})" if skipped else ""
+    return _check_found(path, configs, found, "a segmentor timing", note)
+
+
+def _fmt(value, spec):
+    return "n/a" if value is None else format(value, spec)
+
+
+def _ratio(num, den, spec=".2f"):
+    return "n/a" if num is None or den in (None, 0) else format(num / den, spec) + "x"
+
+
+def format_summary(results):
+    """Markdown summary of the ``results`` dict of :func:`fatr_seg.analysis.demo.run_demo`."""
+    base, fatr = results["baseline_config"], results["fatr_config"]
+    miou = results.get("miou", {})
+    gmacs = results.get("bench", {}).get("gmacs", {})
+    ips = results.get("bench", {}).get("throughput", {})
+    speed = results.get("train_speed", {})
+    size = results["size"]
+    lines = [
+        "# fatr_seg demo summary",
+        "",
+        f"Synthetic ADE20K-layout data ({results['num_train']} train / {results['num_val']} val, "
+        f"{size}x{size}), ViT-T/16 with Segmenter's linear decoder trained from scratch for "
+        f"{results.get('max_iters', '?')} iterations on {results['device']}.",
+        f"Cost and throughput: one {size}x{size} image (batch 1), whole segmentor.",
+        "",
+        "| model | config | mIoU (%) | GMACs | images/s |",
+        "|---|---|---|---|---|",
+    ]
+    for label, cfg in (("baseline (no reduction)", base), ("FATR", fatr)):
+        m = miou.get(cfg, {}).get("mIoU")
+        m = "not trained" if m is None else f"{m:.2f}"
+        lines.append(f"| {label} | `{cfg}` | {m} | {_fmt(gmacs.get(cfg), '.3f')} "
+                     f"| {_fmt(ips.get(cfg), '.2f')} |")  # fmt: skip
+    lines += [
+        "",
+        f"- FATR / baseline GMACs: {_ratio(gmacs.get(fatr), gmacs.get(base))}",
+        f"- FATR / baseline images/s: {_ratio(ips.get(fatr), ips.get(base))}",
+    ]
+    if speed:
+        lines.append("- training, median s/iteration: " + ", ".join(
+            f"{label} {speed[cfg]:.2f}" for label, cfg in (("baseline", base), ("FATR", fatr))
+            if speed.get(cfg) is not None))  # fmt: skip
+    if miou.get(base, {}).get("mIoU") is not None and miou.get(fatr, {}).get("mIoU") is not None:
+        delta = miou[fatr]["mIoU"] - miou[base]["mIoU"]
+        lines.append(f"- FATR - baseline mIoU: {delta:+.2f} points")
+    elif miou.get(fatr):
+        lines.append("- baseline mIoU: not trained (run without --no-train-baseline to add it)")
+    for label, cfg in (("FATR", fatr), ("baseline", base)):
+        per_class = miou.get(cfg, {}).get("per_class")
+        if per_class:
+            lines += ["", f"{label} per-class IoU (%): " + ", ".join(
+                f"{k} {v:.1f}" for k, v in per_class.items())]  # fmt: skip
+    if results.get("threads"):
+        lines += ["", "Threads per step (chosen from the CPU load just before it):"]
+        lines += [f"- {step}: {choice}" for step, choice in results["threads"].items()]
+    if results.get("pictures"):
+        lines += ["", "Token maps (HF tokens kept vs patches aggregated into other tokens):"]
+        lines += [f"![{osp.basename(p)}]({osp.basename(p)})" for p in results["pictures"]]
+    lines += ["", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in results["timings"].items()]
+    total = results.get("total_s", sum(results["timings"].values()))
+    lines.append(f"| **total (wall clock, start-up included)** | **{total:.1f}** |")
+    return "\n".join(lines) + "\n"
