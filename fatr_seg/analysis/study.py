@@ -254,17 +254,39 @@ def hf_iou(model_a, model_b, x) -> list:
 
 
 class Store:
-    """``results.json``, written after every step; a key already present is not recomputed."""
+    """``results.json``, written after every step; a key already present is not recomputed.
 
-    def __init__(self, path: str, settings: dict) -> None:
+    Args:
+        path: The JSON file.
+        settings: What the results depend on. A file made with other settings is replaced
+            (``strict=False``) or refused with a ``ValueError`` naming the differences
+            (``strict=True``).
+        extendable: Settings that may differ from the file's (e.g. ``seeds``: a run can be
+            extended); the new values are recorded.
+        strict: Refuse a file made with other settings instead of starting afresh.
+    """
+
+    def __init__(self, path: str, settings: dict, extendable: tuple[str, ...] = ("seeds",),
+                 strict: bool = False) -> None:  # fmt: skip
         self.path = path
         self.data = {"settings": settings, "runs": {}}
-        if osp.isfile(path):
-            with open(path) as f:
-                old = json.load(f)
-            old_settings = {k: v for k, v in old.get("settings", {}).items() if k != "seeds"}
-            if old_settings == settings:
-                self.data = old
+        if not osp.isfile(path):
+            return
+        with open(path) as f:
+            old = json.load(f)
+        old_settings = old.get("settings", {})
+        ours = json.loads(json.dumps(settings))  # tuples as the file holds them: lists
+        diff = sorted(k for k in set(old_settings) | set(ours) if k not in extendable
+                      and old_settings.get(k) != ours.get(k))  # fmt: skip
+        if not diff:
+            old["settings"] = settings
+            self.data = old
+        elif strict:
+            changes = ", ".join(f"{k}: {old_settings.get(k)!r} -> {ours.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"{path} holds results made with other settings ({changes}): use the same "
+                "options to resume, or another --work-dir"
+            )
 
     def get(self, key):
         return self.data["runs"].get(key)
