@@ -30,8 +30,7 @@ import warnings
 # mmengine and mmcv import pkg_resources (hence setuptools < 81); its deprecation notice is noise.
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 # Notices of mmseg and mmengine that every Runner and model build repeats.
-for _notice in ("``build_loss`` would be deprecated", "The draw is False",
-                ".*instance named of visualizer has been created"):  # fmt: skip
+for _notice in ("``build_loss`` would be deprecated", "The draw is False"):
     warnings.filterwarnings("ignore", message=_notice)
 
 REPO = osp.abspath(osp.join(osp.dirname(osp.abspath(__file__)), ".."))
@@ -113,6 +112,13 @@ def parse_args(argv=None):
         "--ema-momentum",
         type=float,
         help="mmengine's weight of the new value (default 10 / ft-iters)",
+    )
+    g.add_argument(
+        "--scale-r",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fine-tune tome_constant with its r scaled to the crop's token count (default on; "
+        "evaluated at the matched r)",
     )
     g = p.add_argument_group("measurements")
     g.add_argument("--hf-images", type=int, help="val images of the HF amplitude (default 8)")

@@ -6,7 +6,9 @@ logic of the tools lives in submodules imported by name, which import mmseg and 
 inside the functions that build or run segmentors:
 
 * :mod:`.benchmark`, :mod:`.benchmark_models`, :mod:`.benchmark_report`: ``tools/benchmark.py``;
-* :mod:`.study`, :mod:`.study_report`: ``tools/study.py``.
+* :mod:`.study`, :mod:`.study_report`: ``tools/study.py``;
+* :mod:`.camvid_study`, :mod:`.camvid_runs`, :mod:`.camvid_report`, with :mod:`.budget` (equal-MACs
+  budgets, pure torch): ``tools/camvid_study.py``.
 
 ``tools/get_flops.py`` uses :func:`count_macs` and :func:`analytic_vit_macs`.
 """

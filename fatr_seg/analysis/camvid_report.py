@@ -120,7 +120,7 @@ def write_report(data: dict, work_dir: str) -> str:
         "",
     ]
     lines += _budget_table(runs, methods) + _class_table(runs, methods, seeds)
-    lines += _hf_table(runs, methods) + _curve_table(runs, st)
+    lines += _hf_table(runs, methods) + _curve_table(runs, st) + _train_table(runs)
     text = "\n".join(lines) + "\n"
     with open(osp.join(work_dir, "table.md"), "w") as f:
         f.write(text)
@@ -143,7 +143,10 @@ def _budget_table(runs: dict, methods) -> list[str]:
         rel = f"{100 * (b['macs'] / b['target'] - 1):+.2f} %"
         red = "None" if b["reduction"] is None else ", ".join(
             f"{k}={v}" for k, v in b["reduction"].items())  # fmt: skip
-        lines.append(f"| {m} | `{red}` | {b['macs'] / 1e9:.4f} | "
+        red = f"`{red}`"
+        if "train_reduction" in b:  # a token count, scaled to the training crop
+            red += f" (fine-tuned with `r={b['train_reduction']['r']}`)"
+        lines.append(f"| {m} | {red} | {b['macs'] / 1e9:.4f} | "
                      f"{_fmt(counted and counted / 1e9, 4)} | {rel} |")  # fmt: skip
     return lines + ["", "Closed form: `analytic_vit_macs`; counted: `count_macs` on the "
                     "model's backbone (one 368x480 image).", ""]  # fmt: skip
@@ -215,6 +218,10 @@ def _curve_table(runs: dict, st: dict) -> list[str]:
         for model in ("fatr", "tome"):
             lines.append(f"| images/s {model} {b} | " + " | ".join(
                 _fmt(_speed(cost, f"{model}@{r:.2f}", b), 2) for r in ratios) + " |")  # fmt: skip
+    for model in ("fatr", "tome"):
+        gmacs = [cost.get("macs", {}).get(f"{model}@{r:.2f}", {}).get("backbone", math.nan) / 1e9
+                 for r in ratios]  # fmt: skip
+        lines.append(f"| backbone GMACs {model} | " + " | ".join(_fmt(g, 3) for g in gmacs) + " |")
     if batches:
         lines.append(
             "| images/s none "
@@ -224,6 +231,19 @@ def _curve_table(runs: dict, st: dict) -> list[str]:
             + " |"
             + " |" * (len(ratios) - 1)
         )
+    return lines + [""]
+
+
+def _train_table(runs: dict) -> list[str]:
+    rows = sorted((k[len("train/") :], v) for k, v in runs.items() if k.startswith("train/"))
+    if not rows:
+        return []
+    lines = ["## Training runs of this machine", "",
+             "| run | iterations | s / iteration (median) | wall time incl. start (min) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for name, v in rows:
+        lines.append(f"| {name} | {v['iters']} | {_fmt(v.get('s_per_iter'), 2)} | "
+                     f"{v['seconds'] / 60:.1f} |")  # fmt: skip
     return lines + [""]
 
 
@@ -310,10 +330,13 @@ def plot(data: dict, work_dir: str) -> list[str]:
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=label,
                             ls="--" if family.endswith("free") else "-")  # fmt: skip
-            base = runs.get("free/none")
             ref = _speed(curve, "none", b)
-            if base and ref:
-                ax.plot([ref], [base["mIoU"]], "k*", ms=12, label="none (baseline)")
+            for key, marker, label in (
+                ("free/none", "k*", "none (the baseline)"),
+                (f"ft/none/s{seeds[0]}", "kX", "none fine-tuned"),
+            ):
+                if key in runs and ref:
+                    ax.plot([ref], [runs[key]["mIoU"]], marker, ms=11, label=label)
             ax.set_xlabel(f"images/s, 360x480, batch {b[1:]}")
             ax.set_ylabel("mIoU (%)")
         axes[0, 0].legend(fontsize=8)

@@ -14,7 +14,8 @@ mmengine's ``Runner``, as ``tools/train.py`` runs it:
 
 :func:`evaluate` is ``Runner.test()``'s loop (the config's dataset and test pipeline, the model's
 ``test_step`` in whole-image mode, mmseg's ``IoUMetric``) on the validation split, keeping the
-per-class IoU that ``IoUMetric.compute_metrics`` only prints. mmseg and mmengine are imported
+per-class IoU that ``IoUMetric.compute_metrics`` only prints. :func:`cost` counts MACs and
+times whole-image inference of several models alternating. mmseg and mmengine are imported
 inside the functions.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import os.path as osp
 import time
 
@@ -32,6 +34,7 @@ __all__ = [
     "StudyError",
     "baseline_cfg",
     "build_model",
+    "cost",
     "evaluate",
     "finetune_cfg",
     "load_cfg",
@@ -96,6 +99,9 @@ def _apply_schedule(cfg, iters: int, seed: int, work_dir: str) -> None:
     cfg.launcher = "none"
     cfg.log_level = "WARNING"
     cfg.experiment_name = f"{osp.basename(work_dir)}_{time.time_ns()}"
+    # mmengine keeps one visualizer per name for the whole process: without a name of its own,
+    # every later run would write its scalars into the first run's folder.
+    cfg.visualizer.name = cfg.experiment_name
 
 
 def baseline_cfg(args, seed: int, work_dir: str):
@@ -164,11 +170,13 @@ def model_cfg(args, reduction: dict | None):
     return cfg
 
 
-def train(cfg, log=print) -> tuple[str, float]:
+def train(cfg, log=print) -> tuple[str, dict | None]:
     """Train ``cfg`` with mmengine's Runner unless its final checkpoint exists.
 
     Returns:
-        The final checkpoint's path, and the training's wall time (0 if it existed).
+        The final checkpoint's path, and ``seconds`` (wall time, Runner start included),
+        ``iters`` and ``s_per_iter`` (the median of the Runner's logged per-iteration times,
+        the first left out) of the training; None if the checkpoint existed.
     """
     from mmengine.runner import Runner
 
@@ -177,7 +185,7 @@ def train(cfg, log=print) -> tuple[str, float]:
     iters = cfg.train_cfg["max_iters"]
     ckpt = osp.join(cfg.work_dir, f"iter_{iters}.pth")
     if osp.isfile(ckpt):
-        return ckpt, 0.0
+        return ckpt, None
     try:
         check_config(cfg, train=True)
     except PreflightError as err:
@@ -185,13 +193,25 @@ def train(cfg, log=print) -> tuple[str, float]:
     t0 = time.perf_counter()
     runner = Runner.from_cfg(cfg)
     runner.train()
+    scalars = osp.join(runner.log_dir, "vis_data", "scalars.json")
     del runner
     gc.collect()
     seconds = time.perf_counter() - t0
     if not osp.isfile(ckpt):
         raise StudyError(f"training finished without writing {ckpt}")
     log(f"trained {osp.basename(cfg.work_dir)}: {iters} iterations in {seconds:.0f} s")
-    return ckpt, seconds
+    return ckpt, dict(seconds=seconds, iters=iters, s_per_iter=_iteration_time(scalars))
+
+
+def _iteration_time(scalars: str) -> float | None:
+    """Median ``time`` of the logged iterations in a Runner's ``scalars.json`` (first left out:
+    it includes the start-up)."""
+    if not osp.isfile(scalars):
+        return None
+    with open(scalars) as f:
+        times = [r["time"] for line in f if line.strip() and "time" in (r := json.loads(line))]
+    times = times[1:] or times
+    return float(np.median(times)) if times else None
 
 
 def build_model(cfg, checkpoint: str | None):
@@ -264,3 +284,42 @@ def val_inputs(cfg, count: int) -> torch.Tensor:
     preprocessor = MODELS.build(cfg.model.data_preprocessor)
     samples = [dataset[i % len(dataset)] for i in range(count)]
     return preprocessor(pseudo_collate(samples), False)["inputs"]
+
+
+def cost(models: dict, inputs: torch.Tensor, img_shape, args) -> dict:
+    """MACs at the padded evaluation size and images/s at the image size, per model.
+
+    Args:
+        models: Name -> segmentor (eval mode).
+        inputs: Preprocessed images (B, 3, 368, 480), as the test pipeline pads them.
+        img_shape: The images' own size (360, 480): the timed forward reads that crop (the
+            backbone pads to whole patches itself, with the same zeros).
+        args: ``bench_batches``, ``bench_rounds``, ``bench_threads``.
+
+    Returns:
+        ``models``: the names; ``macs``: name -> counted ``backbone`` and ``segmentor`` MACs
+        (:func:`fatr_seg.analysis.flops.count_macs`); ``images_per_s``: ``b{batch}`` -> name
+        -> median, q1, q3 and IQR over ``bench_rounds`` rounds.
+    """
+    from .benchmark_models import forward_fn, image_metas
+    from .flops import count_macs
+    from .timing import TimingStats, time_alternating
+
+    one = inputs[:1]
+    metas = image_metas(1, tuple(one.shape[2:]))
+    macs = {n: dict(backbone=count_macs(m.backbone, one).macs,
+                    segmentor=count_macs(m, one, metas, method="encode_decode").macs)
+            for n, m in models.items()}  # fmt: skip
+    x = inputs[..., : img_shape[0], : img_shape[1]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.bench_threads)
+    ips = {}
+    try:
+        for b in args.bench_batches:
+            xb = x[torch.arange(b) % x.shape[0]].contiguous()
+            fns = {n: forward_fn(m, "segmentor", xb, "float32") for n, m in models.items()}
+            times = time_alternating(fns, iters=args.bench_rounds, warmup=1)
+            ips[f"b{b}"] = {n: TimingStats.from_times(t).throughput(b) for n, t in times.items()}
+    finally:
+        torch.set_num_threads(threads)
+    return dict(models=list(models), macs=macs, images_per_s=ips)

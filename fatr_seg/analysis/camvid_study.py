@@ -46,6 +46,7 @@ from .camvid_runs import (
     StudyError,
     baseline_cfg,
     build_model,
+    cost,
     evaluate,
     finetune_cfg,
     load_cfg,
@@ -167,6 +168,7 @@ class _Ctx:
     baseline: str = ""
     dataset: object = None
     reference: dict | None = None
+    shape: ViTShape | None = None
 
     def key(self, *parts) -> str:
         return "/".join(str(p) for p in parts)
@@ -203,6 +205,7 @@ def budgets(ctx: _Ctx) -> dict:
     if ref is None or ReductionConfig.from_dict(ref).keep_ratio is None:
         raise StudyError(f"{args.model_config}: the reference needs a keep_ratio reduction")
     shape = _vit_shape(cfg)
+    ctx.reference, ctx.shape = ref, shape
     target = shape.macs(ref)
     out = {}
     for m in args.methods:
@@ -215,6 +218,9 @@ def budgets(ctx: _Ctx) -> dict:
         else:
             red = dict(method=m)
             value = dict(reduction=red, macs=shape.macs(red), target=target)
+        train_red = _train_reduction(ctx, value["reduction"])
+        if train_red != value["reduction"]:
+            value["train_reduction"] = train_red
         # Every key as the presets resolve it, so a changed preset is noticed too.
         value["resolved"] = _resolved(value["reduction"])
         old = ctx.store.get(ctx.key("budget", m))
@@ -226,7 +232,6 @@ def budgets(ctx: _Ctx) -> dict:
         if old is None:
             ctx.store.put(ctx.key("budget", m), value)
         out[m] = value["reduction"]
-    ctx.reference = ref
     log("budgets: " + ", ".join(f"{m} {r}" for m, r in out.items()))
     return out
 
@@ -235,14 +240,31 @@ def _done(ctx: _Ctx, *keys: str) -> bool:
     return all(ctx.store.get(k) is not None for k in keys)
 
 
+def _train_reduction(ctx: _Ctx, reduction: dict | None) -> dict | None:
+    """The reduction to fine-tune with: ``reduction``, with a token count ``r`` scaled from the
+    evaluation grid to the training crop's (``scale_r``).
+
+    A keep ratio is a fraction, the same at any size; ToMe's constant ``r`` is a count. Matched
+    at 690 tokens (r = 36), it would leave 256² crops (256 tokens) 1 token after block 12; scaled
+    (r = 13), every block removes about the same fraction in training as in evaluation. The
+    model has no parameter that depends on ``r``, so the fine-tuned weights are evaluated at
+    the matched ``r``.
+    """
+    if reduction is None or "r" not in reduction or not ctx.args.scale_r:
+        return reduction
+    tokens = (ctx.args.crop_size // ctx.shape.patch_size) ** 2
+    r = round(reduction["r"] * tokens / math.prod(ctx.shape.grid))
+    return with_budget(reduction, "r", r)
+
+
 def _finetuned(ctx: _Ctx, label: str, reduction, seed: int, budget_range=None) -> str:
     """The checkpoint of run ``ft_{label}_s{seed}``, trained now unless it exists."""
     name = f"ft_{label}_s{seed}"
     cfg = finetune_cfg(ctx.args, reduction, seed, osp.join(ctx.runs_dir, name), ctx.baseline,
                        budget_range)  # fmt: skip
-    ckpt, seconds = train(cfg, log)
-    if seconds:
-        ctx.store.put(ctx.key("train", name), dict(seconds=seconds, iters=ctx.args.ft_iters))
+    ckpt, info = train(cfg, log)
+    if info:
+        ctx.store.put(ctx.key("train", name), info)
     return ckpt
 
 
@@ -258,45 +280,6 @@ def _evaluated(ctx: _Ctx, key: str, reduction, ckpt: str, keep_ratio=None) -> di
 
 def _models(ctx: _Ctx, reductions: dict, ckpt: str | None) -> dict:
     return {n: build_model(model_cfg(ctx.args, r), ckpt) for n, r in reductions.items()}
-
-
-def cost(models: dict, inputs: torch.Tensor, img_shape, args) -> dict:
-    """MACs at the padded evaluation size and images/s at the image size, per model.
-
-    Args:
-        models: Name -> segmentor (eval mode).
-        inputs: Preprocessed images (B, 3, 368, 480), as the test pipeline pads them.
-        img_shape: The images' own size (360, 480): the timed forward reads that crop (the
-            backbone pads to whole patches itself, with the same zeros).
-        args: ``bench_batches``, ``bench_rounds``, ``bench_threads``.
-
-    Returns:
-        ``models``: the names; ``macs``: name -> counted ``backbone`` and ``segmentor`` MACs
-        (:func:`fatr_seg.analysis.flops.count_macs`); ``images_per_s``: ``b{batch}`` -> name
-        -> median, q1, q3 and IQR over ``bench_rounds`` rounds.
-    """
-    from .benchmark_models import forward_fn, image_metas
-    from .flops import count_macs
-    from .timing import TimingStats, time_alternating
-
-    one = inputs[:1]
-    metas = image_metas(1, tuple(one.shape[2:]))
-    macs = {n: dict(backbone=count_macs(m.backbone, one).macs,
-                    segmentor=count_macs(m, one, metas, method="encode_decode").macs)
-            for n, m in models.items()}  # fmt: skip
-    x = inputs[..., : img_shape[0], : img_shape[1]]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.bench_threads)
-    ips = {}
-    try:
-        for b in args.bench_batches:
-            xb = x[torch.arange(b) % x.shape[0]].contiguous()
-            fns = {n: forward_fn(m, "segmentor", xb, "float32") for n, m in models.items()}
-            times = time_alternating(fns, iters=args.bench_rounds, warmup=1)
-            ips[f"b{b}"] = {n: TimingStats.from_times(t).throughput(b) for n, t in times.items()}
-    finally:
-        torch.set_num_threads(threads)
-    return dict(models=list(models), macs=macs, images_per_s=ips)
 
 
 def _cost_stale(ctx: _Ctx, key: str, names) -> bool:
@@ -341,9 +324,9 @@ def run_camvid_study(args) -> dict:
     else:
         name = f"baseline_s{args.baseline_seed}"
         cfg = baseline_cfg(args, args.baseline_seed, osp.join(ctx.runs_dir, name))
-        ctx.baseline, seconds = train(cfg, log)
-        if seconds:
-            store.put(ctx.key("train", name), dict(seconds=seconds, iters=args.base_iters))
+        ctx.baseline, info = train(cfg, log)
+        if info:
+            store.put(ctx.key("train", name), info)
     log(f"baseline: {ctx.baseline}")
     ctx.dataset = val_dataset(model_cfg(args, None))
 
@@ -367,7 +350,7 @@ def run_camvid_study(args) -> dict:
             key, hf_key = ctx.key("ft", m, f"s{seed}"), ctx.key("hf", "ft", m)
             if _done(ctx, key, *([hf_key] if seed == args.seeds[0] else [])):
                 continue
-            ckpt = _finetuned(ctx, m, reductions[m], seed)
+            ckpt = _finetuned(ctx, m, _train_reduction(ctx, reductions[m]), seed)
             _evaluated(ctx, key, reductions[m], ckpt)
             if seed == args.seeds[0]:
                 model = build_model(model_cfg(args, reductions[m]), ckpt)
@@ -376,9 +359,10 @@ def run_camvid_study(args) -> dict:
     # 7. The budget curve.
     if args.budget_curve:
         budget_curve(ctx, inputs, img_shape)
+    # What this run covered (the report's rows); a later run may cover more.
     store.data["settings"].update(seeds=args.seeds, methods=args.methods,
                                   budget_curve=args.budget_curve)  # fmt: skip
-    store.put("done", True)
+    store.save()
     return store.data
 
 

@@ -293,6 +293,10 @@ class Store:
 
     def put(self, key, value) -> None:
         self.data["runs"][key] = value
+        self.save()
+
+    def save(self) -> None:
+        """Write the file (atomically: a new file, then renamed over the old one)."""
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(self.data, f, indent=1)

@@ -43,6 +43,30 @@ def test_store_refuses_other_settings(tmp_path):
     assert Store(path, {"ft_iters": 300, "lr": 1e-4}).get("free/none") is None
 
 
+def test_tome_constant_fine_tunes_with_r_scaled_to_the_crop():
+    from types import SimpleNamespace
+
+    from fatr_seg.analysis import token_schedule
+    from fatr_seg.analysis.budget import ViTShape
+    from fatr_seg.analysis.camvid_study import _train_reduction
+
+    shape = ViTShape((23, 30), 192, 12, 16, 3)
+    ctx = SimpleNamespace(args=SimpleNamespace(crop_size=256, scale_r=True), shape=shape)
+    red = dict(method="tome_constant", r=36)
+    train = _train_reduction(ctx, red)
+    assert train == dict(method="tome_constant", r=13)  # 36 * 256 / 690 = 13.4
+    # The same fraction of the tokens is left after the last block, in training and evaluation
+    # (unscaled, 256² crops would end with 1 token).
+    left = {g: token_schedule(g, 12, r)[-1].mlp - 1
+            for g, r in (((16, 16), train), ((23, 30), red))}  # fmt: skip
+    assert abs(left[(16, 16)] / 256 - left[(23, 30)] / 690) < 0.03
+    assert token_schedule((16, 16), 12, red)[-1].mlp - 1 == 1
+    for other in (None, dict(method="tome", keep_ratio=0.728)):
+        assert _train_reduction(ctx, other) == other
+    ctx.args.scale_r = False
+    assert _train_reduction(ctx, red) == red
+
+
 def run_tool(*args, env=None, timeout=1200):
     return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
@@ -163,6 +187,8 @@ def test_quick_study_end_to_end_then_resume(tmp_path):
     curve_ips = runs["curve/cost"]["images_per_s"]["b1"]
     assert set(curve_ips) == {"none", "fatr@0.70", "fatr@1.00", "tome@0.70", "tome@1.00"}
 
+    for name in ["baseline_s0", "ft_fatr_sampled_s0"] + [f"ft_{m}_s0" for m in methods]:
+        assert runs[f"train/{name}"]["s_per_iter"] > 0
     table = (work / "table.md").read_text()
     for m in methods:
         assert f"| {m} |" in table
@@ -178,9 +204,7 @@ def test_quick_study_end_to_end_then_resume(tmp_path):
         f"ft_{m}_s1" for m in methods
     )
     new = json.loads((work / "results.json").read_text())
-    assert {k: v for k, v in new["runs"].items() if k in runs and k != "done"} == {
-        k: v for k, v in runs.items() if k != "done"
-    }
+    assert {k: v for k, v in new["runs"].items() if k in runs} == runs
     assert all(f"ft/{m}/s1" in new["runs"] for m in methods)
     assert "(n=2)" in (work / "table.md").read_text()
 
