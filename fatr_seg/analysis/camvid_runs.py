@@ -32,6 +32,7 @@ import torch
 
 __all__ = [
     "StudyError",
+    "apply_schedule",
     "baseline_cfg",
     "build_model",
     "cost",
@@ -85,7 +86,16 @@ def _apply_data(cfg, args, train: bool) -> None:
     cfg.model.backbone.img_size = crop
 
 
-def _apply_schedule(cfg, iters: int, seed: int, work_dir: str) -> None:
+def apply_schedule(cfg, iters: int, seed: int, work_dir: str, load_from: str | None = None,
+                   log_level: str = "WARNING") -> None:  # fmt: skip
+    """Make ``cfg`` one Runner training of ``iters`` iterations in ``work_dir``.
+
+    No validation during training (the studies evaluate themselves), one checkpoint at the end
+    (``iter_{iters}.pth``, without optimizer state), about 20 log lines, ``seed`` for every
+    random stream, ``load_from`` loaded before training. The experiment and its visualizer get
+    names of their own: mmengine keeps one instance per name for the whole process, so without
+    them every later run would log into the first run's folder.
+    """
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters + 1)
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=iters,
                                         max_keep_ckpts=1, save_optimizer=False,
@@ -94,14 +104,13 @@ def _apply_schedule(cfg, iters: int, seed: int, work_dir: str) -> None:
                                     log_metric_by_epoch=False)  # fmt: skip
     cfg.randomness = dict(seed=seed)
     cfg.work_dir = work_dir
-    cfg.load_from = None
+    cfg.load_from = load_from
     cfg.resume = False
     cfg.launcher = "none"
-    cfg.log_level = "WARNING"
+    cfg.log_level = log_level
     cfg.experiment_name = f"{osp.basename(work_dir)}_{time.time_ns()}"
-    # mmengine keeps one visualizer per name for the whole process: without a name of its own,
-    # every later run would write its scalars into the first run's folder.
-    cfg.visualizer.name = cfg.experiment_name
+    if "visualizer" in cfg:
+        cfg.visualizer.name = cfg.experiment_name
 
 
 def baseline_cfg(args, seed: int, work_dir: str):
@@ -126,7 +135,7 @@ def baseline_cfg(args, seed: int, work_dir: str):
                 end=iters)  # fmt: skip
     cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0,
                                 end=warm), poly] if warm > 0 else [poly]  # fmt: skip
-    _apply_schedule(cfg, iters, seed, work_dir)
+    apply_schedule(cfg, iters, seed, work_dir)
     return cfg
 
 
@@ -156,7 +165,7 @@ def finetune_cfg(args, reduction: dict | None, seed: int, work_dir: str, teacher
     cfg.custom_hooks = [
         dict(type="EMAHook", ema_type="ExponentialMovingAverage", momentum=args.ema_momentum)
     ] if args.ema else []  # fmt: skip
-    _apply_schedule(cfg, iters, seed, work_dir)
+    apply_schedule(cfg, iters, seed, work_dir)
     return cfg
 
 

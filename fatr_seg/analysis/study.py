@@ -92,6 +92,8 @@ def make_cfg(args, method, seed, work_dir, iters=0, lr=None, load_from=None):
     """The mmseg config of one run: the base config with the study's model, data and schedule."""
     from mmengine.config import Config
 
+    from .camvid_runs import apply_schedule
+
     cfg = Config.fromfile(args.config)
     crop = (args.img_size, args.img_size)
     for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
@@ -127,17 +129,7 @@ def make_cfg(args, method, seed, work_dir, iters=0, lr=None, load_from=None):
         dict(type="PolyLR", eta_min=lr_floor(lr or args.base_lr), power=1.0, by_epoch=False,
              begin=warm, end=iters),
     ]  # fmt: skip
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters + 1)
-    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=iters,
-                                        max_keep_ckpts=1)  # fmt: skip
-    cfg.default_hooks.logger = dict(type="LoggerHook", interval=max(1, iters // 20),
-                                    log_metric_by_epoch=False)  # fmt: skip
-    cfg.randomness = dict(seed=seed)
-    cfg.work_dir = work_dir
-    cfg.load_from = load_from
-    cfg.resume = False
-    cfg.log_level = "ERROR"
-    cfg.experiment_name = f"{osp.basename(work_dir)}_{time.time_ns()}"
+    apply_schedule(cfg, iters, seed, work_dir, load_from=load_from, log_level="ERROR")
     return cfg
 
 
