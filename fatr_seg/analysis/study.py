@@ -92,6 +92,8 @@ def make_cfg(args, method, seed, work_dir, iters=0, lr=None, load_from=None):
     """The mmseg config of one run: the base config with the study's model, data and schedule."""
     from mmengine.config import Config
 
+    from .camvid_runs import apply_schedule
+
     cfg = Config.fromfile(args.config)
     crop = (args.img_size, args.img_size)
     for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
@@ -127,17 +129,7 @@ def make_cfg(args, method, seed, work_dir, iters=0, lr=None, load_from=None):
         dict(type="PolyLR", eta_min=lr_floor(lr or args.base_lr), power=1.0, by_epoch=False,
              begin=warm, end=iters),
     ]  # fmt: skip
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters + 1)
-    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=iters,
-                                        max_keep_ckpts=1)  # fmt: skip
-    cfg.default_hooks.logger = dict(type="LoggerHook", interval=max(1, iters // 20),
-                                    log_metric_by_epoch=False)  # fmt: skip
-    cfg.randomness = dict(seed=seed)
-    cfg.work_dir = work_dir
-    cfg.load_from = load_from
-    cfg.resume = False
-    cfg.log_level = "ERROR"
-    cfg.experiment_name = f"{osp.basename(work_dir)}_{time.time_ns()}"
+    apply_schedule(cfg, iters, seed, work_dir, load_from=load_from, log_level="ERROR")
     return cfg
 
 
@@ -254,23 +246,49 @@ def hf_iou(model_a, model_b, x) -> list:
 
 
 class Store:
-    """``results.json``, written after every step; a key already present is not recomputed."""
+    """``results.json``, written after every step; a key already present is not recomputed.
 
-    def __init__(self, path: str, settings: dict) -> None:
+    Args:
+        path: The JSON file.
+        settings: What the results depend on. A file made with other settings is replaced
+            (``strict=False``) or refused with a ``ValueError`` naming the differences
+            (``strict=True``).
+        extendable: Settings that may differ from the file's (e.g. ``seeds``: a run can be
+            extended); the new values are recorded.
+        strict: Refuse a file made with other settings instead of starting afresh.
+    """
+
+    def __init__(self, path: str, settings: dict, extendable: tuple[str, ...] = ("seeds",),
+                 strict: bool = False) -> None:  # fmt: skip
         self.path = path
         self.data = {"settings": settings, "runs": {}}
-        if osp.isfile(path):
-            with open(path) as f:
-                old = json.load(f)
-            old_settings = {k: v for k, v in old.get("settings", {}).items() if k != "seeds"}
-            if old_settings == settings:
-                self.data = old
+        if not osp.isfile(path):
+            return
+        with open(path) as f:
+            old = json.load(f)
+        old_settings = old.get("settings", {})
+        ours = json.loads(json.dumps(settings))  # tuples as the file holds them: lists
+        diff = sorted(k for k in set(old_settings) | set(ours) if k not in extendable
+                      and old_settings.get(k) != ours.get(k))  # fmt: skip
+        if not diff:
+            old["settings"] = settings
+            self.data = old
+        elif strict:
+            changes = ", ".join(f"{k}: {old_settings.get(k)!r} -> {ours.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"{path} holds results made with other settings ({changes}): use the same "
+                "options to resume, or another --work-dir"
+            )
 
     def get(self, key):
         return self.data["runs"].get(key)
 
     def put(self, key, value) -> None:
         self.data["runs"][key] = value
+        self.save()
+
+    def save(self) -> None:
+        """Write the file (atomically: a new file, then renamed over the old one)."""
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(self.data, f, indent=1)

@@ -1,0 +1,178 @@
+"""Token budgets at equal MACs: the keep ratio (or ToMe's ``r``) that gives a reference's MACs.
+
+Comparing reducers at the same ``keep_ratio`` does not compare them at the same cost: FATR pays
+for its exact HF score (``n² · C`` per reduction layer), EViT adds a fused token, the paper's DC
+aggregation adds DC tokens, ToMe's constant schedule reduces in every block. :func:`match_budget`
+bisects one method's budget until its backbone MACs (:func:`analytic_vit_macs`, which equals
+:func:`fatr_seg.analysis.count_macs` on the model; ``tests/test_tools/test_flops.py``) are
+within a tolerance of a reference's. Pure torch: no mmseg.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..layers.config import ReductionConfig
+from .flops import analytic_vit_macs
+
+__all__ = ["MatchedBudget", "ViTShape", "bisect_budget", "budget_key", "match_budget",
+           "with_budget"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    """What :func:`analytic_vit_macs` needs of a ViT and its input.
+
+    Attributes:
+        grid: Patch grid (H, W) of the input (padded to whole patches).
+        dim: Embedding dim C.
+        depth: Blocks.
+        patch_size: Patch size.
+        num_heads: Heads (the head dim of key similarities).
+        mlp_ratio: MLP hidden / C.
+    """
+
+    grid: tuple[int, int]
+    dim: int
+    depth: int
+    patch_size: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+
+    def macs(self, reduction: dict | None) -> int:
+        """Backbone MACs of one image with ``reduction`` (scores and DC terms included)."""
+        return analytic_vit_macs(self.grid, self.dim, self.depth, self.patch_size,
+                                 mlp_ratio=self.mlp_ratio, reduction=reduction,
+                                 num_heads=self.num_heads)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MatchedBudget:
+    """A method's reduction at a matched budget.
+
+    Attributes:
+        reduction: The reduction dict (the method's, with the budget set).
+        key: ``'keep_ratio'`` or ``'r'``.
+        value: The budget found.
+        macs: Its backbone MACs.
+        target: The reference's MACs.
+    """
+
+    reduction: dict
+    key: str
+    value: float | int
+    macs: int
+    target: int
+
+    @property
+    def rel_error(self) -> float:
+        """``macs / target - 1``."""
+        return self.macs / self.target - 1.0
+
+    def to_dict(self) -> dict:
+        return dict(reduction=self.reduction, key=self.key, value=self.value, macs=self.macs,
+                    target=self.target, rel_error=self.rel_error)  # fmt: skip
+
+
+def budget_key(reduction: dict) -> str:
+    """``'r'`` when the reduction's budget is a token count (ToMe's constant schedule), else
+    ``'keep_ratio'``."""
+    return "r" if ReductionConfig.from_dict(reduction).keep_ratio is None else "keep_ratio"
+
+
+def with_budget(reduction: dict, key: str, value: float | int) -> dict:
+    """``reduction`` with its budget set to ``value`` (one value for every reduction layer)."""
+    out = {k: v for k, v in reduction.items() if k not in ("keep_ratio", "r")}
+    out[key] = int(value) if key == "r" else float(value)
+    return out
+
+
+def bisect_budget(
+    macs_of: Callable[[float], int],
+    target: int,
+    lo: float,
+    hi: float,
+    integer: bool = False,
+    tol: float = 0.01,
+    steps: int = 60,
+    what: str = "budget",
+) -> tuple[float | int, int]:
+    """The budget in ``[lo, hi]`` whose MACs are closest to ``target``, by bisection.
+
+    ``macs_of`` must be monotonic (either direction) and may be piecewise constant (token counts
+    are integers); the bisection keeps a bracket whose ends lie on either side of ``target`` and
+    returns the better end.
+
+    Args:
+        macs_of: Budget -> MACs.
+        target: The MACs to match.
+        lo, hi: The search interval.
+        integer: Search integers only (ToMe's ``r``).
+        tol: Largest accepted ``|macs / target - 1|``.
+        steps: Bisection steps for a real budget.
+        what: Names the budget in the error message.
+
+    Returns:
+        ``(budget, macs)``.
+
+    Raises:
+        ValueError: The target lies outside the MACs of the interval, or no budget comes within
+            ``tol`` (the message gives the closest one).
+    """
+    if not lo < hi:
+        raise ValueError(f"{what}: empty search interval [{lo}, {hi}]")
+    f_lo, f_hi = macs_of(lo), macs_of(hi)
+    rising = f_hi >= f_lo
+    low_end, high_end = (lo, hi) if rising else (hi, lo)  # budgets giving fewer / more MACs
+    if not min(f_lo, f_hi) * (1 - tol) <= target <= max(f_lo, f_hi) * (1 + tol):
+        raise ValueError(
+            f"{what}: {target / 1e9:.4f} GMACs is outside what [{lo}, {hi}] gives "
+            f"({min(f_lo, f_hi) / 1e9:.4f} to {max(f_lo, f_hi) / 1e9:.4f} GMACs)"
+        )
+    below, above = low_end, high_end  # macs_of(below) <= target <= macs_of(above) (or an end)
+    for _ in range(steps if not integer else 64):
+        if integer and abs(above - below) <= 1:
+            break
+        mid = (below + above) // 2 if integer else (below + above) / 2
+        if macs_of(mid) <= target:
+            below = mid
+        else:
+            above = mid
+    best = min((below, above), key=lambda v: abs(macs_of(v) - target))
+    macs = macs_of(best)
+    if not integer:  # the shortest decimal with the same MACs (token counts are integers)
+        best = next((r for d in range(2, 9) if macs_of(r := round(best, d)) == macs), best)
+    if abs(macs / target - 1) > tol:
+        raise ValueError(
+            f"{what}: no budget in [{lo}, {hi}] comes within {100 * tol:g}% of "
+            f"{target / 1e9:.4f} GMACs (closest: {best} at {macs / 1e9:.4f} GMACs)"
+        )
+    return best, macs
+
+
+def match_budget(reduction: dict, target: int, shape: ViTShape, tol: float = 0.01) -> MatchedBudget:
+    """``reduction`` with the budget whose backbone MACs on ``shape`` are within ``tol`` of
+    ``target``.
+
+    A keep ratio is searched in [0.5, 1] (ToMe's bipartite matching cannot merge more than half
+    the tokens of a layer; one ratio for every reduction layer), a token count ``r`` in
+    [0, tokens].
+
+    Raises:
+        ValueError: No budget in the interval is close enough (named in the message).
+    """
+    key = budget_key(reduction)
+    method = reduction.get("method", "fatr")
+
+    def macs_of(value: float | int) -> int:
+        return shape.macs(with_budget(reduction, key, value))
+
+    if key == "r":
+        lo, hi, integer = 0, math.prod(shape.grid), True
+    else:
+        lo, hi, integer = 0.5, 1.0, False
+    value, macs = bisect_budget(macs_of, target, lo, hi, integer=integer, tol=tol,
+                                what=f"method {method!r}, {key}")  # fmt: skip
+    return MatchedBudget(with_budget(reduction, key, value), key, value, macs, target)

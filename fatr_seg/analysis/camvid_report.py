@@ -1,0 +1,354 @@
+"""Table and plots of the CamVid study (:mod:`fatr_seg.analysis.camvid_study`).
+
+:func:`write_report` writes ``table.md``; :func:`plot` writes ``miou.png`` (training-free and
+fine-tuned mIoU per method, with its MACs), ``per_class.png``, ``hf_amplitude.png`` and, with a
+budget curve, ``budget_curve.png``. matplotlib is imported only to plot.
+"""
+
+from __future__ import annotations
+
+import math
+import os.path as osp
+
+import numpy as np
+
+from ..datasets.camvid import CAMVID_CLASSES
+from ..layers.config import ReductionConfig
+from .study_report import mean_std, pm
+
+__all__ = ["CURVE_FAMILIES", "write_report", "plot"]
+
+#: Budget-curve families: key in results.json -> label.
+CURVE_FAMILIES = {
+    "fatr_free": "FATR training-free",
+    "fatr_sampled": "FATR fine-tuned, sampled budgets",
+    "fatr_fixed": "FATR fine-tuned at one budget",
+    "fatr_each": "FATR fine-tuned at each budget",
+    "tome_free": "ToMe training-free",
+    "tome_each": "ToMe fine-tuned at each budget",
+}
+
+
+def _ft(runs: dict, seeds, method: str) -> list[dict]:
+    return [runs[k] for s in seeds if (k := f"ft/{method}/s{s}") in runs]
+
+
+def _class_mean(results: list[dict]) -> list[float]:
+    """Per-class IoU averaged over results (NaN where a class has no value)."""
+    if not results:
+        return [math.nan] * len(CAMVID_CLASSES)
+    rows = [[math.nan if v is None else v for v in r["IoU"]] for r in results]
+    with np.errstate(all="ignore"):
+        return np.nanmean(np.asarray(rows, dtype=float), axis=0).tolist()
+
+
+def _speed(cost: dict | None, name: str, batch: str) -> float | None:
+    cell = (cost or {}).get("images_per_s", {}).get(batch, {}).get(name)
+    return None if cell is None else cell["median"]
+
+
+def _fmt(v, digits=1) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _budget_text(b: dict) -> str:
+    """The budget of a method's reduction as its config resolves it (preset values included)."""
+    if b["reduction"] is None:
+        return "—"
+    red = ReductionConfig.from_dict(b["reduction"])
+    key, values = ("r", red.r) if red.keep_ratio is None else ("keep_ratio", red.keep_ratio)
+    return f"{key} {values[0] if len(set(values)) == 1 else values} at {red.layers}"
+
+
+def _protocol(st: dict, images: str) -> str:
+    """One paragraph: baseline, fine-tuning, evaluation and budgets of the run."""
+    if st["baseline_checkpoint"]:
+        base = f"Baseline: {st['baseline_checkpoint']}."
+    else:
+        base = (f"Baseline: trained here ({st['base_iters']} iterations, batch "
+                f"{st['batch_size']}, {st['crop_size']}² crops, AdamW lr {st['base_lr']}, head "
+                f"x{st['head_lr_mult']:g}, {st['warmup_iters']} warm-up iterations then poly "
+                "decay).")  # fmt: skip
+    ema = f"EMA momentum {st['ema_momentum']:g}" if st["ema"] else "no EMA"
+    budgets = (f"equal backbone MACs at 368x480 (±{100 * st['mac_tol']:g} %)"
+               if st["equal_macs"] else "each method's preset")  # fmt: skip
+    return (f"{base} Fine-tuning: {st['ft_iters']} iterations of CE + self-distillation (T "
+            f"{st['temperature']:g}, lr {st['ft_lr']:g}, {ema}), seeds {st['seeds']}. "
+            f"Evaluation: CamVid val ({images} images), whole 360x480 images padded to 368x480 "
+            f"(23x30 tokens). Budgets: {budgets}.")  # fmt: skip
+
+
+def write_report(data: dict, work_dir: str) -> str:
+    """Write ``table.md`` under ``work_dir``; returns its text."""
+    st, runs = data["settings"], data["runs"]
+    methods, seeds = st["methods"], st["seeds"]
+    cost = runs.get("cost")
+    batches = list((cost or {}).get("images_per_s", {}))
+    lines = [
+        "# CamVid study: token reducers on a real pretrained Segmenter-Mask ViT-Ti/16",
+        "",
+        _protocol(st, _images(runs)),
+        "",
+        "| method | budget | mIoU training-free | mIoU fine-tuned | Δ vs none fine-tuned | "
+        "backbone GMACs | segmentor GMACs | "
+        + " | ".join(f"images/s {b} | speed-up {b}" for b in batches)
+        + " |",
+        "|---|---|---|---|---|---|---|" + "---|---|" * len(batches),
+    ]
+    none_ft = mean_std([r["mIoU"] for r in _ft(runs, seeds, "none")])[0]
+    for m in methods:
+        free = runs.get(f"free/{m}")
+        ft = [r["mIoU"] for r in _ft(runs, seeds, m)]
+        delta = mean_std(ft)[0] - none_ft if ft and not math.isnan(none_ft) else None
+        macs = (cost or {}).get("macs", {}).get(m, {})
+        cells = [m, _budget_text(runs[f"budget/{m}"]), _fmt(free and free["mIoU"], 2),
+                 pm(ft, 2) + (f" (n={len(ft)})" if ft else ""),
+                 "—" if m == "none" else "n/a" if delta is None else f"{delta:+.2f}",
+                 _fmt(macs.get("backbone", math.nan) / 1e9, 3),
+                 _fmt(macs.get("segmentor", math.nan) / 1e9, 3)]  # fmt: skip
+        for b in batches:
+            ips, ref = _speed(cost, m, b), _speed(cost, "none", b)
+            cells += [_fmt(ips, 2), f"{ips / ref:.2f}x" if ips and ref else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "mIoU in %; fine-tuned: mean ± std over seeds. `none` fine-tuned is the baseline given "
+        "the same fine-tuning (Δ is against it). images/s: whole-image inference "
+        "(`encode_decode`) at 360x480, median over the timed rounds, "
+        f"{st['bench_threads']} thread(s), all methods alternating in one process; batch b1 / "
+        "b8 = 1 / 8 images.",
+        "",
+    ]
+    lines += _budget_table(runs, methods) + _class_table(runs, methods, seeds)
+    lines += _hf_table(runs, methods) + _curve_table(runs, st) + _train_table(runs)
+    text = "\n".join(lines) + "\n"
+    with open(osp.join(work_dir, "table.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def _images(runs: dict) -> str:
+    counts = {r["images"] for k, r in runs.items() if k.startswith("free/")}
+    return "/".join(map(str, sorted(counts))) or "n/a"
+
+
+def _budget_table(runs: dict, methods) -> list[str]:
+    cost = runs.get("cost") or {}
+    lines = ["## Budgets", "",
+             "| method | reduction | backbone GMACs (closed form) | counted | vs FATR |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for m in methods:
+        b = runs[f"budget/{m}"]
+        counted = cost.get("macs", {}).get(m, {}).get("backbone")
+        rel = f"{100 * (b['macs'] / b['target'] - 1):+.2f} %"
+        red = "None" if b["reduction"] is None else ", ".join(
+            f"{k}={v}" for k, v in b["reduction"].items())  # fmt: skip
+        red = f"`{red}`"
+        if "train_reduction" in b:  # a token count, scaled to the training crop
+            red += f" (fine-tuned with `r={b['train_reduction']['r']}`)"
+        lines.append(f"| {m} | {red} | {b['macs'] / 1e9:.4f} | "
+                     f"{_fmt(counted and counted / 1e9, 4)} | {rel} |")  # fmt: skip
+    return lines + ["", "Closed form: `analytic_vit_macs`; counted: `count_macs` on the "
+                    "model's backbone (one 368x480 image).", ""]  # fmt: skip
+
+
+def _class_table(runs: dict, methods, seeds) -> list[str]:
+    short = list(CAMVID_CLASSES)
+    lines = ["## Per-class IoU (%)", "",
+             "| method | phase | " + " | ".join(short) + " |",
+             "|---|---|" + "---|" * len(short)]  # fmt: skip
+    for m in methods:
+        for phase, results in (("free", [runs[k]] if (k := f"free/{m}") in runs else []),
+                               ("fine-tuned", _ft(runs, seeds, m))):  # fmt: skip
+            if results:
+                vals = _class_mean(results)
+                lines.append(f"| {m} | {phase} | " + " | ".join(_fmt(v) for v in vals) + " |")
+    return lines + [""]
+
+
+def _hf_table(runs: dict, methods) -> list[str]:
+    lines = []
+    for phase, title in (("free", "training-free"), ("ft", "fine-tuned, first seed")):
+        rows = [(m, runs[k]) for m in methods if (k := f"hf/{phase}/{m}") in runs]
+        if not rows:
+            continue
+        depth = len(rows[0][1]["hf_restored"])
+        lines += [f"## Relative HF amplitude ‖X − mean(X)‖/‖X‖ per block ({title})", "",
+                  "| method | measured on | " + " | ".join(map(str, range(1, depth + 1))) + " |",
+                  "|---|---|" + "---|" * depth]  # fmt: skip
+        for m, d in rows:
+            for key, label in (("hf_restored", "restored grid"), ("hf_tokens", "token set")):
+                lines.append(f"| {m} | {label} | " + " | ".join(f"{v:.3f}" for v in d[key]) + " |")
+        lines.append("")
+    return lines
+
+
+def curve_points(runs: dict, family: str, batch: str) -> list[tuple[float, float, float | None]]:
+    """``(ratio, mIoU, images/s)`` of a budget-curve family, by ratio (speed of the model that
+    family runs at that ratio: FATR's or ToMe's)."""
+    cost = runs.get("curve/cost")
+    model = "tome" if family.startswith("tome") else "fatr"
+    pts = []
+    prefix = f"curve/{family}/"
+    for key in sorted(k for k in runs if k.startswith(prefix)):
+        ratio = float(key[len(prefix) :])
+        pts.append((ratio, runs[key]["mIoU"], _speed(cost, f"{model}@{ratio:.2f}", batch)))
+    return pts
+
+
+def _curve_table(runs: dict, st: dict) -> list[str]:
+    if not any(k.startswith("curve/") for k in runs):
+        return []
+    cost = runs.get("curve/cost") or {}
+    batches = list(cost.get("images_per_s", {}))
+    ratios = sorted({float(k.rsplit("/", 1)[1]) for k in runs
+                     if k.startswith("curve/") and k != "curve/cost"})  # fmt: skip
+    lines = ["## Budget curve (mIoU %, first seed)", "",
+             f"Sampled budgets: keep ratio uniform in {tuple(st['budget_range'])} per iteration; "
+             f"one budget: {st['curve_fixed_ratio']}. Every fine-tuned FATR model is evaluated "
+             "at each ratio with `set_keep_ratio` (no rebuild).", "",
+             "| family | " + " | ".join(f"{r:.2f}" for r in ratios) + " |",
+             "|---|" + "---|" * len(ratios)]  # fmt: skip
+    for family, label in CURVE_FAMILIES.items():
+        by_ratio = {r: m for r, m, _ in curve_points(runs, family, "b1")}
+        if by_ratio:
+            lines.append(f"| {label} | " + " | ".join(_fmt(by_ratio.get(r), 2) for r in ratios)
+                         + " |")  # fmt: skip
+    for b in batches:
+        for model in ("fatr", "tome"):
+            lines.append(f"| images/s {model} {b} | " + " | ".join(
+                _fmt(_speed(cost, f"{model}@{r:.2f}", b), 2) for r in ratios) + " |")  # fmt: skip
+    for model in ("fatr", "tome"):
+        gmacs = [cost.get("macs", {}).get(f"{model}@{r:.2f}", {}).get("backbone", math.nan) / 1e9
+                 for r in ratios]  # fmt: skip
+        lines.append(f"| backbone GMACs {model} | " + " | ".join(_fmt(g, 3) for g in gmacs) + " |")
+    if batches:
+        lines.append(
+            "| images/s none "
+            + " / ".join(batches)
+            + " | "
+            + " / ".join(_fmt(_speed(cost, "none", b), 2) for b in batches)
+            + " |"
+            + " |" * (len(ratios) - 1)
+        )
+    return lines + [""]
+
+
+def _train_table(runs: dict) -> list[str]:
+    rows = sorted((k[len("train/") :], v) for k, v in runs.items() if k.startswith("train/"))
+    if not rows:
+        return []
+    lines = ["## Training runs of this machine", "",
+             "| run | iterations | s / iteration (median) | wall time incl. start (min) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for name, v in rows:
+        lines.append(f"| {name} | {v['iters']} | {_fmt(v.get('s_per_iter'), 2)} | "
+                     f"{v['seconds'] / 60:.1f} |")  # fmt: skip
+    return lines + [""]
+
+
+def plot(data: dict, work_dir: str) -> list[str]:
+    """Write the study's figures under ``work_dir``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st, runs = data["settings"], data["runs"]
+    methods, seeds = st["methods"], st["seeds"]
+    cost = runs.get("cost") or {}
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 3, 4))
+    w = 0.38
+    free = [runs.get(f"free/{m}", {}).get("mIoU", math.nan) for m in methods]
+    ft = [mean_std([r["mIoU"] for r in _ft(runs, seeds, m)]) for m in methods]
+    x = np.arange(len(methods))
+    ax.bar(x - w / 2, free, w, label="training-free")
+    ax.bar(x + w / 2, [m for m, _ in ft], w, yerr=[s for _, s in ft], capsize=3,
+           label="fine-tuned")  # fmt: skip
+    labels = [f"{m}\n{cost.get('macs', {}).get(m, {}).get('backbone', math.nan) / 1e9:.2f} G"
+              for m in methods]  # fmt: skip
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("mIoU (%), CamVid val")
+    ax.set_title("Backbone GMACs at 368x480 under each method")
+    ax.legend()
+    paths.append(_save(fig, osp.join(work_dir, "miou.png")))
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.5 * len(methods) + 2))
+    for ax, (phase, title) in zip(axes, (("free", "training-free"), ("ft", "fine-tuned"))):
+        rows = [
+            _class_mean(
+                [runs[k]]
+                if phase == "free" and (k := f"free/{m}") in runs
+                else _ft(runs, seeds, m)
+                if phase == "ft"
+                else []
+            )
+            for m in methods
+        ]
+        im = ax.imshow(np.asarray(rows), vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(CAMVID_CLASSES)), CAMVID_CLASSES, rotation=60, ha="right")
+        ax.set_yticks(range(len(methods)), methods)
+        ax.set_title(f"per-class IoU (%), {title}")
+        for (i, j), v in np.ndenumerate(np.asarray(rows)):
+            if not math.isnan(v):
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="k" if v > 60 else "w",
+                )
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    paths.append(_save(fig, osp.join(work_dir, "per_class.png"), tight=False))
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharey=True)
+    for row, phase in enumerate(("free", "ft")):
+        for col, (key, what) in enumerate((("hf_restored", "restored grid"),
+                                           ("hf_tokens", "token set"))):  # fmt: skip
+            ax = axes[row, col]
+            for m in methods:
+                d = runs.get(f"hf/{phase}/{m}")
+                if d:
+                    ax.plot(range(1, len(d[key]) + 1), d[key], marker="o", ms=3, label=m)
+            ax.set_title(f"‖H_f[X]‖/‖X‖ on the {what}, "
+                         f"{'training-free' if phase == 'free' else 'fine-tuned'}")  # fmt: skip
+            ax.set_xlabel("block")
+    axes[0, 0].legend(fontsize=8)
+    paths.append(_save(fig, osp.join(work_dir, "hf_amplitude.png")))
+
+    curve = runs.get("curve/cost")
+    if curve:
+        batches = list(curve["images_per_s"])
+        fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 4.5), squeeze=False)
+        for ax, b in zip(axes[0], batches):
+            for family, label in CURVE_FAMILIES.items():
+                pts = [(s, m) for _, m, s in curve_points(runs, family, b) if s]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=label,
+                            ls="--" if family.endswith("free") else "-")  # fmt: skip
+            ref = _speed(curve, "none", b)
+            for key, marker, label in (
+                ("free/none", "k*", "none (the baseline)"),
+                (f"ft/none/s{seeds[0]}", "kX", "none fine-tuned"),
+            ):
+                if key in runs and ref:
+                    ax.plot([ref], [runs[key]["mIoU"]], marker, ms=11, label=label)
+            ax.set_xlabel(f"images/s, 360x480, batch {b[1:]}")
+            ax.set_ylabel("mIoU (%)")
+        axes[0, 0].legend(fontsize=8)
+        paths.append(_save(fig, osp.join(work_dir, "budget_curve.png")))
+    return paths
+
+
+def _save(fig, path: str, tight: bool = True) -> str:
+    import matplotlib.pyplot as plt
+
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,334 @@
+"""Configs, training runs, models and measurements of the CamVid study (``tools/camvid_study.py``).
+
+Every model comes from the repository's CamVid configs, changed only where the study says so
+(data location, crop, batch, schedule, reduction, iterations), and every training run is
+mmengine's ``Runner``, as ``tools/train.py`` runs it:
+
+* :func:`baseline_cfg`: ``configs/camvid/segmenter_vit-t_camvid.py`` (unreduced Segmenter-Mask
+  ViT-Ti/16 from timm's ImageNet weights) with AdamW, the decode head at a larger lr, a linear
+  warm-up and poly decay;
+* :func:`finetune_cfg`: ``configs/camvid/fatr_vit-t_camvid_distill.py`` (``DistillEncoderDecoder``:
+  CE + self-distillation from the baseline, EMA) with another reduction, or none;
+* :func:`model_cfg`: the model to evaluate, ``configs/camvid/fatr_vit-t_camvid.py`` with the
+  reduction (``segmenter_vit-t_camvid.py`` without one).
+
+:func:`evaluate` is ``Runner.test()``'s loop (the config's dataset and test pipeline, the model's
+``test_step`` in whole-image mode, mmseg's ``IoUMetric``) on the validation split, keeping the
+per-class IoU that ``IoUMetric.compute_metrics`` only prints. :func:`cost` counts MACs and
+times whole-image inference of several models alternating. mmseg and mmengine are imported
+inside the functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os.path as osp
+import time
+
+import numpy as np
+import torch
+
+__all__ = [
+    "StudyError",
+    "apply_schedule",
+    "baseline_cfg",
+    "build_model",
+    "cost",
+    "evaluate",
+    "finetune_cfg",
+    "load_cfg",
+    "model_cfg",
+    "train",
+    "val_dataset",
+    "val_inputs",
+]
+
+
+class StudyError(RuntimeError):
+    """A setting, file or folder the study needs is wrong or missing (the message names it)."""
+
+
+def load_cfg(path: str):
+    """An mmengine ``Config`` from ``path``, with a one-line error if it is missing."""
+    from mmengine.config import Config
+
+    if not osp.isfile(path):
+        raise StudyError(f"config not found: {path}")
+    return Config.fromfile(path)
+
+
+def _apply_data(cfg, args, train: bool) -> None:
+    """Data location, image subsets, workers and the training crop of ``args``."""
+    crop = (args.crop_size, args.crop_size)
+    loaders = ("train_dataloader", "val_dataloader") if train else ("val_dataloader",)
+    for name in loaders:
+        dl = cfg[name]
+        dl.dataset.data_root = args.data_root
+        dl.num_workers = args.workers
+        dl.persistent_workers = False
+        count = args.train_images if name == "train_dataloader" else args.val_images
+        if count:
+            dl.dataset.indices = count  # mmengine's BaseDataset: the first `count` samples
+    for name in ("test_dataloader", "test_cfg", "test_evaluator"):
+        cfg[name] = None  # CamVid's test split is not part of the study
+    if train:
+        cfg.train_dataloader.batch_size = args.batch_size
+        for t in cfg.train_dataloader.dataset.pipeline:
+            if t["type"] == "RandomCrop":
+                t["crop_size"] = crop
+        for name in ("val_dataloader", "val_cfg", "val_evaluator"):
+            cfg[name] = None  # the study evaluates every model itself (:func:`evaluate`)
+    # The positional embedding is stored at the training crop's grid (16x16 at 256²), so the
+    # evaluated models are built the same way; any input size is interpolated at run time.
+    cfg.model.data_preprocessor.size = crop
+    cfg.model.backbone.img_size = crop
+
+
+def apply_schedule(cfg, iters: int, seed: int, work_dir: str, load_from: str | None = None,
+                   log_level: str = "WARNING") -> None:  # fmt: skip
+    """Make ``cfg`` one Runner training of ``iters`` iterations in ``work_dir``.
+
+    No validation during training (the studies evaluate themselves), one checkpoint at the end
+    (``iter_{iters}.pth``, without optimizer state), about 20 log lines, ``seed`` for every
+    random stream, ``load_from`` loaded before training. The experiment and its visualizer get
+    names of their own: mmengine keeps one instance per name for the whole process, so without
+    them every later run would log into the first run's folder.
+    """
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters + 1)
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=iters,
+                                        max_keep_ckpts=1, save_optimizer=False,
+                                        save_best=None)  # fmt: skip
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=max(1, min(50, iters // 20)),
+                                    log_metric_by_epoch=False)  # fmt: skip
+    cfg.randomness = dict(seed=seed)
+    cfg.work_dir = work_dir
+    cfg.load_from = load_from
+    cfg.resume = False
+    cfg.launcher = "none"
+    cfg.log_level = log_level
+    cfg.experiment_name = f"{osp.basename(work_dir)}_{time.time_ns()}"
+    if "visualizer" in cfg:
+        cfg.visualizer.name = cfg.experiment_name
+
+
+def baseline_cfg(args, seed: int, work_dir: str):
+    """The baseline's training config: the unreduced Segmenter from the ImageNet ViT-Ti.
+
+    AdamW (lr ``base_lr``, weight decay ``weight_decay``), the decode head at
+    ``head_lr_mult`` × lr, a linear warm-up over ``warmup_iters`` from 1 % of the lr, then linear
+    (poly, power 1) decay to 0 at ``base_iters``; batch ``batch_size`` of ``crop_size``² crops.
+    """
+    cfg = load_cfg(args.baseline_config)
+    _apply_data(cfg, args, train=True)
+    if args.pretrained:
+        cfg.model.backbone.init_cfg = dict(type="Pretrained", checkpoint=args.pretrained)
+    iters = args.base_iters
+    cfg.optim_wrapper = dict(
+        type="OptimWrapper",
+        optimizer=dict(type="AdamW", lr=args.base_lr, weight_decay=args.weight_decay),
+        paramwise_cfg=dict(custom_keys={"decode_head": dict(lr_mult=args.head_lr_mult)}),
+    )
+    warm = min(args.warmup_iters, iters - 1)
+    poly = dict(type="PolyLR", eta_min=0.0, power=1.0, by_epoch=False, begin=max(warm, 0),
+                end=iters)  # fmt: skip
+    cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0,
+                                end=warm), poly] if warm > 0 else [poly]  # fmt: skip
+    apply_schedule(cfg, iters, seed, work_dir)
+    return cfg
+
+
+def finetune_cfg(args, reduction: dict | None, seed: int, work_dir: str, teacher: str,
+                 budget_range: tuple[float, float] | None = None):  # fmt: skip
+    """A fine-tuning config: the distillation recipe from the baseline, with ``reduction``.
+
+    ``DistillEncoderDecoder`` with the baseline as teacher and starting point; AdamW at
+    ``ft_lr`` with cosine decay over ``ft_iters`` (the recipe's; no warm-up); distillation at
+    ``temperature`` with weight ``distill_weight``; EMA of the student with ``ema_momentum``
+    (mmengine's weight of the new value), or none; ``budget_range``: a keep ratio drawn per
+    iteration (seeded by ``seed``). ``reduction=None`` fine-tunes the unreduced model the same way.
+    """
+    cfg = load_cfg(args.distill_config)
+    _apply_data(cfg, args, train=True)
+    model = cfg.model
+    model.backbone.reduction = copy.deepcopy(reduction)
+    model.teacher_checkpoint = teacher
+    model.distill_temperature = args.temperature
+    model.distill_weight = args.distill_weight
+    model.budget_range = tuple(budget_range) if budget_range else None
+    model.budget_seed = seed
+    cfg.optim_wrapper.optimizer.lr = args.ft_lr
+    iters = args.ft_iters
+    cfg.param_scheduler = [dict(type="CosineAnnealingLR", T_max=iters, eta_min=args.ft_lr * 0.01,
+                                by_epoch=False, begin=0, end=iters)]  # fmt: skip
+    cfg.custom_hooks = [
+        dict(type="EMAHook", ema_type="ExponentialMovingAverage", momentum=args.ema_momentum)
+    ] if args.ema else []  # fmt: skip
+    apply_schedule(cfg, iters, seed, work_dir)
+    return cfg
+
+
+def model_cfg(args, reduction: dict | None):
+    """The config of a model to evaluate: the plain segmentor with ``reduction`` (no weights)."""
+    cfg = load_cfg(args.baseline_config if reduction is None else args.model_config)
+    _apply_data(cfg, args, train=False)
+    if reduction is not None:
+        cfg.model.backbone.reduction = copy.deepcopy(reduction)
+    cfg.model.backbone.init_cfg = None
+    return cfg
+
+
+def train(cfg, log=print) -> tuple[str, dict | None]:
+    """Train ``cfg`` with mmengine's Runner unless its final checkpoint exists.
+
+    Returns:
+        The final checkpoint's path, and ``seconds`` (wall time, Runner start included),
+        ``iters`` and ``s_per_iter`` (the median of the Runner's logged per-iteration times,
+        the first left out) of the training; None if the checkpoint existed.
+    """
+    from mmengine.runner import Runner
+
+    from ..models.preflight import PreflightError, check_config
+
+    iters = cfg.train_cfg["max_iters"]
+    ckpt = osp.join(cfg.work_dir, f"iter_{iters}.pth")
+    if osp.isfile(ckpt):
+        return ckpt, None
+    try:
+        check_config(cfg, train=True)
+    except PreflightError as err:
+        raise StudyError(str(err)) from None
+    t0 = time.perf_counter()
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    scalars = osp.join(runner.log_dir, "vis_data", "scalars.json")
+    del runner
+    gc.collect()
+    seconds = time.perf_counter() - t0
+    if not osp.isfile(ckpt):
+        raise StudyError(f"training finished without writing {ckpt}")
+    log(f"trained {osp.basename(cfg.work_dir)}: {iters} iterations in {seconds:.0f} s")
+    return ckpt, dict(seconds=seconds, iters=iters, s_per_iter=_iteration_time(scalars))
+
+
+def _iteration_time(scalars: str) -> float | None:
+    """Median ``time`` of the logged iterations in a Runner's ``scalars.json`` (first left out:
+    it includes the start-up)."""
+    if not osp.isfile(scalars):
+        return None
+    with open(scalars) as f:
+        times = [r["time"] for line in f if line.strip() and "time" in (r := json.loads(line))]
+    times = times[1:] or times
+    return float(np.median(times)) if times else None
+
+
+def build_model(cfg, checkpoint: str | None):
+    """The segmentor of ``cfg`` in eval mode, with ``checkpoint``'s weights loaded strictly.
+
+    Only the reduction's own parameters (``omega1``, ``omega2``, ``dc_pos``) may be missing from
+    the checkpoint (a baseline's); they keep the init that makes the model the baseline with
+    tokens removed.
+    """
+    from mmseg.registry import MODELS
+
+    from ..models.convert import FATR_ONLY, CheckpointError, load_checkpoint_file, load_state_strict
+
+    model = MODELS.build(cfg.model)
+    if checkpoint is not None:
+        try:
+            state = load_checkpoint_file(checkpoint)
+            load_state_strict(model, state, checkpoint, "the segmentor", optional=FATR_ONLY)
+        except CheckpointError as err:
+            raise StudyError(str(err)) from None
+    return model.eval()
+
+
+def val_dataset(cfg):
+    """The validation split with the config's test pipeline (whole native images)."""
+    from mmseg.registry import DATASETS
+
+    return DATASETS.build(cfg.val_dataloader.dataset)
+
+
+@torch.no_grad()
+def evaluate(model, dataset) -> dict:
+    """mIoU, per-class IoU and pixel accuracy of ``model`` on ``dataset`` (mmseg's IoUMetric).
+
+    Returns:
+        ``mIoU`` and ``aAcc`` in %, ``IoU``: one value per class in % (None for a class absent
+        from both labels and predictions), ``images``.
+    """
+    from mmengine.dataset import pseudo_collate
+    from mmseg.evaluation import IoUMetric
+
+    metric = IoUMetric(iou_metrics=["mIoU"], prefix="val")
+    metric.dataset_meta = dataset.metainfo
+    for i in range(len(dataset)):
+        batch = pseudo_collate([dataset[i]])
+        metric.process(batch, [o.to_dict() for o in model.test_step(batch)])
+    # As IoUMetric.compute_metrics, which returns the class mean only.
+    inter, union, pred, label = (sum(parts) for parts in zip(*metric.results))
+    ret = IoUMetric.total_area_to_metrics(inter, union, pred, label, ["mIoU"])
+    iou = np.asarray(ret["IoU"], dtype=np.float64) * 100
+    return dict(
+        mIoU=float(np.nanmean(iou)),
+        aAcc=float(ret["aAcc"]) * 100,
+        IoU=[None if np.isnan(v) else float(v) for v in iou],
+        images=len(dataset),
+    )
+
+
+@torch.no_grad()
+def val_inputs(cfg, count: int) -> torch.Tensor:
+    """The first ``count`` validation images as the model sees them at test time.
+
+    The config's test pipeline and data preprocessor: normalised, padded to a multiple of the
+    patch (360x480 -> 368x480), (count, 3, H, W). Images repeat if the split has fewer.
+    """
+    from mmengine.dataset import pseudo_collate
+    from mmseg.registry import MODELS
+
+    dataset = val_dataset(cfg)
+    preprocessor = MODELS.build(cfg.model.data_preprocessor)
+    samples = [dataset[i % len(dataset)] for i in range(count)]
+    return preprocessor(pseudo_collate(samples), False)["inputs"]
+
+
+def cost(models: dict, inputs: torch.Tensor, img_shape, args) -> dict:
+    """MACs at the padded evaluation size and images/s at the image size, per model.
+
+    Args:
+        models: Name -> segmentor (eval mode).
+        inputs: Preprocessed images (B, 3, 368, 480), as the test pipeline pads them.
+        img_shape: The images' own size (360, 480): the timed forward reads that crop (the
+            backbone pads to whole patches itself, with the same zeros).
+        args: ``bench_batches``, ``bench_rounds``, ``bench_threads``.
+
+    Returns:
+        ``models``: the names; ``macs``: name -> counted ``backbone`` and ``segmentor`` MACs
+        (:func:`fatr_seg.analysis.flops.count_macs`); ``images_per_s``: ``b{batch}`` -> name
+        -> median, q1, q3 and IQR over ``bench_rounds`` rounds.
+    """
+    from .benchmark_models import forward_fn, image_metas
+    from .flops import count_macs
+    from .timing import TimingStats, time_alternating
+
+    one = inputs[:1]
+    metas = image_metas(1, tuple(one.shape[2:]))
+    macs = {n: dict(backbone=count_macs(m.backbone, one).macs,
+                    segmentor=count_macs(m, one, metas, method="encode_decode").macs)
+            for n, m in models.items()}  # fmt: skip
+    x = inputs[..., : img_shape[0], : img_shape[1]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.bench_threads)
+    ips = {}
+    try:
+        for b in args.bench_batches:
+            xb = x[torch.arange(b) % x.shape[0]].contiguous()
+            fns = {n: forward_fn(m, "segmentor", xb, "float32") for n, m in models.items()}
+            times = time_alternating(fns, iters=args.bench_rounds, warmup=1)
+            ips[f"b{b}"] = {n: TimingStats.from_times(t).throughput(b) for n, t in times.items()}
+    finally:
+        torch.set_num_threads(threads)
+    return dict(models=list(models), macs=macs, images_per_s=ips)

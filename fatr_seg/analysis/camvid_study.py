@@ -1,0 +1,414 @@
+"""The CamVid study behind ``tools/camvid_study.py``: every reducer on a real pretrained ViT-Ti.
+
+:func:`run_camvid_study` runs (or resumes) these steps, saving each result in ``results.json`` as
+soon as it exists (:class:`fatr_seg.analysis.study.Store`; a re-run skips what is done, so seeds,
+methods and budget ratios can be added later):
+
+1. **budgets**: each method's reduction; with ``equal_macs`` each peer's keep ratio (ToMe's
+   constant schedule: its ``r``) is bisected until its backbone MACs at the evaluation size
+   (368x480: 23x30 patches) are within ``mac_tol`` of the FATR config's
+   (:mod:`fatr_seg.analysis.budget`);
+2. **baseline**: the unreduced Segmenter-Mask ViT-Ti/16 trained from timm's ImageNet weights
+   (or ``baseline_checkpoint``);
+3. **training-free**: every method on the baseline's weights (reduction parameters at their
+   identity init), mIoU and per-class IoU on CamVid val, whole 360x480 images;
+4. **cost**: backbone and segmentor MACs at 368x480 (counted, and the closed form beside them),
+   images/s of whole-image inference at 360x480, batch sizes ``bench_batches``,
+   ``bench_threads`` threads, all methods alternating in one process;
+5. **HF amplitude** per block (the paper's Fig. 1): ``‖X − mean_tokens(X)‖_F / ‖X‖_F`` on the
+   restored grid and on the actual token set, on ``hf_images`` val images;
+6. **fine-tuned**: every method (``none`` too: the same iterations without reduction) fine-tuned
+   by self-distillation from the baseline, per seed, evaluated the same way (EMA weights);
+7. **budget curve** (with ``budget_curve`` ratios): FATR fine-tuned with sampled budgets, FATR
+   fine-tuned at ``curve_fixed_ratio``, FATR fine-tuned at each ratio, all evaluated at every
+   ratio (``set_keep_ratio``), ToMe training-free and fine-tuned at each ratio, and images/s per
+   ratio.
+
+``args`` is the namespace of ``tools/camvid_study.py`` after :func:`resolve_args`. Configs, runs
+and measurements are :mod:`fatr_seg.analysis.camvid_runs`; the table and plots
+:mod:`fatr_seg.analysis.camvid_report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import os.path as osp
+
+import torch
+
+from ..layers.config import PRESETS as REDUCTION_PRESETS
+from ..layers.config import ReductionConfig
+from .budget import ViTShape, match_budget, with_budget
+from .camvid_runs import (
+    StudyError,
+    baseline_cfg,
+    build_model,
+    cost,
+    evaluate,
+    finetune_cfg,
+    load_cfg,
+    model_cfg,
+    train,
+    val_dataset,
+    val_inputs,
+)
+from .study import Store, cached, diagnostics, log
+
+__all__ = [
+    "CURVE_RATIOS",
+    "METHODS",
+    "PRESETS",
+    "SkipStudy",
+    "resolve_args",
+    "run_camvid_study",
+    "settings_of",
+    "shared_root",
+]
+
+#: Every method the study knows, in its default order; ``none`` is the unreduced model.
+METHODS = ("none", "fatr", "fatr_paper", "tome", "tome_constant", "algm", "evit", "random")
+assert set(METHODS[1:]) == set(REDUCTION_PRESETS), "a reduction preset is missing from METHODS"
+CURVE_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+EVAL_SIZE = (368, 480)  # CamVid's 360x480 padded to whole 16-pixel patches: 23x30 tokens
+
+# ``default``: the full study; ``quick``: a CI smoke test on a few real images (about 2 min).
+PRESETS = {
+    "default": dict(
+        base_iters=1000, batch_size=8, crop_size=256, warmup_iters=100, ft_iters=200,
+        seeds=[0, 1, 2], methods=list(METHODS), train_images=0, val_images=0, workers=1,
+        hf_images=8, bench_rounds=5, bench_batches=[1, 8],
+    ),
+    "quick": dict(
+        base_iters=2, batch_size=2, crop_size=128, warmup_iters=1, ft_iters=2,
+        seeds=[0], methods=["none", "fatr", "tome"], train_images=4, val_images=2, workers=0,
+        hf_images=2, bench_rounds=1, bench_batches=[1, 2],
+    ),
+}  # fmt: skip
+QUICK_WEIGHTS = "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+# Options that do not change any result: a re-run may change them.
+_NOT_SETTINGS = ("work_dir", "seeds", "methods", "budget_curve", "threads", "quick")
+
+
+class SkipStudy(StudyError):
+    """``--quick`` without the shared real data: nothing to run."""
+
+
+def shared_root() -> str:
+    """The shared real data and weights (read-only, never part of the repository): the folder
+    ``$FATR_SHARED``, else ``../shared`` next to the repository."""
+    repo = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    return os.environ.get("FATR_SHARED", osp.join(osp.dirname(repo), "shared"))
+
+
+def resolve_args(args):
+    """Fill ``args``'s unset options from the preset, check them; returns ``args``.
+
+    Raises:
+        StudyError: An option out of range, or a path that does not exist (named).
+    """
+    preset = PRESETS["quick" if args.quick else "default"]
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    shared = []  # defaults of --quick taken from the shared folder
+    if args.data_root is None and args.quick:
+        args.data_root = osp.join(shared_root(), "data", "camvid")
+        shared.append(args.data_root)
+    elif args.data_root is None:
+        args.data_root = load_cfg(args.baseline_config).data_root
+    if args.pretrained is None and args.quick:
+        args.pretrained = osp.join(shared_root(), "weights", QUICK_WEIGHTS)
+        shared.append(args.pretrained)
+    missing = [p for p in shared if not osp.exists(p)]
+    if missing:
+        raise SkipStudy(f"--quick needs the real CamVid images and ViT-Ti weights of the shared "
+                        f"folder; not found: {', '.join(missing)} (set FATR_SHARED to the folder "
+                        "holding data/ and weights/)")  # fmt: skip
+    for name in ("base_iters", "ft_iters", "batch_size", "crop_size", "bench_rounds"):
+        if getattr(args, name) < 1:
+            raise StudyError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.ema_momentum is None:  # an EMA horizon of a tenth of the run (see docs/study.md)
+        args.ema_momentum = min(0.5, 10.0 / args.ft_iters)
+    if not 0 < args.ema_momentum < 1:
+        raise StudyError(f"--ema-momentum {args.ema_momentum}: must lie in (0, 1)")
+    args.methods = [m for m in METHODS if m in args.methods]  # canonical order, no repeats
+    args.seeds = sorted(set(args.seeds))
+    if args.budget_curve is not None:
+        args.budget_curve = sorted(set(args.budget_curve or CURVE_RATIOS))
+        bad = [r for r in args.budget_curve if not 0.5 <= r <= 1.0]
+        if bad:
+            raise StudyError(f"--budget-curve {bad}: ratios must lie in [0.5, 1] (ToMe merges "
+                             "at most half the tokens of a layer)")  # fmt: skip
+    low, high = args.budget_range
+    if not 0 < low <= high <= 1:
+        raise StudyError(f"--budget-range {low} {high}: give 0 < LOW <= HIGH <= 1")
+    if not 0 < args.curve_fixed_ratio <= 1:
+        raise StudyError(f"--curve-fixed-ratio {args.curve_fixed_ratio}: must lie in (0, 1]")
+    if not osp.isdir(args.data_root):
+        raise StudyError(f"CamVid data root (--data-root) not found: {args.data_root} (see "
+                         "README.md, section 'CamVid')")  # fmt: skip
+    if args.baseline_checkpoint and not osp.isfile(args.baseline_checkpoint):
+        raise StudyError(f"--baseline-checkpoint not found: {args.baseline_checkpoint}")
+    return args
+
+
+def settings_of(args) -> dict:
+    """What the results depend on: every option but the extendable and cosmetic ones."""
+    return {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+
+
+@dataclasses.dataclass
+class _Ctx:
+    args: object
+    store: Store
+    runs_dir: str
+    baseline: str = ""
+    dataset: object = None
+    reference: dict | None = None
+    shape: ViTShape | None = None
+
+    def key(self, *parts) -> str:
+        return "/".join(str(p) for p in parts)
+
+
+def _ratio(r: float) -> str:
+    return f"{r:.2f}"
+
+
+def _plain(cfg) -> dict | None:
+    return None if cfg is None else cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def _resolved(reduction: dict | None) -> dict | None:
+    """``reduction`` with every key its preset fills, JSON-ready (tuples as lists)."""
+    if reduction is None:
+        return None
+    return json.loads(json.dumps(dataclasses.asdict(ReductionConfig.from_dict(reduction))))
+
+
+def _vit_shape(cfg) -> ViTShape:
+    bb = cfg.model.backbone
+    p = bb.get("patch_size", 16)
+    grid = (math.ceil(EVAL_SIZE[0] / p), math.ceil(EVAL_SIZE[1] / p))
+    return ViTShape(grid, bb.embed_dims, bb.get("num_layers", 12), p, bb.num_heads,
+                    bb.get("mlp_ratio", 4.0))  # fmt: skip
+
+
+def budgets(ctx: _Ctx) -> dict:
+    """Each method's reduction (``none``: None); stored, and checked against a stored one."""
+    args = ctx.args
+    cfg = load_cfg(args.model_config)
+    ref = _plain(cfg.model.backbone.reduction)
+    if ref is None or ReductionConfig.from_dict(ref).keep_ratio is None:
+        raise StudyError(f"{args.model_config}: the reference needs a keep_ratio reduction")
+    shape = _vit_shape(cfg)
+    ctx.reference, ctx.shape = ref, shape
+    target = shape.macs(ref)
+    out = {}
+    for m in args.methods:
+        if m == "none":
+            value = dict(reduction=None, macs=shape.macs(None), target=target)
+        elif m == ref.get("method", "fatr"):
+            value = dict(reduction=ref, macs=target, target=target, rel_error=0.0)
+        elif args.equal_macs:
+            value = match_budget(dict(method=m), target, shape, args.mac_tol).to_dict()
+        else:
+            red = dict(method=m)
+            value = dict(reduction=red, macs=shape.macs(red), target=target)
+        train_red = _train_reduction(ctx, value["reduction"])
+        if train_red != value["reduction"]:
+            value["train_reduction"] = train_red
+        # Every key as the presets resolve it, so a changed preset is noticed too.
+        value["resolved"] = _resolved(value["reduction"])
+        old = ctx.store.get(ctx.key("budget", m))
+        if old is not None and old["resolved"] != value["resolved"]:
+            raise StudyError(
+                f"results.json holds {m!r} with reduction {old['resolved']}, now "
+                f"{value['resolved']} (the config or a preset changed): use another --work-dir"
+            )
+        if old is None:
+            ctx.store.put(ctx.key("budget", m), value)
+        out[m] = value["reduction"]
+    log("budgets: " + ", ".join(f"{m} {r}" for m, r in out.items()))
+    return out
+
+
+def _done(ctx: _Ctx, *keys: str) -> bool:
+    return all(ctx.store.get(k) is not None for k in keys)
+
+
+def _train_reduction(ctx: _Ctx, reduction: dict | None) -> dict | None:
+    """The reduction to fine-tune with: ``reduction``, with a token count ``r`` scaled from the
+    evaluation grid to the training crop's (``scale_r``).
+
+    A keep ratio is a fraction, the same at any size; ToMe's constant ``r`` is a count. Matched
+    at 690 tokens (r = 36), it would leave 256² crops (256 tokens) 1 token after block 12; scaled
+    (r = 13), every block removes about the same fraction in training as in evaluation. The
+    model has no parameter that depends on ``r``, so the fine-tuned weights are evaluated at
+    the matched ``r``.
+    """
+    if reduction is None or "r" not in reduction or not ctx.args.scale_r:
+        return reduction
+    tokens = (ctx.args.crop_size // ctx.shape.patch_size) ** 2
+    r = round(reduction["r"] * tokens / math.prod(ctx.shape.grid))
+    return with_budget(reduction, "r", r)
+
+
+def _finetuned(ctx: _Ctx, label: str, reduction, seed: int, budget_range=None) -> str:
+    """The checkpoint of run ``ft_{label}_s{seed}``, trained now unless it exists."""
+    name = f"ft_{label}_s{seed}"
+    cfg = finetune_cfg(ctx.args, reduction, seed, osp.join(ctx.runs_dir, name), ctx.baseline,
+                       budget_range)  # fmt: skip
+    ckpt, info = train(cfg, log)
+    if info:
+        ctx.store.put(ctx.key("train", name), info)
+    return ckpt
+
+
+def _evaluated(ctx: _Ctx, key: str, reduction, ckpt: str, keep_ratio=None) -> dict:
+    def run():
+        model = build_model(model_cfg(ctx.args, reduction), ckpt)
+        if keep_ratio is not None:
+            model.backbone.set_keep_ratio(keep_ratio)
+        return evaluate(model, ctx.dataset)
+
+    return cached(ctx.store, key, run)
+
+
+def _models(ctx: _Ctx, reductions: dict, ckpt: str | None) -> dict:
+    return {n: build_model(model_cfg(ctx.args, r), ckpt) for n, r in reductions.items()}
+
+
+def _cost_stale(ctx: _Ctx, key: str, names) -> bool:
+    """Whether the cost under ``key`` is missing or covers other models than ``names`` (they
+    are timed together, so adding one times them all again)."""
+    old = ctx.store.get(key)
+    return old is None or old["models"] != list(names)
+
+
+def _cached_cost(ctx: _Ctx, key: str, models: dict, inputs, img_shape) -> dict:
+    """:func:`cost` of ``models``, unless the stored one covers the same models."""
+    if _cost_stale(ctx, key, models):
+        ctx.store.data["runs"].pop(key, None)
+    return cached(ctx.store, key, lambda: cost(models, inputs, img_shape, ctx.args))
+
+
+def run_camvid_study(args) -> dict:
+    """Run (or resume) the study; returns the content of ``results.json``."""
+    from mmseg.utils import register_all_modules
+
+    import fatr_seg.models  # noqa: F401  (registers FATRViT, CamVidDataset, the distillation)
+
+    register_all_modules(init_default_scope=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.work_dir, exist_ok=True)
+    try:
+        store = Store(
+            osp.join(args.work_dir, "results.json"),
+            settings_of(args),
+            extendable=_NOT_SETTINGS,
+            strict=True,
+        )
+    except ValueError as err:
+        raise StudyError(str(err)) from None
+    ctx = _Ctx(args, store, osp.join(args.work_dir, "runs"))
+    reductions = budgets(ctx)
+
+    # 2. The baseline.
+    if args.baseline_checkpoint:
+        ctx.baseline = args.baseline_checkpoint
+    else:
+        name = f"baseline_s{args.baseline_seed}"
+        cfg = baseline_cfg(args, args.baseline_seed, osp.join(ctx.runs_dir, name))
+        ctx.baseline, info = train(cfg, log)
+        if info:
+            store.put(ctx.key("train", name), info)
+    log(f"baseline: {ctx.baseline}")
+    ctx.dataset = val_dataset(model_cfg(args, None))
+
+    # 3-5. Training-free mIoU, cost and HF amplitude, on the baseline's weights.
+    inputs = val_inputs(model_cfg(args, None), max(max(args.bench_batches), args.hf_images))
+    img_shape = tuple(ctx.dataset[0]["data_samples"].img_shape)
+    x_hf = inputs[: args.hf_images]
+    keys = [ctx.key(step, m) for m in args.methods for step in ("free", "hf/free")]
+    if not _done(ctx, *keys) or _cost_stale(ctx, "cost", reductions):
+        free = _models(ctx, reductions, ctx.baseline)
+        for m, model in free.items():
+            cached(store, ctx.key("free", m), lambda model=model: evaluate(model, ctx.dataset))
+        _cached_cost(ctx, "cost", free, inputs, img_shape)
+        for m, model in free.items():
+            cached(store, ctx.key("hf/free", m), lambda model=model: diagnostics(model, x_hf))
+        del free
+
+    # 6. Fine-tuned, per seed.
+    for seed in args.seeds:
+        for m in args.methods:
+            key, hf_key = ctx.key("ft", m, f"s{seed}"), ctx.key("hf", "ft", m)
+            if _done(ctx, key, *([hf_key] if seed == args.seeds[0] else [])):
+                continue
+            ckpt = _finetuned(ctx, m, _train_reduction(ctx, reductions[m]), seed)
+            _evaluated(ctx, key, reductions[m], ckpt)
+            if seed == args.seeds[0]:
+                model = build_model(model_cfg(args, reductions[m]), ckpt)
+                cached(store, hf_key, lambda model=model: diagnostics(model, x_hf))
+
+    # 7. The budget curve.
+    if args.budget_curve:
+        budget_curve(ctx, inputs, img_shape)
+    # What this run covered (the report's rows); a later run may cover more.
+    store.data["settings"].update(seeds=args.seeds, methods=args.methods,
+                                  budget_curve=args.budget_curve)  # fmt: skip
+    store.save()
+    return store.data
+
+
+def budget_curve(ctx: _Ctx, inputs, img_shape) -> None:
+    """Step 7: mIoU and images/s of FATR and ToMe at every ratio of ``budget_curve``."""
+    args, ref = ctx.args, ctx.reference
+    ratios, seed = args.budget_curve, args.seeds[0]
+    fatr_at = {r: with_budget(ref, "keep_ratio", r) for r in ratios}
+    tome_at = {r: dict(method="tome", keep_ratio=r) for r in ratios}
+
+    def label(red: dict, prefix: str, r: float) -> str:
+        # The fine-tuning of the main table when the reduction is the same one.
+        same = ReductionConfig.from_dict(red) == ReductionConfig.from_dict(ref)
+        return ref.get("method", "fatr") if same else f"{prefix}@{_ratio(r)}"
+
+    for r in ratios:
+        _evaluated(ctx, ctx.key("curve", "fatr_free", _ratio(r)), fatr_at[r], ctx.baseline)
+        _evaluated(ctx, ctx.key("curve", "tome_free", _ratio(r)), tome_at[r], ctx.baseline)
+    # (a) sampled budgets and (b) one budget, each evaluated at every ratio of one model.
+    fixed_red = with_budget(ref, "keep_ratio", args.curve_fixed_ratio)
+    runs = {
+        "fatr_sampled": ("fatr_sampled", ref, tuple(args.budget_range)),
+        "fatr_fixed": (label(fixed_red, "fatr", args.curve_fixed_ratio), fixed_red, None),
+    }
+    for family, (name, red, budget_range) in runs.items():
+        keys = {r: ctx.key("curve", family, _ratio(r)) for r in ratios}
+        if _done(ctx, *keys.values()):
+            continue
+        ckpt = _finetuned(ctx, name, red, seed, budget_range)
+        for r in ratios:
+            _evaluated(ctx, keys[r], ref, ckpt, keep_ratio=r)
+    # (c) FATR and (d) ToMe fine-tuned at each ratio. ToMe at 1 removes nothing and has no
+    # parameters of its own: its model and fine-tuning are the unreduced ones (run ft_none).
+    for r in ratios:
+        key = ctx.key("curve", "fatr_each", _ratio(r))
+        if not _done(ctx, key):
+            ckpt = _finetuned(ctx, label(fatr_at[r], "fatr", r), fatr_at[r], seed)
+            _evaluated(ctx, key, fatr_at[r], ckpt)
+        key = ctx.key("curve", "tome_each", _ratio(r))
+        if not _done(ctx, key):
+            tome_label = "none" if r == 1.0 else f"tome@{_ratio(r)}"
+            ckpt = _finetuned(ctx, tome_label, None if r == 1.0 else tome_at[r], seed)
+            _evaluated(ctx, key, tome_at[r], ckpt)
+    # Speed per ratio (weights do not change the cost; the baseline's give real selections).
+    reds = {"none": None}
+    reds.update({f"fatr@{_ratio(r)}": fatr_at[r] for r in ratios})
+    reds.update({f"tome@{_ratio(r)}": tome_at[r] for r in ratios})
+    if _cost_stale(ctx, "curve/cost", reds):
+        _cached_cost(ctx, "curve/cost", _models(ctx, reds, ctx.baseline), inputs, img_shape)

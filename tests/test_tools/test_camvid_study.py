@@ -1,0 +1,216 @@
+"""``tools/camvid_study.py``: its bookkeeping (results.json, resume, option checks), and
+``--quick`` end to end on real CamVid images and the real ViT-Ti weights of the shared folder."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from camvid_data import REAL_CAMVID, REAL_VIT_TI, REPO, SHARED, SHARED_HINT
+
+from fatr_seg.analysis.study import Store, cached
+
+TOOL = REPO / "tools" / "camvid_study.py"
+
+
+def test_store_resumes_and_extends(tmp_path):
+    path = str(tmp_path / "results.json")
+    store = Store(path, {"ft_iters": 200, "seeds": [0]}, extendable=("seeds",), strict=True)
+    calls = []
+    assert cached(store, "ft/fatr/s0", lambda: calls.append(1) or {"mIoU": 50.0}) == {"mIoU": 50.0}
+    # Written at once; reopened with more seeds, the result is reused, not recomputed.
+    again = Store(path, {"ft_iters": 200, "seeds": [0, 1]}, extendable=("seeds",), strict=True)
+    assert cached(again, "ft/fatr/s0", lambda: calls.append(2) or {"mIoU": 0.0}) == {"mIoU": 50.0}
+    assert calls == [1]
+    assert again.data["settings"]["seeds"] == [0, 1]
+    again.put("ft/fatr/s1", {"mIoU": 51.0})
+    with open(path) as f:
+        assert set(json.load(f)["runs"]) == {"ft/fatr/s0", "ft/fatr/s1"}
+
+
+def test_store_refuses_other_settings(tmp_path):
+    path = str(tmp_path / "results.json")
+    Store(path, {"ft_iters": 200, "lr": 1e-4}, strict=True).put("free/none", {"mIoU": 1.0})
+    with pytest.raises(ValueError, match=r"other settings \(ft_iters: 200 -> 300\)"):
+        Store(path, {"ft_iters": 300, "lr": 1e-4}, strict=True)
+    # Tuples compare as the JSON file holds them (lists).
+    assert Store(path, {"ft_iters": 200, "lr": 1e-4}, strict=True).get("free/none") is not None
+    with open(path) as f:
+        assert json.load(f)["runs"] == {"free/none": {"mIoU": 1.0}}  # nothing overwritten
+    # The synthetic study's Store (strict=False) starts afresh instead.
+    assert Store(path, {"ft_iters": 300, "lr": 1e-4}).get("free/none") is None
+
+
+def test_tome_constant_fine_tunes_with_r_scaled_to_the_crop():
+    from types import SimpleNamespace
+
+    from fatr_seg.analysis import token_schedule
+    from fatr_seg.analysis.budget import ViTShape
+    from fatr_seg.analysis.camvid_study import _train_reduction
+
+    shape = ViTShape((23, 30), 192, 12, 16, 3)
+    ctx = SimpleNamespace(args=SimpleNamespace(crop_size=256, scale_r=True), shape=shape)
+    red = dict(method="tome_constant", r=36)
+    train = _train_reduction(ctx, red)
+    assert train == dict(method="tome_constant", r=13)  # 36 * 256 / 690 = 13.4
+    # The same fraction of the tokens is left after the last block, in training and evaluation
+    # (unscaled, 256² crops would end with 1 token).
+    left = {g: token_schedule(g, 12, r)[-1].mlp - 1
+            for g, r in (((16, 16), train), ((23, 30), red))}  # fmt: skip
+    assert abs(left[(16, 16)] / 256 - left[(23, 30)] / 690) < 0.03
+    assert token_schedule((16, 16), 12, red)[-1].mlp - 1 == 1
+    for other in (None, dict(method="tome", keep_ratio=0.728)):
+        assert _train_reduction(ctx, other) == other
+    ctx.args.scale_r = False
+    assert _train_reduction(ctx, red) == red
+
+
+def run_tool(*args, env=None, timeout=1200):
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def load_tool():
+    """``tools/camvid_study.py`` as a module, to run its ``main`` in this process."""
+    spec = importlib.util.spec_from_file_location("camvid_study_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_without_shared_folder_is_skipped_with_a_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FATR_SHARED", str(tmp_path / "nowhere"))
+    load_tool().main(["--quick", "--work-dir", str(tmp_path / "work")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(
+        "skipped: --quick needs the real CamVid images and ViT-Ti weights of the shared "
+        f"folder; not found: {tmp_path / 'nowhere'}/data/camvid"
+    )
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--budget-curve", "0.4"], "--budget-curve [0.4]: ratios must lie in [0.5, 1] (ToMe "
+         "merges at most half the tokens of a layer)"),
+        (["--budget-range", "0.9", "0.5"], "--budget-range 0.9 0.5: give 0 < LOW <= HIGH <= 1"),
+        (["--ema-momentum", "1.5"], "--ema-momentum 1.5: must lie in (0, 1)"),
+        (["--ft-iters", "0"], "--ft-iters must be >= 1"),
+        (["--baseline-checkpoint", "no/such.pth"], "--baseline-checkpoint not found: no/such.pth"),
+        (["--data-root", "no/camvid"], "CamVid data root (--data-root) not found: no/camvid "
+         "(see README.md, section 'CamVid')"),
+    ],
+)  # fmt: skip
+def test_bad_options_are_one_line_errors(tmp_path, options, message):
+    argv = ["--data-root", str(tmp_path), "--work-dir", str(tmp_path / "w"), *options]
+    with pytest.raises(SystemExit) as exc:
+        load_tool().main(argv)
+    assert str(exc.value) == f"error: {message}"
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_missing_pretrained_weights_stop_in_one_line(tmp_path):
+    """Preflight names the missing ViT-Ti file before a Runner starts (a subprocess, as a user
+    runs it)."""
+    from camvid_data import write_camvid
+
+    write_camvid(tmp_path / "camvid", {"train": 2, "val": 1}, size=(360, 480))
+    proc = run_tool("--data-root", tmp_path / "camvid", "--pretrained", tmp_path / "no_vit.pth",
+                    "--work-dir", tmp_path / "w", "--methods", "none", timeout=600)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: pretrained checkpoint not found: {tmp_path / 'no_vit.pth'} "
+        "(see README.md, section 'Pretrained weights')"
+    )
+
+
+def _quick(work, *extra):
+    env = dict(__import__("os").environ, FATR_SHARED=str(SHARED), OMP_NUM_THREADS="1")
+    return run_tool("--quick", "--work-dir", work, *extra, env=env)
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end_then_resume(tmp_path):
+    if not (REAL_CAMVID.is_dir() and REAL_VIT_TI.is_file()):
+        pytest.skip(f"real CamVid and ViT-Ti not found under {SHARED} ({SHARED_HINT})")
+    work = tmp_path / "study"
+    proc = _quick(work, "--budget-curve", "0.7", "1.0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((work / "results.json").read_text())
+    st, runs = data["settings"], data["runs"]
+    methods = ["none", "fatr", "tome"]
+    assert st["methods"] == methods and st["seeds"] == [0] and st["budget_curve"] == [0.7, 1.0]
+
+    # Equal MACs: ToMe's ratio was raised to FATR's cost; the counter agrees with the closed form.
+    budget = {m: runs[f"budget/{m}"] for m in methods}
+    assert budget["tome"]["reduction"]["keep_ratio"] > 0.7
+    assert abs(budget["tome"]["macs"] / budget["fatr"]["macs"] - 1) <= 0.01
+    cost = runs["cost"]
+    for m in methods:
+        assert cost["macs"][m]["backbone"] == budget[m]["macs"]
+        assert cost["macs"][m]["segmentor"] > cost["macs"][m]["backbone"]
+        for b in ("b1", "b2"):
+            assert cost["images_per_s"][b][m]["median"] > 0
+    assert cost["macs"]["fatr"]["backbone"] < 0.7 * cost["macs"]["none"]["backbone"]
+
+    for key in ["free/" + m for m in methods] + [f"ft/{m}/s0" for m in methods]:
+        r = runs[key]
+        assert r["images"] == 2 and len(r["IoU"]) == 11 and 0 <= r["mIoU"] <= 100
+        assert r["mIoU"] == pytest.approx(
+            sum(v for v in r["IoU"] if v is not None) / sum(v is not None for v in r["IoU"])
+        )
+    # Training-free, nothing changes before the first reduction (block 4) ...
+    for phase in ("free", "ft"):
+        for m in methods:
+            hf = runs[f"hf/{phase}/{m}"]
+            assert len(hf["hf_restored"]) == 12 and all(0 < v <= 1 for v in hf["hf_tokens"])
+    ref = runs["hf/free/none"]
+    for m in ("fatr", "tome"):
+        for key in ("hf_restored", "hf_tokens"):
+            assert runs[f"hf/free/{m}"][key][:3] == pytest.approx(ref[key][:3], rel=1e-5)
+        assert runs[f"hf/free/{m}"]["num_tokens"][3] < ref["num_tokens"][3] == 690
+    # ... and at keep ratio 1 a training-free FATR or ToMe is the baseline, exactly.
+    for family in ("fatr_free", "tome_free"):
+        assert runs[f"curve/{family}/1.00"]["mIoU"] == runs["free/none"]["mIoU"]
+    # ToMe at 1 is the unreduced model: its fine-tuning is none's (the same run).
+    assert runs["curve/tome_each/1.00"]["mIoU"] == runs["ft/none/s0"]["mIoU"]
+    # FATR at the config's 0.7 is the main table's fine-tuned FATR (the same run).
+    for family in ("fatr_each", "fatr_fixed"):
+        assert runs[f"curve/{family}/0.70"]["mIoU"] == runs["ft/fatr/s0"]["mIoU"]
+    for family in ("fatr_sampled", "fatr_fixed", "fatr_each", "tome_each"):
+        for r in ("0.70", "1.00"):
+            assert 0 <= runs[f"curve/{family}/{r}"]["mIoU"] <= 100
+    curve_ips = runs["curve/cost"]["images_per_s"]["b1"]
+    assert set(curve_ips) == {"none", "fatr@0.70", "fatr@1.00", "tome@0.70", "tome@1.00"}
+
+    for name in ["baseline_s0", "ft_fatr_sampled_s0"] + [f"ft_{m}_s0" for m in methods]:
+        assert runs[f"train/{name}"]["s_per_iter"] > 0
+    table = (work / "table.md").read_text()
+    for m in methods:
+        assert f"| {m} |" in table
+    assert "## Budget curve" in table and "Bicyclist" in table
+    for png in ("miou.png", "per_class.png", "hf_amplitude.png", "budget_curve.png"):
+        assert (work / png).stat().st_size > 5000
+
+    # A re-run with one more seed trains only that seed's fine-tunings and keeps the rest.
+    again = _quick(work, "--budget-curve", "0.7", "1.0", "--seeds", "0", "1")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    trained = [line for line in again.stdout.splitlines() if "] trained " in line]
+    assert sorted(t.split("trained ")[1].split(":")[0] for t in trained) == sorted(
+        f"ft_{m}_s1" for m in methods
+    )
+    new = json.loads((work / "results.json").read_text())
+    assert {k: v for k, v in new["runs"].items() if k in runs} == runs
+    assert all(f"ft/{m}/s1" in new["runs"] for m in methods)
+    assert "(n=2)" in (work / "table.md").read_text()
+
+    # Other settings on the same folder: refused, naming the change; nothing overwritten.
+    other = _quick(work, "--ft-iters", "3")
+    assert other.returncode != 0
+    assert "other settings (ft_iters: 2 -> 3)" in other.stderr.strip().splitlines()[-1]
+    assert json.loads((work / "results.json").read_text()) == new
+    assert not math.isnan(new["runs"]["ft/none/s1"]["mIoU"])
