@@ -33,8 +33,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 for _notice in ("``build_loss`` would be deprecated", "The draw is False"):
     warnings.filterwarnings("ignore", message=_notice)
 
-REPO = osp.abspath(osp.join(osp.dirname(osp.abspath(__file__)), ".."))
-sys.path.insert(0, REPO)
+from fatr_seg import REPO_ROOT  # noqa: E402
 from fatr_seg.analysis.camvid_report import plot, write_report  # noqa: E402
 from fatr_seg.analysis.camvid_runs import StudyError  # noqa: E402
 from fatr_seg.analysis.camvid_study import (  # noqa: E402
@@ -47,7 +46,7 @@ from fatr_seg.analysis.camvid_study import (  # noqa: E402
 )
 from fatr_seg.analysis.study import log  # noqa: E402
 
-CONFIGS = osp.join(REPO, "configs", "camvid")
+CONFIGS = osp.join(REPO_ROOT, "configs", "camvid")
 DEFAULTS = PRESETS["default"]
 
 

@@ -24,6 +24,7 @@ import sys
 import numpy as np
 import torch
 
+from .. import REPO_ROOT
 from .timing import current_rss_bytes, peak_rss_bytes, peak_tensor_bytes, reset_peak_rss
 
 __all__ = [
@@ -46,7 +47,7 @@ TINY_DIM, TINY_HEADS = 64, 2
 PROBE_TAG = "FATR_MEMORY_PROBE "
 MAX_DISTINCT_IMAGES = 8  # larger batches repeat them; content only matters for token selection
 # The folder holding the fatr_seg package: the child process of a memory probe runs there.
-_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+_ROOT = REPO_ROOT
 
 
 def _shrink(cfg) -> None:

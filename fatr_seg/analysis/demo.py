@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 
+from .. import REPO_ROOT
 from .cpu_load import choose_threads
 from .demo_report import (
     DemoError,
@@ -45,7 +46,7 @@ from .demo_report import (
 __all__ = ["BASELINE_CONFIG", "FATR_CONFIG", "QUICK", "last_checkpoint", "run_demo"]
 
 # The checkout this package runs from: tools/ and configs/ are there.
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+REPO = REPO_ROOT
 FATR_CONFIG = "configs/fatr_ade20k_demo.py"
 BASELINE_CONFIG = "configs/baseline_ade20k_demo.py"
 # Lines of the tools' output worth echoing: training/eval progress, results, errors.
