@@ -119,7 +119,8 @@ def kept_set_iou(kept_a: torch.Tensor, kept_b: torch.Tensor, num_patches: int) -
     """IoU of two kept sets of original-grid indices, image by image.
 
     Args:
-        kept_a: (B, Ka) long original-grid indices (duplicates allowed, counted once).
+        kept_a: (B, Ka) long original-grid indices (duplicates allowed, counted once; -1, a
+            token with no cell such as EViT's fused token, is left out).
         kept_b: (B, Kb) long.
         num_patches: N, the size of the original grid.
 
@@ -127,10 +128,12 @@ def kept_set_iou(kept_a: torch.Tensor, kept_b: torch.Tensor, num_patches: int) -
         (B,) float32 ``|A ∩ B| / |A ∪ B|``.
     """
     B = kept_a.shape[0]
-    a = torch.zeros(B, num_patches, dtype=torch.bool, device=kept_a.device)
+    # One extra column catches the -1 entries, then is dropped.
+    a = torch.zeros(B, num_patches + 1, dtype=torch.bool, device=kept_a.device)
     b = torch.zeros_like(a)
-    a.scatter_(1, kept_a, True)
-    b.scatter_(1, kept_b, True)
+    a.scatter_(1, kept_a % (num_patches + 1), True)
+    b.scatter_(1, kept_b % (num_patches + 1), True)
+    a, b = a[:, :num_patches], b[:, :num_patches]
     inter = (a & b).sum(dim=1).float()
     union = (a | b).sum(dim=1).float().clamp_min(1.0)
     return inter / union

@@ -79,9 +79,9 @@ def test_train_step_equals_mmengine_loss_and_autograd(tiny):
     assert_close(loss, ref_loss.detach(), atol=0, rtol=0)
     assert float(log_vars["decode.loss_ce"]) == pytest.approx(float(loss))
     assert got.keys() == want.keys()
-    # The whole backbone learns: patch embedding, every block, and the DC positional terms.
+    # The whole backbone learns: patch embedding, every block, and the reweighting.
     assert "backbone.patch_embed.proj.weight" in got
-    assert any(".reducer.dc_pos" in n for n in got)
+    assert any(".attn.omega1" in n for n in got)
     for name in want:
         assert_close(got[name], want[name], atol=0, rtol=0, msg=name)
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("fatr", "evit", "tome", "random")
@@ -38,7 +39,9 @@ def test_quick_study_runs_end_to_end(tmp_path):
     tokens = {m: runs[f"s0/{m}/free/diag"]["num_tokens"] for m in ("none", *METHODS)}
     assert tokens["none"] == [16.0] * 12
     assert tokens["tome"] == [16.0] * 3 + [12.0] * 3 + [9.0] * 3 + [7.0] * 3
-    assert tokens["evit"] == [16.0] * 3 + [13.0] * 3 + [10.0] * 3 + [8.0] * 3  # + fused token
+    # EViT: the fused token competes for a place at the next layer (as in EViT's code), so the
+    # budget is taken of the 13 and 11 tokens present: 12 + 1, ceil(0.7·13) + 1, ceil(0.7·11) + 1
+    assert tokens["evit"] == [16.0] * 3 + [13.0] * 3 + [11.0] * 3 + [9.0] * 3
     assert tokens["fatr"] == [16.0] * 3 + [16.0] * 3 + [13.0] * 3 + [8.0] * 3  # + DC (2,2,1)
     # Training-free, nothing changes before the first reduction block.
     for m in METHODS:
@@ -74,3 +77,12 @@ def test_attention_flops_are_counted():
             return F.scaled_dot_product_attention(q, q, q, scale=0.3)
 
     assert forward_macs(Attention(), 8) == 1 * 2 * (2 * 8 * 8 * 12)  # QKᵀ and AV per head
+
+
+def test_kept_set_iou_counts_cells_and_skips_tokens_without_one():
+    from fatr_seg.analysis.rank_collapse import kept_set_iou
+
+    a = torch.tensor([[0, 1, 2, -1], [3, 3, 4, 5]])  # -1: EViT's fused token, no grid cell
+    b = torch.tensor([[1, 2, 5, -1], [3, 4, 5, 6]])
+    iou = kept_set_iou(a, b, num_patches=8)
+    assert iou.tolist() == pytest.approx([2 / 4, 3 / 4])
