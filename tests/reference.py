@@ -140,6 +140,25 @@ def bipartite(metric):
     return scores, partner
 
 
+def protected_bipartite(metric, priority, num_protected):
+    """FATR + ToMe: the ``num_protected`` tokens of highest priority (ties to the lower
+    position) stay as they are; the others, in sequence order, alternate B, A, B, A, ... and
+    every A token gets its most similar B token (first on ties) and the score ``-similarity``.
+    Protected and B tokens score ``+inf`` and are their own partner.
+    """
+    M = metric.shape[0]
+    ranked = sorted(range(M), key=lambda i: (-priority[i], i))
+    protected = set(ranked[:num_protected])
+    free = [i for i in range(M) if i not in protected]
+    b_set, a_set = free[0::2], free[1::2]
+    scores, partner = [math.inf] * M, list(range(M))
+    for i in a_set:
+        sims = [cosine(metric[i], metric[j]) for j in b_set]
+        best = max(range(len(b_set)), key=lambda t: (sims[t], -t))
+        scores[i], partner[i] = -sims[best], b_set[best]
+    return scores, partner
+
+
 def windows2x2(metric, hw_shape):
     """ALGM's local windows on an unreduced grid: scores and partners (lists of N).
 
@@ -449,7 +468,13 @@ def _layer_keep(red, j, M):
         keep = max(1, M - red["r"][j])
     if red["score"][j] == "bipartite":
         keep = max(keep, M - M // 2)
+    if red["score"][j] == "hf_bipartite":
+        keep = max(keep, M - (M - _num_protected(red, M)) // 2)
     return keep
+
+
+def _num_protected(red, M):
+    return num_keep(red["protect"], M) if red["protect"] > 0 else 0
 
 
 def _layer_grid(red, j):
@@ -473,7 +498,8 @@ def vit_forward(sd, images, cfg):
             a dict with every key of fatr_seg's ``ReductionConfig`` given one per layer
             (``dataclasses.asdict`` of one): ``layers`` (1-indexed), ``keep_ratio`` or ``r``,
             ``score``, ``aggregate``, ``windows`` or ``window_size``, ``metric``,
-            ``merge_radius``, ``prop_attn``, ``reweight``, ``restore``. Not ``'random'``.
+            ``merge_radius``, ``protect``, ``prop_attn``, ``reweight``, ``restore``. Not
+            ``'random'``.
 
     Returns:
         ``(outs, records)``: one (B, C, H/p, W/p) float64 map per out index, and per image the list
@@ -532,6 +558,9 @@ def vit_forward(sd, images, cfg):
                 partner = weights = order = None
                 if kind == "hf":
                     scores = column_mean_scores(A, valid)[0, 1 : 1 + M].tolist()
+                elif kind == "hf_bipartite":
+                    hf = column_mean_scores(A, valid)[0, 1 : 1 + M].tolist()
+                    scores, partner = protected_bipartite(metric, hf, _num_protected(red, M))
                 elif kind == "hf_proxy":
                     scores = proxy_scores(q[0], k[0], scale, valid[0].tolist())[1 : 1 + M]
                 elif kind == "cls":

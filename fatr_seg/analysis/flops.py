@@ -318,11 +318,15 @@ def _selection_macs(red: ReductionConfig, j: int, n: int, M: int, D: int, keep: 
     """MACs of reduction layer ``j``'s score and merge partners (n tokens: M patches, D DC)."""
     score = red.score[j]
     d_metric = dim // heads if red.metric == "keys" else dim
-    macs = {"hf": n * n * dim, "hf_proxy": n * dim, "cls": n * dim}.get(score, 0)
-    if score in ("hf", "hf_proxy") and D:  # the DC queries' logits, to drop empty windows' votes
+    hf = n * n * dim
+    macs = {"hf": hf, "hf_bipartite": hf, "hf_proxy": n * dim, "cls": n * dim}.get(score, 0)
+    if score in ("hf", "hf_bipartite", "hf_proxy") and D:  # DC queries' logits (empty windows)
         macs += D * n * dim
     if score == "bipartite":
         macs += ((M + 1) // 2) * (M // 2) * d_metric
+    elif score == "hf_bipartite":
+        free = M - red.num_protected(M)
+        macs += ((free + 1) // 2) * (free // 2) * d_metric
     elif score == "window":
         macs += (grid[0] // 2) * (grid[1] // 2) * 16 * d_metric
     elif red.aggregate[j] == "merge":  # nearest kept token of every dropped one

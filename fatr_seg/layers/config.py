@@ -6,9 +6,10 @@ others:
 
 ========== ===================================================================================
 score      ``'hf'`` FATR's exact HF score (attention a token receives), ``'hf_proxy'`` its
-           pre-softmax proxy, ``'random'``, ``'cls'`` (EViT: CLS attention), ``'bipartite'``
-           (ToMe: A tokens by similarity to their B partner), ``'window'`` (ALGM: 2×2 windows
-           by their inner similarity; first reduction layer only)
+           pre-softmax proxy, ``'hf_bipartite'`` (the HF score protects the top ``protect``
+           fraction; the others are matched as ToMe matches), ``'random'``, ``'cls'`` (EViT:
+           CLS attention), ``'bipartite'`` (ToMe: A tokens by similarity to their B partner),
+           ``'window'`` (ALGM: 2×2 windows by their inner similarity; first reduction layer only)
 aggregate  ``'merge'`` (join the most similar kept token, or the partner the score proposes;
            size-weighted, proportional attention), ``'dc'`` (fold into local DC tokens, the
            paper's form), ``'fuse'`` (EViT: one token, the CLS-attention-weighted sum)
@@ -29,7 +30,7 @@ from ..ops.select import num_keep
 
 __all__ = ["AGGREGATES", "METHODS", "PRESETS", "REDUCTION_DEFAULTS", "SCORES", "ReductionConfig"]
 
-SCORES = ("hf", "hf_proxy", "random", "cls", "bipartite", "window")
+SCORES = ("hf", "hf_proxy", "hf_bipartite", "random", "cls", "bipartite", "window")
 AGGREGATES = ("merge", "dc", "fuse")
 METRICS = ("keys", "x")
 REWEIGHTS = ("identity", "paper", None)
@@ -150,6 +151,8 @@ class ReductionConfig:
             ALGM).
         merge_radius: For ``'merge'`` with no partner proposed by the score: prefer kept tokens
             within this many patches (None: anywhere).
+        protect: For ``'hf_bipartite'``: the fraction of the patch tokens present that the HF
+            score protects (kept, merged with nothing); the others are matched as ToMe does.
         prop_attn: For ``'merge'``: later blocks attend to a merged token with ``log(size)``
             added to its logit (ToMe's proportional attention), as if to all its patches.
         reweight: ``'identity'`` (starts as plain attention), ``'paper'`` (ω = 0 in the paper's
@@ -169,6 +172,7 @@ class ReductionConfig:
     window_size: tuple[int, ...] | None = None
     metric: str = "keys"
     merge_radius: int | None = None
+    protect: float = 0.3
     prop_attn: bool = True
     reweight: str | None = "identity"
     restore: str = "copy"
@@ -198,7 +202,7 @@ class ReductionConfig:
                 _fail(key, value, f"choose from {allowed}, one value or {n} values")
         self._check_dc(n)
         for j, (score, agg) in enumerate(zip(self.score, self.aggregate, strict=True)):
-            if score in ("bipartite", "window") and agg != "merge":
+            if score in ("bipartite", "hf_bipartite", "window") and agg != "merge":
                 _fail("aggregate", self.aggregate, f"score {score!r} proposes partners: "
                       "it needs aggregate 'merge'")  # fmt: skip
             if agg == "fuse" and score != "cls":
@@ -212,6 +216,8 @@ class ReductionConfig:
                       "half the tokens per layer: use keep_ratio >= 0.5")  # fmt: skip
         if self.metric not in METRICS:
             _fail("metric", self.metric, f"choose one of {METRICS}")
+        if not (_is_number(self.protect) and 0.0 <= float(self.protect) < 1.0):
+            _fail("protect", self.protect, "a fraction in [0, 1)")
         if not isinstance(self.prop_attn, bool):
             _fail("prop_attn", self.prop_attn, "True or False")
         if self.merge_radius is not None and (
@@ -262,7 +268,13 @@ class ReductionConfig:
             keep = max(1, num_tokens - self.r[j])
         if self.score[j] == "bipartite":
             keep = max(keep, num_tokens - num_tokens // 2)
+        if self.score[j] == "hf_bipartite":  # pairs only among the unprotected tokens
+            keep = max(keep, num_tokens - (num_tokens - self.num_protected(num_tokens)) // 2)
         return keep
+
+    def num_protected(self, num_tokens: int) -> int:
+        """Patch tokens ``'hf_bipartite'`` protects of ``num_tokens``: ``ceil(protect · M)``."""
+        return num_keep(self.protect, num_tokens) if self.protect > 0 else 0
 
     def with_keep_ratio(self, keep_ratio: float | tuple[float, ...]) -> ReductionConfig:
         """A copy with another budget (one ratio, or one per layer); validated like any config."""
@@ -338,6 +350,7 @@ class ReductionConfig:
             window_size=_per_layer(merged, "window_size", n, int),
             metric=merged.get("metric", "keys"),
             merge_radius=merged.get("merge_radius"),
+            protect=merged.get("protect", 0.3),
             prop_attn=merged.get("prop_attn", True),
             reweight=merged["reweight"],
             restore=restore,

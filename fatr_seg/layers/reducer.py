@@ -8,7 +8,13 @@ from torch import nn
 from ..ops.merge import fuse_tokens, merge_tokens, nearest_kept
 from ..ops.reduce import FoldRecord, fold_tokens
 from ..ops.scoring import hf_scores
-from ..ops.select import bipartite_scores, cls_attention, select_topk, window_scores
+from ..ops.select import (
+    bipartite_scores,
+    cls_attention,
+    protected_bipartite_scores,
+    select_topk,
+    window_scores,
+)
 from ..ops.state import TokenState
 from .attention import AttnStats
 from .config import ReductionConfig
@@ -78,11 +84,15 @@ class TokenReducer(nn.Module):
             return (*bipartite_scores(self.metric(x, stats, M)), None)
         if self.score == "window":
             return (*window_scores(self.metric(x, stats, M), state.hw_shape), None)
-        method = "exact" if self.score == "hf" else "logit_proxy"
+        method = "logit_proxy" if self.score == "hf_proxy" else "exact"
         s = hf_scores(stats.q, stats.k, stats.scale, method, key_bias, lse=stats.lse)
         if state.num_dc:
             s = self.without_empty_queries(s, stats, key_bias, state.num_dc)
-        return s[:, 1 : 1 + M], None, None
+        s = s[:, 1 : 1 + M]
+        if self.score == "hf_bipartite":
+            protect = self.cfg.num_protected(M)
+            return (*protected_bipartite_scores(self.metric(x, stats, M), s, protect), None)
+        return s, None, None
 
     def without_empty_queries(
         self, s: torch.Tensor, stats: AttnStats, key_bias: torch.Tensor, num_dc: int
@@ -131,7 +141,7 @@ class TokenReducer(nn.Module):
             return x, state, FoldRecord(state.patch_idx, scores, empty, empty, state.source)
         scores, partner, weights = self.scores(x, stats, state, key_bias)
         keep_pos, drop_pos = select_topk(scores, keep)
-        if partner is not None:
+        if self.score in ("bipartite", "window"):
             keep_pos = self.peer_order(keep_pos, drop_pos, scores, partner)
         residual = self.cfg.restore == "residual"
         if self.aggregate == "dc":

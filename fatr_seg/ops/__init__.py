@@ -14,7 +14,14 @@ from .scoring import (
     logit_proxy_score,
     topk_agreement,
 )
-from .select import bipartite_scores, cls_attention, num_keep, select_topk, window_scores
+from .select import (
+    bipartite_scores,
+    cls_attention,
+    num_keep,
+    protected_bipartite_scores,
+    select_topk,
+    window_scores,
+)
 from .state import TokenState, init_state
 
 __all__ = [
@@ -37,6 +44,7 @@ __all__ = [
     "merge_tokens",
     "nearest_kept",
     "num_keep",
+    "protected_bipartite_scores",
     "restore_tokens",
     "reweighted_attention",
     "select_topk",

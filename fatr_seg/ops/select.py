@@ -13,7 +13,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bipartite_scores", "cls_attention", "num_keep", "select_topk", "window_scores"]
+__all__ = [
+    "bipartite_scores",
+    "cls_attention",
+    "num_keep",
+    "protected_bipartite_scores",
+    "select_topk",
+    "window_scores",
+]
 
 
 def num_keep(keep_ratio: float, num_tokens: int) -> int:
@@ -92,6 +99,53 @@ def bipartite_scores(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     best, dst = (m[:, a_pos] @ m[:, b_pos].transpose(1, 2)).max(dim=-1)  # (B, |A|)
     scores[:, a_pos] = -best
     partner[:, a_pos] = b_pos[dst]
+    return scores, partner
+
+
+@torch.no_grad()
+def protected_bipartite_scores(
+    metric: torch.Tensor, priority: torch.Tensor, num_protected: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bipartite matching among the tokens that are not protected; the protected ones stay.
+
+    The ``num_protected`` tokens of highest ``priority`` (FATR: the HF score) are kept as they
+    are: nothing merges into them and they merge into nothing. The others, in sequence order,
+    alternate into B (1st, 3rd, ...) and A (2nd, 4th, ...), as ToMe splits its sequence; every A
+    token's partner is its most similar B token (cosine similarity of ``metric``), and its score
+    is minus that similarity. Protected and B tokens score ``+inf``, so the top-k drops exactly
+    the most similar A→B edges (valid while ``M - k ≤ |A|``).
+
+    Args:
+        metric: (B, M, d) similarity features of the patch tokens.
+        priority: (B, M) protection priority (higher: protected first; ties to the lower
+            position).
+        num_protected: How many tokens to protect, 0 ≤ P ≤ M.
+
+    Returns:
+        ``scores`` (B, M) float32 and ``partner`` (B, M) long positions (a token that is not an
+        A token is its own partner).
+    """
+    B, M, d = metric.shape
+    device = metric.device
+    protected = torch.zeros(B, M, dtype=torch.bool, device=device)
+    if num_protected:
+        order = torch.sort(priority.float(), dim=1, descending=True, stable=True).indices
+        protected.scatter_(1, order[:, :num_protected], True)
+    # Free tokens in sequence order: a stable sort by "protected" keeps their order.
+    free_pos = torch.sort(protected.to(torch.int8), dim=1, stable=True).indices[
+        :, : M - num_protected
+    ]
+    a_pos, b_pos = free_pos[:, 1::2], free_pos[:, 0::2]  # (B, |A|), (B, |B|)
+    partner = torch.arange(M, device=device).expand(B, M).clone()
+    scores = torch.full((B, M), float("inf"), device=device)
+    if a_pos.shape[1] == 0:
+        return scores, partner
+    m = F.normalize(metric.float(), dim=-1)
+    ma = m.gather(1, a_pos[..., None].expand(-1, -1, d))
+    mb = m.gather(1, b_pos[..., None].expand(-1, -1, d))
+    best, dst = (ma @ mb.transpose(1, 2)).max(dim=-1)  # (B, |A|)
+    scores.scatter_(1, a_pos, -best)
+    partner.scatter_(1, a_pos, b_pos.gather(1, dst))
     return scores, partner
 
 

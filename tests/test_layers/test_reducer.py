@@ -16,6 +16,7 @@ from fatr_seg.ops import (
     init_state,
     merge_tokens,
     nearest_kept,
+    protected_bipartite_scores,
     restore_tokens,
     select_topk,
     window_scores,
@@ -69,6 +70,21 @@ def test_bipartite_scores_follow_tomes_split(M):
         assert partner[b].tolist() == want_p
         assert_close(scores[b].double(), torch.tensor(want_s, dtype=ref.DT), atol=1e-6, rtol=0)
     assert (scores[:, 0::2] == math.inf).all()  # B (even patch positions) always stays
+
+
+@pytest.mark.parametrize("M,protect", [(1, 0), (7, 2), (30, 9), (30, 0), (12, 11)])
+def test_protected_bipartite_scores(M, protect):
+    gen = torch.Generator().manual_seed(M + protect)
+    metric = torch.randn(3, M, 5, generator=gen, dtype=ref.DT)
+    priority = torch.randint(0, 4, (3, M), generator=gen).double()  # ties on purpose
+    scores, partner = protected_bipartite_scores(metric, priority, protect)
+    for b in range(3):
+        want_s, want_p = ref.protected_bipartite(metric[b], priority[b].tolist(), protect)
+        assert partner[b].tolist() == want_p
+        assert_close(scores[b].double(), torch.tensor(want_s, dtype=ref.DT), atol=1e-6, rtol=0)
+    assert ((scores == math.inf).sum(1) == protect + (M - protect + 1) // 2).all()
+    if protect == 0:  # nothing protected: exactly ToMe's split
+        assert torch.equal(partner, bipartite_scores(metric)[1])
 
 
 @pytest.mark.parametrize("hw", [(4, 4), (5, 7), (1, 6), (3, 3)])
