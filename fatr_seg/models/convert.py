@@ -156,7 +156,12 @@ def _read_local(path: str):
             from safetensors.torch import load_file
 
             return load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        from .compat import mmengine_safe_globals
+
+        # A Runner checkpoint also holds the message hub's logged values: allow exactly those
+        # classes for this read only (torch's process-wide allow-list stays as it is).
+        with torch.serialization.safe_globals(mmengine_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load / safetensors raise many types on a bad file
         raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from err
 
@@ -165,7 +170,8 @@ def load_checkpoint_file(path: str) -> dict:
     """Read a checkpoint's state dict (accepts ``{'state_dict': ...}``, ``{'model': ...}``).
 
     Local ``.safetensors`` files are read with safetensors, other local files with
-    ``torch.load`` (``weights_only=True``). URLs and model-zoo prefixes (see :func:`is_remote`)
+    ``torch.load`` (``weights_only=True``, allowing for this read the message-hub classes an
+    mmengine Runner checkpoint holds, :func:`fatr_seg.models.compat.mmengine_safe_globals`). URLs and model-zoo prefixes (see :func:`is_remote`)
     go through mmengine's ``CheckpointLoader``, as mmseg's own backbones load them (its http
     loader caches the file under torch hub's folder and unpickles it fully, i.e. trusts the
     source); a ``.safetensors`` URL is downloaded to the same cache and read with safetensors.

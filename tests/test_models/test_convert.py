@@ -397,3 +397,25 @@ def test_timm_vit_small_patch16_384_end_to_end(tmp_path):
     new = set(reduced.state_dict()) - set(torch.load(dst, weights_only=True)["state_dict"])
     assert new and all(k.endswith(("omega1", "omega2", "dc_pos")) for k in new)
     assert reduced(x)[0].shape == (1, 384, 32, 32)
+
+
+def test_runner_checkpoint_loads_without_changing_the_global_allow_list(tmp_path):
+    """A checkpoint as mmengine's Runner writes it (message hub with HistoryBuffers, numpy
+    scalars) reads with weights_only=True; the classes are allowed for that read only."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+
+    from fatr_seg.models.convert import load_checkpoint_file
+
+    buf = HistoryBuffer()
+    buf.update(1.5)
+    state = {"w": torch.randn(2, 3)}
+    path = tmp_path / "iter_10.pth"
+    torch.save({"meta": {"iter": 10, "eta": np.float64(3.0)}, "state_dict": state,
+                "message_hub": {"log_scalars": {"train/loss": buf}}}, path)  # fmt: skip
+    before = list(torch.serialization.get_safe_globals())
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path, weights_only=True)  # the plain read refuses it: the test is not vacuous
+    got = load_checkpoint_file(str(path))
+    assert torch.equal(got["w"], state["w"])
+    assert list(torch.serialization.get_safe_globals()) == before
