@@ -468,7 +468,7 @@ def _layer_keep(red, j, M):
         keep = max(1, M - red["r"][j])
     if red["score"][j] == "bipartite":
         keep = max(keep, M - M // 2)
-    if red["score"][j] == "hf_bipartite":
+    if red["score"][j] in ("hf_bipartite", "random_bipartite"):
         keep = max(keep, M - (M - _num_protected(red, M)) // 2)
     return keep
 

@@ -324,7 +324,7 @@ def _selection_macs(red: ReductionConfig, j: int, n: int, M: int, D: int, keep: 
         macs += D * n * dim
     if score == "bipartite":
         macs += ((M + 1) // 2) * (M // 2) * d_metric
-    elif score == "hf_bipartite":
+    elif score in ("hf_bipartite", "random_bipartite"):
         free = M - red.num_protected(M)
         macs += ((free + 1) // 2) * (free // 2) * d_metric
     elif score == "window":

@@ -7,7 +7,8 @@ others:
 ========== ===================================================================================
 score      ``'hf'`` FATR's exact HF score (attention a token receives), ``'hf_proxy'`` its
            pre-softmax proxy, ``'hf_bipartite'`` (the HF score protects the top ``protect``
-           fraction; the others are matched as ToMe matches), ``'random'``, ``'cls'`` (EViT:
+           fraction; the others are matched as ToMe matches), ``'random'``,
+           ``'random_bipartite'`` (the same with a random protected set), ``'cls'`` (EViT:
            CLS attention), ``'bipartite'`` (ToMe: A tokens by similarity to their B partner),
            ``'window'`` (ALGM: 2×2 windows by their inner similarity; first reduction layer only)
 aggregate  ``'merge'`` (join the most similar kept token, or the partner the score proposes;
@@ -30,8 +31,13 @@ from ..ops.select import num_keep
 
 __all__ = ["AGGREGATES", "METHODS", "PRESETS", "REDUCTION_DEFAULTS", "SCORES", "ReductionConfig"]
 
-SCORES = ("hf", "hf_proxy", "hf_bipartite", "random", "cls", "bipartite", "window")
+SCORES = ("hf", "hf_proxy", "hf_bipartite", "random", "random_bipartite", "cls", "bipartite",
+          "window")  # fmt: skip
 AGGREGATES = ("merge", "dc", "fuse")
+# Scores that propose the partner each dropped token joins (they need aggregate 'merge').
+PARTNER_SCORES = ("bipartite", "hf_bipartite", "random_bipartite", "window")
+# Bipartite matching among the tokens a score leaves unprotected.
+PROTECTING_SCORES = ("hf_bipartite", "random_bipartite")
 METRICS = ("keys", "x")
 REWEIGHTS = ("identity", "paper", None)
 RESTORES = ("copy", "residual")
@@ -151,8 +157,9 @@ class ReductionConfig:
             ALGM).
         merge_radius: For ``'merge'`` with no partner proposed by the score: prefer kept tokens
             within this many patches (None: anywhere).
-        protect: For ``'hf_bipartite'``: the fraction of the patch tokens present that the HF
-            score protects (kept, merged with nothing); the others are matched as ToMe does.
+        protect: For ``'hf_bipartite'`` (``'random_bipartite'``): the fraction of the patch
+            tokens present that the HF score (chance) protects: kept, merged with nothing. The
+            others are matched as ToMe does.
         prop_attn: For ``'merge'``: later blocks attend to a merged token with ``log(size)``
             added to its logit (ToMe's proportional attention), as if to all its patches.
         reweight: ``'identity'`` (starts as plain attention), ``'paper'`` (ω = 0 in the paper's
@@ -202,7 +209,7 @@ class ReductionConfig:
                 _fail(key, value, f"choose from {allowed}, one value or {n} values")
         self._check_dc(n)
         for j, (score, agg) in enumerate(zip(self.score, self.aggregate, strict=True)):
-            if score in ("bipartite", "hf_bipartite", "window") and agg != "merge":
+            if score in PARTNER_SCORES and agg != "merge":
                 _fail("aggregate", self.aggregate, f"score {score!r} proposes partners: "
                       "it needs aggregate 'merge'")  # fmt: skip
             if agg == "fuse" and score != "cls":
@@ -268,12 +275,12 @@ class ReductionConfig:
             keep = max(1, num_tokens - self.r[j])
         if self.score[j] == "bipartite":
             keep = max(keep, num_tokens - num_tokens // 2)
-        if self.score[j] == "hf_bipartite":  # pairs only among the unprotected tokens
+        if self.score[j] in PROTECTING_SCORES:  # pairs only among the unprotected tokens
             keep = max(keep, num_tokens - (num_tokens - self.num_protected(num_tokens)) // 2)
         return keep
 
     def num_protected(self, num_tokens: int) -> int:
-        """Patch tokens ``'hf_bipartite'`` protects of ``num_tokens``: ``ceil(protect · M)``."""
+        """Patch tokens a protecting score keeps out of the matching: ``ceil(protect · M)``."""
         return num_keep(self.protect, num_tokens) if self.protect > 0 else 0
 
     def with_keep_ratio(self, keep_ratio: float | tuple[float, ...]) -> ReductionConfig:

@@ -75,8 +75,12 @@ class TokenReducer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Scores (B, M), proposed partner positions (B, M) or None, fusion weights or None."""
         M = state.num_patches
-        if self.score == "random":
-            return torch.rand(x.shape[0], M, device=x.device), None, None
+        if self.score in ("random", "random_bipartite"):
+            s = torch.rand(x.shape[0], M, device=x.device)
+            if self.score == "random":
+                return s, None, None
+            protect = self.cfg.num_protected(M)
+            return (*protected_bipartite_scores(self.metric(x, stats, M), s, protect), None)
         if self.score == "cls":
             attn = cls_attention(stats.q, stats.k, stats.scale, key_bias)[:, 1 : 1 + M]
             return attn, None, attn

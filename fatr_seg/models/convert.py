@@ -171,8 +171,9 @@ def load_checkpoint_file(path: str) -> dict:
 
     Local ``.safetensors`` files are read with safetensors, other local files with
     ``torch.load`` (``weights_only=True``, allowing for this read the message-hub classes an
-    mmengine Runner checkpoint holds, :func:`fatr_seg.models.compat.mmengine_safe_globals`). URLs and model-zoo prefixes (see :func:`is_remote`)
-    go through mmengine's ``CheckpointLoader``, as mmseg's own backbones load them (its http
+    mmengine Runner checkpoint holds, :func:`fatr_seg.models.compat.mmengine_safe_globals`).
+    URLs and model-zoo prefixes (see :func:`is_remote`) go through mmengine's
+    ``CheckpointLoader``, as mmseg's own backbones load them (its http
     loader caches the file under torch hub's folder and unpickles it fully, i.e. trusts the
     source); a ``.safetensors`` URL is downloaded to the same cache and read with safetensors.
 
