@@ -63,7 +63,7 @@ BASELINE_CONFIG = "configs/baseline_ade20k_demo.py"
 DISTILL_CONFIG = "configs/fatr_ade20k_demo_distill.py"
 # Lines of the tools' output worth echoing: training/eval progress, results, errors.
 PROGRESS = re.compile(
-    r"Iter\((train|val|test)\)|mIoU|Saving checkpoint|per class results|^\|"
+    r"Iter\((train|val|test)\)|mIoU:|Saving checkpoint|per class results|^\|"
     r"|Error|error:|warning:|Traceback|^block \d+:|^wrote |img/s|GMACs|GFLOPs"
     r"|unreduced model's|distillation teacher"
 )

@@ -114,14 +114,17 @@ def set_config_keep_ratio(cfg, keep_ratio, what: str) -> tuple[float, ...]:
             f"{OPTION} {shown}: {what} has no token reduction (model.backbone.reduction is "
             "None), so there is no budget to set; give a FATR config"
         )
-    reduction = cfg.model.backbone.reduction
-    try:
-        ratios = ReductionConfig.from_dict(reduction).with_keep_ratio(keep_ratio).keep_ratio
-    except ValueError:
+    count = len(keep_ratio) if isinstance(keep_ratio, Sequence) else 1
+    if count not in (1, len(layers)):
         raise KeepRatioError(
             f"{OPTION} {shown}: {what} reduces at {len(layers)} layers {tuple(layers)}; give one "
             f"number in (0, 1] or {len(layers)}, one per layer"
-        ) from None
+        )
+    reduction = cfg.model.backbone.reduction
+    try:  # the ratio's own rules, and the method's (ToMe's bipartite score keeps >= half)
+        ratios = ReductionConfig.from_dict(reduction).with_keep_ratio(keep_ratio).keep_ratio
+    except ValueError as err:
+        raise KeepRatioError(f"{OPTION} {shown}: {what}: {err}") from None
     reduction.pop("r", None)
     reduction["keep_ratio"] = ratios
     return ratios

@@ -95,6 +95,11 @@ def test_set_config_keep_ratio_errors_are_one_line():
         set_config_keep_ratio(_config(None), 0.5, "base.py")  # fmt: skip
     with pytest.raises(KeepRatioError, match="outside"):
         set_config_keep_ratio(_config(), ["2"], "tiny.py")
+    with pytest.raises(KeepRatioError, match=r"^--keep-ratio 1.5: tiny.py: reduction.keep_ratio"):
+        set_config_keep_ratio(_config(), 1.5, "tiny.py")  # a number from Python, not parsed
+    # The method's own rule: ToMe's bipartite matching merges at most half of the tokens.
+    with pytest.raises(KeepRatioError, match=r"^--keep-ratio 0.3: tome.py: .*keep_ratio >= 0.5"):
+        set_config_keep_ratio(_config(dict(method="tome", layers=(2, 3))), ["0.3"], "tome.py")
 
 
 def test_unreduced_checkpoint_completes_to_the_same_model(tmp_path):
