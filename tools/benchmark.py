@@ -7,12 +7,15 @@ Usage::
         [--device cpu|cuda] [--dtypes float32] [--out-dir work_dirs/benchmark]
         [--max-cell-seconds S] [--time-budget S] [--memory-shapes ...]
         [--memory-batch-sizes ...] [--memory-targets ...] [--no-memory] [--no-scoring]
-        [--no-macs] [--threads N] [--quick]
+        [--no-macs] [--threads N] [--quick] [--keep-ratio R [R ...]]
 
 CONFIGs default to ``configs/baseline_vit-s_ade20k.py configs/fatr_ade20k.py``; the FIRST is
-the reference of every speed-up. Pretrained weights are never loaded (speed does not depend on
-them). Inputs are synthetic ADE20K-like images (``fatr_seg.datasets.synthetic``), normalised
-with the config's mean/std.
+the reference of every speed-up. ``--keep-ratio R1 R2 ...`` runs every config that has a token
+reduction once per budget (a keep ratio in (0, 1], or one per reduction layer joined by commas:
+``0.5,0.6,0.7``), as ``NAME@keepR`` rows in the same alternation; a config without reduction
+runs once. Pretrained weights are never loaded (speed does not depend on them). Inputs are
+synthetic ADE20K-like images (``fatr_seg.datasets.synthetic``), normalised with the config's
+mean/std.
 
 What is measured, per (dtype, shape, batch, target):
 
@@ -103,8 +106,9 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 import torch
 
 from fatr_seg.analysis.benchmark import DEFAULT_TARGETS, TARGETS, benchmark
-from fatr_seg.analysis.benchmark_models import DTYPES
+from fatr_seg.analysis.benchmark_models import DTYPES, config_variants
 from fatr_seg.analysis.benchmark_report import write_outputs
+from fatr_seg.models.budget import KeepRatioError, parse_keep_ratio
 
 DEFAULT_CONFIGS = ["configs/baseline_vit-s_ade20k.py", "configs/fatr_ade20k.py"]
 QUICK = dict(shapes=[(64, 64), (128, 128)], batch_sizes=[1, 2], iters=2, warmup=1)
@@ -231,6 +235,13 @@ def parse_args(argv=None):
         help="CI mode: tiny model, shapes 64 128, batch 1 2, 2 iterations",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--keep-ratio",
+        nargs="+",
+        metavar="R",
+        help="budgets: each config with a reduction runs once per value, as NAME@keepR (a keep "
+        "ratio in (0, 1], or one per reduction layer joined by commas, e.g. 0.5,0.6,0.7)",
+    )
     args = p.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     args.command = " ".join(["python tools/benchmark.py", *given])  # recorded in the JSON
@@ -238,6 +249,12 @@ def parse_args(argv=None):
     for path in args.configs:
         if not osp.isfile(path):
             p.error(f"config not found: {path}")
+    if args.keep_ratio:
+        try:
+            args.keep_ratio = [parse_keep_ratio(r) for r in args.keep_ratio]
+            config_variants(args.configs, args.keep_ratio)  # does each fit its config?
+        except KeepRatioError as err:
+            p.error(str(err))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         args.device = torch.device(device)

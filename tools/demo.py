@@ -1,10 +1,12 @@
-"""The embedded default (``make demo``): data, training, mIoU, cost and token maps on a CPU.
+"""The embedded default (``make demo``): the workflow on a CPU, accuracy beside speed.
 
-``python tools/demo.py [--work-dir work_dirs/demo] [--skip-train] [--quick]
-[--no-train-baseline] [--threads N]``
+``python tools/demo.py [--work-dir work_dirs/demo] [--skip-train] [--quick] [--no-finetune]
+[--max-iters N] [--finetune-iters N] [--threads N]``
 
-Trains FATR and the same ViT without reduction (same iterations and schedule), evaluates both,
-measures their cost and draws FATR's token maps; writes ``WORK_DIR/summary.md`` and prints it.
+Trains the ViT without reduction (the baseline) and evaluates it; evaluates FATR on the
+baseline's weights training-free; fine-tunes FATR from the baseline by self-distillation and
+evaluates it; measures the cost of both architectures and draws FATR's token maps; writes
+``WORK_DIR/summary.md`` and prints it.
 Each tool runs as a subprocess with the CPU threads the machine's load leaves free (chosen before
 each step, printed with its reason). The steps are :mod:`fatr_seg.analysis.demo`; this file is
 the command line.
@@ -19,7 +21,14 @@ START = time.perf_counter()
 # mmengine and mmcv import pkg_resources (hence setuptools < 81); its deprecation notice is noise.
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
-from fatr_seg.analysis.demo import BASELINE_CONFIG, FATR_CONFIG, QUICK, QUICK_OPTIONS, run_demo
+from fatr_seg.analysis.demo import (
+    BASELINE_CONFIG,
+    DISTILL_CONFIG,
+    FATR_CONFIG,
+    QUICK,
+    QUICK_OPTIONS,
+    run_demo,
+)
 from fatr_seg.analysis.demo_report import DemoError
 
 
@@ -32,18 +41,21 @@ def parse_args(argv=None):
     parser.add_argument("--size", type=int, default=384, help="generated image side (px)")
     parser.add_argument("--config", default=FATR_CONFIG, help="FATR demo config")
     parser.add_argument("--baseline-config", default=BASELINE_CONFIG, help="baseline config")
-    parser.add_argument("--max-iters", type=int, help="override the training length (both models)")
+    parser.add_argument("--distill-config", default=DISTILL_CONFIG,
+                        help="FATR fine-tuning (self-distillation) config")  # fmt: skip
+    parser.add_argument("--max-iters", type=int, help="override the baseline's training length")
+    parser.add_argument("--finetune-iters", type=int, help="override the fine-tuning length")
     parser.add_argument(
         "--skip-train",
         action="store_true",
-        help="reuse the last checkpoints in WORK_DIR/fatr and WORK_DIR/baseline",
+        help="reuse the last checkpoints in WORK_DIR/baseline and WORK_DIR/fatr_finetune",
     )
     parser.add_argument(
-        "--train-baseline",
+        "--finetune",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also train and evaluate the baseline, for its mIoU beside FATR's (default: yes; "
-        "--no-train-baseline trains FATR only, about half the training time)",
+        help="fine-tune FATR from the baseline by self-distillation and evaluate it (default: "
+        "yes; --no-finetune shows the baseline and FATR training-free only)",
     )
     parser.add_argument(
         "--threads",
@@ -67,8 +79,10 @@ def parse_args(argv=None):
     )
     parser.add_argument("--verbose", action="store_true", help="echo the tools' full output")
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    for key in ("threads", "max_iters", "finetune_iters"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
     if args.quick:
         args.num_train, args.num_val, args.size = (
             QUICK["num_train"],
@@ -76,6 +90,7 @@ def parse_args(argv=None):
             QUICK["size"],
         )
         args.max_iters = args.max_iters or QUICK["max_iters"]
+        args.finetune_iters = args.finetune_iters or QUICK["finetune_iters"]
         args.bench_iters, args.bench_warmup = QUICK["bench_iters"], QUICK["bench_warmup"]
         args.cfg_options = QUICK_OPTIONS + list(args.cfg_options)
     return args

@@ -1,6 +1,7 @@
 """Evaluate a checkpoint (mIoU through mmseg's IoUMetric):
 
-``python tools/test.py CONFIG CHECKPOINT [--mode whole|slide] [--work-dir DIR] [--out DIR]``.
+``python tools/test.py CONFIG CHECKPOINT [--mode whole|slide] [--work-dir DIR] [--out DIR]
+[--keep-ratio R [R ...]]``.
 Multi-process: ``tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS`` (torchrun).
 """
 
@@ -11,6 +12,7 @@ import warnings
 # mmengine and mmcv import pkg_resources (hence setuptools < 81); its deprecation notice is noise.
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
+from fatr_seg.models.budget import set_config_keep_ratio
 from fatr_seg.models.preflight import PreflightError
 from fatr_seg.models.runner import add_runner_args, run_tool
 
@@ -22,17 +24,23 @@ def parse_args():
     parser.add_argument("--out", help="dir to save the predicted segmentation maps")
     parser.add_argument("--show-dir", help="dir to save painted predictions")
     parser.add_argument("--mode", choices=["whole", "slide"], help="override test_cfg.mode")
+    parser.add_argument("--keep-ratio", nargs="+", metavar="R",
+                        help="evaluate at this budget: a keep ratio in (0, 1] for every "
+                        "reduction layer, or one per layer")  # fmt: skip
     add_runner_args(parser, "the dir to save the evaluation metrics", "override config settings")
     return parser.parse_args()
 
 
 def configure(cfg, args):
-    """The options only testing has: the checkpoint, the inference mode and the outputs."""
+    """The options only testing has: the checkpoint, the inference mode, the budget and the
+    outputs."""
     if not osp.isfile(args.checkpoint):
         raise PreflightError(f"checkpoint not found: {args.checkpoint}")
     cfg.load_from = args.checkpoint
     if args.mode:
         cfg.model.test_cfg.mode = args.mode
+    if args.keep_ratio:
+        set_config_keep_ratio(cfg, args.keep_ratio, args.config)
     if args.out:
         cfg.test_evaluator["output_dir"] = args.out
         cfg.test_evaluator["keep_results"] = True

@@ -27,7 +27,7 @@ from ..layers.vit import FATRVisionTransformer
 from .benchmark_models import (
     DTYPES,
     build_segmentor,
-    config_names,
+    config_variants,
     forward_fn,
     image_metas,
     make_images,
@@ -194,7 +194,9 @@ class Bench:
     ``configs``, ``targets``, ``shapes`` ([(H, W)]), ``batch_sizes``, ``iters``, ``warmup``,
     ``device`` (a ``torch.device``), ``dtypes``, ``max_cell_seconds``, ``time_budget``,
     ``memory_shapes``, ``memory_batch_sizes``, ``memory_targets``, ``no_memory``,
-    ``no_scoring``, ``no_macs``, ``threads``, ``seed``, ``quick``, ``no_progress`` and
+    ``no_scoring``, ``no_macs``, ``threads``, ``seed``, ``quick``, ``no_progress``,
+    ``keep_ratio`` (budgets: one model per budget of each config with a reduction, see
+    :func:`~fatr_seg.analysis.benchmark_models.config_variants`; None: the configs' own) and
     ``command`` (the command line recorded in the result).
     """
 
@@ -202,10 +204,12 @@ class Bench:
         if args.threads:
             torch.set_num_threads(args.threads)
         self.args = args
-        self.names = config_names(args.configs)
+        self.entries = config_variants(args.configs, getattr(args, "keep_ratio", None))
+        self.names = [name for name, _, _ in self.entries]
         self.models, self.norms = {}, {}
-        for name, path in zip(self.names, args.configs):
-            self.models[name], _, self.norms[name] = build_segmentor(path, args.quick)
+        for name, path, ratio in self.entries:
+            model, _, self.norms[name] = build_segmentor(path, args.quick, keep_ratio=ratio)
+            self.models[name] = model
         self.ref = self.names[0]
         self.device = args.device
         self.fatr_name = None if args.no_scoring else _first_fatr(self.models)
@@ -232,7 +236,7 @@ class Bench:
             reference=self.ref,
             configs=[
                 dict(name=n, path=p, reduction=_reduction_dict(self.models[n]))
-                for n, p in zip(self.names, args.configs)
+                for n, p, _ in self.entries
             ],
             macs=[],
             timing=[],
@@ -385,7 +389,7 @@ class Bench:
                 for batch in a.memory_batch_sizes:
                     x = labels = None
                     for target in a.memory_targets:
-                        for name, path in zip(self.names, a.configs):
+                        for name, path, ratio in self.entries:
                             self.progress.describe(
                                 f"memory {name} {target} {shape[0]}x{shape[1]} b{batch}"
                             )
@@ -415,6 +419,7 @@ class Bench:
                                     tiny=a.quick,
                                     threads=a.threads,
                                     seed=a.seed,
+                                    keep_ratio=ratio,
                                 )
                                 row.update(run_memory_probe(spec, timeout))
                             self.result["memory"].append(row)

@@ -31,6 +31,7 @@ __all__ = [
     "DTYPES",
     "build_segmentor",
     "config_names",
+    "config_variants",
     "forward_fn",
     "image_metas",
     "make_images",
@@ -67,13 +68,16 @@ def _shrink(cfg) -> None:
     cfg.model.pop("auxiliary_head", None)
 
 
-def build_segmentor(path: str, tiny: bool = False, cfg_options: dict | None = None):
+def build_segmentor(path: str, tiny: bool = False, cfg_options: dict | None = None,
+                    keep_ratio=None):  # fmt: skip
     """mmseg segmentor from a config, without pretrained weights, in eval mode, on CPU.
 
     Args:
         path: Config file.
         tiny: Shrink the model to width 64 (``--quick``), same depth and reduction.
         cfg_options: Overrides merged into the config first (``--cfg-options``).
+        keep_ratio: Build the reduction with this budget (one ratio, or one per layer; see
+            :func:`fatr_seg.models.budget.set_config_keep_ratio`); None: the config's.
 
     Returns:
         ``(model, cfg, (mean, std))``: the normalisation of the config's data preprocessor.
@@ -87,6 +91,10 @@ def build_segmentor(path: str, tiny: bool = False, cfg_options: dict | None = No
         cfg.merge_from_dict(cfg_options)
     if "model" not in cfg or "backbone" not in cfg.model:
         raise ValueError(f"{path} defines no model.backbone")
+    if keep_ratio is not None:
+        from ..models.budget import set_config_keep_ratio
+
+        set_config_keep_ratio(cfg, keep_ratio, path)
     cfg.model.pop("pretrained", None)
     cfg.model.backbone.init_cfg = None  # no weights here; speed does not depend on them
     if tiny:
@@ -102,6 +110,49 @@ def config_names(paths: list[str]) -> list[str]:
     """Short names of configs: file names without ``.py``, ``#i`` added where two are alike."""
     names = [osp.splitext(osp.basename(p))[0] for p in paths]
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def config_variants(paths: list[str], keep_ratios=None) -> list[tuple[str, str, tuple | None]]:
+    """The models a benchmark runs: ``(name, config path, keep ratio or None)``, in order.
+
+    Without ``keep_ratios`` one per config, named by :func:`config_names`. With them (each one
+    budget: a ratio, or a tuple of one per reduction layer), every config that has a reduction
+    gives one model per budget, named ``NAME@keepR`` (``fatr_ade20k@keep0.5``,
+    ``fatr_ade20k@keep0.5,0.6,0.7``), next to each other in the given order; a config without
+    reduction gives its one model.
+
+    Raises:
+        fatr_seg.models.budget.KeepRatioError: A budget does not fit a config's reduction
+            layers, or no config has a reduction.
+    """
+    names = config_names(paths)
+    if not keep_ratios:
+        return [(n, p, None) for n, p in zip(names, paths)]
+    from mmengine.config import Config
+
+    from ..models.budget import (
+        KeepRatioError,
+        format_keep_ratio,
+        reduction_layers,
+        set_config_keep_ratio,
+    )
+
+    out = []
+    for name, path in zip(names, paths):
+        cfg = Config.fromfile(path)
+        if reduction_layers(cfg) is None:
+            out.append((name, path, None))
+            continue
+        for ratio in keep_ratios:
+            ratios = set_config_keep_ratio(cfg, ratio, path)  # checks it fits this config
+            out.append((f"{name}@keep{format_keep_ratio(ratio)}", path, ratios))
+    if all(ratio is None for _, _, ratio in out):
+        which = paths[0] if len(paths) == 1 else "none of " + ", ".join(paths)
+        raise KeepRatioError(
+            f"--keep-ratio {' '.join(map(format_keep_ratio, keep_ratios))}: {which} has "
+            f"{'no' if len(paths) == 1 else 'a'} token reduction, so there is no budget to set"
+        )
+    return out
 
 
 def _samples(batch: int, shape: tuple[int, int], seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -216,11 +267,12 @@ def memory_probe(spec: dict) -> dict:
     model itself needs, like CUDA's ``max_memory_allocated``).
 
     ``spec``: ``config`` (path), ``target``, ``shape`` ([H, W]), ``batch``, ``tiny`` (the
-    ``--quick`` model), ``threads`` and ``seed``.
+    ``--quick`` model), ``threads``, ``seed`` and optionally ``keep_ratio``.
     """
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    model, _, norm = build_segmentor(spec["config"], spec["tiny"])
+    model, _, norm = build_segmentor(spec["config"], spec["tiny"],
+                                     keep_ratio=spec.get("keep_ratio"))  # fmt: skip
     shape = tuple(spec["shape"])
     x = make_images(spec["batch"], shape, norm, spec["seed"])
     labels = make_labels(spec["batch"], shape, spec["seed"]) if spec["target"] == "train" else None

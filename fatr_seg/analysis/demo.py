@@ -1,16 +1,21 @@
-"""The embedded default behind ``tools/demo.py`` (``make demo``): data, training, mIoU, cost and
-token maps of FATR beside the same ViT without reduction, on a CPU.
+"""The embedded default behind ``tools/demo.py`` (``make demo``): the product's workflow on a CPU,
+accuracy beside speed. Train a plain ViT segmentor, turn it into FATR, measure both.
 
 :func:`run_demo` runs the steps, each through its tool in a subprocess from the repository root:
 
 1. generate the synthetic ADE20K-layout set if absent (``fatr_seg.datasets.write_dataset``);
-2. train the FATR config, then the baseline config, with ``tools/train.py`` (same iterations and
-   schedule: the baseline config inherits the FATR one and gets the same options);
-3. evaluate each last checkpoint with ``tools/test.py`` (mIoU);
-4. measure both: throughput (``tools/benchmark.py``) and MACs (``tools/get_flops.py``) at the demo
-   resolution;
-5. draw token maps with ``tools/visualize_tokens.py``;
-6. write ``WORK_DIR/summary.md`` (:func:`fatr_seg.analysis.demo_report.format_summary`).
+2. train the baseline (the ViT without reduction) with ``tools/train.py``, evaluate it with
+   ``tools/test.py`` (mIoU);
+3. evaluate FATR training-free: ``tools/test.py`` with the FATR config and the baseline's
+   checkpoint (the reduction's own parameters keep their identity init;
+   :class:`~fatr_seg.models.hooks.UnreducedCheckpointHook`);
+4. fine-tune FATR from the baseline by self-distillation (``tools/train.py`` with the demo's
+   distillation config, the baseline's checkpoint as teacher and starting point), evaluate it;
+5. measure the baseline and FATR configs: throughput (``tools/benchmark.py``) and MACs
+   (``tools/get_flops.py``) at the demo resolution (the two FATR rows share the architecture,
+   hence the cost);
+6. draw FATR's token maps with ``tools/visualize_tokens.py``;
+7. write ``WORK_DIR/summary.md`` (:func:`fatr_seg.analysis.demo_report.format_summary`).
 
 Before each tool starts, the CPU threads it gets are chosen from the load other processes put on
 the machine at that moment (:func:`fatr_seg.analysis.cpu_load.choose_threads`); the choice and
@@ -43,20 +48,31 @@ from .demo_report import (
     read_train_speed,
 )
 
-__all__ = ["BASELINE_CONFIG", "FATR_CONFIG", "QUICK", "last_checkpoint", "run_demo"]
+__all__ = [
+    "BASELINE_CONFIG",
+    "DISTILL_CONFIG",
+    "FATR_CONFIG",
+    "QUICK",
+    "last_checkpoint",
+    "run_demo",
+]
 
 # The checkout this package runs from: tools/ and configs/ are there.
 REPO = REPO_ROOT
 FATR_CONFIG = "configs/fatr_ade20k_demo.py"
 BASELINE_CONFIG = "configs/baseline_ade20k_demo.py"
+DISTILL_CONFIG = "configs/fatr_ade20k_demo_distill.py"
 # Lines of the tools' output worth echoing: training/eval progress, results, errors.
 PROGRESS = re.compile(
-    r"Iter\((train|val|test)\)|mIoU|Saving checkpoint|per class results|^\|"
+    r"Iter\((train|val|test)\)|mIoU:|Saving checkpoint|per class results|^\|"
     r"|Error|error:|warning:|Traceback|^block \d+:|^wrote |img/s|GMACs|GFLOPs"
+    r"|unreduced model's|distillation teacher"
 )
-QUICK = dict(num_train=8, num_val=4, size=96, max_iters=4, bench_iters=2, bench_warmup=1)
-# --quick also trains with batch 2 and loads data in the main process (fast start-up).
-QUICK_OPTIONS = ["train_dataloader.batch_size=2"] + [
+QUICK = dict(num_train=8, num_val=4, size=96, max_iters=4, finetune_iters=2, bench_iters=2,
+             bench_warmup=1)  # fmt: skip
+# --quick also trains with batch 2, logs every iteration and loads data in the main process
+# (fast start-up).
+QUICK_OPTIONS = ["train_dataloader.batch_size=2", "default_hooks.logger.interval=1"] + [
     f"{loader}.num_workers=0"
     for loader in ("train_dataloader", "val_dataloader", "test_dataloader")
 ]
@@ -96,30 +112,56 @@ def run_tool(cmd, log_path, verbose=False, env=None):
     return log_path
 
 
-def cfg_options(args, train=False):
+def _max_iters(config):
+    from mmengine.config import Config
+
+    return Config.fromfile(config).train_cfg.max_iters
+
+
+def _schedule_options(config, iters):
+    """``--cfg-options`` that make ``config``'s training ``iters`` long, schedule included.
+
+    The demo's schedules: the baseline's ``param_scheduler`` warms up linearly for a sixth of
+    the run (at most 50 iterations), then decays polynomially to the end; the distillation
+    config's one cosine decay runs over the whole run.
+    """
+    from mmengine.config import Config
+
+    opts = [f"train_cfg.max_iters={iters}", f"default_hooks.checkpoint.interval={iters}"]
+    schedulers = Config.fromfile(config).get("param_scheduler") or []
+    if len(schedulers) == 1 and schedulers[0].get("T_max") is not None:
+        return opts + [f"param_scheduler.0.T_max={iters}", f"param_scheduler.0.end={iters}"]
+    if len(schedulers) != 2:
+        raise DemoError(f"{config}: --max-iters/--finetune-iters know the demo's schedules "
+                        f"(warm-up + decay, or one cosine decay), not {len(schedulers)} "
+                        "schedulers")  # fmt: skip
+    warm = max(1, min(50, iters // 6))
+    return opts + [f"param_scheduler.0.end={warm}", f"param_scheduler.1.begin={warm}",
+                   f"param_scheduler.1.end={max(iters, warm + 1)}"]  # fmt: skip
+
+
+def cfg_options(args, train_config=None, iters=None):
     """``--cfg-options`` for the tools: the data root, and for training its length.
 
-    Training skips mmengine's validation at the last iteration: step 3 runs ``tools/test.py``
+    Args:
+        train_config: The config being trained, or None for testing and visualising.
+        iters: Training iterations (None: the config's own).
+
+    Training skips mmengine's validation at the last iteration: the demo runs ``tools/test.py``
     on the same images anyway.
     """
-    if train:
+    if train_config:
         # The test loader stays configured (train.py's preflight checks its folder too).
         opts = [f"train_dataloader.dataset.data_root={args.data_root}",
                 f"test_dataloader.dataset.data_root={args.data_root}",
                 "val_cfg=None", "val_dataloader=None", "val_evaluator=None"]  # fmt: skip
+        if iters:
+            opts += _schedule_options(train_config, iters)
     else:
         opts = [f"{loader}.dataset.data_root={args.data_root}"
                 for loader in ("val_dataloader", "test_dataloader")]  # fmt: skip
-    if train and args.max_iters:
-        n = args.max_iters
-        # The demo configs' schedule: param_scheduler[0] warms up for a sixth of the run (at most
-        # 50 iterations), param_scheduler[1] decays from there to max_iters.
-        warm = max(1, min(50, n // 6))
-        opts += [f"train_cfg.max_iters={n}", f"default_hooks.checkpoint.interval={n}",
-                 f"param_scheduler.0.end={warm}", f"param_scheduler.1.begin={warm}",
-                 f"param_scheduler.1.end={max(n, warm + 1)}"]  # fmt: skip
     extra = list(args.cfg_options)
-    if train:  # validation is switched off above: options for its loader would have no target
+    if train_config:  # validation is switched off above: options for its loader have no target
         extra = [o for o in extra if not o.startswith("val_")]
     return opts + extra
 
@@ -162,8 +204,13 @@ def last_checkpoint(work_dir):
     return ckpts[-1]
 
 
-def step_train(args, config, name, results):
-    """Train ``config`` into ``WORK_DIR/name``; its last checkpoint."""
+def step_train(args, config, name, results, iters=None, extra=()):
+    """Train ``config`` into ``WORK_DIR/name``; its last checkpoint.
+
+    Args:
+        iters: Training iterations (None: the config's own).
+        extra: More ``--cfg-options`` (e.g. the distillation teacher).
+    """
     work_dir = osp.join(args.work_dir, name)
     if args.skip_train:
         ckpt = last_checkpoint(work_dir)
@@ -171,14 +218,15 @@ def step_train(args, config, name, results):
         return ckpt
     threads = threads_for(args, results, f"train {name}")
     cmd = [sys.executable, "tools/train.py", config, "--work-dir", work_dir]
-    cmd += ["--cfg-options", *cfg_options(args, train=True)]
+    cmd += ["--cfg-options", *cfg_options(args, config, iters), *extra]
     log_path = osp.join(args.work_dir, "logs", f"train_{name}.log")
     run_tool(cmd, log_path, args.verbose, threads.env())
-    results["train_speed"][config] = read_train_speed(log_path)
+    results["train_speed"][name] = read_train_speed(log_path)
     return last_checkpoint(work_dir)
 
 
 def step_test(args, config, ckpt, name, results):
+    """mIoU and per-class IoU of ``config`` with the weights of ``ckpt``."""
     test_dir = osp.join(args.work_dir, f"{name}_test")
     threads = threads_for(args, results, f"test {name}")
     cmd = [sys.executable, "tools/test.py", config, ckpt, "--work-dir", test_dir]
@@ -278,33 +326,45 @@ def run_demo(args, start=None):
     """
     start = time.perf_counter() if start is None else start
     os.chdir(REPO)
-    results = dict(fatr_config=args.config, baseline_config=args.baseline_config,
-                   num_train=args.num_train, num_val=args.num_val, size=args.size,
-                   timings={}, miou={}, threads={}, train_speed={})  # fmt: skip
-    models = [("fatr", args.config)] + (
-        [("baseline", args.baseline_config)] if args.train_baseline else []
-    )
-    steps = Steps(2 + 2 * len(models) + 1, results["timings"])
-    for config in (args.config, args.baseline_config):
+    configs = [args.baseline_config, args.config] + ([args.distill_config] if args.finetune else [])
+    for config in configs:
         if not osp.isfile(config):
             raise DemoError(f"config not found: {config}")
     os.makedirs(args.work_dir, exist_ok=True)
-    from mmengine.config import Config
-
-    results["max_iters"] = args.max_iters or Config.fromfile(args.config).train_cfg.max_iters
+    results = dict(fatr_config=args.config, baseline_config=args.baseline_config,
+                   distill_config=args.distill_config if args.finetune else None,
+                   num_train=args.num_train, num_val=args.num_val, size=args.size,
+                   timings={}, miou={}, threads={}, train_speed={}, models=[])  # fmt: skip
+    results["max_iters"] = args.max_iters or _max_iters(args.baseline_config)
+    if args.finetune:
+        results["finetune_iters"] = args.finetune_iters or _max_iters(args.distill_config)
     results["device"] = device_string()
+    steps = Steps(6 + 2 * args.finetune, results["timings"])
+
+    def evaluate(key, label, config, ckpt):
+        with steps(f"test {key}"):
+            results["miou"][key] = step_test(args, config, ckpt, key, results)
+        results["models"].append(dict(key=key, label=label, config=config, checkpoint=ckpt))
+
     with steps("data"):
         step_data(args)
-    ckpts = {}
-    for name, config in models:
-        with steps(f"train {name}"):
-            ckpts[name] = step_train(args, config, name, results)
-        with steps(f"test {name}"):
-            results["miou"][config] = step_test(args, config, ckpts[name], name, results)
+    with steps("train baseline"):
+        base_ckpt = step_train(args, args.baseline_config, "baseline", results, args.max_iters)
+    evaluate("baseline", "baseline (no reduction)", args.baseline_config, base_ckpt)
+    # The FATR config with the baseline's weights: only the reduction's own parameters are not
+    # in the checkpoint, and their init makes each block the unreduced one.
+    evaluate("fatr_training_free", "FATR training-free", args.config, base_ckpt)
+    fatr_ckpt = base_ckpt
+    if args.finetune:
+        with steps("fine-tune FATR"):
+            fatr_ckpt = step_train(args, args.distill_config, "fatr_finetune", results,
+                                   args.finetune_iters,
+                                   [f"model.teacher_checkpoint={base_ckpt}"])  # fmt: skip
+        evaluate("fatr_finetuned", "FATR fine-tuned", args.config, fatr_ckpt)
     with steps("benchmark"):
         results["bench"] = step_benchmark(args, results)
     with steps("token maps"):
-        results["pictures"] = step_visualize(args, ckpts["fatr"], results)
+        results["pictures"] = step_visualize(args, fatr_ckpt, results)
     results["total_s"] = time.perf_counter() - start
     summary = format_summary(results)
     path = osp.join(args.work_dir, "summary.md")

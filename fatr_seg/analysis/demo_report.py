@@ -147,53 +147,71 @@ def _ratio(num, den, spec=".2f"):
 
 
 def format_summary(results):
-    """Markdown summary of the ``results`` dict of :func:`fatr_seg.analysis.demo.run_demo`."""
-    base, fatr = results["baseline_config"], results["fatr_config"]
+    """Markdown summary of the ``results`` dict of :func:`fatr_seg.analysis.demo.run_demo`.
+
+    One row per evaluated model (``results["models"]``: baseline, FATR training-free, FATR
+    fine-tuned), with its mIoU and its config's cost (the two FATR rows share the config).
+    """
+    base = results["baseline_config"]
     miou = results.get("miou", {})
     gmacs = results.get("bench", {}).get("gmacs", {})
     ips = results.get("bench", {}).get("throughput", {})
     speed = results.get("train_speed", {})
     size = results["size"]
+    models = results.get("models", [])
+    finetune = results.get("finetune_iters")
+    how = {
+        "baseline": f"trained from scratch, {results.get('max_iters', '?')} iterations",
+        "fatr_training_free": "the baseline's weights, no training",
+        "fatr_finetuned": f"the baseline's weights + {finetune} iterations of self-distillation "
+        f"(`{results.get('distill_config')}`)",
+    }
     lines = [
         "# fatr_seg demo summary",
         "",
         f"Synthetic ADE20K-layout data ({results['num_train']} train / {results['num_val']} val, "
-        f"{size}x{size}), ViT-T/16 with Segmenter's linear decoder trained from scratch for "
-        f"{results.get('max_iters', '?')} iterations on {results['device']}.",
-        f"Cost and throughput: one {size}x{size} image (batch 1), whole segmentor.",
+        f"{size}x{size}), ViT-T/16 with Segmenter's linear decoder, on {results['device']}. "
+        "The baseline is trained, then turned into FATR: first training-free (its checkpoint in "
+        "the FATR config), then fine-tuned by self-distillation from it.",
+        f"mIoU on the {results['num_val']} validation images; cost and throughput: one "
+        f"{size}x{size} image (batch 1), whole segmentor.",
         "",
-        "| model | config | mIoU (%) | GMACs | images/s |",
-        "|---|---|---|---|---|",
+        "| model | config | weights | mIoU (%) | GMACs | images/s |",
+        "|---|---|---|---|---|---|",
     ]
-    for label, cfg in (("baseline (no reduction)", base), ("FATR", fatr)):
-        m = miou.get(cfg, {}).get("mIoU")
-        m = "not trained" if m is None else f"{m:.2f}"
-        lines.append(f"| {label} | `{cfg}` | {m} | {_fmt(gmacs.get(cfg), '.3f')} "
+    for row in models:
+        m = miou.get(row["key"], {}).get("mIoU")
+        cfg = row["config"]
+        lines.append(f"| {row['label']} | `{cfg}` | {how.get(row['key'], '')} "
+                     f"| {_fmt(m, '.2f')} | {_fmt(gmacs.get(cfg), '.3f')} "
                      f"| {_fmt(ips.get(cfg), '.2f')} |")  # fmt: skip
+    fatr = results["fatr_config"]
     lines += [
         "",
         f"- FATR / baseline GMACs: {_ratio(gmacs.get(fatr), gmacs.get(base))}",
         f"- FATR / baseline images/s: {_ratio(ips.get(fatr), ips.get(base))}",
     ]
-    if speed:
-        lines.append("- training, median s/iteration: " + ", ".join(
-            f"{label} {speed[cfg]:.2f}" for label, cfg in (("baseline", base), ("FATR", fatr))
-            if speed.get(cfg) is not None))  # fmt: skip
-    if miou.get(base, {}).get("mIoU") is not None and miou.get(fatr, {}).get("mIoU") is not None:
-        delta = miou[fatr]["mIoU"] - miou[base]["mIoU"]
-        lines.append(f"- FATR - baseline mIoU: {delta:+.2f} points")
-    elif miou.get(fatr):
-        lines.append("- baseline mIoU: not trained (run without --no-train-baseline to add it)")
-    for label, cfg in (("FATR", fatr), ("baseline", base)):
-        per_class = miou.get(cfg, {}).get("per_class")
+    base_miou = miou.get("baseline", {}).get("mIoU")
+    for row in models[1:]:
+        m = miou.get(row["key"], {}).get("mIoU")
+        if m is not None and base_miou is not None:
+            lines.append(f"- {row['label']} - baseline mIoU: {m - base_miou:+.2f} points")
+    labels = {"baseline": "baseline", "fatr_finetune": "FATR fine-tuning (student + teacher)"}
+    timed = [(labels.get(k, k), v) for k, v in speed.items() if v is not None]
+    if timed:
+        lines.append("- training, median s/iteration: "
+                     + ", ".join(f"{label} {v:.2f}" for label, v in timed))  # fmt: skip
+    for row in models:
+        per_class = miou.get(row["key"], {}).get("per_class")
         if per_class:
-            lines += ["", f"{label} per-class IoU (%): " + ", ".join(
+            lines += ["", f"{row['label']} per-class IoU (%): " + ", ".join(
                 f"{k} {v:.1f}" for k, v in per_class.items())]  # fmt: skip
     if results.get("threads"):
         lines += ["", "Threads per step (chosen from the CPU load just before it):"]
         lines += [f"- {step}: {choice}" for step, choice in results["threads"].items()]
     if results.get("pictures"):
-        lines += ["", "Token maps (HF tokens kept vs patches aggregated into other tokens):"]
+        lines += ["", "Token maps of the last FATR model (HF tokens kept vs patches aggregated "
+                  "into other tokens):"]  # fmt: skip
         lines += [f"![{osp.basename(p)}]({osp.basename(p)})" for p in results["pictures"]]
     lines += ["", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["timings"].items()]

@@ -1,12 +1,12 @@
 """mmseg/mmengine glue: the only part of ``fatr_seg`` that imports mmseg, mmengine or mmcv.
 
 Importing it (e.g. through ``custom_imports``) registers ``FATRViT``, ``FATRSegmenterHead``,
-``DistillEncoderDecoder``, ``CamVidDataset``, ``LoadCamVidAnnotations`` and
-``AllowMMEngineCheckpointsHook`` in mmseg's registries and changes nothing else: what touches
-process-wide state (torch's ``weights_only`` allow-list, the CPU process group) is done by a call,
-:func:`allow_mmengine_checkpoints` and :func:`setup_cpu_distributed` (both made by
-:func:`fatr_seg.models.runner.build_runner`, which ``tools/train.py`` and ``tools/test.py`` use),
-or by the hook a config lists.
+``DistillEncoderDecoder``, ``CamVidDataset``, ``LoadCamVidAnnotations``,
+``AllowMMEngineCheckpointsHook`` and ``UnreducedCheckpointHook`` in mmseg's registries and changes
+nothing else: what touches process-wide state (torch's ``weights_only`` allow-list, the CPU
+process group) is done by a call, :func:`allow_mmengine_checkpoints` and
+:func:`setup_cpu_distributed` (both made by :func:`fatr_seg.models.runner.build_runner`, which
+``tools/train.py`` and ``tools/test.py`` use), or by the hook a config lists.
 """
 
 from .backbone import FATRViT
@@ -15,6 +15,7 @@ from .convert import CheckpointError, convert_state_dict
 from .datasets import CamVidDataset, LoadCamVidAnnotations
 from .dist import setup_cpu_distributed
 from .distill import DistillEncoderDecoder
+from .hooks import UnreducedCheckpointHook
 from .segmenter_head import FATRSegmenterHead
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "FATRSegmenterHead",
     "FATRViT",
     "LoadCamVidAnnotations",
+    "UnreducedCheckpointHook",
     "allow_mmengine_checkpoints",
     "convert_state_dict",
     "setup_cpu_distributed",

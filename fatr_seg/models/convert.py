@@ -27,6 +27,7 @@ __all__ = [
     "CheckpointError",
     "convert_state_dict",
     "detect_format",
+    "fill_reduction_params",
     "is_remote",
     "load_checkpoint_file",
     "load_state_strict",
@@ -267,6 +268,30 @@ def resize_pos_embed(
         raise CheckpointError(f"pos_embed with {n} patch positions is not a square grid")
     out = resample_pos_embed(pos_embed.float(), (side, side), new_grid, mode)
     return out.to(pos_embed.dtype)
+
+
+def fill_reduction_params(own: dict, state: dict, prefix: str = "") -> list[str]:
+    """Complete the checkpoint of an unreduced model with a FATR model's own reduction parameters.
+
+    When ``state`` holds every key of ``own`` but the reduction's own parameters (the keys
+    ending in :data:`FATR_ONLY`), it is the unreduced model's: those parameters are added to it
+    from ``own`` (the model's current values, its identity init when freshly built), so that
+    loading it is complete. Any other checkpoint is left as it is.
+
+    Args:
+        own: The FATR model's state dict.
+        state: The checkpoint's state dict; keys are ``prefix`` + the model's. Changed in place.
+        prefix: E.g. ``'module.'`` for a checkpoint saved from a wrapped model.
+
+    Returns:
+        The model keys that were added (empty if none).
+    """
+    missing = [k for k in own if prefix + k not in state]
+    if not missing or not all(k.endswith(FATR_ONLY) for k in missing):
+        return []
+    for key in missing:
+        state[prefix + key] = own[key].detach().clone()
+    return missing
 
 
 def load_state_strict(

@@ -5,7 +5,10 @@ import side effects: torch's ``weights_only`` allow-list for mmengine checkpoint
 (:func:`~fatr_seg.models.compat.allow_mmengine_checkpoints`) and, for ``--launcher pytorch``
 without CUDA, the gloo process group (:func:`~fatr_seg.models.dist.setup_cpu_distributed`).
 Code that builds its own Runner makes the same two calls, or lists
-``AllowMMEngineCheckpointsHook`` in the config's ``custom_hooks``.
+``AllowMMEngineCheckpointsHook`` in the config's ``custom_hooks``. Every Runner built here also
+gets :class:`~fatr_seg.models.hooks.UnreducedCheckpointHook`, so that a FATR config loads the
+checkpoint of its unreduced model (``load_from``, ``tools/test.py CONFIG CHECKPOINT``) without
+mmengine's warning about the reduction's own parameters, which keep their identity init.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from mmengine.config import Config, DictAction
 from .compat import allow_mmengine_checkpoints
 from .convert import CheckpointError
 from .dist import setup_cpu_distributed
+from .hooks import UnreducedCheckpointHook
 from .preflight import PreflightError, check_config
 
 __all__ = ["LAUNCHERS", "add_runner_args", "build_runner", "load_config", "run_tool"]
@@ -75,7 +79,9 @@ def build_runner(cfg: Config, train: bool):
     check_config(cfg, train=train)
     allow_mmengine_checkpoints()
     setup_cpu_distributed(cfg, cfg.get("launcher", "none"))
-    return Runner.from_cfg(cfg)
+    runner = Runner.from_cfg(cfg)
+    runner.register_hook(UnreducedCheckpointHook())
+    return runner
 
 
 def run_tool(args, configure, train: bool) -> None:

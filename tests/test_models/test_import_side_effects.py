@@ -80,6 +80,11 @@ def test_import_registers_our_names_and_changes_nothing_else():
         "mmseg:model:FATRSegmenterHead": "fatr_seg.models.segmenter_head.FATRSegmenterHead",
         "mmseg:hook:AllowMMEngineCheckpointsHook":
             "fatr_seg.models.compat.AllowMMEngineCheckpointsHook",
+        "mmseg:hook:UnreducedCheckpointHook": "fatr_seg.models.hooks.UnreducedCheckpointHook",
+        "mmseg:model:DistillEncoderDecoder": "fatr_seg.models.distill.DistillEncoderDecoder",
+        "mmseg:dataset:CamVidDataset": "fatr_seg.models.datasets.CamVidDataset",
+        "mmseg:transform:LoadCamVidAnnotations":
+            "fatr_seg.models.datasets.LoadCamVidAnnotations",
     }  # fmt: skip
 
 

@@ -18,6 +18,12 @@ demo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo)
 
 BASE, FATR = "configs/baseline_ade20k_demo.py", "configs/fatr_ade20k_demo.py"
+DISTILL = "configs/fatr_ade20k_demo_distill.py"
+ROWS = [
+    dict(key="baseline", label="baseline (no reduction)", config=BASE, checkpoint="b.pth"),
+    dict(key="fatr_training_free", label="FATR training-free", config=FATR, checkpoint="b.pth"),
+    dict(key="fatr_finetuned", label="FATR fine-tuned", config=FATR, checkpoint="f.pth"),
+]
 
 # The tail of a real ``tools/test.py`` log (mmseg's IoUMetric table), trimmed.
 TEST_LOG = """\
@@ -36,9 +42,13 @@ TEST_LOG = """\
 
 def _results(**extra):
     results = dict(
-        fatr_config=FATR, baseline_config=BASE, num_train=600, num_val=100, size=384,
-        max_iters=800, device="test cpu", timings={"data": 1.5, "train fatr": 10.0},
-        miou={FATR: {"mIoU": 64.38, "aAcc": 85.01, "per_class": {"background": 81.25}}},
+        fatr_config=FATR, baseline_config=BASE, distill_config=DISTILL, num_train=600,
+        num_val=100, size=384, max_iters=200, finetune_iters=100, device="test cpu",
+        timings={"data": 1.5, "train baseline": 10.0}, models=ROWS,
+        miou={"baseline": {"mIoU": 62.5, "per_class": {"background": 90.0}},
+              "fatr_training_free": {"mIoU": 60.0},
+              "fatr_finetuned": {"mIoU": 64.38, "aAcc": 85.01,
+                                 "per_class": {"background": 81.25}}},
     )  # fmt: skip
     results.update(extra)
     return results
@@ -62,25 +72,34 @@ def test_read_test_metrics_without_run_fails_clearly(tmp_path):
         report.read_test_metrics(str(tmp_path))
 
 
-def test_summary_with_costs_has_ratios():
+def test_summary_has_the_three_rows_with_costs_and_ratios():
     bench = {"gmacs": {BASE: 2.0, FATR: 1.3}, "throughput": {BASE: 4.0, FATR: 5.0}}
     text = report.format_summary(_results(bench=bench, pictures=["work/tokens_overview.png"]))
     rows = [s for s in text.splitlines() if s.startswith("| ")]
-    assert "| FATR | `configs/fatr_ade20k_demo.py` | 64.38 | 1.300 | 5.00 |" in rows
-    assert "| baseline (no reduction) | `configs/baseline_ade20k_demo.py` | not trained | 2.000 " \
-           "| 4.00 |" in rows  # fmt: skip
+    assert rows[1:4] == [
+        f"| baseline (no reduction) | `{BASE}` | trained from scratch, 200 iterations | 62.50 "
+        "| 2.000 | 4.00 |",
+        f"| FATR training-free | `{FATR}` | the baseline's weights, no training | 60.00 | 1.300 "
+        "| 5.00 |",
+        f"| FATR fine-tuned | `{FATR}` | the baseline's weights + 100 iterations of "
+        f"self-distillation (`{DISTILL}`) | 64.38 | 1.300 | 5.00 |",
+    ]
     assert "- FATR / baseline GMACs: 0.65x" in text
     assert "- FATR / baseline images/s: 1.25x" in text
+    assert "- FATR training-free - baseline mIoU: -2.50 points" in text
+    assert "- FATR fine-tuned - baseline mIoU: +1.88 points" in text
     assert "![tokens_overview.png](tokens_overview.png)" in text
     assert "| **total (wall clock, start-up included)** | **11.5** |" in text
-    assert "background 81.2" in text
+    assert "FATR fine-tuned per-class IoU (%): background 81.2" in text
+    assert "baseline (no reduction) per-class IoU (%): background 90.0" in text
 
 
-def test_summary_without_benchmark_says_na_and_baseline_delta():
-    miou = {FATR: {"mIoU": 60.0}, BASE: {"mIoU": 62.5}}
-    text = report.format_summary(_results(miou=miou))
+def test_summary_without_benchmark_or_finetuning_says_na():
+    results = _results(models=ROWS[:2], finetune_iters=None, distill_config=None)
+    text = report.format_summary(results)
     assert "- FATR / baseline GMACs: n/a" in text
-    assert "- FATR - baseline mIoU: -2.50 points" in text
+    assert "FATR fine-tuned" not in text
+    assert "| FATR training-free | `configs/fatr_ade20k_demo.py` |" in text
 
 
 def test_read_gmacs_follows_get_flops_schema(tmp_path):
@@ -123,11 +142,29 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     results = demo.main(["--quick", "--work-dir", str(work), "--data-root", str(tmp_path / "d")])
     summary = (work / "summary.md").read_text()
     assert summary in capsys.readouterr().out
-    miou = results["miou"][FATR]["mIoU"]
-    assert isinstance(miou, float) and 0.0 <= miou <= 100.0
-    assert f"| FATR | `{FATR}` | {miou:.2f} |" in summary
+    keys = [row["key"] for row in results["models"]]
+    assert keys == ["baseline", "fatr_training_free", "fatr_finetuned"]
+    for row in results["models"]:
+        miou = results["miou"][row["key"]]["mIoU"]
+        assert isinstance(miou, float) and 0.0 <= miou <= 100.0
+        assert f"| {row['label']} | `{row['config']}` |" in summary
+        assert f"| {miou:.2f} |" in summary
+    base, free, tuned = (row["checkpoint"] for row in results["models"])
+    assert free == base and Path(base).parent.name == "baseline"
+    assert Path(tuned).parent.name == "fatr_finetune" and Path(tuned).name == "iter_2.pth"
+    # The FATR config loads the baseline's checkpoint cleanly: the hook's line, no mismatch.
+    free_log = (work / "logs" / "test_fatr_training_free.log").read_text()
+    assert "the checkpoint is the unreduced model's" in free_log
+    assert "do not match" not in free_log and "missing keys" not in free_log
+    # Fine-tuning was a distillation from the baseline, for 2 iterations.
+    train_log = (work / "logs" / "train_fatr_finetune.log").read_text()
+    assert f"loaded the distillation teacher from {base}" in train_log
+    assert "loss_distill" in train_log and "Iter(train) [2/2]" in train_log
     assert (work / "tokens_overview.png").is_file()
-    assert set(results["timings"]) >= {"data", "train fatr", "test fatr", "benchmark", "token maps"}
+    assert list(results["timings"]) == [
+        "data", "train baseline", "test baseline", "test fatr_training_free", "fine-tune FATR",
+        "test fatr_finetuned", "benchmark", "token maps",
+    ]  # fmt: skip
     if (REPO / "tools" / "benchmark.py").is_file() and (REPO / "tools" / "get_flops.py").is_file():
         gmacs = results["bench"]["gmacs"]
         assert 0 < gmacs[FATR] < gmacs[BASE]
@@ -164,10 +201,11 @@ def test_read_train_speed_is_the_median_after_start_up(tmp_path):
 
 def test_summary_names_threads_and_training_speed():
     text = report.format_summary(_results(
-        threads={"train fatr": "1 thread (1.0 of 2 CPUs busy with other processes)"},
-        train_speed={FATR: 1.25, BASE: 1.5}))  # fmt: skip
-    assert "- training, median s/iteration: baseline 1.50, FATR 1.25" in text
-    assert "- train fatr: 1 thread (1.0 of 2 CPUs busy with other processes)" in text
+        threads={"train baseline": "1 thread (1.0 of 2 CPUs busy with other processes)"},
+        train_speed={"baseline": 1.5, "fatr_finetune": 1.25}))  # fmt: skip
+    assert ("- training, median s/iteration: baseline 1.50, FATR fine-tuning (student + "
+            "teacher) 1.25") in text  # fmt: skip
+    assert "- train baseline: 1 thread (1.0 of 2 CPUs busy with other processes)" in text
 
 
 def test_tools_run_with_the_chosen_threads(tmp_path):
@@ -180,10 +218,39 @@ def test_tools_run_with_the_chosen_threads(tmp_path):
         steps.run_tool([sys.executable, "-c", "print('bad'); raise SystemExit(3)"], str(log_path))
 
 
-def test_baseline_is_trained_by_default():
-    assert demo.parse_args([]).train_baseline
-    assert demo.parse_args(["--train-baseline"]).train_baseline
-    assert not demo.parse_args(["--no-train-baseline"]).train_baseline
+def test_finetuning_is_on_by_default_and_lengths_are_checked():
+    assert demo.parse_args([]).finetune
+    assert not demo.parse_args(["--no-finetune"]).finetune
     assert demo.parse_args(["--threads", "1"]).threads == 1
-    with pytest.raises(SystemExit):
-        demo.parse_args(["--threads", "0"])
+    quick = demo.parse_args(["--quick"])
+    assert (quick.max_iters, quick.finetune_iters) == (4, 2)
+    for bad in (["--threads", "0"], ["--max-iters", "0"], ["--finetune-iters", "-1"]):
+        with pytest.raises(SystemExit):
+            demo.parse_args(bad)
+
+
+def test_schedule_options_follow_each_demo_config():
+    """--max-iters / --finetune-iters stretch the schedule each config has, and the result is
+    the schedule the config would have with that many iterations written in."""
+    import argparse
+
+    from mmengine.config import Config, DictAction
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction)  # as tools/train.py
+    args = demo.parse_args(["--data-root", "d"])
+    for config, iters in ((BASE, 60), (DISTILL, 30)):
+        opts = steps.cfg_options(args, config, iters)
+        assert "train_dataloader.dataset.data_root=d" in opts and "val_cfg=None" in opts
+        cfg = Config.fromfile(str(REPO / config))
+        cfg.merge_from_dict(parser.parse_args(["--cfg-options", *opts]).cfg_options)
+        assert cfg.train_cfg.max_iters == iters and cfg.default_hooks.checkpoint.interval == iters
+        assert max(int(s["end"]) for s in cfg.param_scheduler) == iters
+    sched = Config.fromfile(str(REPO / DISTILL)).param_scheduler
+    assert [s["type"] for s in sched] == ["CosineAnnealingLR"]
+    opts = steps.cfg_options(args, DISTILL, 30)
+    assert "param_scheduler.0.T_max=30" in opts
+    opts = steps.cfg_options(args, BASE, 60)
+    assert "param_scheduler.0.end=10" in opts and "param_scheduler.1.begin=10" in opts
+    loaders = ("val_dataloader", "test_dataloader")
+    assert steps.cfg_options(args) == [f"{loader}.dataset.data_root=d" for loader in loaders]
