@@ -17,8 +17,8 @@ from mmseg.registry import MODELS
 from mmseg.utils import register_all_modules
 from tiny_configs import TINY_MODEL, loader_options, run_tool
 
-import fatr_seg.models  # noqa: F401  (lets torch.load read mmengine checkpoints)
 from fatr_seg.datasets import write_dataset
+from fatr_seg.models.compat import mmengine_safe_globals
 from fatr_seg.models.distill import draw_keep_ratio
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,7 +111,9 @@ def test_losses_are_logged(distilled):
 
 @pytest.mark.slow
 def test_checkpoint_is_a_plain_fatr_checkpoint_with_ema_weights(distilled):
-    ckpt = torch.load(distilled["ckpt"], map_location="cpu", weights_only=True)
+    # A Runner checkpoint: its message hub's classes are allowed for this read only.
+    with torch.serialization.safe_globals(mmengine_safe_globals()):
+        ckpt = torch.load(distilled["ckpt"], map_location="cpu", weights_only=True)
     state = ckpt["state_dict"]
     plain = MODELS.build(Config.fromfile(str(distilled["plain"])).model)
     plain.load_state_dict(state, strict=True)
@@ -121,7 +123,8 @@ def test_checkpoint_is_a_plain_fatr_checkpoint_with_ema_weights(distilled):
     # EMAHook swaps: state_dict holds the averaged weights, ema_state_dict the trained ones.
     key = "backbone.blocks.0.attn.qkv.weight"
     assert not torch.equal(state[key], ema[f"module.{key}"])
-    teacher = torch.load(next((distilled["tmp"] / "teacher").glob("*.pth")), weights_only=True)
+    teacher = torch.load(next((distilled["tmp"] / "teacher").glob("*.pth")), weights_only=True,
+                         map_location="cpu")  # fmt: skip
     # 3 AdamW steps of 1e-4 from the teacher's weights; EMA 0.9998 stays nearer to them.
     moved = (ema[f"module.{key}"] - teacher["state_dict"][key]).abs().max()
     assert 0 < (state[key] - teacher["state_dict"][key]).abs().max() < moved <= 4e-4
