@@ -19,7 +19,8 @@ aggregate  ``'merge'`` (join the most similar kept token, or the partner the sco
 ``method`` names a preset (:data:`PRESETS`) that fills every key the config leaves out, so a
 peer gets its own defaults (``dict(method='tome')`` has no FATR reweighting). A config that
 gives DC windows (``windows`` or ``window_size``) but no ``aggregate`` aggregates into them
-(``'dc'``), as configs did before merging existed.
+(``'dc'``), as configs did before merging existed; a preset whose score proposes merge
+partners (``'hf_bipartite'``) then ranks by its plain score (``'hf'``).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ SCORES = ("hf", "hf_proxy", "hf_bipartite", "random", "random_bipartite", "cls",
 AGGREGATES = ("merge", "dc", "fuse")
 # Scores that propose the partner each dropped token joins (they need aggregate 'merge').
 PARTNER_SCORES = ("bipartite", "hf_bipartite", "random_bipartite", "window")
-# Bipartite matching among the tokens a score leaves unprotected.
+# Bipartite matching among the tokens a score leaves unprotected, and the ranking it protects by.
 PROTECTING_SCORES = ("hf_bipartite", "random_bipartite")
+_RANKING_OF = {"hf_bipartite": "hf", "random_bipartite": "random"}
 METRICS = ("keys", "x")
 REWEIGHTS = ("identity", "paper", None)
 RESTORES = ("copy", "residual")
@@ -48,21 +50,31 @@ _RESTORE_ALIASES = {"dc": "copy"}
 _FATR = dict(
     layers=(4, 7, 10),
     keep_ratio=0.7,
-    score="hf",
+    score="hf_bipartite",
+    protect=0.2,
     aggregate="merge",
     metric="keys",
-    merge_radius=None,
+    prop_attn=False,
     reweight="identity",
     restore="copy",
 )
 #: Preset per ``method``: every key a config leaves out comes from its method's preset.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The dense default: FATR's HF selection; every LF token joins its most similar kept token.
+    # The dense default: the HF score protects the top fifth of the tokens; the others merge
+    # pairwise with their most similar partner (bipartite matching), size-weighted.
     "fatr": _FATR,
     # The paper's literal configuration: LF tokens folded into 2x2, 2x2, 1x1 DC windows.
-    "fatr_paper": dict(_FATR, aggregate="dc", windows=(2, 2, 1)),
-    # Control for the score: FATR's aggregation with a random keep.
-    "random": dict(_FATR, score="random"),
+    "fatr_paper": dict(
+        layers=(4, 7, 10),
+        keep_ratio=0.7,
+        score="hf",
+        aggregate="dc",
+        windows=(2, 2, 1),
+        reweight="identity",
+        restore="copy",
+    ),  # fmt: skip
+    # Control for the score: the default with a random protected set.
+    "random": dict(_FATR, score="random_bipartite"),
     "evit": dict(
         layers=(4, 7, 10),
         keep_ratio=0.7,
@@ -78,6 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         score="bipartite",
         aggregate="merge",
         metric="keys",
+        prop_attn=True,  # its proportional attention
         reweight=None,
         restore="copy",
     ),  # fmt: skip
@@ -88,6 +101,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         score="bipartite",
         aggregate="merge",
         metric="keys",
+        prop_attn=True,  # its proportional attention
         reweight=None,
         restore="copy",
     ),  # fmt: skip
@@ -173,14 +187,14 @@ class ReductionConfig:
     layers: tuple[int, ...] = (4, 7, 10)
     keep_ratio: tuple[float, ...] | None = (0.7, 0.7, 0.7)
     r: tuple[int, ...] | None = None
-    score: tuple[str, ...] = ("hf", "hf", "hf")
+    score: tuple[str, ...] = ("hf_bipartite",) * 3
     aggregate: tuple[str, ...] = ("merge", "merge", "merge")
     windows: tuple[int, ...] | None = None
     window_size: tuple[int, ...] | None = None
     metric: str = "keys"
     merge_radius: int | None = None
-    protect: float = 0.3
-    prop_attn: bool = True
+    protect: float = 0.2
+    prop_attn: bool = False
     reweight: str | None = "identity"
     restore: str = "copy"
 
@@ -345,6 +359,14 @@ class ReductionConfig:
         score = merged["score"]
         score = [_SCORE_ALIASES.get(s, s) for s in (score if isinstance(score, list | tuple)
                                                     else [score] * n)]  # fmt: skip
+        if "score" not in cfg:
+            # A preset's matching score proposes partners, which only merging takes; with
+            # another aggregation the preset ranks by its score alone.
+            aggregate = merged["aggregate"]
+            aggregate = aggregate if isinstance(aggregate, list | tuple) else [aggregate] * n
+            if len(aggregate) == n:
+                score = [_RANKING_OF.get(sc, sc) if ag != "merge" else sc
+                         for sc, ag in zip(score, aggregate)]  # fmt: skip
         restore = _RESTORE_ALIASES.get(merged["restore"], merged["restore"])
         return cls(
             method=method,
@@ -357,8 +379,8 @@ class ReductionConfig:
             window_size=_per_layer(merged, "window_size", n, int),
             metric=merged.get("metric", "keys"),
             merge_radius=merged.get("merge_radius"),
-            protect=merged.get("protect", 0.3),
-            prop_attn=merged.get("prop_attn", True),
+            protect=merged.get("protect", 0.2),
+            prop_attn=merged.get("prop_attn", False),
             reweight=merged["reweight"],
             restore=restore,
         )

@@ -11,8 +11,9 @@ def test_default_is_the_fatr_preset():
     cfg = ReductionConfig.from_dict({})
     assert cfg.method == "fatr" == REDUCTION_DEFAULTS["method"]
     assert cfg.layers == (4, 7, 10) and cfg.keep_ratio == (0.7, 0.7, 0.7) and cfg.r is None
-    assert cfg.score == ("hf",) * 3 and cfg.aggregate == ("merge",) * 3
-    assert cfg.reweight == "identity" and cfg.restore == "copy" and cfg.prop_attn
+    assert cfg.score == ("hf_bipartite",) * 3 and cfg.aggregate == ("merge",) * 3
+    assert cfg.protect == 0.2 and not cfg.prop_attn
+    assert cfg.reweight == "identity" and cfg.restore == "copy"
     assert cfg.windows is None and cfg.window_size is None
     assert ReductionConfig.from_dict(None) is None
     assert ReductionConfig.from_dict(cfg) is cfg
@@ -57,6 +58,7 @@ def test_peers_keep_their_own_defaults():
     assert ReductionConfig.from_dict(dict(method="tome")).aggregate == ("merge",) * 3
     assert ReductionConfig.from_dict(dict(method="evit")).aggregate == ("fuse",) * 3
     assert ReductionConfig.from_dict(dict(method="algm")).prop_attn is False
+    assert ReductionConfig.from_dict(dict(method="tome")).prop_attn is True
 
 
 def test_budget_by_count():

@@ -370,7 +370,7 @@ def test_reduction_trace_is_consistent(method):
         assert torch.equal(t.group[~own], t.source[~own])
         if kept_prev is not None and method != "evit":  # a dropped patch never comes back
             assert torch.isin(cells, kept_prev).all()
-        if method == "tome":  # B tokens are always kept: score +inf
+        if method in ("tome", "fatr"):  # B (and protected) tokens are always kept: score +inf
             assert (t.kept_scores.isfinite() | (t.kept_scores == float("inf"))).all()
         else:
             assert t.kept_scores.isfinite().all()
