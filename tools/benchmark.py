@@ -7,7 +7,7 @@ Usage::
         [--device cpu|cuda] [--dtypes float32] [--out-dir work_dirs/benchmark]
         [--max-cell-seconds S] [--time-budget S] [--memory-shapes ...]
         [--memory-batch-sizes ...] [--memory-targets ...] [--no-memory] [--no-scoring]
-        [--no-macs] [--threads N] [--quick]
+        [--no-macs] [--threads N] [--quick] [--compile]
 
 CONFIGs default to ``configs/baseline_vit-s_ade20k.py configs/fatr_ade20k.py``; the FIRST is
 the reference of every speed-up. Pretrained weights are never loaded (speed does not depend on
@@ -66,7 +66,7 @@ JSON schema (``benchmark.json``)::
      "versions": {"python": str, "torch": str, "mmseg": str | null, "triton": str | null},
      "settings": {"device": str, "dtypes": [str], "shapes": [[H, W]], "batch_sizes": [int],
                   "targets": [str], "iters": int, "warmup": int, "max_cell_seconds": float,
-                  "time_budget": float, "quick": bool},
+                  "time_budget": float, "quick": bool, "compile": bool},
      "reference": str,                                  # name of the first config
      "configs": [{"name": str, "path": str, "reduction": dict | null}],
      "macs": [{"config": str, "shape": [H, W], "tokens": int,
@@ -79,7 +79,9 @@ JSON schema (``benchmark.json``)::
                  "speedup": float,          # reference median time / this median time
                  "speedup_paired": float,   # median over rounds of t_ref / t_this
                  "macs_ratio": float | null,          # this MACs / reference MACs
-                 "speedup_per_ideal": float | null}], # speedup * macs_ratio (1.0 = ideal)
+                 "speedup_per_ideal": float | null,   # speedup * macs_ratio (1.0 = ideal)
+                 "compiled": bool, "compile_s": float | null,  # --compile twins
+                 "speedup_same_mode": float}],  # against the reference run the same way
      "skipped": [{"kind": "timing" | "memory" | "scoring", "target": str, "dtype": str,
                   "shape": [H, W], "batch": int, "reason": str}],
      "memory": [{"config": str, "target": str, "device": str, "dtype": str, "shape": [H, W],
@@ -231,6 +233,12 @@ def parse_args(argv=None):
         "--quick",
         action="store_true",
         help="CI mode: tiny model, shapes 64 128, batch 1 2, 2 iterations",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time every config through torch.compile (fullgraph, inductor; the backbone, "
+        "or encode_decode for the segmentor), as CONFIG+compile in the same alternation",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

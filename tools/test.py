@@ -1,6 +1,7 @@
 """Evaluate a checkpoint (mIoU through mmseg's IoUMetric):
 
-``python tools/test.py CONFIG CHECKPOINT [--mode whole|slide] [--work-dir DIR] [--out DIR]``.
+``python tools/test.py CONFIG CHECKPOINT [--mode whole|slide] [--work-dir DIR] [--out DIR]
+[--compile]``.
 """
 
 import argparse
@@ -16,6 +17,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), ".."))
+from fatr_seg.models.compile import add_compile_hook  # noqa: E402
 from fatr_seg.models.preflight import PreflightError, check_config  # noqa: E402
 
 
@@ -27,6 +29,11 @@ def parse_args():
     parser.add_argument("--out", help="dir to save the predicted segmentation maps")
     parser.add_argument("--show-dir", help="dir to save painted predictions")
     parser.add_argument("--mode", choices=["whole", "slide"], help="override test_cfg.mode")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the backbone and heads through torch.compile (inductor)",
+    )
     parser.add_argument("--cfg-options", nargs="+", action=DictAction,
                         help="override config settings")  # fmt: skip
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
@@ -54,6 +61,8 @@ def main():
     cfg.load_from = args.checkpoint
     if args.mode:
         cfg.model.test_cfg.mode = args.mode
+    if args.compile:
+        add_compile_hook(cfg)
     if args.out:
         cfg.test_evaluator["output_dir"] = args.out
         cfg.test_evaluator["keep_results"] = True

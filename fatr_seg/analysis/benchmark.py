@@ -25,8 +25,10 @@ import torch
 
 from ..layers.vit import FATRVisionTransformer
 from .benchmark_models import (
+    COMPILED,
     DTYPES,
     build_segmentor,
+    compiled_forward_fn,
     config_names,
     forward_fn,
     image_metas,
@@ -194,8 +196,9 @@ class Bench:
     ``configs``, ``targets``, ``shapes`` ([(H, W)]), ``batch_sizes``, ``iters``, ``warmup``,
     ``device`` (a ``torch.device``), ``dtypes``, ``max_cell_seconds``, ``time_budget``,
     ``memory_shapes``, ``memory_batch_sizes``, ``memory_targets``, ``no_memory``,
-    ``no_scoring``, ``no_macs``, ``threads``, ``seed``, ``quick``, ``no_progress`` and
-    ``command`` (the command line recorded in the result).
+    ``no_scoring``, ``no_macs``, ``threads``, ``seed``, ``quick``, ``no_progress``, ``compile``
+    (also time every config through ``torch.compile``, as ``NAME+compile``) and ``command``
+    (the command line recorded in the result).
     """
 
     def __init__(self, args) -> None:
@@ -228,6 +231,7 @@ class Bench:
                 max_cell_seconds=args.max_cell_seconds,
                 time_budget=args.time_budget,
                 quick=args.quick,
+                compile=getattr(args, "compile", False),
             ),
             reference=self.ref,
             configs=[
@@ -297,6 +301,13 @@ class Bench:
             self.progress.update(rounds)
             return
         fns = {n: forward_fn(m, target, x, dtype, labels) for n, m in self.models.items()}
+        compile_s = {}
+        if getattr(a, "compile", False) and target != "train":
+            # Compiled twins, timed in the same alternation; compilation itself is untimed.
+            for n, m in self.models.items():
+                fns[n + COMPILED], compile_s[n + COMPILED] = compiled_forward_fn(
+                    m, target, x, dtype
+                )
         step = lambda _: self.progress.update()  # noqa: E731
         warm = {}
         if a.warmup:
@@ -313,8 +324,10 @@ class Bench:
         budget.per_image[(dtype, target, shape)] = sum(s.median_s for s in stats.values()) / batch
         ref_macs = _macs_of(self.result["macs"], self.ref, shape, target)
         for name, s in stats.items():
-            macs = _macs_of(self.result["macs"], name, shape, target)
+            macs = _macs_of(self.result["macs"], name.removesuffix(COMPILED), shape, target)
             speedup = stats[self.ref].median_s / s.median_s
+            # Against the reference run the same way (compiled vs compiled, eager vs eager).
+            same_mode = self.ref + COMPILED if name.endswith(COMPILED) else self.ref
             ratio = macs / ref_macs if (macs and ref_macs) else None
             paired = statistics.median(r / t for r, t in zip(times[self.ref], times[name]))
             row = dict(
@@ -333,6 +346,9 @@ class Bench:
                 speedup_paired=paired,
                 macs_ratio=ratio,
                 speedup_per_ideal=speedup * ratio if ratio else None,
+                compiled=name.endswith(COMPILED),
+                compile_s=compile_s.get(name),
+                speedup_same_mode=stats[same_mode].median_s / s.median_s,
             )
             self.result["timing"].append(row)
 

@@ -19,6 +19,7 @@ import json
 import os.path as osp
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -26,8 +27,10 @@ import torch
 from .timing import current_rss_bytes, peak_rss_bytes, peak_tensor_bytes, reset_peak_rss
 
 __all__ = [
+    "COMPILED",
     "DTYPES",
     "build_segmentor",
+    "compiled_forward_fn",
     "config_names",
     "forward_fn",
     "image_metas",
@@ -43,6 +46,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # The tiny model of --quick: same depth and reduction layers, small width.
 TINY_DIM, TINY_HEADS = 64, 2
 PROBE_TAG = "FATR_MEMORY_PROBE "
+COMPILED = "+compile"  # suffix of a config's compiled twin in the results
 MAX_DISTINCT_IMAGES = 8  # larger batches repeat them; content only matters for token selection
 # The folder holding the fatr_seg package: the child process of a memory probe runs there.
 _ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -186,6 +190,37 @@ def forward_fn(model, target: str, x: torch.Tensor, dtype: str, labels=None):
             return model.encode_decode(x, metas)
 
     return run
+
+
+def compiled_forward_fn(model, target: str, x: torch.Tensor, dtype: str):
+    """:func:`forward_fn` of ``target`` through ``torch.compile``, compiled by a first call.
+
+    ``backbone`` compiles ``model.backbone``, ``segmentor`` compiles ``model.encode_decode``, each
+    as one graph (``fullgraph=True``: a graph break is an error, not a silent slowdown) for the
+    shape of ``x`` (``dynamic=False``), with inductor.
+
+    Returns:
+        The zero-argument callable and the seconds its compiling call took.
+    """
+    if target not in ("backbone", "segmentor"):
+        raise ValueError(f"only forward targets compile, got {target!r}")
+    # Every (model, target, shape, batch) is one more graph for the same code object.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    fn = model.backbone if target == "backbone" else model.encode_decode
+    fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    metas = image_metas(x.shape[0], tuple(x.shape[2:]))
+    autocast = x.is_cuda and dtype != "float32"
+
+    def run():
+        ctx = torch.autocast("cuda", DTYPES[dtype]) if autocast else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            return fn(x) if target == "backbone" else fn(x, metas)
+
+    start = time.perf_counter()
+    run()
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return run, time.perf_counter() - start
 
 
 def patch_tokens(model, shape: tuple[int, int]) -> int:

@@ -61,6 +61,12 @@ def to_markdown(result: dict) -> str:
             "| ideal | speed-up/ideal |",
             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
+        compiled = any(r.get("compiled") for r in result["timing"])
+        if compiled:  # compiled twins: add their speed-up against the compiled reference
+            lines[-2] += " same-mode speed-up |"
+            lines[-4] += (" same-mode speed-up: against the reference run the same way "
+                          "(compiled vs compiled).")  # fmt: skip
+            lines[-1] += "---:|"
         for r in result["timing"]:
             ips = r["images_per_s"]
             ratio, per_ideal = r["macs_ratio"], r["speedup_per_ideal"]
@@ -72,6 +78,7 @@ def to_markdown(result: dict) -> str:
                 f"| {ips['median']:.3f} [{ips['q1']:.3f}, {ips['q3']:.3f}] "
                 f"| {r['speedup']:.3f} | {r['speedup_paired']:.3f} "
                 f"| {ideal} | {per_ideal} |"
+                + (f" {r['speedup_same_mode']:.3f} |" if compiled else "")
             )
         lines.append("")
     if result["skipped"]:
