@@ -108,11 +108,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, h, n, d)
         if self.reweight is None:
-            out, lse = attention_with_lse(q, k, v, self.scale, key_bias, self.fused_attn)
+            out, lse = attention_with_lse(q, k, v, self.scale, key_bias, self.fused_attn,
+                                          need_lse=return_stats)  # fmt: skip
         else:
             out, lse = reweighted_attention(
                 q, k, v, self.scale, num_dc, 1 + self.omega1, getattr(self, "omega2", None),
-                key_bias, self.fused_attn,
+                key_bias, self.fused_attn, need_lse=return_stats,
             )  # fmt: skip
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, n, C)))
         if not return_stats:
