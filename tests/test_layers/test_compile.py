@@ -3,7 +3,8 @@
 Every reduction preset (and ``reduction=None``) compiles as ONE graph (``fullgraph=True`` raises on
 any graph break; a counting backend checks that inductor really compiled it, so a silent eager
 fallback cannot pass), at a fixed input size, and gives eager's tokens to float tolerance and
-eager's token selection exactly (the source map of every grid position). Inductor compiles C++
+eager's token selection exactly (the source map of every grid position); a non-finite input is
+still rejected (as a RuntimeError with the eager ValueError's message). Inductor compiles C++
 per kernel, about a minute per model on the 2-core machine: the models are tiny and the tests slow.
 """
 
@@ -65,10 +66,19 @@ def assert_same_compact(eager, comp):
 def test_backbone_compiles_to_one_graph_and_matches_eager(method):
     model = build(tiny_reduction(method))
     fn, counter = compiled(model)
-    for seed in (0, 1):  # a second input of the same size reuses the graph
-        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            assert_same_compact(model(x), fn(x))
+    # 'random' draws its keep set from torch's generator; inductor has its own generator unless
+    # told to fall back to torch's, which makes the compiled draw equal eager's.
+    with torch._inductor.config.patch(fallback_random=method == "random"), torch.no_grad():
+        for seed in (0, 1):  # a second input of the same size reuses the graph
+            x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+            torch.manual_seed(seed)
+            eager = model(x)
+            torch.manual_seed(seed)
+            assert_same_compact(eager, fn(x))
+        if method == "fatr":  # the asynchronous finite check survives compilation
+            x[0, 2, 3, 4] = float("inf")
+            with pytest.raises(RuntimeError, match="NaN or Inf"):
+                fn(x)
     assert counter.frame_count == 1 and counter.op_count > 0
 
 
@@ -83,15 +93,3 @@ def test_restored_residual_output_matches_eager():
         for a, b in zip(model(x), fn(x), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1
-
-
-def test_compiled_model_still_rejects_non_finite_input():
-    """The asynchronous finite check survives compilation (as a RuntimeError, same message)."""
-    model = build(dict(method="fatr", layers=(1, 2, 3)))
-    fn, _ = compiled(model)
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        fn(x)
-        x[0, 2, 3, 4] = float("inf")
-        with pytest.raises(RuntimeError, match="NaN or Inf"):
-            fn(x)
