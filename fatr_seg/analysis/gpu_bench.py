@@ -142,7 +142,13 @@ def run(args) -> dict:
                         dict(mode=mode, shape=size, target=target, reason=reason)
                     )
                     continue
-                result["rows"] += _cell(models, target, x, dtype, mode, args)
+                try:
+                    result["rows"] += _cell(models, target, x, dtype, mode, args)
+                except Exception as err:  # noqa: BLE001 - one failed cell must not end the run
+                    reason = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                    result["skipped"].append(
+                        dict(mode=mode, shape=size, target=target, reason=reason)
+                    )
             del x
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -200,7 +200,8 @@ def hf_scores(
         method: ``'exact'`` (column mean of the softmax attention map) or ``'logit_proxy'``.
         key_bias: Optional (B, n_k) bias, 0 or ``-inf`` (masked keys).
         backend: For ``method='exact'``: ``'auto'`` (Triton for CUDA tensors when Triton is
-            importable, chunked otherwise), ``'chunked'`` or ``'triton'``. Ignored by the proxy.
+            importable and the call is not being compiled, chunked otherwise), ``'chunked'`` or
+            ``'triton'``. Ignored by the proxy.
         lse: Optional (B, h, n_q) row log-sum-exp from the fused attention call; the chunked
             path then skips its own row normalisation, the Triton path its first pass.
 
@@ -217,7 +218,9 @@ def hf_scores(
     if method == "logit_proxy":
         return logit_proxy_score(q, k, scale, key_bias)
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_available() else "chunked"
+        # Under torch.compile the chunked path is traced and fused by inductor instead.
+        compiling = torch.compiler.is_compiling()
+        backend = "triton" if q.is_cuda and _triton_available() and not compiling else "chunked"
     if backend == "triton":
         return attention_column_mean_triton(q, k, scale, key_bias, lse=lse)
     return attention_column_mean(q, k, scale, key_bias, lse=lse)
