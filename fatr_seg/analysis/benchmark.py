@@ -197,8 +197,9 @@ class Bench:
     ``device`` (a ``torch.device``), ``dtypes``, ``max_cell_seconds``, ``time_budget``,
     ``memory_shapes``, ``memory_batch_sizes``, ``memory_targets``, ``no_memory``,
     ``no_scoring``, ``no_macs``, ``threads``, ``seed``, ``quick``, ``no_progress``, ``compile``
-    (also time every config through ``torch.compile``, as ``NAME+compile``) and ``command``
-    (the command line recorded in the result).
+    (also time every config through ``torch.compile``, as ``NAME+compile``), ``cpu_time``
+    (time calls by the calling thread's CPU time) and ``command`` (the command line recorded
+    in the result).
     """
 
     def __init__(self, args) -> None:
@@ -232,6 +233,7 @@ class Bench:
                 time_budget=args.time_budget,
                 quick=args.quick,
                 compile=getattr(args, "compile", False),
+                cpu_time=getattr(args, "cpu_time", False),
             ),
             reference=self.ref,
             configs=[
@@ -309,9 +311,10 @@ class Bench:
                     m, target, x, dtype
                 )
         step = lambda _: self.progress.update()  # noqa: E731
+        clock = time.thread_time if getattr(a, "cpu_time", False) else time.perf_counter
         warm = {}
         if a.warmup:
-            warm = time_alternating(fns, a.warmup, 0, x.device, on_round=step)
+            warm = time_alternating(fns, a.warmup, 0, x.device, on_round=step, clock=clock)
             per_round = sum(t[-1] for t in warm.values())
             budget.per_image.setdefault((dtype, target, shape), per_round / batch)
             reason = budget.reason(a.iters * per_round)
@@ -319,7 +322,7 @@ class Bench:
                 self.skip("timing", target, dtype, shape, batch, f"after warm-up: {reason}")
                 self.progress.update(a.iters)
                 return
-        times = time_alternating(fns, a.iters, 0, x.device, on_round=step)
+        times = time_alternating(fns, a.iters, 0, x.device, on_round=step, clock=clock)
         stats = {n: TimingStats.from_times(t) for n, t in times.items()}
         budget.per_image[(dtype, target, shape)] = sum(s.median_s for s in stats.values()) / batch
         ref_macs = _macs_of(self.result["macs"], self.ref, shape, target)

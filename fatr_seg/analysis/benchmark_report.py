@@ -30,7 +30,8 @@ def to_markdown(result: dict) -> str:
         f"load average at start {m['load_avg']}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}",
         f"- device {s['device']}, dtypes {s['dtypes']}, {s['warmup']} warm-up + {s['iters']} "
-        f"timed rounds, configs alternating; reference: `{result['reference']}`",
+        f"timed rounds, configs alternating; reference: `{result['reference']}`"
+        + ("; times are the calling thread's CPU time" if s.get("cpu_time") else ""),
         "",
     ]
     if result["macs"]:

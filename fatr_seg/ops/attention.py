@@ -4,8 +4,7 @@ Every attention call in fatr_seg goes through :func:`attention`. The fused path 
 ``F.scaled_dot_product_attention`` (flash / memory-efficient on CUDA, the fused flash kernel on
 CPU), or the very kernel it dispatches to where the row log-sum-exp is needed
 (:func:`attention_with_lse`); the explicit softmax path beside it exists for debugging and
-tests. ``FATR_FUSED_ATTN=0``
-in the environment switches the default to the explicit path.
+tests. ``FATR_FUSED_ATTN=0`` in the environment switches the default to the explicit path.
 """
 
 from __future__ import annotations

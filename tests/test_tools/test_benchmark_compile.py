@@ -1,6 +1,7 @@
-"""``tools/benchmark.py --compile``: compiled twins timed in the same alternation as eager."""
+"""``tools/benchmark.py --compile`` (compiled twins in the same alternation) and ``--cpu-time``."""
 
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from fatr_seg.analysis.benchmark import benchmark
 from fatr_seg.analysis.benchmark_report import to_markdown
+from fatr_seg.analysis.timing import time_alternating
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
@@ -39,3 +41,19 @@ def test_compiled_twins_are_timed_and_reported(monkeypatch):
         # Compiled twins have their model's MACs.
         assert rows["fatr_ade20k+compile"]["macs_ratio"] == rows["fatr_ade20k"]["macs_ratio"]
     assert "same-mode speed-up" in to_markdown(result)
+
+
+def test_cpu_time_clock_ignores_time_off_the_core():
+    """``--cpu-time`` times by the thread's CPU time: waiting (here: sleeping) does not count."""
+    fns = {"sleep": lambda: time.sleep(0.05)}
+    wall = time_alternating(fns, 2, 0)["sleep"]
+    cpu = time_alternating(fns, 2, 0, clock=time.thread_time)["sleep"]
+    assert min(wall) >= 0.05 and max(cpu) < 0.01
+
+
+def test_cpu_time_needs_one_cpu_thread(capsys):
+    with pytest.raises(SystemExit):
+        benchmark_tool.parse_args(["--cpu-time", "--threads", "2", "--device", "cpu"])
+    assert "--threads 1" in capsys.readouterr().err
+    args = benchmark_tool.parse_args(["--cpu-time", "--threads", "1", "--device", "cpu"])
+    assert args.cpu_time
