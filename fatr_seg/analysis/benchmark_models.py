@@ -195,26 +195,45 @@ def forward_fn(model, target: str, x: torch.Tensor, dtype: str, labels=None):
 def compiled_forward_fn(model, target: str, x: torch.Tensor, dtype: str):
     """:func:`forward_fn` of ``target`` through ``torch.compile``, compiled by a first call.
 
-    ``backbone`` compiles ``model.backbone``, ``segmentor`` compiles ``model.encode_decode``, each
-    as one graph (``fullgraph=True``: a graph break is an error, not a silent slowdown) for the
-    shape of ``x`` (``dynamic=False``), with inductor.
+    ``backbone`` compiles ``model.backbone`` as one graph. ``segmentor`` runs
+    ``model.encode_decode`` with its backbone, neck and decode head compiled, one graph each,
+    as ``tools/test.py --compile`` (``CompileInferenceHook``) runs them; the final resize of the
+    logits stays eager (on CPU inductor's bilinear kernel is slower than ATen's:
+    ``docs/benchmarks.md``). ``fullgraph=True`` (a graph break is an error, not a silent
+    slowdown), ``dynamic=False`` (one graph for the shape of ``x``), inductor. The compiled
+    forwards are installed on the modules only during a call, so the eager twin stays eager.
 
     Returns:
         The zero-argument callable and the seconds its compiling call took.
     """
+    from ..models.compile import COMPILE_TARGETS
+
     if target not in ("backbone", "segmentor"):
         raise ValueError(f"only forward targets compile, got {target!r}")
     # Every (model, target, shape, batch) is one more graph for the same code object.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    fn = model.backbone if target == "backbone" else model.encode_decode
-    fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    options = dict(fullgraph=True, dynamic=False)
+    backbone = torch.compile(model.backbone, **options)
+    parts = {
+        name: torch.compile(getattr(model, name).forward, **options)
+        for name in COMPILE_TARGETS
+        if target == "segmentor" and getattr(model, name, None) is not None
+    }
     metas = image_metas(x.shape[0], tuple(x.shape[2:]))
     autocast = x.is_cuda and dtype != "float32"
 
     def run():
         ctx = torch.autocast("cuda", DTYPES[dtype]) if autocast else contextlib.nullcontext()
         with torch.inference_mode(), ctx:
-            return fn(x) if target == "backbone" else fn(x, metas)
+            if target == "backbone":
+                return backbone(x)
+            for name, fn in parts.items():
+                getattr(model, name).forward = fn
+            try:
+                return model.encode_decode(x, metas)
+            finally:
+                for name in parts:
+                    del getattr(model, name).forward
 
     start = time.perf_counter()
     run()

@@ -9,7 +9,8 @@ does not depend on them.
 
 Per input size, target (``backbone``: the backbone's forward; ``segmentor``: backbone, head and
 the bilinear resize of the logits to the input size, i.e. mmseg's ``encode_decode``) and mode
-(``eager``, ``compiled`` with ``torch.compile(fullgraph=True)``), the two models run in
+(``eager``, ``compiled``: backbone and head through ``torch.compile(fullgraph=True)``, one
+graph each, the final resize eager, as ``tools/test.py --compile`` runs them), the two models run in
 alternation under ``torch.autocast`` (bf16 by default) with a synchronisation around every
 call. The peak memory of one call is ``torch.cuda.max_memory_allocated`` minus what was allocated
 before (on CPU: peak live tensor bytes). The result is a markdown table and a JSON file.
@@ -60,7 +61,11 @@ class Segmentor(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.backbone(x))
+        return self.resize(self.head(self.backbone(x)), x)
+
+    @staticmethod
+    def resize(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The logits bilinearly resized to the input's size, as mmseg's ``predict_by_feat``."""
         return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
 
 
@@ -82,8 +87,13 @@ def build_models(tiny: bool = False) -> dict[str, Segmentor]:
 
 def _callables(model: Segmentor, target: str, x, dtype, compiled: bool, backend: str):
     fn: Callable = model.backbone if target == "backbone" else model
-    if compiled:
-        fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+    if compiled:  # backbone and head one graph each, the final resize eager (as --compile does)
+        options = dict(fullgraph=True, dynamic=False, backend=backend)
+        backbone = torch.compile(model.backbone, **options)
+        head = torch.compile(model.head, **options)
+        fn = backbone
+        if target == "segmentor":
+            fn = lambda x: model.resize(head(backbone(x)), x)  # noqa: E731
     autocast = x.is_cuda and dtype != torch.float32
 
     def call():
