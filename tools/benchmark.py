@@ -7,7 +7,7 @@ Usage::
         [--device cpu|cuda] [--dtypes float32] [--out-dir work_dirs/benchmark]
         [--max-cell-seconds S] [--time-budget S] [--memory-shapes ...]
         [--memory-batch-sizes ...] [--memory-targets ...] [--no-memory] [--no-scoring]
-        [--no-macs] [--threads N] [--quick] [--keep-ratio R [R ...]]
+        [--no-macs] [--threads N] [--quick] [--keep-ratio R [R ...]] [--compile] [--cpu-time]
 
 CONFIGs default to ``configs/baseline_vit-s_ade20k.py configs/fatr_ade20k.py``; the FIRST is
 the reference of every speed-up. ``--keep-ratio R1 R2 ...`` runs every config that has a token
@@ -69,7 +69,7 @@ JSON schema (``benchmark.json``)::
      "versions": {"python": str, "torch": str, "mmseg": str | null, "triton": str | null},
      "settings": {"device": str, "dtypes": [str], "shapes": [[H, W]], "batch_sizes": [int],
                   "targets": [str], "iters": int, "warmup": int, "max_cell_seconds": float,
-                  "time_budget": float, "quick": bool},
+                  "time_budget": float, "quick": bool, "compile": bool, "cpu_time": bool},
      "reference": str,                                  # name of the first config
      "configs": [{"name": str, "path": str, "reduction": dict | null}],
      "macs": [{"config": str, "shape": [H, W], "tokens": int,
@@ -82,7 +82,9 @@ JSON schema (``benchmark.json``)::
                  "speedup": float,          # reference median time / this median time
                  "speedup_paired": float,   # median over rounds of t_ref / t_this
                  "macs_ratio": float | null,          # this MACs / reference MACs
-                 "speedup_per_ideal": float | null}], # speedup * macs_ratio (1.0 = ideal)
+                 "speedup_per_ideal": float | null,   # speedup * macs_ratio (1.0 = ideal)
+                 "compiled": bool, "compile_s": float | null,  # --compile twins
+                 "speedup_same_mode": float}],  # against the reference run the same way
      "skipped": [{"kind": "timing" | "memory" | "scoring", "target": str, "dtype": str,
                   "shape": [H, W], "batch": int, "reason": str}],
      "memory": [{"config": str, "target": str, "device": str, "dtype": str, "shape": [H, W],
@@ -234,6 +236,18 @@ def parse_args(argv=None):
         action="store_true",
         help="CI mode: tiny model, shapes 64 128, batch 1 2, 2 iterations",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time every config through torch.compile (fullgraph, inductor; the backbone, "
+        "or encode_decode for the segmentor), as CONFIG+compile in the same alternation",
+    )
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time each call by the CPU time of the calling thread instead of wall time (CPU "
+        "with --threads 1 only): other processes taking the core do not count",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--keep-ratio",
@@ -281,6 +295,8 @@ def parse_args(argv=None):
     args.dtypes = args.dtypes or (["bfloat16", "float16"] if cuda else ["float32"])
     if not cuda and any(d != "float32" for d in args.dtypes):
         p.error("on CPU only --dtypes float32 is benchmarked (the issue's setting)")
+    if args.cpu_time and (cuda or args.threads != 1):
+        p.error("--cpu-time measures one CPU thread: use it with --device cpu --threads 1")
     if args.max_cell_seconds is None:
         args.max_cell_seconds = 600.0 if cuda else 240.0
     if args.time_budget is None:

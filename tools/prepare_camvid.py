@@ -9,13 +9,8 @@ class indices 0..11) before anything is written, and an existing file stops it, 
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-# Run from a clone without installing: make the repository root importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fatr_seg.datasets.camvid import CAMVID_SPLITS, prepare_camvid  # noqa: E402
+from fatr_seg.datasets.camvid import CAMVID_SPLITS, prepare_camvid
 
 
 def parse_args(argv=None):

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint (mIoU through mmseg's IoUMetric):
 
 ``python tools/test.py CONFIG CHECKPOINT [--mode whole|slide] [--work-dir DIR] [--out DIR]
-[--keep-ratio R [R ...]]``.
+[--keep-ratio R [R ...]] [--compile]``.
 Multi-process: ``tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS`` (torchrun).
 """
 
@@ -13,6 +13,7 @@ import warnings
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from fatr_seg.models.budget import set_config_keep_ratio
+from fatr_seg.models.compile import add_compile_hook
 from fatr_seg.models.preflight import PreflightError
 from fatr_seg.models.runner import add_runner_args, run_tool
 
@@ -27,6 +28,8 @@ def parse_args():
     parser.add_argument("--keep-ratio", nargs="+", metavar="R",
                         help="evaluate at this budget: a keep ratio in (0, 1] for every "
                         "reduction layer, or one per layer")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="run the backbone and heads through torch.compile")  # fmt: skip
     add_runner_args(parser, "the dir to save the evaluation metrics", "override config settings")
     return parser.parse_args()
 
@@ -41,6 +44,8 @@ def configure(cfg, args):
         cfg.model.test_cfg.mode = args.mode
     if args.keep_ratio:
         set_config_keep_ratio(cfg, args.keep_ratio, args.config)
+    if args.compile:
+        add_compile_hook(cfg)
     if args.out:
         cfg.test_evaluator["output_dir"] = args.out
         cfg.test_evaluator["keep_results"] = True

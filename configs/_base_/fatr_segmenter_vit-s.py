@@ -21,7 +21,9 @@ data_preprocessor = dict(
     seg_pad_val=255,
     size=crop_size)
 model = dict(
-    type='EncoderDecoder',
+    # mmseg's EncoderDecoder; slide inference runs all crops of a batch as one batch (same
+    # logits as mmseg's one-crop-at-a-time loop). test_cfg.crops_per_batch caps a forward.
+    type='BatchedSlideEncoderDecoder',
     data_preprocessor=data_preprocessor,
     backbone=dict(
         type='FATRViT',

@@ -25,8 +25,10 @@ import torch
 
 from ..layers.vit import FATRVisionTransformer
 from .benchmark_models import (
+    COMPILED,
     DTYPES,
     build_segmentor,
+    compiled_forward_fn,
     config_variants,
     forward_fn,
     image_metas,
@@ -196,8 +198,10 @@ class Bench:
     ``memory_shapes``, ``memory_batch_sizes``, ``memory_targets``, ``no_memory``,
     ``no_scoring``, ``no_macs``, ``threads``, ``seed``, ``quick``, ``no_progress``,
     ``keep_ratio`` (budgets: one model per budget of each config with a reduction, see
-    :func:`~fatr_seg.analysis.benchmark_models.config_variants`; None: the configs' own) and
-    ``command`` (the command line recorded in the result).
+    :func:`~fatr_seg.analysis.benchmark_models.config_variants`; None: the configs' own),
+    ``compile`` (also time every config through ``torch.compile``, as ``NAME+compile``),
+    ``cpu_time`` (time calls by the calling thread's CPU time) and ``command`` (the command line
+    recorded in the result).
     """
 
     def __init__(self, args) -> None:
@@ -232,6 +236,8 @@ class Bench:
                 max_cell_seconds=args.max_cell_seconds,
                 time_budget=args.time_budget,
                 quick=args.quick,
+                compile=getattr(args, "compile", False),
+                cpu_time=getattr(args, "cpu_time", False),
             ),
             reference=self.ref,
             configs=[
@@ -301,10 +307,18 @@ class Bench:
             self.progress.update(rounds)
             return
         fns = {n: forward_fn(m, target, x, dtype, labels) for n, m in self.models.items()}
+        compile_s = {}
+        if getattr(a, "compile", False) and target != "train":
+            # Compiled twins, timed in the same alternation; compilation itself is untimed.
+            for n, m in self.models.items():
+                fns[n + COMPILED], compile_s[n + COMPILED] = compiled_forward_fn(
+                    m, target, x, dtype
+                )
         step = lambda _: self.progress.update()  # noqa: E731
+        clock = time.thread_time if getattr(a, "cpu_time", False) else time.perf_counter
         warm = {}
         if a.warmup:
-            warm = time_alternating(fns, a.warmup, 0, x.device, on_round=step)
+            warm = time_alternating(fns, a.warmup, 0, x.device, on_round=step, clock=clock)
             per_round = sum(t[-1] for t in warm.values())
             budget.per_image.setdefault((dtype, target, shape), per_round / batch)
             reason = budget.reason(a.iters * per_round)
@@ -312,13 +326,15 @@ class Bench:
                 self.skip("timing", target, dtype, shape, batch, f"after warm-up: {reason}")
                 self.progress.update(a.iters)
                 return
-        times = time_alternating(fns, a.iters, 0, x.device, on_round=step)
+        times = time_alternating(fns, a.iters, 0, x.device, on_round=step, clock=clock)
         stats = {n: TimingStats.from_times(t) for n, t in times.items()}
         budget.per_image[(dtype, target, shape)] = sum(s.median_s for s in stats.values()) / batch
         ref_macs = _macs_of(self.result["macs"], self.ref, shape, target)
         for name, s in stats.items():
-            macs = _macs_of(self.result["macs"], name, shape, target)
+            macs = _macs_of(self.result["macs"], name.removesuffix(COMPILED), shape, target)
             speedup = stats[self.ref].median_s / s.median_s
+            # Against the reference run the same way (compiled vs compiled, eager vs eager).
+            same_mode = self.ref + COMPILED if name.endswith(COMPILED) else self.ref
             ratio = macs / ref_macs if (macs and ref_macs) else None
             paired = statistics.median(r / t for r, t in zip(times[self.ref], times[name]))
             row = dict(
@@ -337,6 +353,9 @@ class Bench:
                 speedup_paired=paired,
                 macs_ratio=ratio,
                 speedup_per_ideal=speedup * ratio if ratio else None,
+                compiled=name.endswith(COMPILED),
+                compile_s=compile_s.get(name),
+                speedup_same_mode=stats[same_mode].median_s / s.median_s,
             )
             self.result["timing"].append(row)
 

@@ -20,6 +20,7 @@ import json
 import os.path as osp
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -28,8 +29,10 @@ from .. import REPO_ROOT
 from .timing import current_rss_bytes, peak_rss_bytes, peak_tensor_bytes, reset_peak_rss
 
 __all__ = [
+    "COMPILED",
     "DTYPES",
     "build_segmentor",
+    "compiled_forward_fn",
     "config_names",
     "config_variants",
     "forward_fn",
@@ -46,6 +49,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # The tiny model of --quick: same depth and reduction layers, small width.
 TINY_DIM, TINY_HEADS = 64, 2
 PROBE_TAG = "FATR_MEMORY_PROBE "
+COMPILED = "+compile"  # suffix of a config's compiled twin in the results
 MAX_DISTINCT_IMAGES = 8  # larger batches repeat them; content only matters for token selection
 # The folder holding the fatr_seg package: the child process of a memory probe runs there.
 _ROOT = REPO_ROOT
@@ -250,6 +254,56 @@ def forward_fn(model, target: str, x: torch.Tensor, dtype: str, labels=None):
             return model.encode_decode(x, metas)
 
     return run
+
+
+def compiled_forward_fn(model, target: str, x: torch.Tensor, dtype: str):
+    """:func:`forward_fn` of ``target`` through ``torch.compile``, compiled by a first call.
+
+    ``backbone`` compiles ``model.backbone`` as one graph. ``segmentor`` runs
+    ``model.encode_decode`` with its backbone, neck and decode head compiled, one graph each,
+    as ``tools/test.py --compile`` (``CompileInferenceHook``) runs them; the final resize of the
+    logits stays eager (on CPU inductor's bilinear kernel is slower than ATen's:
+    ``docs/benchmarks.md``). ``fullgraph=True`` (a graph break is an error, not a silent
+    slowdown), ``dynamic=False`` (one graph for the shape of ``x``), inductor. The compiled
+    forwards are installed on the modules only during a call, so the eager twin stays eager.
+
+    Returns:
+        The zero-argument callable and the seconds its compiling call took.
+    """
+    from ..models.compile import COMPILE_TARGETS
+
+    if target not in ("backbone", "segmentor"):
+        raise ValueError(f"only forward targets compile, got {target!r}")
+    # Every (model, target, shape, batch) is one more graph for the same code object.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    options = dict(fullgraph=True, dynamic=False)
+    backbone = torch.compile(model.backbone, **options)
+    parts = {
+        name: torch.compile(getattr(model, name).forward, **options)
+        for name in COMPILE_TARGETS
+        if target == "segmentor" and getattr(model, name, None) is not None
+    }
+    metas = image_metas(x.shape[0], tuple(x.shape[2:]))
+    autocast = x.is_cuda and dtype != "float32"
+
+    def run():
+        ctx = torch.autocast("cuda", DTYPES[dtype]) if autocast else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            if target == "backbone":
+                return backbone(x)
+            for name, fn in parts.items():
+                getattr(model, name).forward = fn
+            try:
+                return model.encode_decode(x, metas)
+            finally:
+                for name in parts:
+                    del getattr(model, name).forward
+
+    start = time.perf_counter()
+    run()
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return run, time.perf_counter() - start
 
 
 def patch_tokens(model, shape: tuple[int, int]) -> int:

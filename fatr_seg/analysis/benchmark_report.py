@@ -38,7 +38,8 @@ def to_markdown(result: dict) -> str:
         f"load average at start {m['load_avg']}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}",
         f"- device {s['device']}, dtypes {s['dtypes']}, {s['warmup']} warm-up + {s['iters']} "
-        f"timed rounds, configs alternating; reference: `{result['reference']}`",
+        f"timed rounds, configs alternating; reference: `{result['reference']}`"
+        + ("; times are the calling thread's CPU time" if s.get("cpu_time") else ""),
         "",
     ]
     if result["macs"]:
@@ -69,6 +70,12 @@ def to_markdown(result: dict) -> str:
             "| ideal | speed-up/ideal |",
             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
+        compiled = any(r.get("compiled") for r in result["timing"])
+        if compiled:  # compiled twins: add their speed-up against the compiled reference
+            lines[-2] += " same-mode speed-up |"
+            lines[-4] += (" same-mode speed-up: against the reference run the same way "
+                          "(compiled vs compiled).")  # fmt: skip
+            lines[-1] += "---:|"
         for r in result["timing"]:
             ips = r["images_per_s"]
             ratio, per_ideal = r["macs_ratio"], r["speedup_per_ideal"]
@@ -77,6 +84,7 @@ def to_markdown(result: dict) -> str:
             lines.append(
                 _cell(r) + f"| {ips['median']:.3f} [{ips['q1']:.3f}, {ips['q3']:.3f}] "
                 f"| {r['speedup']:.3f} | {r['speedup_paired']:.3f} | {ideal} | {per_ideal} |"
+                + (f" {r['speedup_same_mode']:.3f} |" if compiled else "")
             )
         lines.append("")
     if result["skipped"]:

@@ -108,11 +108,14 @@ def time_alternating(
     warmup: int,
     device: torch.device | str = "cpu",
     on_round: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Time several zero-argument callables in alternation.
 
     Each round calls every function once, in the order given (A B A B ...). ``warmup`` rounds
-    run first and are not recorded. Each call is timed alone, between two synchronisations.
+    run first and are not recorded. Each call is timed alone, between two synchronisations,
+    by ``clock`` (wall time; ``time.thread_time`` gives the calling thread's CPU time, which
+    other processes taking the core do not inflate: for one-thread CPU runs on a shared machine).
 
     Args:
         fns: Name -> callable.
@@ -135,11 +138,11 @@ def time_alternating(
     for r in range(warmup + iters):
         for name, fn in fns.items():
             synchronize(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             synchronize(device)
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
         if on_round is not None:
             on_round("warmup" if r < warmup else "timed")
     return times

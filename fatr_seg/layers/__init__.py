@@ -1,4 +1,4 @@
-"""torch modules of the method (attention, block, reducer, restorer, ViT trunk).
+"""torch modules of the method (attention, block, reducer, restorer, ViT trunk, mask head).
 
 Nothing here imports mmseg, mmengine or mmcv.
 """
@@ -8,6 +8,7 @@ from .block import Block
 from .compact import CompactTokens, compact_tokens
 from .config import PRESETS, REDUCTION_DEFAULTS, ReductionConfig
 from .embed import PatchEmbed, resample_pos_embed
+from .mask_head import MaskTransformerHead
 from .reducer import TokenReducer
 from .restorer import TokenRestorer
 from .vit import FATRVisionTransformer, ReductionTrace
@@ -19,6 +20,7 @@ __all__ = [
     "Block",
     "CompactTokens",
     "FATRVisionTransformer",
+    "MaskTransformerHead",
     "PatchEmbed",
     "ReductionConfig",
     "ReductionTrace",

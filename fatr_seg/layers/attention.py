@@ -113,11 +113,12 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # each (B, h, n, d)
         drop = self.attn_drop if self.training else 0.0
         if self.reweight is None:
-            out, lse = attention_with_lse(q, k, v, self.scale, key_bias, self.fused_attn, drop)
+            out, lse = attention_with_lse(q, k, v, self.scale, key_bias, self.fused_attn, drop,
+                                          need_lse=return_stats)  # fmt: skip
         else:
             out, lse = reweighted_attention(
                 q, k, v, self.scale, num_dc, 1 + self.omega1, getattr(self, "omega2", None),
-                key_bias, self.fused_attn, drop,
+                key_bias, self.fused_attn, drop, need_lse=return_stats,
             )  # fmt: skip
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, n, C)))
         if not return_stats:

@@ -1,33 +1,40 @@
 """mmseg/mmengine glue: the only part of ``fatr_seg`` that imports mmseg, mmengine or mmcv.
 
 Importing it (e.g. through ``custom_imports``) registers ``FATRViT``, ``FATRSegmenterHead``,
-``DistillEncoderDecoder``, ``CamVidDataset``, ``LoadCamVidAnnotations``,
-``AllowMMEngineCheckpointsHook`` and ``UnreducedCheckpointHook`` in mmseg's registries and changes
-nothing else: what touches process-wide state (torch's ``weights_only`` allow-list, the CPU
-process group) is done by a call, :func:`allow_mmengine_checkpoints` and
-:func:`setup_cpu_distributed` (both made by :func:`fatr_seg.models.runner.build_runner`, which
-``tools/train.py`` and ``tools/test.py`` use), or by the hook a config lists.
+``BatchedSlideEncoderDecoder``, ``DistillEncoderDecoder``, ``CamVidDataset``,
+``LoadCamVidAnnotations``, ``AllowMMEngineCheckpointsHook``, ``UnreducedCheckpointHook`` and
+``CompileInferenceHook`` in mmseg's registries and changes nothing else: what touches
+process-wide state (torch's ``weights_only`` allow-list, the CPU process group) is done by a
+call, :func:`allow_mmengine_checkpoints` and :func:`setup_cpu_distributed` (both made by
+:func:`fatr_seg.models.runner.build_runner`, which ``tools/train.py`` and ``tools/test.py`` use),
+or by the hook a config lists.
 """
 
 from .backbone import FATRViT
 from .compat import AllowMMEngineCheckpointsHook, allow_mmengine_checkpoints
+from .compile import CompileInferenceHook, add_compile_hook, compile_modules
 from .convert import CheckpointError, convert_state_dict
 from .datasets import CamVidDataset, LoadCamVidAnnotations
 from .dist import setup_cpu_distributed
 from .distill import DistillEncoderDecoder
 from .hooks import UnreducedCheckpointHook
 from .segmenter_head import FATRSegmenterHead
+from .segmentor import BatchedSlideEncoderDecoder
 
 __all__ = [
     "AllowMMEngineCheckpointsHook",
+    "BatchedSlideEncoderDecoder",
     "CamVidDataset",
     "CheckpointError",
+    "CompileInferenceHook",
     "DistillEncoderDecoder",
     "FATRSegmenterHead",
     "FATRViT",
     "LoadCamVidAnnotations",
     "UnreducedCheckpointHook",
+    "add_compile_hook",
     "allow_mmengine_checkpoints",
+    "compile_modules",
     "convert_state_dict",
     "setup_cpu_distributed",
 ]

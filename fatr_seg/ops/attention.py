@@ -2,8 +2,9 @@
 
 Every attention call in fatr_seg goes through :func:`attention`. The fused path is
 ``F.scaled_dot_product_attention`` (flash / memory-efficient on CUDA, the fused flash kernel on
-CPU); the explicit softmax path beside it exists for debugging and tests. ``FATR_FUSED_ATTN=0``
-in the environment switches the default to the explicit path.
+CPU), or the very kernel it dispatches to where the row log-sum-exp is needed
+(:func:`attention_with_lse`); the explicit softmax path beside it exists for debugging and
+tests. ``FATR_FUSED_ATTN=0`` in the environment switches the default to the explicit path.
 """
 
 from __future__ import annotations
@@ -13,7 +14,19 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "attention_with_lse", "fused_attn_default", "reweighted_attention"]
+__all__ = [
+    "attention",
+    "attention_with_lse",
+    "fused_attn_default",
+    "kernel_bias",
+    "lse_kernel",
+    "reweighted_attention",
+]
+
+
+# The CUDA kernels behind F.scaled_dot_product_attention that also return the row log-sum-exp.
+_CUDA_FLASH = torch.ops.aten._scaled_dot_product_flash_attention
+_CUDA_EFFICIENT = torch.ops.aten._scaled_dot_product_efficient_attention
 
 
 def fused_attn_default() -> bool:
@@ -65,6 +78,48 @@ def attention(
     return attn @ v
 
 
+def lse_kernel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None = None
+) -> str | None:
+    """The fused kernel that returns the row log-sum-exp for these inputs, or None.
+
+    ``'cpu_flash'`` on CPU (the kernel ``F.scaled_dot_product_attention`` runs there anyway);
+    on CUDA ``'flash'`` without a key bias and ``'efficient'`` (memory-efficient attention, which
+    takes the bias) where torch's own dispatch checks accept the inputs (dtype, head size, GPU
+    generation). Decided from shapes, dtypes and devices alone: no host synchronisation.
+    """
+    if v.shape[-1] != q.shape[-1]:
+        return None
+    if q.device.type == "cpu":
+        return "cpu_flash"
+    if q.device.type != "cuda":
+        return None
+    from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
+
+    if key_bias is None and can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, False)):
+        return "flash"
+    bias = kernel_bias(key_bias, q.dtype, q.shape[1], q.shape[2])
+    ok = can_use_efficient_attention(SDPAParams(q, k, v, bias, 0.0, False, False))
+    return "efficient" if ok else None
+
+
+def kernel_bias(
+    key_bias: torch.Tensor | None, dtype: torch.dtype, heads: int, n_q: int
+) -> torch.Tensor | None:
+    """(B, n) key bias as the (B, h, n_q, n) view that memory-efficient attention reads.
+
+    Its rows are padded to a multiple of 16 elements in memory (the kernel's alignment, as
+    ``F.scaled_dot_product_attention`` pads masks) and broadcast over heads and queries
+    (stride 0), so no (B, h, n, n) tensor is materialised.
+    """
+    if key_bias is None:
+        return None
+    B, n = key_bias.shape
+    buf = key_bias.new_zeros(B, -(-n // 16) * 16, dtype=dtype)
+    buf[:, :n] = key_bias
+    return buf[:, None, None, :n].expand(B, heads, n_q, n)
+
+
 def attention_with_lse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -73,25 +128,42 @@ def attention_with_lse(
     key_bias: torch.Tensor | None = None,
     fused: bool = True,
     dropout_p: float = 0.0,
+    need_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention that also returns the per-row log-sum-exp when the fused kernel exposes it.
+    """Attention that also returns the per-row log-sum-exp when a fused kernel exposes it.
 
-    On CPU the fused flash kernel behind ``F.scaled_dot_product_attention`` returns the row
-    log-sum-exp it computed anyway; reusing it saves a pass in token scoring and lets
-    :func:`reweighted_attention` read ``A[:, DC]`` off a few logits. The output is differentiable
-    exactly as with ``F.scaled_dot_product_attention``; the log-sum-exp is not.
+    The fused kernels compute the row log-sum-exp anyway (see :func:`lse_kernel`); reusing it
+    saves a pass in token scoring and lets :func:`reweighted_attention` read ``A[:, DC]`` off a
+    few logits. The output is differentiable exactly as with ``F.scaled_dot_product_attention``;
+    the log-sum-exp is not.
+
+    Args:
+        dropout_p: Attention dropout (pass 0 outside training); the log-sum-exp is then None.
+        need_lse: Whether the caller uses the log-sum-exp. Without it CUDA runs
+            ``F.scaled_dot_product_attention`` (torch picks the fastest kernel); CPU runs the same
+            kernel either way.
 
     Returns:
-        ``out`` (B, h, n, dv) and ``lse`` (B, h, n) float32, or None where no kernel exposes it
-        (CUDA, the explicit path, different value width, attention dropout: the CPU flash kernel
-        has none, so ``F.scaled_dot_product_attention`` then takes its math path).
+        ``out`` (B, h, n, dv) and ``lse`` (B, h, n) float32 (float64 for float64 inputs), or
+        None where no kernel exposes it (the explicit path, a value width other than q's,
+        inputs that no CUDA kernel with a log-sum-exp accepts, attention dropout: the CPU flash
+        kernel has none, so ``F.scaled_dot_product_attention`` then takes its math path) or
+        CUDA does not need it.
     """
-    if fused and q.device.type == "cpu" and v.shape[-1] == q.shape[-1] and dropout_p == 0.0:
+    kernel = lse_kernel(q, k, v, key_bias) if fused and dropout_p == 0.0 else None
+    if kernel == "cpu_flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=_bias_4d(key_bias, q.dtype), scale=scale
         )
         return out, lse.to(torch.promote_types(q.dtype, torch.float32))
-    return attention(q, k, v, scale, key_bias, fused, dropout_p), None
+    if kernel is None or not need_lse:
+        return attention(q, k, v, scale, key_bias, fused, dropout_p), None
+    if kernel == "flash":
+        out, lse, *_ = _CUDA_FLASH(q, k, v, 0.0, False, False, scale=scale)
+        return out, lse
+    bias = kernel_bias(key_bias, q.dtype, q.shape[1], q.shape[2])
+    out, lse, *_ = _CUDA_EFFICIENT(q, k, v, bias, True, 0.0, False, scale=scale)
+    return out, lse[..., : q.shape[2]]  # the kernel pads its rows to a multiple of 32
 
 
 def _pad_width(num_dc: int) -> int:
@@ -110,6 +182,7 @@ def reweighted_attention(
     key_bias: torch.Tensor | None = None,
     fused: bool = True,
     dropout_p: float = 0.0,
+    need_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FATR's reweighted attention ``Â V`` in one attention call.
 
@@ -123,7 +196,8 @@ def reweighted_attention(
     (``A · onehot = A[:, DC]``) and q, k are zero-padded to the same width, so the logits are
     unchanged; that costs ``n² · pad`` extra MACs (``pad`` = DC count, rounded up to 8 on CUDA)
     instead of another ``n² · d`` for ``V ⊙ mask``, and gradients flow through the fused kernel's
-    backward. Without gradients, where the kernel exposes its row log-sum-exp (CPU),
+    backward. Without gradients, where a fused kernel exposes its row log-sum-exp (CPU's flash
+    kernel; CUDA's flash or memory-efficient kernel, see :func:`lse_kernel`),
     ``A[:, DC] = exp(q k_DCᵀ · scale - lse)`` costs only ``n · num_dc · d`` MACs.
     ``A[:, DC] V[DC]`` is then a small ``(n × num_dc) · (num_dc × d)`` product.
 
@@ -146,6 +220,7 @@ def reweighted_attention(
         key_bias: Optional additive bias per key, (B, n).
         fused: Use the fused kernel.
         dropout_p: Attention dropout (pass 0 outside training).
+        need_lse: Whether the caller uses the log-sum-exp (see :func:`attention_with_lse`).
 
     Returns:
         ``Â V`` (B, h, n, d) and the row log-sum-exp of ``A`` (B, h, n) or None.
@@ -156,7 +231,7 @@ def reweighted_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, coef_hp, coef_dc)
     )
-    lse_exposed = fused and q.device.type == "cpu"
+    lse_exposed = fused and lse_kernel(q, k, v, key_bias) is not None
     dc_term = None
     if num_dc > 0 and (needs_grad or not lse_exposed or dropout_p > 0.0):
         pad = num_dc if q.device.type == "cpu" else _pad_width(num_dc)
@@ -171,11 +246,13 @@ def reweighted_attention(
             key_bias,
             fused,
             dropout_p,
+            need_lse,
         )
         av, a_dc = out[..., :d], out[..., d : d + num_dc]  # (B,h,n,d), (B,h,n,num_dc)
         dc_term = a_dc @ v[:, :, n - num_dc :]  # (B, h, n, d)
     else:
-        av, lse = attention_with_lse(q, k, v, scale, key_bias, fused, dropout_p)
+        av, lse = attention_with_lse(q, k, v, scale, key_bias, fused, dropout_p,
+                                     need_lse or num_dc > 0)  # fmt: skip
         if num_dc > 0:
             k_dc = k[:, :, n - num_dc :]
             logits = (q @ k_dc.transpose(-2, -1)).to(lse.dtype) * scale  # (B, h, n, D)

@@ -115,11 +115,13 @@ def attention_column_mean_triton(
     k: torch.Tensor,
     scale: float,
     key_bias: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact column mean of the softmax attention map with a two-pass Triton kernel.
 
     Same result as ``attention_column_mean``. Pass 1 computes each query row's log-sum-exp over
-    key tiles; pass 2 sums ``exp(logit - lse)`` over query tiles for each key tile. Needs CUDA
+    key tiles (skipped when ``lse`` is given); pass 2 sums ``exp(logit - lse)`` over query tiles
+    for each key tile. Autotuned on CUDA (see ``fatr_seg.ops.triton_scoring``). Needs CUDA
     tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before Triton is imported.
 
     Args:
@@ -127,6 +129,8 @@ def attention_column_mean_triton(
         k: Keys, (B, h, n_k, d). Same dtype as ``q``.
         scale: Logit scale, usually ``d ** -0.5``.
         key_bias: Optional additive logit bias per key, (B, n_k): 0 or ``-inf``.
+        lse: Optional (B, h, n_q) row log-sum-exp of the same logits, as the fused attention
+            kernel returns it (:func:`fatr_seg.ops.attention_with_lse`).
 
     Returns:
         Scores, (B, n_k), float32.
@@ -137,7 +141,7 @@ def attention_column_mean_triton(
     _check_inputs(q, k, key_bias)
     from .triton_scoring import column_mean_triton
 
-    return column_mean_triton(q, k, scale, key_bias)
+    return column_mean_triton(q, k, scale, key_bias, lse=lse)
 
 
 @torch.no_grad()
@@ -198,9 +202,10 @@ def hf_scores(
         method: ``'exact'`` (column mean of the softmax attention map) or ``'logit_proxy'``.
         key_bias: Optional (B, n_k) bias, 0 or ``-inf`` (masked keys).
         backend: For ``method='exact'``: ``'auto'`` (Triton for CUDA tensors when Triton is
-            importable, chunked otherwise), ``'chunked'`` or ``'triton'``. Ignored by the proxy.
+            importable and the call is not being compiled, chunked otherwise), ``'chunked'`` or
+            ``'triton'``. Ignored by the proxy.
         lse: Optional (B, h, n_q) row log-sum-exp from the fused attention call; the chunked
-            path then skips its own row normalisation.
+            path then skips its own row normalisation, the Triton path its first pass.
 
     Returns:
         Scores, (B, n_k), float32; higher means more HF.
@@ -215,9 +220,11 @@ def hf_scores(
     if method == "logit_proxy":
         return logit_proxy_score(q, k, scale, key_bias)
     if backend == "auto":
-        backend = "triton" if q.is_cuda and triton_available() else "chunked"
+        # Under torch.compile the chunked path is traced and fused by inductor instead.
+        compiling = torch.compiler.is_compiling()
+        backend = "triton" if q.is_cuda and triton_available() and not compiling else "chunked"
     if backend == "triton":
-        return attention_column_mean_triton(q, k, scale, key_bias)
+        return attention_column_mean_triton(q, k, scale, key_bias, lse=lse)
     return attention_column_mean(q, k, scale, key_bias, lse=lse)
 
 

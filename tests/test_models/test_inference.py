@@ -111,7 +111,8 @@ def test_slide_inference_on_a_non_square_image(config):
     meta = dict(img_shape=(200, 330), ori_shape=(200, 330), pad_shape=(200, 330))
     (result,) = model.predict(x, [SegDataSample(metainfo=meta)])
     hook.remove()
-    assert seen == [(1, 3, 128, 128)] * 8
+    # The configs' BatchedSlideEncoderDecoder: the 8 crops go through the model as one batch.
+    assert seen == [(8, 3, 128, 128)]
     check_result(result, (200, 330))
 
     # Rows 0-71 x columns 0-95 lie in the first crop only: there slide = whole on that crop.

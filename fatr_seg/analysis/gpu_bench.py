@@ -1,0 +1,272 @@
+"""The GPU benchmark behind ``tools/gpu_bench.sh``: ViT-S Segmenter, baseline vs FATR, on CUDA.
+
+Needs torch and timm only (no mmcv, mmseg or mmengine), so it runs on a bare GPU machine from a
+copy of the repository. The two models are those of ``configs/baseline_vit-s_ade20k.py`` and
+``configs/fatr_ade20k.py`` (ViT-S/16, Segmenter's mask head with 150 classes, FATR's default
+reduction with the head on the reduced token set), built from ``fatr_seg.layers``
+(``tests/test_tools/test_gpu_bench.py`` checks them against the configs). Random weights: speed
+does not depend on them.
+
+Per input size, target (``backbone``: the backbone's forward; ``segmentor``: backbone, head and
+the bilinear resize of the logits to the input size, i.e. mmseg's ``encode_decode``) and mode
+(``eager``, ``compiled``: backbone and head through ``torch.compile(fullgraph=True)``, one
+graph each, the final resize eager, as ``tools/test.py --compile`` runs them), the two models run in
+alternation under ``torch.autocast`` (bf16 by default) with a synchronisation around every
+call. The peak memory of one call is ``torch.cuda.max_memory_allocated`` minus what was allocated
+before (on CPU: peak live tensor bytes). The result is a markdown table and a JSON file.
+
+``--time-budget`` (default 420 s) bounds the run: cells that would start after it are listed as
+skipped; eager cells run first, then compiled ones, smallest size first. ``--dry-run`` runs the
+same logic on a tiny model at tiny sizes (``--device cpu --dry-run`` tests it without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import FATRVisionTransformer, MaskTransformerHead
+from ..layers.config import REDUCTION_DEFAULTS
+from .timing import TimingStats, cuda_peak_memory, peak_tensor_bytes, time_alternating
+
+__all__ = ["MODELS", "build_models", "main", "run", "to_markdown"]
+
+# ViT-S/16 Segmenter-Mask of the ADE20K configs: backbone kwargs, and the head's.
+VIT_S = dict(patch_size=16, embed_dims=384, num_layers=12, num_heads=6, mlp_ratio=4.0)
+HEAD_S = dict(num_classes=150, num_layers=2, num_heads=6, embed_dims=384)
+TINY = dict(patch_size=16, embed_dims=32, num_layers=12, num_heads=2, mlp_ratio=4.0)
+TINY_HEAD = dict(num_classes=150, num_layers=1, num_heads=2, embed_dims=32)
+#: Model name -> reduction (None: the baseline).
+MODELS = {"baseline": None, "fatr": dict(REDUCTION_DEFAULTS)}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class Segmentor(nn.Module):
+    """Backbone, mask head, and the resize of the logits to the input (mmseg's encode_decode)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resize(self.head(self.backbone(x)), x)
+
+    @staticmethod
+    def resize(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The logits bilinearly resized to the input's size, as mmseg's ``predict_by_feat``."""
+        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+
+
+def build_models(tiny: bool = False) -> dict[str, Segmentor]:
+    """The baseline and FATR segmentors, eval mode, same random weights where they share them.
+
+    The positional embedding is stored for the configs' 512² crops (64² for ``tiny``).
+    """
+    vit, head = (TINY, TINY_HEAD) if tiny else (VIT_S, HEAD_S)
+    img_size = 64 if tiny else 512
+    models = {}
+    for name, reduction in MODELS.items():
+        torch.manual_seed(0)
+        backbone = FATRVisionTransformer(img_size=img_size, reduction=reduction,
+                                         compact_output=True, **vit)  # fmt: skip
+        models[name] = Segmentor(backbone, MaskTransformerHead(vit["embed_dims"], **head)).eval()
+    return models
+
+
+def _callables(model: Segmentor, target: str, x, dtype, compiled: bool, backend: str):
+    fn: Callable = model.backbone if target == "backbone" else model
+    if compiled:  # backbone and head one graph each, the final resize eager (as --compile does)
+        options = dict(fullgraph=True, dynamic=False, backend=backend)
+        backbone = torch.compile(model.backbone, **options)
+        head = torch.compile(model.head, **options)
+        fn = backbone
+        if target == "segmentor":
+            fn = lambda x: model.resize(head(backbone(x)), x)  # noqa: E731
+    autocast = x.is_cuda and dtype != torch.float32
+
+    def call():
+        ctx = torch.autocast("cuda", dtype) if autocast else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            return fn(x)
+
+    return call
+
+
+def _memory(fn, device: torch.device) -> int:
+    if device.type == "cuda":
+        return cuda_peak_memory(fn, device)["forward_bytes"]
+    return peak_tensor_bytes(fn)
+
+
+def run(args) -> dict:
+    """Measure every (shape, target, mode) cell; returns the JSON-ready result."""
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    start = time.perf_counter()
+    models = {n: m.to(device) for n, m in build_models(args.dry_run).items()}
+    result = dict(
+        schema="fatr_seg.gpu_bench/1",
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        command=args.command,
+        machine=dict(
+            platform=platform.platform(),
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            torch=torch.__version__,
+            cuda=torch.version.cuda,
+        ),
+        settings=dict(
+            device=str(device),
+            dtype=args.dtype,
+            batch=args.batch,
+            shapes=args.shapes,
+            iters=args.iters,
+            warmup=args.warmup,
+            dry_run=args.dry_run,
+            compile_backend=args.compile_backend,
+        ),  # fmt: skip
+        rows=[],
+        skipped=[],
+    )
+    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    for mode in modes:
+        for size in args.shapes:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(args.batch, 3, size, size, generator=gen).to(device)
+            for target in args.targets:
+                elapsed = time.perf_counter() - start
+                if args.time_budget and elapsed > args.time_budget:
+                    reason = f"time budget: {elapsed:.0f} s spent"
+                    result["skipped"].append(
+                        dict(mode=mode, shape=size, target=target, reason=reason)
+                    )
+                    continue
+                try:
+                    result["rows"] += _cell(models, target, x, dtype, mode, args)
+                except Exception as err:  # noqa: BLE001 - one failed cell must not end the run
+                    reason = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                    result["skipped"].append(
+                        dict(mode=mode, shape=size, target=target, reason=reason)
+                    )
+            del x
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def _cell(models, target, x, dtype, mode, args) -> list[dict]:
+    fns, compile_s = {}, {}
+    for name, model in models.items():
+        fns[name] = _callables(model, target, x, dtype, mode == "compiled", args.compile_backend)
+        t0 = time.perf_counter()
+        fns[name]()  # compiles in compiled mode
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        compile_s[name] = time.perf_counter() - t0
+    times = time_alternating(fns, args.iters, args.warmup, x.device)
+    stats = {n: TimingStats.from_times(t) for n, t in times.items()}
+    rows = []
+    for name, s in stats.items():
+        rows.append(dict(
+            shape=x.shape[2], tokens=(x.shape[2] // 16) ** 2, target=target, mode=mode,
+            model=name, batch=x.shape[0], median_ms=s.median_s * 1e3, q1_ms=s.q1_s * 1e3,
+            q3_ms=s.q3_s * 1e3, images_per_s=x.shape[0] / s.median_s,
+            speedup=stats["baseline"].median_s / s.median_s,
+            peak_mib=_memory(fns[name], x.device) / 2**20,
+            first_call_s=compile_s[name],
+        ))  # fmt: skip
+    return rows
+
+
+def to_markdown(result: dict) -> str:
+    """The result as a markdown table (one row per shape, target, mode and model)."""
+    m, s = result["machine"], result["settings"]
+    lines = [
+        f"# GPU benchmark {result['date']}",
+        "",
+        f"- command: `{result['command']}`",
+        f"- device: {m['device']}, torch {m['torch']}, CUDA {m['cuda']}, {m['platform']}",
+        f"- {s['dtype']} (autocast on CUDA), batch {s['batch']}, {s['warmup']} warm-up + "
+        f"{s['iters']} timed rounds, models alternating; compiled: torch.compile(fullgraph=True,"
+        f" backend={s['compile_backend']!r}); dry run: {s['dry_run']}; {result['seconds']:.0f} s",
+        "",
+        "| size | tokens | target | mode | model | ms / batch (median [q1, q3]) | images/s "
+        "| speed-up vs baseline | peak MiB | first call s |",
+        "|---:|---:|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['shape']}² | {r['tokens']} | {r['target']} | {r['mode']} | {r['model']} "
+            f"| {r['median_ms']:.1f} [{r['q1_ms']:.1f}, {r['q3_ms']:.1f}] "
+            f"| {r['images_per_s']:.1f} | {r['speedup']:.3f} | {r['peak_mib']:,.1f} "
+            f"| {r['first_call_s']:.1f} |"
+        )
+    for r in result["skipped"]:
+        lines.append(f"\n- skipped {r['mode']} {r['target']} at {r['shape']}²: {r['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="ViT-S Segmenter on a GPU: baseline vs FATR, bf16, "
+                                "eager and compiled (see tools/gpu_bench.sh)")  # fmt: skip
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --dry-run)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=None, help="images per call (default 32)")
+    p.add_argument("--shapes", type=int, nargs="+", default=None,
+                   help="square input sizes (default 512 1024: 1024 and 4096 tokens)")  # fmt: skip
+    p.add_argument("--targets", nargs="+", choices=("backbone", "segmentor"),
+                   default=["backbone", "segmentor"])  # fmt: skip
+    p.add_argument("--iters", type=int, default=None, help="timed rounds (default 20)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 3)")
+    p.add_argument("--no-compile", action="store_true", help="eager only")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    p.add_argument("--time-budget", type=float, default=420.0,
+                   help="skip cells that would start later (seconds; 0: none)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny model, sizes 64 96, batch 2, 1 round: tests the logic")  # fmt: skip
+    p.add_argument("--out-dir", default="work_dirs/gpu_bench", help="gpu_bench.{md,json}")
+    args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args.command = " ".join(["python -m fatr_seg.analysis.gpu_bench", *given])
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device (use --device cpu --dry-run to test)")
+    if not args.device.startswith("cuda") and not args.dry_run:
+        p.error("on CPU only --dry-run is supported; the CPU benchmark is tools/benchmark.py")
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.batch = args.batch or (2 if args.dry_run else 32)
+    args.shapes = args.shapes or ([64, 96] if args.dry_run else [512, 1024])
+    args.iters = args.iters or (1 if args.dry_run else 20)
+    args.warmup = (1 if args.dry_run else 3) if args.warmup is None else args.warmup
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    markdown = to_markdown(result)
+    with open(os.path.join(args.out_dir, "gpu_bench.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(args.out_dir, "gpu_bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(markdown)
+    print(f"wrote {args.out_dir}/gpu_bench.md and gpu_bench.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""``tools/gpu_bench.sh`` without a GPU: its models are the configs', its logic runs on CPU.
+
+No GPU was lent to this project, so the script's CUDA run is not tested here; ``--device cpu
+--dry-run`` runs every step of it (model building, both targets, eager and compiled, memory,
+the markdown table) on a tiny model.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmseg.registry import MODELS as MMSEG_MODELS
+from torch.testing import assert_close
+
+from fatr_seg.analysis.gpu_bench import HEAD_S, MODELS, VIT_S, build_models
+from fatr_seg.layers import ReductionConfig
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def config(name):
+    cfg = Config.fromfile(str(REPO / "configs" / name))
+    cfg.model.backbone.init_cfg = None
+    return cfg
+
+
+def test_models_are_the_configs():
+    for name, path in (("baseline", "baseline_vit-s_ade20k.py"), ("fatr", "fatr_ade20k.py")):
+        bb, head = config(path).model.backbone, config(path).model.decode_head
+        for key, value in VIT_S.items():
+            assert bb[key] == value, (path, key)
+        assert bb.compact_output is True and head.type == "FATRSegmenterHead"
+        for key, value in HEAD_S.items():
+            assert head[key] == value, (path, key)
+        want = ReductionConfig.from_dict(bb.reduction, depth=12)
+        assert ReductionConfig.from_dict(MODELS[name], depth=12) == want
+
+
+@pytest.mark.slow
+def test_segmentor_equals_mmseg_encode_decode_with_the_same_weights():
+    """The pure-torch segmentor (no mmseg) gives the config model's encode_decode logits."""
+    ours = build_models()["fatr"]
+    cfg = config("fatr_ade20k.py")
+    cfg.model.type = "EncoderDecoder"
+    ref = MMSEG_MODELS.build(cfg.model).eval()
+    ref.backbone.load_state_dict(ours.backbone.state_dict(), strict=True)
+    ref.decode_head.load_state_dict(ours.head.state_dict(), strict=True)
+    x = torch.randn(1, 3, 128, 160)
+    metas = [dict(img_shape=(128, 160), ori_shape=(128, 160), pad_shape=(128, 160))]
+    with torch.no_grad():
+        assert_close(ours(x), ref.encode_decode(x, metas), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dry_run_on_cpu_writes_the_table(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_bench.sh"), str(tmp_path),
+                           "--device", "cpu", "--dry-run", "--compile-backend", "eager"],
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+    cells = {(r["shape"], r["target"], r["mode"], r["model"]) for r in result["rows"]}
+    assert cells == {(s, t, m, n) for s in (64, 96) for t in ("backbone", "segmentor")
+                     for m in ("eager", "compiled") for n in ("baseline", "fatr")}  # fmt: skip
+    assert all(r["median_ms"] > 0 and r["peak_mib"] >= 0 for r in result["rows"])
+    table = (tmp_path / "gpu_bench.md").read_text()
+    assert table.count("| fatr |") == 8 and "speed-up vs baseline" in table
+
+
+def test_cpu_without_dry_run_is_refused():
+    proc = subprocess.run([sys.executable, "-m", "fatr_seg.analysis.gpu_bench", "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "--dry-run" in proc.stderr
