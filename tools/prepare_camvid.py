@@ -9,6 +9,7 @@ class indices 0..11) before anything is written, and an existing file stops it, 
 """
 
 import argparse
+import sys
 
 from fatr_seg.datasets.camvid import CAMVID_SPLITS, prepare_camvid
 
