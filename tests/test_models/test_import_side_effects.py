@@ -82,6 +82,9 @@ def test_import_registers_our_names_and_changes_nothing_else():
             "fatr_seg.models.compat.AllowMMEngineCheckpointsHook",
         "mmseg:hook:UnreducedCheckpointHook": "fatr_seg.models.hooks.UnreducedCheckpointHook",
         "mmseg:model:DistillEncoderDecoder": "fatr_seg.models.distill.DistillEncoderDecoder",
+        "mmseg:model:BatchedSlideEncoderDecoder":
+            "fatr_seg.models.segmentor.BatchedSlideEncoderDecoder",
+        "mmseg:hook:CompileInferenceHook": "fatr_seg.models.compile.CompileInferenceHook",
         "mmseg:dataset:CamVidDataset": "fatr_seg.models.datasets.CamVidDataset",
         "mmseg:transform:LoadCamVidAnnotations":
             "fatr_seg.models.datasets.LoadCamVidAnnotations",

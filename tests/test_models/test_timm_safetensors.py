@@ -36,7 +36,20 @@ needs_real_vit = pytest.mark.skipif(not REAL_VIT_TI.is_file(), reason=NO_VIT)
 
 def fatr_vit(checkpoint, **kwargs):
     """FATRViT without reduction, loaded through ``init_cfg`` (strict)."""
-    kwargs = dict(img_size=224, patch_size=16, embed_dims=192, num_layers=12, num_heads=3) | kwargs
+    # timm's settings (FATRViT's own defaults are mmseg's: no patch bias, no final norm, eps 1e-5)
+    kwargs = (
+        dict(
+            img_size=224,
+            patch_size=16,
+            embed_dims=192,
+            num_layers=12,
+            num_heads=3,
+            patch_bias=True,
+            final_norm=True,
+            norm_cfg=dict(type="LN", eps=1e-6),
+        )
+        | kwargs
+    )
     init_cfg = dict(type="Pretrained", checkpoint=str(checkpoint))
     model = MODELS.build(dict(type="FATRViT", reduction=None, init_cfg=init_cfg, **kwargs))
     model.init_weights()
