@@ -282,7 +282,6 @@ def test_triton_kernel_on_cuda(dtype):
 
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import resource
     import torch
     from fatr_seg.ops.scoring import attention_column_mean
 
@@ -292,7 +291,9 @@ MEMORY_SCRIPT = textwrap.dedent(
     scores = attention_column_mean(q, k, 64**-0.5)
     assert scores.shape == (1, 16384) and not scores.isnan().any()
     torch.testing.assert_close(scores.sum(), torch.tensor(1.0), atol=1e-4, rtol=0)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+    from fatr_seg.analysis.timing import peak_rss_bytes  # VmHWM: this address space's peak
+
+    print(peak_rss_bytes() // 1024)  # KiB. Not ru_maxrss: it keeps the parent's peak on exec.
     """
 )
 
