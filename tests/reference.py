@@ -466,15 +466,19 @@ def _layer_keep(red, j, M):
         keep = num_keep(red["keep_ratio"][j], M)
     else:
         keep = max(1, M - red["r"][j])
-    if red["score"][j] == "bipartite":
+    if red["score"][j] in ("bipartite", "hf_bipartite", "random_bipartite"):
         keep = max(keep, M - M // 2)
-    if red["score"][j] in ("hf_bipartite", "random_bipartite"):
-        keep = max(keep, M - (M - _num_protected(red, M)) // 2)
     return keep
 
 
-def _num_protected(red, M):
-    return num_keep(red["protect"], M) if red["protect"] > 0 else 0
+def _num_protected(red, M, keep):
+    """Protected tokens: ceil(protect·M), but no more than leave M − keep A tokens to merge."""
+    if red["protect"] <= 0:
+        return 0
+    protected = num_keep(red["protect"], M)
+    while (M - protected) // 2 < M - keep:
+        protected -= 1
+    return protected
 
 
 def _layer_grid(red, j):
@@ -560,7 +564,9 @@ def vit_forward(sd, images, cfg):
                     scores = column_mean_scores(A, valid)[0, 1 : 1 + M].tolist()
                 elif kind == "hf_bipartite":
                     hf = column_mean_scores(A, valid)[0, 1 : 1 + M].tolist()
-                    scores, partner = protected_bipartite(metric, hf, _num_protected(red, M))
+                    scores, partner = protected_bipartite(
+                        metric, hf, _num_protected(red, M, _layer_keep(red, j, M))
+                    )
                 elif kind == "hf_proxy":
                     scores = proxy_scores(q[0], k[0], scale, valid[0].tolist())[1 : 1 + M]
                 elif kind == "cls":

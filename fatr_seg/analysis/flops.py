@@ -325,7 +325,7 @@ def _selection_macs(red: ReductionConfig, j: int, n: int, M: int, D: int, keep: 
     if score == "bipartite":
         macs += ((M + 1) // 2) * (M // 2) * d_metric
     elif score in ("hf_bipartite", "random_bipartite"):
-        free = M - red.num_protected(M)
+        free = M - red.num_protected(M, keep)
         macs += ((free + 1) // 2) * (free // 2) * d_metric
     elif score == "window":
         macs += (grid[0] // 2) * (grid[1] // 2) * 16 * d_metric

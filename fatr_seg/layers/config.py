@@ -281,21 +281,28 @@ class ReductionConfig:
         """Patch tokens reduction layer ``j`` keeps of ``num_tokens`` (M).
 
         ``ceil(keep_ratio · M)`` or ``M - r``, at least 1; bipartite matching merges at most one
-        token per A-B pair, so it keeps at least ``ceil(M / 2)`` (ToMe clamps ``r`` the same way).
+        token per A-B pair, so it keeps at least ``ceil(M / 2)`` (ToMe clamps ``r`` the same way;
+        a protecting score gives up protection first, :meth:`num_protected`).
         """
         if self.keep_ratio is not None:
             keep = num_keep(self.keep_ratio[j], num_tokens)
         else:
             keep = max(1, num_tokens - self.r[j])
-        if self.score[j] == "bipartite":
+        if self.score[j] == "bipartite" or self.score[j] in PROTECTING_SCORES:
             keep = max(keep, num_tokens - num_tokens // 2)
-        if self.score[j] in PROTECTING_SCORES:  # pairs only among the unprotected tokens
-            keep = max(keep, num_tokens - (num_tokens - self.num_protected(num_tokens)) // 2)
         return keep
 
-    def num_protected(self, num_tokens: int) -> int:
-        """Patch tokens a protecting score keeps out of the matching: ``ceil(protect · M)``."""
-        return num_keep(self.protect, num_tokens) if self.protect > 0 else 0
+    def num_protected(self, num_tokens: int, keep: int) -> int:
+        """Patch tokens a protecting score keeps out of the matching, when ``keep`` of M stay.
+
+        ``ceil(protect · M)``, but at most ``2 · keep - M``: the matching pairs only the
+        unprotected tokens, and its ``⌊(M - P) / 2⌋`` A tokens must supply the ``M - keep``
+        merges. So below ``keep_ratio = (1 + protect) / 2`` (0.6 for the default) protection
+        shrinks with the budget, down to none (plain bipartite matching) at ``ceil(M / 2)``.
+        """
+        if self.protect <= 0:
+            return 0
+        return min(num_keep(self.protect, num_tokens), max(0, 2 * keep - num_tokens))
 
     def with_keep_ratio(self, keep_ratio: float | tuple[float, ...]) -> ReductionConfig:
         """A copy with another budget (one ratio, or one per layer); validated like any config."""

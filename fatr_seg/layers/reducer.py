@@ -79,7 +79,7 @@ class TokenReducer(nn.Module):
             s = torch.rand(x.shape[0], M, device=x.device)
             if self.score == "random":
                 return s, None, None
-            protect = self.cfg.num_protected(M)
+            protect = self.cfg.num_protected(M, self.cfg.num_keep(self.j, M))
             return (*protected_bipartite_scores(self.metric(x, stats, M), s, protect), None)
         if self.score == "cls":
             attn = cls_attention(stats.q, stats.k, stats.scale, key_bias)[:, 1 : 1 + M]
@@ -94,7 +94,7 @@ class TokenReducer(nn.Module):
             s = self.without_empty_queries(s, stats, key_bias, state.num_dc)
         s = s[:, 1 : 1 + M]
         if self.score == "hf_bipartite":
-            protect = self.cfg.num_protected(M)
+            protect = self.cfg.num_protected(M, self.cfg.num_keep(self.j, M))
             return (*protected_bipartite_scores(self.metric(x, stats, M), s, protect), None)
         return s, None, None
 

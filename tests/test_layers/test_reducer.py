@@ -227,12 +227,9 @@ def test_keeps_exactly_its_budget_and_restores_kept_tokens(method, hw, keep_rati
     red = reducer(method, keep_ratio=keep_ratio, layers=(1, 2), **per_layer(method))
     out, new_state, rec = red(x, stats, state)
     budget = red.cfg.num_keep(0, N)
-    floor = 0  # matching merges at most one token of each (unprotected) pair
-    if red.score == "bipartite":
+    floor = 0  # matching merges at most one token of each pair (protection gives way first)
+    if red.score in ("bipartite", "hf_bipartite", "random_bipartite"):
         floor = N - N // 2
-    elif red.score in ("hf_bipartite", "random_bipartite"):
-        protected = math.ceil(0.2 * N - 1e-9)
-        floor = N - (N - protected) // 2
     assert budget == max(math.ceil(keep_ratio * N - 1e-9), floor)
     extra = {"dc": 4 if method == "fatr_paper" else 0, "fuse": 1, "merge": 0}[red.aggregate]
     assert rec.kept.shape == (3, budget)
@@ -279,3 +276,33 @@ def test_model_keeps_the_budget_at_every_reduction_layer():
                                   keep_ratio=(0.7, 0.6, 0.8))).eval()  # fmt: skip
     traces = model.reduction_trace(torch.randn(2, 3, 40, 56))
     assert [t.kept.shape[1] for t in traces] == [25, 15, 12]
+
+
+@pytest.mark.parametrize("protect", [0.0, 0.2, 0.45])
+def test_protection_gives_way_to_the_budget(protect):
+    """num_protected is the largest P <= ceil(protect·M) whose (M - P) // 2 A tokens can supply
+    the M - keep merges (brute force over P), so a protecting score reaches every budget down to
+    ceil(M / 2)."""
+    cfg = reducer("fatr", keep_ratio=0.7, layers=(1, 2), protect=protect).cfg
+    for M in range(1, 60):
+        for keep in range(M - M // 2, M + 1):
+            want = max(
+                P for P in range(0, math.ceil(protect * M - 1e-9) + 1) if (M - P) // 2 >= M - keep
+            )
+            assert cfg.num_protected(M, keep) == want, (M, keep)
+
+
+@pytest.mark.parametrize("method", ["fatr", "random"])
+def test_protecting_score_reaches_half_the_tokens(method):
+    """Below (1 + protect) / 2 the default still keeps exactly its budget: 0.5 keeps half, not
+    the 0.6 that full protection would allow, and merges all of the M - keep dropped tokens."""
+    N = 36
+    kept = {}
+    for keep_ratio in (0.5, 0.55, 0.6):
+        x, stats, state = make_inputs(2, (6, 6), seed=3)
+        red = reducer(method, keep_ratio=keep_ratio, layers=(1, 2))
+        out, new_state, rec = red(x, stats, state)
+        kept[keep_ratio] = rec.kept.shape[1]
+        assert out.shape[1] == 1 + kept[keep_ratio]
+        assert (new_state.patch_size.sum(1) == N).all()  # every patch is in some token
+    assert kept == {0.5: 18, 0.55: 20, 0.6: 22}
