@@ -58,6 +58,10 @@ _FATR = dict(
     reweight="identity",
     restore="copy",
 )
+# ToMe's reduction, whatever its schedule: bipartite matching on the keys, size-weighted merging
+# with its proportional attention, no reweighting.
+_TOME = dict(score="bipartite", aggregate="merge", metric="keys", prop_attn=True, reweight=None,
+             restore="copy")  # fmt: skip
 #: Preset per ``method``: every key a config leaves out comes from its method's preset.
 PRESETS: dict[str, dict[str, Any]] = {
     # The dense default: the HF score protects the top fifth of the tokens; the others merge
@@ -84,27 +88,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         restore="copy",
     ),  # fmt: skip
     # ToMe at the same three layers and keep ratio as FATR (the matched schedule) ...
-    "tome": dict(
-        layers=(4, 7, 10),
-        keep_ratio=0.7,
-        score="bipartite",
-        aggregate="merge",
-        metric="keys",
-        prop_attn=True,  # its proportional attention
-        reweight=None,
-        restore="copy",
-    ),  # fmt: skip
+    "tome": dict(layers=(4, 7, 10), keep_ratio=0.7, **_TOME),
     # ... and with its own constant schedule: r tokens merged in every block.
-    "tome_constant": dict(
-        layers=tuple(range(1, 13)),
-        r=16,
-        score="bipartite",
-        aggregate="merge",
-        metric="keys",
-        prop_attn=True,  # its proportional attention
-        reweight=None,
-        restore="copy",
-    ),  # fmt: skip
+    "tome_constant": dict(layers=tuple(range(1, 13)), r=16, **_TOME),
     # ALGM: local 2x2 merging after block 1, global bipartite merging after block 5, on the
     # block's output tokens; a fixed budget per batch instead of ALGM's similarity threshold.
     # Its code computes sizes but its attention ignores them: no proportional attention.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reduce import FoldRecord, accumulate_residual
+from .reduce import FoldRecord, accumulate_residual, token_map
 from .state import TokenState
 
 __all__ = ["fuse_tokens", "merge_tokens", "nearest_kept"]
@@ -112,12 +112,8 @@ def merge_tokens(
     new_x = torch.cat([x[:, :1], merged, x[:, 1 + M :]], dim=1)
 
     with torch.no_grad():
-        old_to_new = keep_pos.new_empty(B, M + D)
-        old_to_new.scatter_(1, keep_pos, torch.arange(K, device=x.device).expand(B, K))
-        old_to_new.scatter_(1, drop_pos, dst)
-        if D:
-            old_to_new[:, M:] = K + torch.arange(D, device=x.device)
-        source = old_to_new.gather(1, state.source)
+        dc_to = K + torch.arange(D, device=x.device) if D else None
+        old_to_new, source = token_map(state, keep_pos, drop_pos, dst, dc_to)
         patch_idx = state.patch_idx.gather(1, keep_pos)
     residual = state.residual
     if keep_residual:
@@ -179,12 +175,10 @@ def fuse_tokens(
     new_x = torch.cat([x[:, :1], hf, fused, x[:, 1 + M :]], dim=1)
 
     with torch.no_grad():
-        old_to_new = keep_pos.new_empty(B, M + D)
-        old_to_new.scatter_(1, keep_pos, torch.arange(K, device=x.device).expand(B, K))
-        old_to_new.scatter_(1, drop_pos, torch.full_like(drop_pos, K))
-        if D:
-            old_to_new[:, M:] = K + 1 + torch.arange(D, device=x.device)
-        source = old_to_new.gather(1, state.source)
+        dc_to = K + 1 + torch.arange(D, device=x.device) if D else None
+        old_to_new, source = token_map(
+            state, keep_pos, drop_pos, torch.full_like(drop_pos, K), dc_to
+        )
         no_cell = state.patch_idx.new_full((B, 1), -1)
         patch_idx = torch.cat([state.patch_idx.gather(1, keep_pos), no_cell], dim=1)
     size = None

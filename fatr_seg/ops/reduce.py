@@ -76,6 +76,32 @@ class FoldRecord(NamedTuple):
     source: torch.Tensor
 
 
+@torch.no_grad()
+def token_map(
+    state: TokenState, keep_pos: torch.Tensor, drop_pos: torch.Tensor, drop_to: torch.Tensor,
+    dc_to: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Where every token goes in one reduction step, and the source map pushed through it.
+
+    Args:
+        state: The state before the step (``M`` patch tokens, ``D`` DC tokens).
+        keep_pos: (B, K) positions of the kept patch tokens; the k-th goes to new position k.
+        drop_pos: (B, L) positions of the dropped patch tokens.
+        drop_to: (B, L) new position of the token each dropped one joins.
+        dc_to: (D,) or (B, D) new position of each old DC token (None when D is 0).
+
+    Returns:
+        ``old_to_new`` (B, M + D) and the new ``source`` (B, N).
+    """
+    B, K = keep_pos.shape
+    old_to_new = keep_pos.new_empty(B, state.num_patches + state.num_dc)
+    old_to_new.scatter_(1, keep_pos, torch.arange(K, device=keep_pos.device).expand(B, K))
+    old_to_new.scatter_(1, drop_pos, drop_to)
+    if dc_to is not None:
+        old_to_new[:, state.num_patches :] = dc_to
+    return old_to_new, old_to_new.gather(1, state.source)
+
+
 def accumulate_residual(
     state: TokenState, old: torch.Tensor, new: torch.Tensor, old_to_new: torch.Tensor
 ) -> torch.Tensor:
@@ -171,12 +197,8 @@ def fold_tokens(
 
     with torch.no_grad():
         # Old position (patch or DC) -> new position; then push the source map through it.
-        old_to_new = keep_pos.new_empty(B, M + D)
-        old_to_new.scatter_(1, keep_pos, torch.arange(K, device=device).expand(B, K))
-        old_to_new.scatter_(1, drop_pos, K + drop_win)
-        if D:
-            old_to_new[:, M:] = K + dc_to_new
-        source = old_to_new.gather(1, state.source)
+        dc_to = K + dc_to_new if D else None
+        old_to_new, source = token_map(state, keep_pos, drop_pos, K + drop_win, dc_to)
         patch_idx = state.patch_idx.gather(1, keep_pos)
 
     residual = state.residual
