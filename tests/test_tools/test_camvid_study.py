@@ -214,3 +214,18 @@ def test_quick_study_end_to_end_then_resume(tmp_path):
     assert "other settings (ft_iters: 2 -> 3)" in other.stderr.strip().splitlines()[-1]
     assert json.loads((work / "results.json").read_text()) == new
     assert not math.isnan(new["runs"]["ft/none/s1"]["mIoU"])
+
+
+def test_cost_is_kept_for_fewer_methods_and_measured_again_for_more():
+    """Methods are timed together: adding one times them all again; a re-run over a subset (more
+    seeds of two methods) keeps the stored timings of all."""
+    from types import SimpleNamespace
+
+    from fatr_seg.analysis.camvid_study import _cost_stale
+
+    stored = {"cost": {"models": ["none", "fatr", "tome"]}}
+    ctx = SimpleNamespace(store=SimpleNamespace(get=stored.get))
+    assert not _cost_stale(ctx, "cost", ["fatr", "none"])
+    assert not _cost_stale(ctx, "cost", ["none", "fatr", "tome"])
+    assert _cost_stale(ctx, "cost", ["none", "fatr", "algm"])
+    assert _cost_stale(ctx, "curve/cost", ["none"])
