@@ -24,9 +24,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def pm(values: list[float], digits: int = 1) -> str:
-    """``mean ± std`` of ``values``, or ``n/a``."""
+    """``mean ± std`` of ``values``, the value alone when there is one, or ``n/a``."""
     m, s = mean_std(values)
-    return "n/a" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+    if math.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def collect(data: dict, method: str, phase: str, field: str) -> list:

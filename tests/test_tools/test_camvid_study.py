@@ -229,3 +229,17 @@ def test_cost_is_kept_for_fewer_methods_and_measured_again_for_more():
     assert not _cost_stale(ctx, "cost", ["none", "fatr", "tome"])
     assert _cost_stale(ctx, "cost", ["none", "fatr", "algm"])
     assert _cost_stale(ctx, "curve/cost", ["none"])
+
+
+def test_mean_and_std_cells_of_the_reports():
+    """One seed is shown as its value (no '± 0.00' that would read as a measured spread); more
+    seeds as mean ± sample standard deviation."""
+    import statistics
+
+    from fatr_seg.analysis.study_report import pm
+
+    assert pm([55.809], 2) == "55.81"
+    vals = [57.49, 56.45, 56.06]
+    want = f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+    assert pm(vals, 2) == want == "56.67 ± 0.74"
+    assert pm([]) == "n/a"
