@@ -97,6 +97,23 @@ def test_chunk_size_does_not_change_result():
     torch.testing.assert_close(one_row, whole, atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.parametrize("max_chunk_bytes", [1, 4 * 2**20])
+def test_batch_with_lse_and_bias_matches_explicit_softmax(max_chunk_bytes):
+    # Batches run one image at a time on CPU; each image keeps its own bias and row lse.
+    B, h, n, d = 4, 6, 23 * 37 + 1 + 4, 16
+    q, k = make_qk(B, h, n, d, seed=5)
+    bias = make_key_bias(B, n)
+    scale = d**-0.5
+    lse = torch.logsumexp((q @ k.transpose(-2, -1)) * scale + bias[:, None, None, :], dim=-1)
+
+    scores = attention_column_mean(q, k, scale, bias, max_chunk_bytes=max_chunk_bytes, lse=lse)
+
+    torch.testing.assert_close(
+        scores, reference_column_mean(q, k, scale, bias), atol=1e-6, rtol=1e-5
+    )
+    assert (scores[bias == NEG_INF] == 0).all()
+
+
 def test_no_autograd_graph():
     q, k = make_qk(1, 2, 17, 8)
     q.requires_grad_(True)
