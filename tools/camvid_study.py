@@ -145,6 +145,13 @@ def parse_args(argv=None):
         default=0.7,
         help="the one-budget FATR fine-tuning evaluated at every ratio",
     )
+    g.add_argument(
+        "--curve-seeds",
+        nargs="+",
+        type=int,
+        help="fine-tuning seeds of the curve's trained families (default: the first of --seeds); "
+        "the table shows their mean ± std",
+    )
     return p.parse_args(argv)
 
 

@@ -16,7 +16,7 @@ from ..datasets.camvid import CAMVID_CLASSES
 from ..layers.config import ReductionConfig
 from .study_report import mean_std, pm
 
-__all__ = ["CURVE_FAMILIES", "write_report", "plot"]
+__all__ = ["CURVE_FAMILIES", "at_speed", "curve_key", "curve_values", "write_report", "plot"]
 
 #: Budget-curve families: key in results.json -> label.
 CURVE_FAMILIES = {
@@ -183,17 +183,43 @@ def _hf_table(runs: dict, methods) -> list[str]:
     return lines
 
 
+def curve_key(family: str, ratio: float, seed: int = 0) -> str:
+    """Key of one budget-curve point in ``results.json``: ``curve/{family}/{ratio}`` for seed 0
+    (and for the training-free families, which have no seed), ``curve/s{seed}/{family}/{ratio}``
+    for the other seeds."""
+    return f"curve/{family}/{ratio:.2f}" if seed == 0 else f"curve/s{seed}/{family}/{ratio:.2f}"
+
+
+def curve_values(runs: dict, family: str) -> dict[float, list[float]]:
+    """mIoU of a budget-curve family by ratio, one value per seed that has it."""
+    out: dict[float, list[float]] = {}
+    for key, v in runs.items():
+        parts = key.split("/")
+        if (
+            parts[0] == "curve"
+            and parts[-2] == family
+            and (len(parts) == 3 or (len(parts) == 4 and parts[1][:1] == "s"))
+        ):
+            out.setdefault(float(parts[-1]), []).append(v["mIoU"])
+    return dict(sorted(out.items()))
+
+
 def curve_points(runs: dict, family: str, batch: str) -> list[tuple[float, float, float | None]]:
-    """``(ratio, mIoU, images/s)`` of a budget-curve family, by ratio (speed of the model that
-    family runs at that ratio: FATR's or ToMe's)."""
+    """``(ratio, mean mIoU over seeds, images/s)`` of a budget-curve family, by ratio (speed of
+    the model that family runs at that ratio: FATR's or ToMe's)."""
     cost = runs.get("curve/cost")
     model = "tome" if family.startswith("tome") else "fatr"
-    pts = []
-    prefix = f"curve/{family}/"
-    for key in sorted(k for k in runs if k.startswith(prefix)):
-        ratio = float(key[len(prefix) :])
-        pts.append((ratio, runs[key]["mIoU"], _speed(cost, f"{model}@{ratio:.2f}", batch)))
-    return pts
+    return [(r, mean_std(v)[0], _speed(cost, f"{model}@{r:.2f}", batch))
+            for r, v in curve_values(runs, family).items()]  # fmt: skip
+
+
+def at_speed(points, speed: float) -> float | None:
+    """``points`` ``(images/s, mIoU)`` interpolated linearly at ``speed``; None outside them."""
+    pts = sorted(p for p in points if p[0])
+    for (s0, m0), (s1, m1) in zip(pts, pts[1:]):
+        if s0 <= speed <= s1:
+            return m0 if s1 == s0 else m0 + (m1 - m0) * (speed - s0) / (s1 - s0)
+    return None
 
 
 def _curve_table(runs: dict, st: dict) -> list[str]:
@@ -203,17 +229,36 @@ def _curve_table(runs: dict, st: dict) -> list[str]:
     batches = list(cost.get("images_per_s", {}))
     ratios = sorted({float(k.rsplit("/", 1)[1]) for k in runs
                      if k.startswith("curve/") and k != "curve/cost"})  # fmt: skip
-    lines = ["## Budget curve (mIoU %, first seed)", "",
+    seeds = st.get("curve_seeds") or st["seeds"][:1]
+    lines = [f"## Budget curve (mIoU %, fine-tuned: mean ± std over seeds {seeds})", "",
              f"Sampled budgets: keep ratio uniform in {tuple(st['budget_range'])} per iteration; "
              f"one budget: {st['curve_fixed_ratio']}. Every fine-tuned FATR model is evaluated "
              "at each ratio with `set_keep_ratio` (no rebuild).", "",
              "| family | " + " | ".join(f"{r:.2f}" for r in ratios) + " |",
              "|---|" + "---|" * len(ratios)]  # fmt: skip
+    values = {f: curve_values(runs, f) for f in CURVE_FAMILIES}
     for family, label in CURVE_FAMILIES.items():
-        by_ratio = {r: m for r, m, _ in curve_points(runs, family, "b1")}
-        if by_ratio:
-            lines.append(f"| {label} | " + " | ".join(_fmt(by_ratio.get(r), 2) for r in ratios)
-                         + " |")  # fmt: skip
+        if values[family]:
+            lines.append(f"| {label} | " + " | ".join(
+                pm(values[family][r], 2) if r in values[family] else "n/a" for r in ratios)
+                + " |")  # fmt: skip
+    # The targets: sampled against each-ratio fine-tuning, and against ToMe at equal speed.
+    sampled = {r: mean_std(v)[0] for r, v in values["fatr_sampled"].items()}
+    each = {r: mean_std(v)[0] for r, v in values["fatr_each"].items()}
+    if sampled and each:
+        lines.append("| sampled − each-ratio FATR | " + " | ".join(
+            f"{sampled[r] - each[r]:+.2f}" if r in sampled and r in each else "n/a"
+            for r in ratios) + " |")  # fmt: skip
+    for b in batches:
+        tome = [(s, m) for _, m, s in curve_points(runs, "tome_each", b)]
+        cells = []
+        for r in ratios:
+            speed = _speed(cost, f"fatr@{r:.2f}", b)
+            ref = at_speed(tome, speed) if speed and r in sampled else None
+            cells.append("n/a" if ref is None else f"{sampled[r] - ref:+.2f}")
+        if sampled and tome:
+            lines.append(f"| sampled − ToMe fine-tuned at the same images/s {b} | "
+                         + " | ".join(cells) + " |")  # fmt: skip
     for b in batches:
         for model in ("fatr", "tome"):
             lines.append(f"| images/s {model} {b} | " + " | ".join(

@@ -22,7 +22,7 @@ methods and budget ratios can be added later):
 7. **budget curve** (with ``budget_curve`` ratios): FATR fine-tuned with sampled budgets, FATR
    fine-tuned at ``curve_fixed_ratio``, FATR fine-tuned at each ratio, all evaluated at every
    ratio (``set_keep_ratio``), ToMe training-free and fine-tuned at each ratio, and images/s per
-   ratio.
+   ratio; the fine-tuned families once per seed of ``curve_seeds`` (default: the first seed).
 
 ``args`` is the namespace of ``tools/camvid_study.py`` after :func:`resolve_args`. Configs, runs
 and measurements are :mod:`fatr_seg.analysis.camvid_runs`; the table and plots
@@ -42,6 +42,7 @@ import torch
 from ..layers.config import PRESETS as REDUCTION_PRESETS
 from ..layers.config import ReductionConfig
 from .budget import ViTShape, match_budget, with_budget
+from .camvid_report import curve_key
 from .camvid_runs import (
     StudyError,
     baseline_cfg,
@@ -89,7 +90,7 @@ PRESETS = {
 }  # fmt: skip
 QUICK_WEIGHTS = "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
 # Options that do not change any result: a re-run may change them.
-_NOT_SETTINGS = ("work_dir", "seeds", "methods", "budget_curve", "threads", "quick")
+_NOT_SETTINGS = ("work_dir", "seeds", "methods", "budget_curve", "curve_seeds", "threads", "quick")
 
 
 class SkipStudy(StudyError):
@@ -136,6 +137,7 @@ def resolve_args(args):
         raise StudyError(f"--ema-momentum {args.ema_momentum}: must lie in (0, 1)")
     args.methods = [m for m in METHODS if m in args.methods]  # canonical order, no repeats
     args.seeds = sorted(set(args.seeds))
+    args.curve_seeds = sorted(set(getattr(args, "curve_seeds", None) or args.seeds[:1]))
     if args.budget_curve is not None:
         args.budget_curve = sorted(set(args.budget_curve or CURVE_RATIOS))
         bad = [r for r in args.budget_curve if not 0.5 <= r <= 1.0]
@@ -361,7 +363,8 @@ def run_camvid_study(args) -> dict:
         budget_curve(ctx, inputs, img_shape)
     # What this run covered (the report's rows); a later run may cover more.
     store.data["settings"].update(seeds=args.seeds, methods=args.methods,
-                                  budget_curve=args.budget_curve)  # fmt: skip
+                                  budget_curve=args.budget_curve,
+                                  curve_seeds=args.curve_seeds)  # fmt: skip
     store.save()
     return store.data
 
@@ -369,7 +372,7 @@ def run_camvid_study(args) -> dict:
 def budget_curve(ctx: _Ctx, inputs, img_shape) -> None:
     """Step 7: mIoU and images/s of FATR and ToMe at every ratio of ``budget_curve``."""
     args, ref = ctx.args, ctx.reference
-    ratios, seed = args.budget_curve, args.seeds[0]
+    ratios = args.budget_curve
     fatr_at = {r: with_budget(ref, "keep_ratio", r) for r in ratios}
     tome_at = {r: dict(method="tome", keep_ratio=r) for r in ratios}
 
@@ -379,33 +382,34 @@ def budget_curve(ctx: _Ctx, inputs, img_shape) -> None:
         return ref.get("method", "fatr") if same else f"{prefix}@{_ratio(r)}"
 
     for r in ratios:
-        _evaluated(ctx, ctx.key("curve", "fatr_free", _ratio(r)), fatr_at[r], ctx.baseline)
-        _evaluated(ctx, ctx.key("curve", "tome_free", _ratio(r)), tome_at[r], ctx.baseline)
-    # (a) sampled budgets and (b) one budget, each evaluated at every ratio of one model.
+        _evaluated(ctx, curve_key("fatr_free", r), fatr_at[r], ctx.baseline)
+        _evaluated(ctx, curve_key("tome_free", r), tome_at[r], ctx.baseline)
     fixed_red = with_budget(ref, "keep_ratio", args.curve_fixed_ratio)
-    runs = {
-        "fatr_sampled": ("fatr_sampled", ref, tuple(args.budget_range)),
-        "fatr_fixed": (label(fixed_red, "fatr", args.curve_fixed_ratio), fixed_red, None),
-    }
-    for family, (name, red, budget_range) in runs.items():
-        keys = {r: ctx.key("curve", family, _ratio(r)) for r in ratios}
-        if _done(ctx, *keys.values()):
-            continue
-        ckpt = _finetuned(ctx, name, red, seed, budget_range)
+    for seed in args.curve_seeds:
+        # (a) sampled budgets and (b) one budget, each evaluated at every ratio of one model.
+        runs = {
+            "fatr_sampled": ("fatr_sampled", ref, tuple(args.budget_range)),
+            "fatr_fixed": (label(fixed_red, "fatr", args.curve_fixed_ratio), fixed_red, None),
+        }
+        for family, (name, red, budget_range) in runs.items():
+            keys = {r: curve_key(family, r, seed) for r in ratios}
+            if _done(ctx, *keys.values()):
+                continue
+            ckpt = _finetuned(ctx, name, red, seed, budget_range)
+            for r in ratios:
+                _evaluated(ctx, keys[r], ref, ckpt, keep_ratio=r)
+        # (c) FATR and (d) ToMe fine-tuned at each ratio. ToMe at 1 removes nothing and has no
+        # parameters of its own: its model and fine-tuning are the unreduced ones (run ft_none).
         for r in ratios:
-            _evaluated(ctx, keys[r], ref, ckpt, keep_ratio=r)
-    # (c) FATR and (d) ToMe fine-tuned at each ratio. ToMe at 1 removes nothing and has no
-    # parameters of its own: its model and fine-tuning are the unreduced ones (run ft_none).
-    for r in ratios:
-        key = ctx.key("curve", "fatr_each", _ratio(r))
-        if not _done(ctx, key):
-            ckpt = _finetuned(ctx, label(fatr_at[r], "fatr", r), fatr_at[r], seed)
-            _evaluated(ctx, key, fatr_at[r], ckpt)
-        key = ctx.key("curve", "tome_each", _ratio(r))
-        if not _done(ctx, key):
-            tome_label = "none" if r == 1.0 else f"tome@{_ratio(r)}"
-            ckpt = _finetuned(ctx, tome_label, None if r == 1.0 else tome_at[r], seed)
-            _evaluated(ctx, key, tome_at[r], ckpt)
+            key = curve_key("fatr_each", r, seed)
+            if not _done(ctx, key):
+                ckpt = _finetuned(ctx, label(fatr_at[r], "fatr", r), fatr_at[r], seed)
+                _evaluated(ctx, key, fatr_at[r], ckpt)
+            key = curve_key("tome_each", r, seed)
+            if not _done(ctx, key):
+                tome_label = "none" if r == 1.0 else f"tome@{_ratio(r)}"
+                ckpt = _finetuned(ctx, tome_label, None if r == 1.0 else tome_at[r], seed)
+                _evaluated(ctx, key, tome_at[r], ckpt)
     # Speed per ratio (weights do not change the cost; the baseline's give real selections).
     reds = {"none": None}
     reds.update({f"fatr@{_ratio(r)}": fatr_at[r] for r in ratios})

@@ -196,17 +196,25 @@ def test_quick_study_end_to_end_then_resume(tmp_path):
     for png in ("miou.png", "per_class.png", "hf_amplitude.png", "budget_curve.png"):
         assert (work / png).stat().st_size > 5000
 
-    # A re-run with one more seed trains only that seed's fine-tunings and keeps the rest.
-    again = _quick(work, "--budget-curve", "0.7", "1.0", "--seeds", "0", "1")
+    # A re-run with one more seed, for the curve too, trains only that seed's fine-tunings (the
+    # curve's reuse the main table's where the reduction is the same) and keeps the rest.
+    again = _quick(work, "--budget-curve", "0.7", "1.0", "--seeds", "0", "1",
+                   "--curve-seeds", "0", "1")  # fmt: skip
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     trained = [line for line in again.stdout.splitlines() if "] trained " in line]
     assert sorted(t.split("trained ")[1].split(":")[0] for t in trained) == sorted(
-        f"ft_{m}_s1" for m in methods
+        [f"ft_{m}_s1" for m in methods]
+        + ["ft_fatr_sampled_s1", "ft_fatr@1.00_s1", "ft_tome@0.70_s1"]  # fmt: skip
     )
     new = json.loads((work / "results.json").read_text())
     assert {k: v for k, v in new["runs"].items() if k in runs} == runs
     assert all(f"ft/{m}/s1" in new["runs"] for m in methods)
-    assert "(n=2)" in (work / "table.md").read_text()
+    assert new["settings"]["curve_seeds"] == [0, 1]
+    assert new["runs"]["curve/s1/fatr_each/0.70"]["mIoU"] == new["runs"]["ft/fatr/s1"]["mIoU"]
+    assert new["runs"]["curve/s1/tome_each/1.00"]["mIoU"] == new["runs"]["ft/none/s1"]["mIoU"]
+    assert "curve/s1/fatr_free/0.70" not in new["runs"]  # training-free: no seed
+    text = (work / "table.md").read_text()
+    assert "(n=2)" in text and "seeds [0, 1])" in text and "| sampled − each-ratio FATR |" in text
 
     # Other settings on the same folder: refused, naming the change; nothing overwritten.
     other = _quick(work, "--ft-iters", "3")
@@ -243,3 +251,58 @@ def test_mean_and_std_cells_of_the_reports():
     want = f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
     assert pm(vals, 2) == want == "56.67 ± 0.74"
     assert pm([]) == "n/a"
+
+
+def _point(miou: float) -> dict:
+    return {"mIoU": miou}
+
+
+def test_budget_curve_over_seeds_and_the_targets_rows():
+    """Curve points of several seeds are averaged (seed 0 keeps the key without a seed, as
+    results written before seeds existed); the target rows are computed from them: sampled minus
+    each-ratio FATR, and sampled minus ToMe interpolated at FATR's measured images/s."""
+    from fatr_seg.analysis.camvid_report import _curve_table, at_speed, curve_key, curve_values
+
+    assert curve_key("fatr_each", 0.7) == "curve/fatr_each/0.70"
+    assert curve_key("fatr_each", 0.7, 2) == "curve/s2/fatr_each/0.70"
+    runs = {
+        curve_key("fatr_sampled", 0.5, 0): _point(50.0),
+        curve_key("fatr_sampled", 0.5, 1): _point(51.0),
+        curve_key("fatr_sampled", 1.0, 0): _point(60.0),
+        curve_key("fatr_sampled", 1.0, 1): _point(62.0),
+        curve_key("fatr_each", 0.5, 0): _point(49.0),
+        curve_key("fatr_each", 0.5, 1): _point(50.0),
+        curve_key("fatr_each", 1.0, 0): _point(61.0),
+        curve_key("tome_each", 0.5, 0): _point(40.0),
+        curve_key("tome_each", 1.0, 0): _point(60.0),
+        curve_key("fatr_free", 0.5): _point(45.0),
+        "curve/cost": {
+            "images_per_s": {
+                "b1": {
+                    "none": {"median": 10.0},
+                    "fatr@0.50": {"median": 15.0},
+                    "fatr@1.00": {"median": 10.0},
+                    "tome@0.50": {"median": 20.0},
+                    "tome@1.00": {"median": 10.0},
+                }
+            },  # fmt: skip
+            "macs": {},
+        },
+        "ft/fatr/s0": _point(1.0),  # not a curve point
+    }
+    assert curve_values(runs, "fatr_sampled") == {0.5: [50.0, 51.0], 1.0: [60.0, 62.0]}
+    assert curve_values(runs, "fatr_free") == {0.5: [45.0]}
+    assert curve_values(runs, "tome_free") == {}
+    # ToMe (10 -> 60, 20 -> 40) at 15 images/s: 50; outside its measured speeds: none.
+    assert at_speed([(20.0, 40.0), (10.0, 60.0)], 15.0) == pytest.approx(50.0)
+    assert at_speed([(20.0, 40.0), (10.0, 60.0)], 25.0) is None
+
+    st = {"seeds": [0, 1], "curve_seeds": [0, 1], "budget_range": [0.5, 0.9],
+          "curve_fixed_ratio": 0.7}  # fmt: skip
+    table = "\n".join(_curve_table(runs, st))
+    assert "seeds [0, 1]" in table
+    assert "| FATR fine-tuned, sampled budgets | 50.50 ± 0.71 | 61.00 ± 1.41 |" in table
+    # 50.5 - 49.5 at 0.5; 61.0 - 61.0 at 1.0.
+    assert "| sampled − each-ratio FATR | +1.00 | +0.00 |" in table
+    # FATR at 0.5 runs 15 images/s, where ToMe's curve reads 50: +0.50; at 1.0 both run 10: +1.00.
+    assert "| sampled − ToMe fine-tuned at the same images/s b1 | +0.50 | +1.00 |" in table
