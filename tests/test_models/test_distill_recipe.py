@@ -26,6 +26,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ZERO_DECAY = ("omega1", "omega2", "dc_pos", "pos_embed", "cls_token")
 ADE = "fatr_ade20k_finetune.py"
 CAMVID = "camvid/fatr_vit-t_camvid_distill.py"
+DEMO = "fatr_ade20k_demo_distill.py"
 PAIRS = {ADE: "fatr_ade20k.py", CAMVID: "camvid/fatr_vit-t_camvid.py"}
 _cache: dict[str, Config] = {}
 
@@ -90,6 +91,14 @@ def test_the_two_recipes_are_the_same():
     keys = ("init_student_from_teacher", "distill_weight", "distill_temperature",
             "feat_distill_weight", "budget_range", "budget_seed")  # fmt: skip
     assert {k: ade.model[k] for k in keys} == {k: camvid.model[k] for k in keys}
+
+
+@pytest.mark.parametrize("name", [ADE, CAMVID, DEMO])
+def test_the_shared_recipe_is_not_copied_into_the_config(name):
+    """The configs take the recipe from ``configs/_base_/distill_recipe.py`` and pop it from
+    ``_base_``: the resolved config (what a run dumps) holds it only where it is used, not a second
+    time under the base's name nor under the config's own."""
+    assert not {"distill_recipe", "recipe"} & set(load(name).keys())
 
 
 @pytest.mark.parametrize("name", [ADE, CAMVID])
