@@ -319,6 +319,8 @@ def _selection_macs(red: ReductionConfig, j: int, n: int, M: int, D: int, keep: 
     score = red.score[j]
     d_metric = dim // heads if red.metric == "keys" else dim
     hf = n * n * dim
+    if score == "hf_bipartite" and red.num_protected(M, keep) == 0:
+        score = "bipartite"  # nothing left to protect: the reducer computes no HF score
     macs = {"hf": hf, "hf_bipartite": hf, "hf_proxy": n * dim, "cls": n * dim}.get(score, 0)
     if score in ("hf", "hf_bipartite", "hf_proxy") and D:  # DC queries' logits (empty windows)
         macs += D * n * dim

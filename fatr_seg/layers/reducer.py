@@ -88,13 +88,17 @@ class TokenReducer(nn.Module):
             return (*bipartite_scores(self.metric(x, stats, M)), None)
         if self.score == "window":
             return (*window_scores(self.metric(x, stats, M), state.hw_shape), None)
+        if self.score == "hf_bipartite":
+            protect = self.cfg.num_protected(M, self.cfg.num_keep(self.j, M))
+            if protect == 0:  # the budget left nothing to protect: no HF score to read
+                priority = torch.zeros(x.shape[0], M, device=x.device)
+                return (*protected_bipartite_scores(self.metric(x, stats, M), priority, 0), None)
         method = "logit_proxy" if self.score == "hf_proxy" else "exact"
         s = hf_scores(stats.q, stats.k, stats.scale, method, key_bias, lse=stats.lse)
         if state.num_dc:
             s = self.without_empty_queries(s, stats, key_bias, state.num_dc)
         s = s[:, 1 : 1 + M]
         if self.score == "hf_bipartite":
-            protect = self.cfg.num_protected(M, self.cfg.num_keep(self.j, M))
             return (*protected_bipartite_scores(self.metric(x, stats, M), s, protect), None)
         return s, None, None
 

@@ -141,6 +141,37 @@ def test_fatr_count_matches_schedule_and_shows_overhead():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("keep", [0.5, 0.55, 0.7])
+def test_default_count_matches_closed_form_and_skips_the_unread_score(keep):
+    """The default (protected bipartite merging) at every budget: counted == closed form, and
+    the exact HF score (n²·C) is paid only in the layers where something is still protected
+    (at keep 0.5 on a 14x14 grid: 0, 0 and 1 token in layers 4/7/10)."""
+    from fatr_seg.layers.config import ReductionConfig
+
+    red = dict(method="fatr", keep_ratio=keep)
+    rep = count_macs(vit_s(red), torch.randn(1, 3, 224, 224))
+    assert rep.macs == analytic_vit_macs((14, 14), 384, 12, 16, reduction=red)
+    # Against plain bipartite matching at the same budget (no score, every token matched).
+    plain = count_macs(vit_s(dict(red, score="bipartite")), torch.randn(1, 3, 224, 224))
+    cfg = ReductionConfig.from_dict(red, depth=12)
+
+    def matching(m):  # ToMe's A×B cosine similarities on the head-dim keys
+        return ((m + 1) // 2) * (m // 2) * 64
+
+    extra, protected = 0, []
+    for b in (b for b in token_schedule((14, 14), 12, red) if b.reduces):
+        M = b.attn - 1
+        P = cfg.num_protected(M, cfg.num_keep(0, M))
+        protected.append(P)
+        if P:
+            extra += b.attn**2 * 384 + matching(M - P) - matching(M)
+    assert rep.scoring_macs == plain.scoring_macs + extra
+    if keep == 0.5:
+        assert protected == [0, 0, 1]
+    else:
+        assert min(protected) > 1
+
+
 def test_paper_table_cli(tmp_path, capsys):
     out = tmp_path / "paper.json"
     assert get_flops.main(["--paper-table", "--only", "DeiT-S/16", "--json", str(out)]) == 0
