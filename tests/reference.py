@@ -472,11 +472,12 @@ def _layer_keep(red, j, M):
 
 
 def _num_protected(red, M, keep):
-    """Protected tokens: ceil(protect·M), but no more than leave M − keep A tokens to merge."""
+    """Protected tokens: ceil(protect·M), but no more than leave A tokens of which at most 4 in
+    5 have to merge to drop M − keep; none if even no protection leaves that."""
     if red["protect"] <= 0:
         return 0
     protected = num_keep(red["protect"], M)
-    while (M - protected) // 2 < M - keep:
+    while protected > 0 and 4 * ((M - protected) // 2) < 5 * (M - keep):
         protected -= 1
     return protected
 

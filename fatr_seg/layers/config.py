@@ -268,7 +268,7 @@ class ReductionConfig:
 
         ``ceil(keep_ratio · M)`` or ``M - r``, at least 1; bipartite matching merges at most one
         token per A-B pair, so it keeps at least ``ceil(M / 2)`` (ToMe clamps ``r`` the same way;
-        a protecting score gives up protection first, :meth:`num_protected`).
+        a protecting score gives up protection before, :meth:`num_protected`).
         """
         if self.keep_ratio is not None:
             keep = num_keep(self.keep_ratio[j], num_tokens)
@@ -281,14 +281,18 @@ class ReductionConfig:
     def num_protected(self, num_tokens: int, keep: int) -> int:
         """Patch tokens a protecting score keeps out of the matching, when ``keep`` of M stay.
 
-        ``ceil(protect · M)``, but at most ``2 · keep - M``: the matching pairs only the
+        ``ceil(protect · M)``, but no more than leaves the matching a choice: it pairs only the
         unprotected tokens, and its ``⌊(M - P) / 2⌋`` A tokens must supply the ``M - keep``
-        merges. So below ``keep_ratio = (1 + protect) / 2`` (0.6 for the default) protection
-        shrinks with the budget, down to none (plain bipartite matching) at ``ceil(M / 2)``.
+        merges with at most 4 in 5 of them merging (ToMe's own share at keep 0.6), else nothing
+        is protected (plain bipartite matching). So protection is whole down to keep 0.7 for
+        the default (``protect=0.2``: 3 in 4 A tokens merge), shrinks below it, and is gone at
+        0.6 (give or take a token of rounding). At 0.6, full protection (every A token merging,
+        wanted or not) lost 0.5 to 0.8 mIoU training-free against none (docs/study.md).
         """
         if self.protect <= 0:
             return 0
-        return min(num_keep(self.protect, num_tokens), max(0, 2 * keep - num_tokens))
+        a_needed = -(-5 * (num_tokens - keep) // 4)  # ceil((M - keep) / 0.8)
+        return min(num_keep(self.protect, num_tokens), max(0, num_tokens - 2 * a_needed))
 
     def with_keep_ratio(self, keep_ratio: float | tuple[float, ...]) -> ReductionConfig:
         """A copy with another budget (one ratio, or one per layer); validated like any config."""

@@ -280,16 +280,22 @@ def test_model_keeps_the_budget_at_every_reduction_layer():
 
 @pytest.mark.parametrize("protect", [0.0, 0.2, 0.45])
 def test_protection_gives_way_to_the_budget(protect):
-    """num_protected is the largest P <= ceil(protect·M) whose (M - P) // 2 A tokens can supply
-    the M - keep merges (brute force over P), so a protecting score reaches every budget down to
-    ceil(M / 2)."""
+    """num_protected is the largest P <= ceil(protect·M) whose (M - P) // 2 A tokens supply the
+    M - keep merges with at most 4 in 5 of them merging, or 0 (brute force over P), so a
+    protecting score reaches every budget down to ceil(M / 2), and the default (protect 0.2)
+    protects all of its 20 % at keep 0.7 and none at 0.6."""
     cfg = reducer("fatr", keep_ratio=0.7, layers=(1, 2), protect=protect).cfg
     for M in range(1, 60):
         for keep in range(M - M // 2, M + 1):
-            want = max(
-                P for P in range(0, math.ceil(protect * M - 1e-9) + 1) if (M - P) // 2 >= M - keep
-            )
+            top = math.ceil(protect * M - 1e-9)
+            ok = [P for P in range(0, top + 1) if 4 * ((M - P) // 2) >= 5 * (M - keep)]
+            want = max(ok, default=0)
             assert cfg.num_protected(M, keep) == want, (M, keep)
+            assert (M - want) // 2 >= M - keep  # the budget is always met
+    if protect == 0.2:
+        for M in (256, 690, 717, 1024, 4096):  # crops, CamVid, ViT-S 512² (and its layer 2), 1024²
+            assert cfg.num_protected(M, math.ceil(0.7 * M)) == math.ceil(0.2 * M)
+            assert cfg.num_protected(M, math.ceil(0.6 * M)) <= 1  # ceil rounding
 
 
 @pytest.mark.parametrize("method", ["fatr", "random"])

@@ -108,7 +108,7 @@ CASES = [
         2,
     ),  # fmt: skip
     ((5, 7), (40, 56), dict(method="fatr", score="hf_bipartite", protect=0.0, **LAYERS), True, 1),
-    # below (1 + protect) / 2 the protected set shrinks so that the budget is met
+    # below keep 0.7 the protected set shrinks so that the matching keeps a choice
     ((5, 7), (40, 56), dict(method="fatr", layers=(1, 3), keep_ratio=(0.5, 0.55)), True, 2),
     # nothing left to protect in either layer (24 -> 12 -> 6): no HF score is computed
     ((4, 6), (32, 48), dict(method="fatr", layers=(1, 3), keep_ratio=0.5), True, 2),
