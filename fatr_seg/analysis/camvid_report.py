@@ -376,12 +376,14 @@ def plot(data: dict, work_dir: str) -> list[str]:
                     ax.plot(*zip(*pts), marker="o", label=label,
                             ls="--" if family.endswith("free") else "-")  # fmt: skip
             ref = _speed(curve, "none", b)
-            for key, marker, label in (
-                ("free/none", "k*", "none (the baseline)"),
-                (f"ft/none/s{seeds[0]}", "kX", "none fine-tuned"),
+            curve_seeds = st.get("curve_seeds") or seeds[:1]
+            for results, marker, label in (
+                ([runs[k]] if (k := "free/none") in runs else [], "k*", "none (the baseline)"),
+                (_ft(runs, curve_seeds, "none"), "kX", "none fine-tuned"),
             ):
-                if key in runs and ref:
-                    ax.plot([ref], [runs[key]["mIoU"]], marker, ms=11, label=label)
+                if results and ref:
+                    miou = mean_std([r["mIoU"] for r in results])[0]
+                    ax.plot([ref], [miou], marker, ms=11, label=label)
             ax.set_xlabel(f"images/s, 360x480, batch {b[1:]}")
             ax.set_ylabel("mIoU (%)")
         axes[0, 0].legend(fontsize=8)
