@@ -384,13 +384,13 @@ def budget_curve(ctx: _Ctx, inputs, img_shape) -> None:
     for r in ratios:
         _evaluated(ctx, curve_key("fatr_free", r), fatr_at[r], ctx.baseline)
         _evaluated(ctx, curve_key("tome_free", r), tome_at[r], ctx.baseline)
+    # (a) sampled budgets and (b) one budget, each evaluated at every ratio of one model.
     fixed_red = with_budget(ref, "keep_ratio", args.curve_fixed_ratio)
+    runs = {
+        "fatr_sampled": ("fatr_sampled", ref, tuple(args.budget_range)),
+        "fatr_fixed": (label(fixed_red, "fatr", args.curve_fixed_ratio), fixed_red, None),
+    }
     for seed in args.curve_seeds:
-        # (a) sampled budgets and (b) one budget, each evaluated at every ratio of one model.
-        runs = {
-            "fatr_sampled": ("fatr_sampled", ref, tuple(args.budget_range)),
-            "fatr_fixed": (label(fixed_red, "fatr", args.curve_fixed_ratio), fixed_red, None),
-        }
         for family, (name, red, budget_range) in runs.items():
             keys = {r: curve_key(family, r, seed) for r in ratios}
             if _done(ctx, *keys.values()):
