@@ -140,6 +140,14 @@ def parse_args(argv=None):
         help="sampled-budget fine-tuning range (default 0.5 0.9)",
     )
     g.add_argument(
+        "--budget-anchors",
+        nargs="*",
+        type=float,
+        default=[],
+        help="keep ratios the sampled-budget fine-tuning also trains at every iteration "
+        "(e.g. 0.9: the sandwich rule's top budget; default none)",
+    )
+    g.add_argument(
         "--curve-fixed-ratio",
         type=float,
         default=0.7,

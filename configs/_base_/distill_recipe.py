@@ -24,6 +24,7 @@ distill_recipe = dict(
         feat_distill_weight=0.0,
         budget_range=None,  # e.g. (0.5, 0.9): one keep ratio per iteration; evaluated at keep_ratio
         budget_seed=0,
+        budget_anchors=(),  # e.g. (0.9,) with budget_range: also that ratio at every iteration
         # The weights come from the teacher's checkpoint, not from an ImageNet backbone.
         backbone=dict(drop_path_rate=0.0, init_cfg=None)),
     # No weight decay on the reduction's own parameters (omega1, omega2, dc_pos: 0 is their

@@ -231,7 +231,9 @@ def _curve_table(runs: dict, st: dict) -> list[str]:
                      if k.startswith("curve/") and k != "curve/cost"})  # fmt: skip
     seeds = st.get("curve_seeds") or st["seeds"][:1]
     lines = [f"## Budget curve (mIoU %, fine-tuned: mean ± std over seeds {seeds})", "",
-             f"Sampled budgets: keep ratio uniform in {tuple(st['budget_range'])} per iteration; "
+             f"Sampled budgets: keep ratio uniform in {tuple(st['budget_range'])} per iteration"
+             + (f", and {tuple(st['budget_anchors'])} at every iteration (sandwich)"
+                if st.get("budget_anchors") else "") + "; "
              f"one budget: {st['curve_fixed_ratio']}. Every fine-tuned FATR model is evaluated "
              "at each ratio with `set_keep_ratio` (no rebuild).", "",
              "| family | " + " | ".join(f"{r:.2f}" for r in ratios) + " |",

@@ -140,14 +140,16 @@ def baseline_cfg(args, seed: int, work_dir: str):
 
 
 def finetune_cfg(args, reduction: dict | None, seed: int, work_dir: str, teacher: str,
-                 budget_range: tuple[float, float] | None = None):  # fmt: skip
+                 budget_range: tuple[float, float] | None = None,
+                 budget_anchors: tuple[float, ...] = ()):  # fmt: skip
     """A fine-tuning config: the distillation recipe from the baseline, with ``reduction``.
 
     ``DistillEncoderDecoder`` with the baseline as teacher and starting point; AdamW at
     ``ft_lr`` with cosine decay over ``ft_iters`` (the recipe's; no warm-up); distillation at
     ``temperature`` with weight ``distill_weight``; EMA of the student with ``ema_momentum``
     (mmengine's weight of the new value), or none; ``budget_range``: a keep ratio drawn per
-    iteration (seeded by ``seed``). ``reduction=None`` fine-tunes the unreduced model the same way.
+    iteration (seeded by ``seed``), and ``budget_anchors`` beside it at every iteration.
+    ``reduction=None`` fine-tunes the unreduced model the same way.
     """
     cfg = load_cfg(args.distill_config)
     _apply_data(cfg, args, train=True)
@@ -158,6 +160,7 @@ def finetune_cfg(args, reduction: dict | None, seed: int, work_dir: str, teacher
     model.distill_weight = args.distill_weight
     model.budget_range = tuple(budget_range) if budget_range else None
     model.budget_seed = seed
+    model.budget_anchors = tuple(budget_anchors)
     cfg.optim_wrapper.optimizer.lr = args.ft_lr
     iters = args.ft_iters
     cfg.param_scheduler = [dict(type="CosineAnnealingLR", T_max=iters, eta_min=args.ft_lr * 0.01,

@@ -147,6 +147,9 @@ def resolve_args(args):
     low, high = args.budget_range
     if not 0 < low <= high <= 1:
         raise StudyError(f"--budget-range {low} {high}: give 0 < LOW <= HIGH <= 1")
+    args.budget_anchors = sorted(set(getattr(args, "budget_anchors", None) or ()))
+    if not all(0 < a <= 1 for a in args.budget_anchors):
+        raise StudyError(f"--budget-anchors {args.budget_anchors}: ratios must lie in (0, 1]")
     if not 0 < args.curve_fixed_ratio <= 1:
         raise StudyError(f"--curve-fixed-ratio {args.curve_fixed_ratio}: must lie in (0, 1]")
     if not osp.isdir(args.data_root):
@@ -158,8 +161,10 @@ def resolve_args(args):
 
 
 def settings_of(args) -> dict:
-    """What the results depend on: every option but the extendable and cosmetic ones."""
-    return {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    """What the results depend on: every option but the extendable and cosmetic ones
+    (``budget_anchors`` only when given, so work dirs from before the option stay valid)."""
+    return {k: v for k, v in vars(args).items()
+            if k not in _NOT_SETTINGS and not (k == "budget_anchors" and not v)}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -259,11 +264,12 @@ def _train_reduction(ctx: _Ctx, reduction: dict | None) -> dict | None:
     return with_budget(reduction, "r", r)
 
 
-def _finetuned(ctx: _Ctx, label: str, reduction, seed: int, budget_range=None) -> str:
-    """The checkpoint of run ``ft_{label}_s{seed}``, trained now unless it exists."""
+def _finetuned(ctx: _Ctx, label: str, reduction, seed: int, budget: dict | None = None) -> str:
+    """The checkpoint of run ``ft_{label}_s{seed}``, trained now unless it exists; ``budget``:
+    ``budget_range`` and ``budget_anchors`` of a sampled-budget fine-tuning."""
     name = f"ft_{label}_s{seed}"
     cfg = finetune_cfg(ctx.args, reduction, seed, osp.join(ctx.runs_dir, name), ctx.baseline,
-                       budget_range)  # fmt: skip
+                       **(budget or {}))  # fmt: skip
     ckpt, info = train(cfg, log)
     if info:
         ctx.store.put(ctx.key("train", name), info)
@@ -387,15 +393,19 @@ def budget_curve(ctx: _Ctx, inputs, img_shape) -> None:
     # (a) sampled budgets and (b) one budget, each evaluated at every ratio of one model.
     fixed_red = with_budget(ref, "keep_ratio", args.curve_fixed_ratio)
     runs = {
-        "fatr_sampled": ("fatr_sampled", ref, tuple(args.budget_range)),
+        "fatr_sampled": (
+            "fatr_sampled",
+            ref,
+            dict(budget_range=tuple(args.budget_range), budget_anchors=tuple(args.budget_anchors)),
+        ),
         "fatr_fixed": (label(fixed_red, "fatr", args.curve_fixed_ratio), fixed_red, None),
     }
     for seed in args.curve_seeds:
-        for family, (name, red, budget_range) in runs.items():
+        for family, (name, red, budget) in runs.items():
             keys = {r: curve_key(family, r, seed) for r in ratios}
             if _done(ctx, *keys.values()):
                 continue
-            ckpt = _finetuned(ctx, name, red, seed, budget_range)
+            ckpt = _finetuned(ctx, name, red, seed, budget)
             for r in ratios:
                 _evaluated(ctx, keys[r], ref, ckpt, keep_ratio=r)
         # (c) FATR and (d) ToMe fine-tuned at each ratio. ToMe at 1 removes nothing and has no

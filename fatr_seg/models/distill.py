@@ -120,6 +120,11 @@ class DistillEncoderDecoder(EncoderDecoder):
             uniformly in it for the whole batch and every reduction layer
             (:func:`draw_keep_ratio`); the configured ratio is restored after the forward, so
             validation and inference use it. None: always the configured ratio.
+        budget_anchors: Keep ratios in (0, 1] trained at *every* iteration beside the drawn one
+            (needs ``budget_range``): ``(high,)`` is the sandwich rule of slimmable networks
+            (the top budget every step). Each budget runs its own student forward; the teacher
+            runs once; the loss terms are the means over the budgets, so their scale does not
+            change. ``()``: the drawn ratio alone.
         budget_seed: Seed of the budget draws. The iteration is the Runner's (from mmengine's
             ``MessageHub``, so a resumed run draws the same sequence); outside a Runner, a
             count of :meth:`loss` calls.
@@ -138,6 +143,7 @@ class DistillEncoderDecoder(EncoderDecoder):
         feat_distill_type: str = "mse",
         budget_range: tuple[float, float] | None = None,
         budget_seed: int = 0,
+        budget_anchors: tuple[float, ...] = (),
         neck: dict | None = None,
         auxiliary_head: dict | list | None = None,
         train_cfg: dict | None = None,
@@ -173,6 +179,7 @@ class DistillEncoderDecoder(EncoderDecoder):
         self.feat_distill_type = feat_distill_type
         self.budget_range = self._check_budget_range(budget_range)
         self.budget_seed = budget_seed
+        self.budget_anchors = self._check_budget_anchors(budget_anchors)
         self._budget_calls = 0
 
         if teacher is None:
@@ -202,6 +209,23 @@ class DistillEncoderDecoder(EncoderDecoder):
                 f"{'no reduction' if reduction is None else 'a token count r'}"
             )
         return low, high
+
+    def _check_budget_anchors(self, anchors) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in anchors)
+        except (TypeError, ValueError):
+            values = (float("nan"),)
+        if not all(0 < v <= 1 for v in values):
+            raise ValueError(
+                f"budget_anchors={anchors!r} is invalid: give a tuple of keep ratios in (0, 1], "
+                "e.g. (0.9,), or ()"
+            )
+        if values and self.budget_range is None:
+            raise ValueError(
+                f"budget_anchors={anchors!r} needs budget_range: the anchors are trained beside "
+                "a drawn ratio"
+            )
+        return values
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -266,38 +290,54 @@ class DistillEncoderDecoder(EncoderDecoder):
         self._budget_calls += 1
         return draw_keep_ratio(self.budget_range, self.budget_seed, int(iteration))
 
-    def _student_forward(self, inputs: torch.Tensor) -> tuple[list, list, torch.Tensor]:
-        """Backbone outputs, decode-head inputs and logits of the student."""
-        feats = self.backbone(inputs)
+    def _student_forward(self, inputs: torch.Tensor, ratio: float | None = None):
+        """Backbone outputs, decode-head inputs and logits of the student, at keep ratio
+        ``ratio`` (None: the configured one, which is restored afterwards in any case)."""
+        if ratio is None:
+            feats = self.backbone(inputs)
+        else:
+            configured = self.backbone.reduction.keep_ratio
+            self.backbone.set_keep_ratio(ratio)
+            try:
+                feats = self.backbone(inputs)
+            finally:
+                self.backbone.set_keep_ratio(configured)
         x = self.neck(feats) if self.with_neck else feats
         return feats, x, self.decode_head.forward(x)
 
+    @torch.no_grad()
+    def _teacher_forward(self, inputs: torch.Tensor) -> tuple[list, torch.Tensor]:
+        t_feats = self.teacher.backbone(inputs)
+        t_x = self.teacher.neck(t_feats) if self.teacher.with_neck else t_feats
+        return t_feats, self.teacher.decode_head.forward(t_x)
+
     def loss(self, inputs: torch.Tensor, data_samples) -> dict:
-        """CE (and auxiliary) losses of the student, plus the distillation terms."""
-        ratio = None
-        if self.budget_range is not None:
-            configured = self.backbone.reduction.keep_ratio
-            ratio = self.next_keep_ratio()
-            self.backbone.set_keep_ratio(ratio)
-            try:
-                feats, x, logits = self._student_forward(inputs)
-            finally:
-                self.backbone.set_keep_ratio(configured)
-        else:
-            feats, x, logits = self._student_forward(inputs)
+        """CE (and auxiliary) losses of the student, plus the distillation terms.
+
+        With ``budget_range``: at the drawn keep ratio and every ``budget_anchors`` ratio, each
+        term averaged over those budgets; ``keep_ratio`` (logged, not optimised) is the drawn one.
+        """
+        ratios = [None] if self.budget_range is None else [self.next_keep_ratio(),
+                                                           *self.budget_anchors]  # fmt: skip
+        distill = self.distill_weight > 0 or self.feat_distill_weight > 0
+        teacher = self._teacher_forward(inputs) if distill else None
+        gt = self.decode_head._stack_batch_gt(data_samples) if distill else None
+        per_budget = [self._budget_losses(inputs, data_samples, r, teacher, gt) for r in ratios]
+        losses = {k: sum(terms[k] for terms in per_budget) / len(per_budget)
+                  for k in per_budget[0]}  # fmt: skip
+        if ratios[0] is not None:
+            losses["keep_ratio"] = inputs.new_tensor(ratios[0])
+        return losses
+
+    def _budget_losses(self, inputs, data_samples, ratio, teacher, gt) -> dict:
+        """The loss terms of one student forward at keep ratio ``ratio``."""
+        feats, x, logits = self._student_forward(inputs, ratio)
         losses = add_prefix(self.decode_head.loss_by_feat(logits, data_samples), "decode")
         if self.with_auxiliary_head:
             losses.update(self._auxiliary_head_forward_train(x, data_samples))
-        if ratio is not None:
-            losses["keep_ratio"] = logits.new_tensor(ratio)  # logged, not optimised
-        if self.distill_weight == 0 and self.feat_distill_weight == 0:
+        if teacher is None:
             return losses
-
-        with torch.no_grad():
-            t_feats = self.teacher.backbone(inputs)
-            t_x = self.teacher.neck(t_feats) if self.teacher.with_neck else t_feats
-            t_logits = self.teacher.decode_head.forward(t_x)
-        gt = self.decode_head._stack_batch_gt(data_samples)
+        t_feats, t_logits = teacher
         ignore = self.decode_head.ignore_index
         if self.distill_weight > 0:
             losses["loss_distill"] = self.distill_weight * self._logit_loss(

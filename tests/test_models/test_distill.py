@@ -356,6 +356,45 @@ def test_sampled_ratio_reaches_the_reducers_and_predict_uses_the_configured_one(
         h.remove()
 
 
+def test_anchors_train_beside_the_drawn_ratio_and_average_the_terms(teacher_ckpt):
+    """Sandwich rule: each iteration runs the student at the drawn ratio, then at every anchor;
+    each loss term is the mean of what models fixed at those budgets compute, and so is the
+    gradient."""
+    model = build(teacher_ckpt, budget_range=(0.3, 0.9), budget_seed=5, budget_anchors=(0.9, 1.0))
+    configured = model.backbone.reduction
+    seen, hooks, n = record_reducer_budgets(model)
+    images, samples = batch()
+    fresh_hub(iter=23)
+    losses = model.loss(images, samples)
+    ratio = draw_keep_ratio((0.3, 0.9), 5, 23)
+    assert seen == [pytest.approx(ratio, abs=0)] * n + [0.9] * n + [1.0] * n
+    assert_close(losses["keep_ratio"], torch.tensor(ratio))
+    assert model.backbone.reduction == configured
+    model.zero_grad()
+    losses_total(losses).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    for h in hooks:
+        h.remove()
+
+    fixed = build(teacher_ckpt)
+    terms, ref_grads = [], {}
+    for r in (ratio, 0.9, 1.0):
+        fixed.backbone.set_keep_ratio(r)
+        fixed.zero_grad()
+        out = fixed.loss(images, samples)
+        (losses_total(out) / 3).backward()
+        terms.append(out)
+        for k, p in fixed.named_parameters():
+            if p.grad is not None:
+                ref_grads[k] = ref_grads.get(k, 0) + p.grad
+    for key in ("decode.loss_ce", "loss_distill"):
+        assert_close(losses[key], sum(t[key] for t in terms) / 3, rtol=1e-6, atol=1e-7)
+    assert terms[0]["loss_distill"] != terms[1]["loss_distill"]  # the budgets differ
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -371,6 +410,16 @@ def test_sampled_ratio_reaches_the_reducers_and_predict_uses_the_configured_one(
             "a token count r",
         ),
         (dict(budget_seed=-1), r"budget_seed=-1 is invalid"),
+        (
+            dict(budget_range=(0.5, 0.9), budget_anchors=(1.2,)),
+            r"budget_anchors=\(1\.2,\) is invalid: give a tuple of keep ratios in \(0, 1\]",
+        ),
+        (dict(budget_range=(0.5, 0.9), budget_anchors=0.9), r"budget_anchors=0\.9 is invalid"),
+        (
+            dict(budget_range=(0.5, 0.9), budget_anchors=("high",)),
+            r"budget_anchors=\('high',\) is invalid",
+        ),
+        (dict(budget_anchors=(0.9,)), r"budget_anchors=\(0\.9,\) needs budget_range"),
         (dict(distill_temperature=0), r"distill_temperature=0 is invalid"),
         (dict(distill_weight=-1.0), r"distill_weight=-1\.0 is invalid"),
         (dict(feat_distill_type="l2"), r"feat_distill_type='l2' is invalid"),

@@ -60,6 +60,7 @@ def test_config_is_the_papers_recipe(name):
     assert model.teacher_checkpoint.endswith(".pth")
     assert model.backbone.init_cfg is None and model.backbone.drop_path_rate == 0.0
     assert model.feat_distill_weight == 0.0 and model.budget_range is None
+    assert model.budget_anchors == ()
     optim = cfg.optim_wrapper
     assert optim.optimizer == dict(type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=2e-5)
     assert cfg.optimizer == optim.optimizer  # the top-level variable says the same
@@ -77,7 +78,7 @@ def test_config_is_the_papers_recipe(name):
         assert cfg[key] == base[key], key
     extra = {"type", "teacher_checkpoint", "init_student_from_teacher", "distill_weight",
              "distill_temperature", "feat_distill_weight", "budget_range",
-             "budget_seed"}  # fmt: skip
+             "budget_seed", "budget_anchors"}  # fmt: skip
     student = {k: v for k, v in model.items() if k not in extra}
     student["backbone"] = {**student["backbone"], "init_cfg": base.model.backbone.init_cfg,
                            "drop_path_rate": base.model.backbone.drop_path_rate}  # fmt: skip
@@ -89,7 +90,7 @@ def test_the_two_recipes_are_the_same():
     for key in ("optimizer", "optim_wrapper", "custom_hooks"):
         assert ade[key] == camvid[key], key
     keys = ("init_student_from_teacher", "distill_weight", "distill_temperature",
-            "feat_distill_weight", "budget_range", "budget_seed")  # fmt: skip
+            "feat_distill_weight", "budget_range", "budget_seed", "budget_anchors")  # fmt: skip
     assert {k: ade.model[k] for k in keys} == {k: camvid.model[k] for k in keys}
 
 

@@ -67,6 +67,26 @@ def test_tome_constant_fine_tunes_with_r_scaled_to_the_crop():
     assert _train_reduction(ctx, red) == red
 
 
+def test_budget_anchors_reach_the_sampled_fine_tuning_and_the_settings(tmp_path):
+    from fatr_seg.analysis.camvid_runs import finetune_cfg
+    from fatr_seg.analysis.camvid_study import resolve_args, settings_of
+
+    tool = load_tool()
+    argv = ["--data-root", str(tmp_path), "--work-dir", str(tmp_path / "w")]
+    plain = resolve_args(tool.parse_args(argv))
+    sandwich = resolve_args(tool.parse_args(argv + ["--budget-anchors", "0.9"]))
+    # No anchors: the settings are those of a work dir from before the option (it stays valid).
+    assert "budget_anchors" not in settings_of(plain)
+    assert settings_of(sandwich) == {**settings_of(plain), "budget_anchors": [0.9]}
+    red = dict(method="fatr", keep_ratio=0.7)
+    cfg = finetune_cfg(sandwich, red, 3, str(tmp_path / "run"), "teacher.pth", (0.5, 0.9),
+                       tuple(sandwich.budget_anchors))  # fmt: skip
+    model = cfg.model
+    assert (model.budget_range, model.budget_anchors, model.budget_seed) == ((0.5, 0.9), (0.9,), 3)
+    cfg = finetune_cfg(plain, red, 3, str(tmp_path / "run"), "teacher.pth")
+    assert cfg.model.budget_anchors == ()
+
+
 def run_tool(*args, env=None, timeout=1200):
     return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
@@ -98,6 +118,8 @@ def test_quick_without_shared_folder_is_skipped_with_a_message(tmp_path, monkeyp
          "merges at most half the tokens of a layer)"),
         (["--budget-range", "0.9", "0.5"], "--budget-range 0.9 0.5: give 0 < LOW <= HIGH <= 1"),
         (["--ema-momentum", "1.5"], "--ema-momentum 1.5: must lie in (0, 1)"),
+        (["--budget-anchors", "0.9", "1.5"], "--budget-anchors [0.9, 1.5]: ratios must lie in "
+         "(0, 1]"),
         (["--ft-iters", "0"], "--ft-iters must be >= 1"),
         (["--baseline-checkpoint", "no/such.pth"], "--baseline-checkpoint not found: no/such.pth"),
         (["--data-root", "no/camvid"], "CamVid data root (--data-root) not found: no/camvid "
