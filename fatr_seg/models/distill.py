@@ -85,6 +85,20 @@ def draw_keep_ratio(budget_range: tuple[float, float], seed: int, iteration: int
     return low + (high - low) * u
 
 
+def _mean_terms(per_budget: list[dict]) -> dict:
+    """Each loss term averaged over budgets; a list-valued term (mmseg accepts a list of losses
+    under one key) element by element."""
+    n = len(per_budget)
+    out = {}
+    for key, first in per_budget[0].items():
+        values = [terms[key] for terms in per_budget]
+        if isinstance(first, (list, tuple)):
+            out[key] = [sum(parts) / n for parts in zip(*values, strict=True)]
+        else:
+            out[key] = sum(values) / n
+    return out
+
+
 def _restored(feats) -> list[torch.Tensor]:
     return [f.restore() if isinstance(f, CompactTokens) else f for f in feats]
 
@@ -323,8 +337,7 @@ class DistillEncoderDecoder(EncoderDecoder):
         teacher = self._teacher_forward(inputs) if distill else None
         gt = self.decode_head._stack_batch_gt(data_samples) if distill else None
         per_budget = [self._budget_losses(inputs, data_samples, r, teacher, gt) for r in ratios]
-        losses = {k: sum(terms[k] for terms in per_budget) / len(per_budget)
-                  for k in per_budget[0]}  # fmt: skip
+        losses = per_budget[0] if len(per_budget) == 1 else _mean_terms(per_budget)
         if ratios[0] is not None:
             losses["keep_ratio"] = inputs.new_tensor(ratios[0])
         return losses

@@ -436,3 +436,16 @@ def test_missing_teacher_checkpoint_option_fails_at_build():
     with pytest.raises(ValueError, match="teacher_checkpoint=None"):
         MODELS.build(cfg)
     assert issubclass(DistillEncoderDecoder, torch.nn.Module)
+
+
+def test_terms_averaged_over_budgets_keep_list_valued_losses():
+    """mmseg accepts a list of losses under one key: averaged element by element."""
+    from fatr_seg.models.distill import _mean_terms
+
+    a = {"loss_ce": torch.tensor(1.0), "loss_list": [torch.tensor(2.0), torch.tensor(4.0)]}
+    b = {"loss_ce": torch.tensor(3.0), "loss_list": [torch.tensor(6.0), torch.tensor(0.0)]}
+    out = _mean_terms([a, b])
+    assert_close(out["loss_ce"], torch.tensor(2.0))
+    assert len(out["loss_list"]) == 2
+    assert_close(out["loss_list"][0], torch.tensor(4.0))
+    assert_close(out["loss_list"][1], torch.tensor(2.0))
