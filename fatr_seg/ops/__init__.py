@@ -5,6 +5,7 @@ Nothing here imports mmseg, mmengine or mmcv.
 
 from .attention import attention, attention_with_lse, fused_attn_default, reweighted_attention
 from .merge import fuse_tokens, merge_tokens, nearest_kept
+from .precision import float32_matmul
 from .reduce import FoldRecord, accumulate_residual, dc_window_ids, fold_tokens, window_ids
 from .restore import restore_tokens
 from .scoring import (
@@ -35,6 +36,7 @@ __all__ = [
     "bipartite_scores",
     "cls_attention",
     "dc_window_ids",
+    "float32_matmul",
     "fold_tokens",
     "fuse_tokens",
     "fused_attn_default",

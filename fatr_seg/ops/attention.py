@@ -14,9 +14,12 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .precision import float32_matmul
+
 __all__ = [
     "attention",
     "attention_with_lse",
+    "cuda_lse_kernel",
     "fused_attn_default",
     "kernel_bias",
     "lse_kernel",
@@ -86,7 +89,8 @@ def lse_kernel(
     ``'cpu_flash'`` on CPU (the kernel ``F.scaled_dot_product_attention`` runs there anyway);
     on CUDA ``'flash'`` without a key bias and ``'efficient'`` (memory-efficient attention, which
     takes the bias) where torch's own dispatch checks accept the inputs (dtype, head size, GPU
-    generation). Decided from shapes, dtypes and devices alone: no host synchronisation.
+    generation; see :func:`cuda_lse_kernel`). Decided from shapes, dtypes and devices alone: no
+    host synchronisation, and a constant under ``torch.compile``.
     """
     if v.shape[-1] != q.shape[-1]:
         return None
@@ -94,12 +98,42 @@ def lse_kernel(
         return "cpu_flash"
     if q.device.type != "cuda":
         return None
+    grad = q.requires_grad or k.requires_grad or v.requires_grad
+    return cuda_lse_kernel(q.device, q.dtype, q.shape[-1], key_bias is not None, grad)
+
+
+_CUDA_KERNELS: dict[tuple, str | None] = {}
+
+
+@torch.compiler.assume_constant_result
+def cuda_lse_kernel(
+    device: torch.device, dtype: torch.dtype, head_dim: int, with_bias: bool, requires_grad: bool
+) -> str | None:
+    """:func:`lse_kernel`'s choice on CUDA, once per (device, dtype, head size, bias, grad).
+
+    torch's dispatch checks (``torch.backends.cuda.can_use_flash_attention`` and
+    ``can_use_efficient_attention``) run on small probe tensors of that dtype and head size, with
+    a key bias laid out as :func:`kernel_bias` lays it out; the answer is cached. Those checks are
+    C++ that dynamo cannot trace, so under ``torch.compile`` this function is a constant
+    evaluated while tracing. What the checks read besides these keys (4-d inputs, a unit last
+    stride, equal batch and head counts, no dropout, no causal mask) holds for every call here.
+    """
+    key = (device, dtype, head_dim, with_bias, requires_grad)
+    if key not in _CUDA_KERNELS:
+        _CUDA_KERNELS[key] = _probe_cuda_kernel(*key)
+    return _CUDA_KERNELS[key]
+
+
+def _probe_cuda_kernel(device, dtype, head_dim, with_bias, requires_grad) -> str | None:
     from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
 
-    if key_bias is None and can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, False)):
-        return "flash"
-    bias = kernel_bias(key_bias, q.dtype, q.shape[1], q.shape[2])
-    ok = can_use_efficient_attention(SDPAParams(q, k, v, bias, 0.0, False, False))
+    with torch.inference_mode(False), torch.enable_grad():
+        q = torch.zeros(1, 1, 16, head_dim, device=device, dtype=dtype,
+                        requires_grad=requires_grad)  # fmt: skip
+        if not with_bias and can_use_flash_attention(SDPAParams(q, q, q, None, 0.0, False, False)):
+            return "flash"
+        bias = kernel_bias(q.new_zeros(1, 16) if with_bias else None, dtype, 1, 16)
+        ok = can_use_efficient_attention(SDPAParams(q, q, q, bias, 0.0, False, False))
     return "efficient" if ok else None
 
 
@@ -255,7 +289,7 @@ def reweighted_attention(
                                      need_lse or num_dc > 0)  # fmt: skip
         if num_dc > 0:
             k_dc = k[:, :, n - num_dc :]
-            logits = (q @ k_dc.transpose(-2, -1)).to(lse.dtype) * scale  # (B, h, n, D)
+            logits = float32_matmul(q, k_dc.transpose(-2, -1)).to(lse.dtype) * scale  # (B,h,n,D)
             if key_bias is not None:
                 logits = logits + key_bias[:, None, None, n - num_dc :]
             a_dc = torch.exp(logits - lse[..., None]).to(v.dtype)

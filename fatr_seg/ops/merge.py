@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import float32_matmul
 from .reduce import FoldRecord, accumulate_residual, token_map
 from .state import TokenState
 
@@ -51,7 +52,7 @@ def nearest_kept(
     m = F.normalize(metric.float(), dim=-1)
     mk = m.gather(1, keep_pos[..., None].expand(-1, -1, C))  # (B, K, d)
     md = m.gather(1, drop_pos[..., None].expand(-1, -1, C))  # (B, L, d)
-    sim = md @ mk.transpose(1, 2)  # (B, L, K)
+    sim = float32_matmul(md, mk.transpose(1, 2))  # (B, L, K)
     if radius is not None:
         if patch_idx is None or hw_shape is None:
             raise ValueError("nearest_kept with a radius needs patch_idx and hw_shape")

@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .precision import float32_matmul
+
 __all__ = [
     "bipartite_scores",
     "cls_attention",
@@ -62,7 +64,7 @@ def cls_attention(
     Returns:
         (B, n) float32, each row sums to 1.
     """
-    logits = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * scale  # (B, h, 1, n)
+    logits = float32_matmul(q[:, :, :1], k.transpose(-2, -1)) * scale  # (B, h, 1, n)
     if key_bias is not None:
         logits = logits + key_bias[:, None, None, :].float()
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
@@ -96,7 +98,7 @@ def bipartite_scores(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if len(a_pos) == 0:
         return scores, partner
     m = F.normalize(metric.float(), dim=-1)
-    best, dst = (m[:, a_pos] @ m[:, b_pos].transpose(1, 2)).max(dim=-1)  # (B, |A|)
+    best, dst = float32_matmul(m[:, a_pos], m[:, b_pos].transpose(1, 2)).max(dim=-1)  # (B, |A|)
     scores[:, a_pos] = -best
     partner[:, a_pos] = b_pos[dst]
     return scores, partner
@@ -143,7 +145,7 @@ def protected_bipartite_scores(
     m = F.normalize(metric.float(), dim=-1)
     ma = m.gather(1, a_pos[..., None].expand(-1, -1, d))
     mb = m.gather(1, b_pos[..., None].expand(-1, -1, d))
-    best, dst = (ma @ mb.transpose(1, 2)).max(dim=-1)  # (B, |A|)
+    best, dst = float32_matmul(ma, mb.transpose(1, 2)).max(dim=-1)  # (B, |A|)
     scores.scatter_(1, a_pos, -best)
     partner.scatter_(1, a_pos, b_pos.gather(1, dst))
     return scores, partner
@@ -185,7 +187,7 @@ def window_scores(
     win = pos[: gh * window, : gw * window].reshape(gh, window, gw, window)
     win = win.permute(0, 2, 1, 3).reshape(gh * gw, s)
     m = F.normalize(metric.float(), dim=-1)[:, win]  # (B, G, s, d)
-    pair_sum = (m @ m.transpose(-2, -1)).sum(dim=(-2, -1)) - m.pow(2).sum(dim=(-2, -1))
+    pair_sum = float32_matmul(m, m.transpose(-2, -1)).sum(dim=(-2, -1)) - m.pow(2).sum(dim=(-2, -1))
     sim = pair_sum / (s * (s - 1))  # (B, G)
     members = win[:, :-1].reshape(-1)  # every token but the last of each window
     scores[:, members] = -sim.repeat_interleave(s - 1, dim=1)

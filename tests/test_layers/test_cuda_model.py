@@ -100,7 +100,7 @@ def test_bf16_inference_never_syncs(name):
     assert logits.shape == (2, 150, 16, 16) and logits.isfinite().all()
 
 
-@pytest.mark.parametrize("name", ["fatr", "none"])
+@pytest.mark.parametrize("name", sorted(REDUCTIONS))
 def test_fullgraph_compile_matches_eager(name):
     torch._dynamo.reset()
     model = build(REDUCTIONS[name]).cuda()
@@ -112,6 +112,18 @@ def test_fullgraph_compile_matches_eager(name):
             assert_outputs_close(fn(x), model(x), rtol=2e-2, atol=2e-2)
     assert counter.frame_count == 1 and counter.op_count > 0
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["fatr", "fatr_paper"])
+def test_fp16_training_step(name):
+    """A mixed-precision training step (mmseg's AmpOptimWrapper: fp16 autocast, scaled loss)."""
+    model = build(REDUCTIONS[name], compact_output=False).cuda().train()
+    scaler = torch.amp.GradScaler("cuda")
+    with torch.autocast("cuda", torch.float16):
+        loss = model(inputs().cuda())[0].float().square().mean()
+    scaler.scale(loss).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.isfinite().all() for g in grads)
 
 
 @pytest.mark.parametrize("check_finite", [True, False])
