@@ -139,7 +139,7 @@ def run(args) -> dict:
         rows=[],
         skipped=[],
     )
-    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    modes = [m for m in args.modes if not (args.no_compile and m == "compiled")]
     for mode in modes:
         for size in args.shapes:
             gen = torch.Generator().manual_seed(0)
@@ -232,6 +232,8 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=None, help="timed rounds (default 20)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 3)")
     p.add_argument("--no-compile", action="store_true", help="eager only")
+    p.add_argument("--modes", nargs="+", choices=("eager", "compiled"),
+                   default=["eager", "compiled"], help="modes to run, in this order")  # fmt: skip
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="skip cells that would start later (seconds; 0: none)")  # fmt: skip

@@ -9,8 +9,6 @@ one product.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 __all__ = ["float32_matmul"]
@@ -23,6 +21,9 @@ def float32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a.float() @ b.float()``, in float32 also inside ``torch.autocast`` (float64 stays)."""
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     device = a.device.type
-    ctx = torch.autocast(device, enabled=False) if device in _AUTOCAST_DEVICES else None
-    with ctx or contextlib.nullcontext():
+    if device not in _AUTOCAST_DEVICES:
+        return torch.matmul(a.to(dtype), b.to(dtype))
+    # A plain `with` on the autocast mode: dynamo (fullgraph) cannot trace a context manager
+    # chosen at run time.
+    with torch.autocast(device, enabled=False):
         return torch.matmul(a.to(dtype), b.to(dtype))

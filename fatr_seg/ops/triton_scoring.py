@@ -171,6 +171,12 @@ def query_splits(n_q: int, n_k: int, num_bh: int, programs: int, min_tile: int =
     return max(1, min(want, -(-n_q // min_tile)))
 
 
+@torch.compiler.assume_constant_result
+def _multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessor count; a constant under ``torch.compile``."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _precision(q: torch.Tensor) -> str:
     # TF32 only where torch itself allows it for fp32 matmuls; the explicit path is the reference.
     tf32 = q.is_cuda and q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
@@ -226,7 +232,7 @@ def column_mean_triton(
             raise ValueError(f"lse must be (B, h, n_q) = {(B, h, n_q)}; got {tuple(lse.shape)}")
         lse = lse.to(device=q.device, dtype=torch.float32).reshape(B * h, n_q).contiguous()
     if splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+        sms = _multiprocessors(q.device) if q.is_cuda else 0
         splits = query_splits(n_q, n_k, B * h, 2 * sms) if sms else 1
     partial = torch.empty(splits, B * h, n_k, dtype=torch.float32, device=q.device)
     if key_bias is None:
