@@ -40,7 +40,7 @@ from ..layers import FATRVisionTransformer, MaskTransformerHead
 from ..layers.config import REDUCTION_DEFAULTS
 from .timing import TimingStats, cuda_peak_memory, peak_tensor_bytes, time_alternating
 
-__all__ = ["MODELS", "build_models", "main", "run", "to_markdown"]
+__all__ = ["MODELS", "build_models", "main", "run", "to_markdown", "write"]
 
 # ViT-S/16 Segmenter-Mask of the ADE20K configs: backbone kwargs, and the head's.
 VIT_S = dict(patch_size=16, embed_dims=384, num_layers=12, num_heads=6, mlp_ratio=4.0)
@@ -110,8 +110,13 @@ def _memory(fn, device: torch.device) -> int:
     return peak_tensor_bytes(fn)
 
 
-def run(args) -> dict:
-    """Measure every (shape, target, mode) cell; returns the JSON-ready result."""
+def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
+    """Measure every (shape, target, mode) cell; returns the JSON-ready result.
+
+    ``on_cell(result)`` is called after every cell (measured, failed or skipped), with
+    ``result["seconds"]`` the time so far: :func:`main` writes the files then, so that a run
+    stopped from outside (a device lease running out) still leaves every finished cell.
+    """
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     start = time.perf_counter()
@@ -159,6 +164,9 @@ def run(args) -> dict:
                     result["skipped"].append(
                         dict(mode=mode, shape=size, target=target, reason=reason)
                     )
+                if on_cell is not None:
+                    result["seconds"] = time.perf_counter() - start
+                    on_cell(result)
             del x
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -256,15 +264,39 @@ def parse_args(argv=None):
     return args
 
 
+def write(result: dict, out_dir: str) -> str:
+    """``gpu_bench.md`` and ``gpu_bench.json`` in ``out_dir``; returns the markdown."""
+    os.makedirs(out_dir, exist_ok=True)
+    markdown = to_markdown(result)
+    with open(os.path.join(out_dir, "gpu_bench.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(out_dir, "gpu_bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return markdown
+
+
+def _progress(out_dir: str) -> Callable[[dict], None]:
+    """After each cell: its rows (or why it was skipped) on stdout, and the files rewritten."""
+    shown = dict(rows=0, skipped=0)
+
+    def on_cell(result: dict) -> None:
+        for r in result["rows"][shown["rows"] :]:
+            print(f"[{result['seconds']:.0f} s] {r['mode']} {r['target']} {r['shape']}² "
+                  f"{r['model']}: {r['median_ms']:.1f} ms, {r['speedup']:.3f}x, "
+                  f"{r['peak_mib']:,.0f} MiB, first call {r['first_call_s']:.1f} s")  # fmt: skip
+        for r in result["skipped"][shown["skipped"] :]:
+            print(f"[{result['seconds']:.0f} s] skipped {r['mode']} {r['target']} "
+                  f"{r['shape']}²: {r['reason']}")  # fmt: skip
+        shown.update(rows=len(result["rows"]), skipped=len(result["skipped"]))
+        write(result, out_dir)
+
+    return on_cell
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    result = run(args)
-    os.makedirs(args.out_dir, exist_ok=True)
-    markdown = to_markdown(result)
-    with open(os.path.join(args.out_dir, "gpu_bench.md"), "w") as f:
-        f.write(markdown)
-    with open(os.path.join(args.out_dir, "gpu_bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    result = run(args, _progress(args.out_dir))
+    markdown = write(result, args.out_dir)
     print(markdown)
     print(f"wrote {args.out_dir}/gpu_bench.md and gpu_bench.json")
     return 0

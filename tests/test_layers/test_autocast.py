@@ -51,3 +51,26 @@ def test_training_step_under_autocast(method):
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(g.isfinite().all() for g in grads)
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", [None, "fatr", "fatr_paper"])
+def test_fullgraph_trace_under_autocast(method):
+    """Dynamo traces the autocast forward as one graph and gives eager's selection and tokens.
+
+    (On the H200 machine's torch 2.11 the float32 products' autocast switch, written as a context
+    manager chosen at run time, broke the graph; torch 2.14 here traces either form, so this
+    test guards the graph as a whole, and ``test_cuda_model.py`` the CUDA compile.)"""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = build(method, compact_output=True).eval()
+    counter = CompileCounter()
+    fn = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        got, want = fn(x), model(x)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.source, b.source)
+        torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=0)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()

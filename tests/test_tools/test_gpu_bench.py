@@ -71,9 +71,31 @@ def test_dry_run_on_cpu_writes_the_table(tmp_path):
     assert all(r["median_ms"] > 0 and r["peak_mib"] >= 0 for r in result["rows"])
     table = (tmp_path / "gpu_bench.md").read_text()
     assert table.count("| fatr |") == 8 and "speed-up vs baseline" in table
+    assert proc.stdout.count(" fatr: ") == 8  # one progress line per measured cell and model
 
 
 def test_cpu_without_dry_run_is_refused():
     proc = subprocess.run([sys.executable, "-m", "fatr_seg.analysis.gpu_bench", "--device", "cpu"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "--dry-run" in proc.stderr
+
+
+def test_every_cell_is_written_as_it_finishes(tmp_path):
+    """A run stopped from outside (a device lease ending) keeps the cells it finished."""
+    from fatr_seg.analysis import gpu_bench
+
+    args = gpu_bench.parse_args(["--device", "cpu", "--dry-run", "--modes", "eager",
+                                 "--shapes", "64", "--out-dir", str(tmp_path)])  # fmt: skip
+    written = []
+    progress = gpu_bench._progress(str(tmp_path))
+
+    def on_cell(result):
+        progress(result)
+        written.append(json.loads((tmp_path / "gpu_bench.json").read_text()))
+
+    result = gpu_bench.run(args, on_cell)
+    assert [len(w["rows"]) for w in written] == [2, 4]  # baseline and fatr, per target
+    assert [r["target"] for r in written[0]["rows"]] == ["backbone", "backbone"]
+    assert written[-1]["rows"] == json.loads(json.dumps(result["rows"]))
+    assert {r["mode"] for r in result["rows"]} == {"eager"}  # --modes eager: no compiled cell
+    assert "| 64² | 16 | segmentor | eager | fatr |" in (tmp_path / "gpu_bench.md").read_text()
