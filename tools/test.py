@@ -1,7 +1,7 @@
 """Evaluate a checkpoint (mIoU through mmseg's IoUMetric):
 
 ``python tools/test.py CONFIG CHECKPOINT [--mode whole|slide] [--work-dir DIR] [--out DIR]
-[--keep-ratio R [R ...]] [--compile]``.
+[--keep-ratio R [R ...]] [--compile] [--amp]``.
 Multi-process: ``tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS`` (torchrun).
 """
 
@@ -30,6 +30,9 @@ def parse_args():
                         "reduction layer, or one per layer")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
                         help="run the backbone and heads through torch.compile")  # fmt: skip
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed-precision inference (mmengine's TestLoop fp16: fp16 autocast "
+                        "on CUDA, bf16 on CPU)")  # fmt: skip
     add_runner_args(parser, "the dir to save the evaluation metrics", "override config settings")
     return parser.parse_args()
 
@@ -46,6 +49,8 @@ def configure(cfg, args):
         set_config_keep_ratio(cfg, args.keep_ratio, args.config)
     if args.compile:
         add_compile_hook(cfg)
+    if args.amp:
+        cfg.test_cfg = {**(cfg.get("test_cfg") or dict(type="TestLoop")), "fp16": True}
     if args.out:
         cfg.test_evaluator["output_dir"] = args.out
         cfg.test_evaluator["keep_results"] = True
