@@ -202,3 +202,26 @@ def test_cuda_reweighted_inference_matches_padded_path(num_dc):
     want = ref.reweighted_attention(q.cpu(), k.cpu(), v.cpu(), d**-0.5, num_dc, w1.cpu(),
                                     w2.cpu(), bias.cpu())  # fmt: skip
     assert_close(fast.double().cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_dc", [0, 4])
+def test_cuda_branches_trace_as_one_graph(fake_cuda, num_dc):
+    """Dynamo traces the CUDA branches (kernel choice, aligned key bias, padded log-sum-exp,
+    ``A[:, DC]`` off the logits) without a break, with eager's results: what
+    ``torch.compile(fullgraph=True)`` meets on a GPU, here with the stand-in kernels."""
+    B, h, n, d = 2, 3, 30, 8
+    q, k, v = make_qkv(B, h, n, d, seed=4)
+    w1, w2 = torch.randn(h) * 0.7, torch.randn(h) * 0.7
+    bias = dc_bias(B, n, num_dc) if num_dc else None
+
+    def fn(q, k, v, bias):
+        return reweighted_attention(q, k, v, d**-0.5, num_dc, 1 + w1, 1 + w2, bias)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = fn(q, k, v, bias)
+        got = torch.compile(fn, backend="eager", fullgraph=True)(q, k, v, bias)
+    torch._dynamo.reset()
+    assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
+    assert ("efficient" if num_dc else "flash", d) in fake_cuda.calls
