@@ -115,8 +115,8 @@ class TokenReducer(nn.Module):
         """
         empty = ~torch.isfinite(key_bias[:, -num_dc:])  # (B, D)
         B, h, n, _ = stats.k.shape
-        q_dc = stats.q[:, :, -num_dc:]  # (B, h, D, d)
-        logits = float32_matmul(q_dc, stats.k.transpose(-2, -1)) * stats.scale  # (B, h, D, n)
+        q_dc = stats.q[:, :, -num_dc:].float()  # (B, h, D, d)
+        logits = float32_matmul(q_dc, stats.k.float().transpose(-2, -1)) * stats.scale  # (B,h,D,n)
         w = empty[:, None, :, None].float()  # (B, 1, D, 1)
         if self.score == "hf_proxy":  # s = mean_h (sum_q q) . k * scale
             return s - (logits * w).sum(dim=(1, 2)) / h

@@ -64,7 +64,7 @@ def cls_attention(
     Returns:
         (B, n) float32, each row sums to 1.
     """
-    logits = float32_matmul(q[:, :, :1], k.transpose(-2, -1)) * scale  # (B, h, 1, n)
+    logits = float32_matmul(q[:, :, :1].float(), k.float().transpose(-2, -1)) * scale  # (B,h,1,n)
     if key_bias is not None:
         logits = logits + key_bias[:, None, None, :].float()
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
