@@ -41,7 +41,7 @@ if [ "$TESTS" = 1 ]; then
     (cd "$ROOT" && timeout "${GPU_TEST_SECONDS:-180}" "$PYTHON" -m pytest -m gpu -q -rs \
         -p no:cacheprovider tests/test_ops/test_attention_lse_cuda.py \
         tests/test_ops/test_scoring.py tests/test_ops/test_triton_tuning.py \
-        tests/test_layers/test_cuda_model.py) 2>&1 | tee "$OUT_DIR/gpu_tests.log" || TEST_RC=$?
+        tests/test_layers/test_cuda_model.py tests/test_tools/test_gpu_bench_cuda.py) 2>&1 | tee "$OUT_DIR/gpu_tests.log" || TEST_RC=$?
     echo "CUDA tests: exit status $TEST_RC"
 fi
 "$PYTHON" -m fatr_seg.analysis.gpu_bench --out-dir "$OUT_DIR" "$@"

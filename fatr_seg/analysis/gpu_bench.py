@@ -9,14 +9,18 @@ does not depend on them.
 
 Per input size, target (``backbone``: the backbone's forward; ``segmentor``: backbone, head and
 the bilinear resize of the logits to the input size, i.e. mmseg's ``encode_decode``) and mode
-(``eager``, ``compiled``: backbone and head through ``torch.compile(fullgraph=True)``, one
-graph each, the final resize eager, as ``tools/test.py --compile`` runs them), the two models run in
-alternation under ``torch.autocast`` (bf16 by default) with a synchronisation around every
-call. The peak memory of one call is ``torch.cuda.max_memory_allocated`` minus what was allocated
-before (on CPU: peak live tensor bytes). The result is a markdown table and a JSON file.
+(``eager``; ``cudagraph``: the eager forward captured once in a CUDA graph and replayed, i.e.
+eager's kernels without the host's Python, dispatch and launch work, CUDA only; ``compiled``:
+backbone and head through ``torch.compile(fullgraph=True)``, one graph each, the final resize
+eager, as ``tools/test.py --compile`` runs them), the two models run in alternation under
+``torch.autocast`` (bf16 by default) with a synchronisation around every call. The peak memory
+of one call is ``torch.cuda.max_memory_allocated`` minus what was allocated before (on CPU: peak
+live tensor bytes; none for ``cudagraph``, whose memory is the pool taken at capture). The result
+is a markdown table and a JSON file.
 
 ``--time-budget`` (default 420 s) bounds the run: cells that would start after it are listed as
-skipped; eager cells run first, then compiled ones, smallest size first. ``--dry-run`` runs the
+skipped; modes run in the order of ``--modes`` (eager, cudagraph, compiled), smallest size
+first. ``--dry-run`` runs the
 same logic on a tiny model at tiny sizes (``--device cpu --dry-run`` tests it without a GPU).
 """
 
@@ -49,6 +53,8 @@ TINY = dict(patch_size=16, embed_dims=32, num_layers=12, num_heads=2, mlp_ratio=
 TINY_HEAD = dict(num_classes=150, num_layers=1, num_heads=2, embed_dims=32)
 #: Model name -> reduction (None: the baseline).
 MODELS = {"baseline": None, "fatr": dict(REDUCTION_DEFAULTS)}
+#: Modes, in their default order: eager, the eager kernels replayed from a CUDA graph, compiled.
+MODES = ("eager", "cudagraph", "compiled")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -85,9 +91,9 @@ def build_models(tiny: bool = False) -> dict[str, Segmentor]:
     return models
 
 
-def _callables(model: Segmentor, target: str, x, dtype, compiled: bool, backend: str):
+def _callables(model: Segmentor, target: str, x, dtype, mode: str, backend: str):
     fn: Callable = model.backbone if target == "backbone" else model
-    if compiled:  # backbone and head one graph each, the final resize eager (as --compile does)
+    if mode == "compiled":  # backbone and head one graph each, the resize eager (as --compile)
         options = dict(fullgraph=True, dynamic=False, backend=backend)
         backbone = torch.compile(model.backbone, **options)
         head = torch.compile(model.head, **options)
@@ -95,13 +101,42 @@ def _callables(model: Segmentor, target: str, x, dtype, compiled: bool, backend:
         if target == "segmentor":
             fn = lambda x: model.resize(head(backbone(x)), x)  # noqa: E731
     autocast = x.is_cuda and dtype != torch.float32
+    graphed = mode == "cudagraph"
 
     def call():
-        ctx = torch.autocast("cuda", dtype) if autocast else contextlib.nullcontext()
+        # CUDA graphs need autocast's cast cache off (torch.cuda.graph's documentation).
+        ctx = (torch.autocast("cuda", dtype, cache_enabled=not graphed) if autocast
+               else contextlib.nullcontext())  # fmt: skip
         with torch.inference_mode(), ctx:
             return fn(x)
 
-    return call
+    return _cuda_graph(call, x.device) if graphed else call
+
+
+def _cuda_graph(call: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``call`` captured once in a CUDA graph; the returned callable replays it.
+
+    The eager kernels, launched without any host work: set beside eager, it shows how much of
+    eager's time is the host's (Python, dispatch, launches). The input is the captured tensor
+    and the outputs are overwritten by every replay, as in the benchmark's loop.
+    """
+    if device.type != "cuda":
+        raise RuntimeError("the cudagraph mode needs a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the capture stream: kernel choices, autotuning
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
 
 
 def _memory(fn, device: torch.device) -> int:
@@ -151,11 +186,18 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
             x = torch.randn(args.batch, 3, size, size, generator=gen).to(device)
             for target in args.targets:
                 elapsed = time.perf_counter() - start
+                reason = None
                 if args.time_budget and elapsed > args.time_budget:
                     reason = f"time budget: {elapsed:.0f} s spent"
+                elif mode == "cudagraph" and device.type != "cuda":
+                    reason = "CUDA graphs need a CUDA device"
+                if reason is not None:
                     result["skipped"].append(
                         dict(mode=mode, shape=size, target=target, reason=reason)
                     )
+                    if on_cell is not None:
+                        result["seconds"] = time.perf_counter() - start
+                        on_cell(result)
                     continue
                 try:
                     result["rows"] += _cell(models, target, x, dtype, mode, args)
@@ -177,7 +219,7 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
 def _cell(models, target, x, dtype, mode, args) -> list[dict]:
     fns, compile_s = {}, {}
     for name, model in models.items():
-        fns[name] = _callables(model, target, x, dtype, mode == "compiled", args.compile_backend)
+        fns[name] = _callables(model, target, x, dtype, mode, args.compile_backend)
         t0 = time.perf_counter()
         fns[name]()  # compiles in compiled mode
         if x.is_cuda:
@@ -192,10 +234,15 @@ def _cell(models, target, x, dtype, mode, args) -> list[dict]:
             model=name, batch=x.shape[0], median_ms=s.median_s * 1e3, q1_ms=s.q1_s * 1e3,
             q3_ms=s.q3_s * 1e3, images_per_s=x.shape[0] / s.median_s,
             speedup=stats["baseline"].median_s / s.median_s,
-            peak_mib=_memory(fns[name], x.device) / 2**20,
+            # A graph's memory is its pool, taken at capture: a replay allocates nothing.
+            peak_mib=None if mode == "cudagraph" else _memory(fns[name], x.device) / 2**20,
             first_call_s=compile_s[name],
         ))  # fmt: skip
     return rows
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
 
 
 def to_markdown(result: dict) -> str:
@@ -218,7 +265,7 @@ def to_markdown(result: dict) -> str:
         lines.append(
             f"| {r['shape']}² | {r['tokens']} | {r['target']} | {r['mode']} | {r['model']} "
             f"| {r['median_ms']:.1f} [{r['q1_ms']:.1f}, {r['q3_ms']:.1f}] "
-            f"| {r['images_per_s']:.1f} | {r['speedup']:.3f} | {r['peak_mib']:,.1f} "
+            f"| {r['images_per_s']:.1f} | {r['speedup']:.3f} | {_mib(r['peak_mib'])} "
             f"| {r['first_call_s']:.1f} |"
         )
     for r in result["skipped"]:
@@ -240,8 +287,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=None, help="timed rounds (default 20)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 3)")
     p.add_argument("--no-compile", action="store_true", help="eager only")
-    p.add_argument("--modes", nargs="+", choices=("eager", "compiled"),
-                   default=["eager", "compiled"], help="modes to run, in this order")  # fmt: skip
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="modes to run, in this order (cudagraph: the eager forward captured in a "
+                   "CUDA graph and replayed; CUDA only)")  # fmt: skip
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="skip cells that would start later (seconds; 0: none)")  # fmt: skip
@@ -283,7 +331,7 @@ def _progress(out_dir: str) -> Callable[[dict], None]:
         for r in result["rows"][shown["rows"] :]:
             print(f"[{result['seconds']:.0f} s] {r['mode']} {r['target']} {r['shape']}² "
                   f"{r['model']}: {r['median_ms']:.1f} ms, {r['speedup']:.3f}x, "
-                  f"{r['peak_mib']:,.0f} MiB, first call {r['first_call_s']:.1f} s")  # fmt: skip
+                  f"{_mib(r['peak_mib'])} MiB, first call {r['first_call_s']:.1f} s")  # fmt: skip
         for r in result["skipped"][shown["skipped"] :]:
             print(f"[{result['seconds']:.0f} s] skipped {r['mode']} {r['target']} "
                   f"{r['shape']}²: {r['reason']}")  # fmt: skip
