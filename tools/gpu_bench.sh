@@ -12,8 +12,9 @@
 # they gave; the exit status is the tests' if they failed.
 #
 # Needs python3 with CUDA torch and timm, nothing built: no mmcv, mmseg or mmengine (the models
-# come from fatr_seg.layers alone). PYTHON picks the interpreter. About 5 minutes on an H100/H200
-# (most of it compiling); --time-budget (default 420 s) skips the cells that would start later.
+# come from fatr_seg.layers alone). PYTHON picks the interpreter. On an H200 the eager cells took
+# under a minute; each compiled cell compiles both models (minutes); --time-budget (default 420 s)
+# skips the cells that would start later, and every finished cell is written at once.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
@@ -41,7 +42,8 @@ if [ "$TESTS" = 1 ]; then
     (cd "$ROOT" && timeout "${GPU_TEST_SECONDS:-180}" "$PYTHON" -m pytest -m gpu -q -rs \
         -p no:cacheprovider tests/test_ops/test_attention_lse_cuda.py \
         tests/test_ops/test_scoring.py tests/test_ops/test_triton_tuning.py \
-        tests/test_layers/test_cuda_model.py tests/test_tools/test_gpu_bench_cuda.py) 2>&1 | tee "$OUT_DIR/gpu_tests.log" || TEST_RC=$?
+        tests/test_layers/test_cuda_model.py tests/test_tools/test_gpu_bench_cuda.py) 2>&1 \
+        | tee "$OUT_DIR/gpu_tests.log" || TEST_RC=$?
     echo "CUDA tests: exit status $TEST_RC"
 fi
 "$PYTHON" -m fatr_seg.analysis.gpu_bench --out-dir "$OUT_DIR" "$@"

@@ -20,8 +20,8 @@ is a markdown table and a JSON file.
 
 ``--time-budget`` (default 420 s) bounds the run: cells that would start after it are listed as
 skipped; modes run in the order of ``--modes`` (eager, cudagraph, compiled), smallest size
-first. ``--dry-run`` runs the
-same logic on a tiny model at tiny sizes (``--device cpu --dry-run`` tests it without a GPU).
+first. ``--dry-run`` runs the same logic on a tiny model at tiny sizes (``--device cpu
+--dry-run`` tests it without a GPU).
 """
 
 from __future__ import annotations
@@ -191,18 +191,12 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
                     reason = f"time budget: {elapsed:.0f} s spent"
                 elif mode == "cudagraph" and device.type != "cuda":
                     reason = "CUDA graphs need a CUDA device"
+                if reason is None:
+                    try:
+                        result["rows"] += _cell(models, target, x, dtype, mode, args)
+                    except Exception as err:  # noqa: BLE001 - one failed cell must not end the run
+                        reason = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
                 if reason is not None:
-                    result["skipped"].append(
-                        dict(mode=mode, shape=size, target=target, reason=reason)
-                    )
-                    if on_cell is not None:
-                        result["seconds"] = time.perf_counter() - start
-                        on_cell(result)
-                    continue
-                try:
-                    result["rows"] += _cell(models, target, x, dtype, mode, args)
-                except Exception as err:  # noqa: BLE001 - one failed cell must not end the run
-                    reason = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
                     result["skipped"].append(
                         dict(mode=mode, shape=size, target=target, reason=reason)
                     )
