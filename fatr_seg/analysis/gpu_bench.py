@@ -34,6 +34,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -44,7 +45,7 @@ from ..layers import FATRVisionTransformer, MaskTransformerHead
 from ..layers.config import REDUCTION_DEFAULTS
 from .timing import TimingStats, cuda_peak_memory, peak_tensor_bytes, time_alternating
 
-__all__ = ["MODELS", "build_models", "main", "run", "to_markdown", "write"]
+__all__ = ["MODELS", "build_models", "compiled_parts", "main", "run", "to_markdown", "write"]
 
 # ViT-S/16 Segmenter-Mask of the ADE20K configs: backbone kwargs, and the head's.
 VIT_S = dict(patch_size=16, embed_dims=384, num_layers=12, num_heads=6, mlp_ratio=4.0)
@@ -91,12 +92,21 @@ def build_models(tiny: bool = False) -> dict[str, Segmentor]:
     return models
 
 
-def _callables(model: Segmentor, target: str, x, dtype, mode: str, backend: str):
+def compiled_parts(model: Segmentor, backend: str) -> tuple[Callable, Callable]:
+    """Backbone and head through ``torch.compile(fullgraph=True, dynamic=False)``, one graph each.
+
+    Made once per model and reused by every cell: dynamo compiles each input size once, and the
+    segmentor cells reuse the backbone's graph compiled by the backbone cells.
+    """
+    options = dict(fullgraph=True, dynamic=False, backend=backend)
+    return torch.compile(model.backbone, **options), torch.compile(model.head, **options)
+
+
+def _callables(model: Segmentor, target: str, x, dtype, mode: str, backend: str,
+               compiled: tuple[Callable, Callable] | None = None):  # fmt: skip
     fn: Callable = model.backbone if target == "backbone" else model
     if mode == "compiled":  # backbone and head one graph each, the resize eager (as --compile)
-        options = dict(fullgraph=True, dynamic=False, backend=backend)
-        backbone = torch.compile(model.backbone, **options)
-        head = torch.compile(model.head, **options)
+        backbone, head = compiled or compiled_parts(model, backend)
         fn = backbone
         if target == "segmentor":
             fn = lambda x: model.resize(head(backbone(x)), x)  # noqa: E731
@@ -156,6 +166,7 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
     dtype = DTYPES[args.dtype]
     start = time.perf_counter()
     models = {n: m.to(device) for n, m in build_models(args.dry_run).items()}
+    compiled = {n: compiled_parts(m, args.compile_backend) for n, m in models.items()}
     result = dict(
         schema="fatr_seg.gpu_bench/1",
         date=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -193,9 +204,10 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
                     reason = "CUDA graphs need a CUDA device"
                 if reason is None:
                     try:
-                        result["rows"] += _cell(models, target, x, dtype, mode, args)
+                        result["rows"] += _cell(models, target, x, dtype, mode, args, compiled)
                     except Exception as err:  # noqa: BLE001 - one failed cell must not end the run
                         reason = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                        traceback.print_exc()  # the whole story, for the log
                 if reason is not None:
                     result["skipped"].append(
                         dict(mode=mode, shape=size, target=target, reason=reason)
@@ -210,10 +222,11 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
     return result
 
 
-def _cell(models, target, x, dtype, mode, args) -> list[dict]:
+def _cell(models, target, x, dtype, mode, args, compiled=None) -> list[dict]:
     fns, compile_s = {}, {}
     for name, model in models.items():
-        fns[name] = _callables(model, target, x, dtype, mode, args.compile_backend)
+        parts = compiled[name] if compiled else None
+        fns[name] = _callables(model, target, x, dtype, mode, args.compile_backend, parts)
         t0 = time.perf_counter()
         fns[name]()  # compiles in compiled mode
         if x.is_cuda:

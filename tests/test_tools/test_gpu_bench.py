@@ -99,3 +99,31 @@ def test_every_cell_is_written_as_it_finishes(tmp_path):
     assert written[-1]["rows"] == json.loads(json.dumps(result["rows"]))
     assert {r["mode"] for r in result["rows"]} == {"eager"}  # --modes eager: no compiled cell
     assert "| 64² | 16 | segmentor | eager | fatr |" in (tmp_path / "gpu_bench.md").read_text()
+
+
+def test_each_model_and_size_compiles_once(tmp_path, monkeypatch):
+    """The segmentor cells reuse the backbone graphs of the backbone cells (compile time is
+    device time on a lent GPU): per model, one backbone and one head graph per input size."""
+    from torch._dynamo.testing import CompileCounter
+
+    from fatr_seg.analysis import gpu_bench
+
+    counters = []
+
+    def counting_parts(model, backend):
+        parts = []
+        for module in (model.backbone, model.head):
+            counters.append(CompileCounter())
+            parts.append(torch.compile(module, backend=counters[-1], fullgraph=True,
+                                       dynamic=False))  # fmt: skip
+        return tuple(parts)
+
+    monkeypatch.setattr(gpu_bench, "compiled_parts", counting_parts)
+    torch._dynamo.reset()
+    args = gpu_bench.parse_args(["--device", "cpu", "--dry-run", "--modes", "compiled",
+                                 "--out-dir", str(tmp_path)])  # fmt: skip
+    result = gpu_bench.run(args)
+    torch._dynamo.reset()
+    assert not result["skipped"] and len(result["rows"]) == 8  # 2 sizes x 2 targets x 2 models
+    # baseline backbone, baseline head, fatr backbone, fatr head: each once per size (64, 96)
+    assert [c.frame_count for c in counters] == [2, 2, 2, 2]
