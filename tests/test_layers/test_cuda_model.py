@@ -8,7 +8,7 @@ runs them on a lent GPU.
   copy to the host) raises, so a pass is the CUDA-side proof of what ``test_host_sync.py`` counts
   on CPU.
 * ``torch.compile(fullgraph=True)`` with inductor (Triton kernels) compiles one graph and gives
-  eager's results.
+  eager's results (fp32; under bf16 autocast one graph with eager's shapes).
 * The forward is captured in a CUDA graph and replayed on new input with eager's results; a
   capture fails on any synchronisation.
 """
@@ -101,16 +101,38 @@ def test_bf16_inference_never_syncs(name):
 
 
 @pytest.mark.parametrize("name", sorted(REDUCTIONS))
-def test_fullgraph_compile_matches_eager(name):
+def test_fullgraph_compile_matches_eager(name, no_tf32):
+    """fp32 (TF32 off): inductor's fused kernels give eager's tokens and the same selection.
+
+    Not in bf16: there inductor keeps fused intermediates in fp32 where eager rounds each op's
+    output to bf16, so scores differ in the last bits and near-tied tokens may swap (on an H200
+    44 to 70 % of the compact tokens differed at 2e-2: one changed choice moves every later
+    compact token).
+    """
     torch._dynamo.reset()
     model = build(REDUCTIONS[name]).cuda()
     counter = CompileCounterWithBackend("inductor")
     fn = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
-    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+    with torch.inference_mode():
         for seed in (0, 1):
             x = inputs(seed=seed).cuda()
-            assert_outputs_close(fn(x), model(x), rtol=2e-2, atol=2e-2)
+            assert_outputs_close(fn(x), model(x), rtol=1e-4, atol=1e-4)
     assert counter.frame_count == 1 and counter.op_count > 0
+    torch._dynamo.reset()
+
+
+def test_fullgraph_compile_under_bf16_autocast():
+    """bf16 autocast compiles as one graph too, with eager's output shapes and finite values."""
+    torch._dynamo.reset()
+    model = build(REDUCTIONS["fatr"]).cuda()
+    counter = CompileCounterWithBackend("inductor")
+    fn = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+        x = inputs().cuda()
+        got, want = as_tensors(fn(x)), as_tensors(model(x))
+    assert [t.shape for t in got] == [t.shape for t in want]
+    assert all(t.isfinite().all() for t in got if t.is_floating_point())
+    assert counter.frame_count == 1
     torch._dynamo.reset()
 
 

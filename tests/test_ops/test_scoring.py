@@ -257,6 +257,27 @@ TRITON_INTERPRET_SCRIPT = textwrap.dedent(
         )
     except AssertionError as err:
         failures.append(f"dispatcher: {{err}}")
+    # One opaque operator under torch.compile (not the chunked loop traced), same scores; its
+    # schema and fake (meta) implementation checked by torch.library.opcheck.
+    op = torch.ops.fatr_seg.attention_column_mean_triton.default
+    bias = make_key_bias(1, 33)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"
+                       and "grad_enabled" not in str(n.target)])  # no_grad's enter and exit
+        return gm
+
+    compiled = torch.compile(lambda q, k, b: hf_scores(q, k, 0.25, key_bias=b, backend="triton"),
+                             backend=backend, fullgraph=True)
+    try:
+        torch.testing.assert_close(compiled(q, k, bias),
+                                   attention_column_mean_triton(q, k, 0.25, bias), atol=0, rtol=0)
+        assert graphs == [[str(op)]], graphs
+        torch.library.opcheck(op, (q, k, 0.25, bias, None))
+        torch.library.opcheck(op, (q, k, 0.25, None, torch.randn(1, 2, 33)))
+    except Exception as err:
+        failures.append(f"compiled operator: {{type(err).__name__}}: {{err}}")
     if failures:
         print("\\n".join(failures))
         sys.exit(1)
