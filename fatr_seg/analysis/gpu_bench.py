@@ -16,7 +16,9 @@ eager, as ``tools/test.py --compile`` runs them), the two models run in alternat
 ``torch.autocast`` (bf16 by default) with a synchronisation around every call. The peak memory
 of one call is ``torch.cuda.max_memory_allocated`` minus what was allocated before (on CPU: peak
 live tensor bytes; none for ``cudagraph``, whose memory is the pool taken at capture). The result
-is a markdown table and a JSON file.
+is a markdown table and a JSON file; ``--profile`` adds one ``torch.profiler`` table per cell
+and model (ops by self time; on CUDA the kernels' device time) in ``profiles.txt``. Compiled
+cells compile each model's backbone and head once per input size (:func:`compiled_parts`).
 
 ``--time-budget`` (default 420 s) bounds the run: cells that would start after it are listed as
 skipped; modes run in the order of ``--modes`` (eager, cudagraph, compiled), smallest size
@@ -45,7 +47,16 @@ from ..layers import FATRVisionTransformer, MaskTransformerHead
 from ..layers.config import REDUCTION_DEFAULTS
 from .timing import TimingStats, cuda_peak_memory, peak_tensor_bytes, time_alternating
 
-__all__ = ["MODELS", "build_models", "compiled_parts", "main", "run", "to_markdown", "write"]
+__all__ = [
+    "MODELS",
+    "build_models",
+    "compiled_parts",
+    "main",
+    "profile_table",
+    "run",
+    "to_markdown",
+    "write",
+]
 
 # ViT-S/16 Segmenter-Mask of the ADE20K configs: backbone kwargs, and the head's.
 VIT_S = dict(patch_size=16, embed_dims=384, num_layers=12, num_heads=6, mlp_ratio=4.0)
@@ -204,7 +215,11 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
                     reason = "CUDA graphs need a CUDA device"
                 if reason is None:
                     try:
-                        result["rows"] += _cell(models, target, x, dtype, mode, args, compiled)
+                        profiles = [] if args.profile else None
+                        result["rows"] += _cell(models, target, x, dtype, mode, args, compiled,
+                                                profiles)  # fmt: skip
+                        if profiles:
+                            result.setdefault("profiles", []).extend(profiles)
                     except Exception as err:  # noqa: BLE001 - one failed cell must not end the run
                         reason = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
                         traceback.print_exc()  # the whole story, for the log
@@ -222,7 +237,26 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
     return result
 
 
-def _cell(models, target, x, dtype, mode, args, compiled=None) -> list[dict]:
+def profile_table(fn: Callable[[], object], device: torch.device, rows: int = 30) -> str:
+    """One call of ``fn`` under ``torch.profiler``: its ops by self time, device time on CUDA.
+
+    Where a model's time goes, kernel by kernel (on CUDA the table's device columns are the
+    kernels' time; the CPU columns are the host's launch work).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize = torch.cuda.synchronize if cuda else (lambda *_: None)
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+
+
+def _cell(models, target, x, dtype, mode, args, compiled=None, profiles=None) -> list[dict]:
     fns, compile_s = {}, {}
     for name, model in models.items():
         parts = compiled[name] if compiled else None
@@ -233,6 +267,10 @@ def _cell(models, target, x, dtype, mode, args, compiled=None) -> list[dict]:
             torch.cuda.synchronize(x.device)
         compile_s[name] = time.perf_counter() - t0
     times = time_alternating(fns, args.iters, args.warmup, x.device)
+    if profiles is not None:
+        for name, fn in fns.items():
+            profiles.append(f"==== {mode} {target} {x.shape[2]}² batch {x.shape[0]} {name}\n"
+                            + profile_table(fn, x.device))  # fmt: skip
     stats = {n: TimingStats.from_times(t) for n, t in times.items()}
     rows = []
     for name, s in stats.items():
@@ -300,6 +338,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="skip cells that would start later (seconds; 0: none)")  # fmt: skip
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one call per cell and model (torch.profiler; op and "
+                   "kernel times) into profiles.txt")  # fmt: skip
     p.add_argument("--dry-run", action="store_true",
                    help="tiny model, sizes 64 96, batch 2, 1 round: tests the logic")  # fmt: skip
     p.add_argument("--out-dir", default="work_dirs/gpu_bench", help="gpu_bench.{md,json}")
@@ -320,13 +361,17 @@ def parse_args(argv=None):
 
 
 def write(result: dict, out_dir: str) -> str:
-    """``gpu_bench.md`` and ``gpu_bench.json`` in ``out_dir``; returns the markdown."""
+    """``gpu_bench.md``, ``gpu_bench.json`` (and ``profiles.txt``) in ``out_dir``; returns the
+    markdown."""
     os.makedirs(out_dir, exist_ok=True)
     markdown = to_markdown(result)
     with open(os.path.join(out_dir, "gpu_bench.md"), "w") as f:
         f.write(markdown)
     with open(os.path.join(out_dir, "gpu_bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump({k: v for k, v in result.items() if k != "profiles"}, f, indent=1)
+    if result.get("profiles"):
+        with open(os.path.join(out_dir, "profiles.txt"), "w") as f:
+            f.write("\n".join(result["profiles"]))
     return markdown
 
 

@@ -127,3 +127,19 @@ def test_each_model_and_size_compiles_once(tmp_path, monkeypatch):
     assert not result["skipped"] and len(result["rows"]) == 8  # 2 sizes x 2 targets x 2 models
     # baseline backbone, baseline head, fatr backbone, fatr head: each once per size (64, 96)
     assert [c.frame_count for c in counters] == [2, 2, 2, 2]
+
+
+def test_profile_writes_one_table_per_cell_and_model(tmp_path):
+    from fatr_seg.analysis import gpu_bench
+
+    args = gpu_bench.parse_args(["--device", "cpu", "--dry-run", "--modes", "eager", "--shapes",
+                                 "64", "--profile", "--out-dir", str(tmp_path)])  # fmt: skip
+    gpu_bench.write(gpu_bench.run(args), str(tmp_path))
+    text = (tmp_path / "profiles.txt").read_text()
+    headers = [line for line in text.splitlines() if line.startswith("==== ")]
+    assert headers == [f"==== eager {t} 64² batch 2 {m}" for t in ("backbone", "segmentor")
+                       for m in ("baseline", "fatr")]  # fmt: skip
+    sections = text.split("==== ")[1:]
+    assert all("aten::" in s and "Self CPU" in s for s in sections)
+    assert "aten::upsample_bilinear2d" in sections[2] and "upsample" not in sections[0]
+    assert "profiles" not in json.loads((tmp_path / "gpu_bench.json").read_text())
