@@ -13,7 +13,8 @@
 #
 # Needs python3 with CUDA torch and timm, nothing built: no mmcv, mmseg or mmengine (the models
 # come from fatr_seg.layers alone). PYTHON picks the interpreter. On an H200 the eager cells took
-# under a minute; each compiled cell compiles both models (minutes); --time-budget (default 420 s)
+# under a minute; compiled cells compile each model once per size (about 60 s a size); --profile
+# adds profiles.txt (torch.profiler tables); --time-budget (default 420 s)
 # skips the cells that would start later, and every finished cell is written at once.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
