@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["float32_matmul"]
+__all__ = ["AUTOCAST_DEVICES", "float32_matmul"]
 
 # Device types with an autocast mode; others (``meta``) have none to turn off.
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
 def float32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a.float() @ b.float()``, in float32 also inside ``torch.autocast`` (float64 stays)."""
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     device = a.device.type
-    if device not in _AUTOCAST_DEVICES:
+    if device not in AUTOCAST_DEVICES:
         return torch.matmul(a.to(dtype), b.to(dtype))
     # A plain `with` on the autocast mode: dynamo (fullgraph) cannot trace a context manager
     # chosen at run time.

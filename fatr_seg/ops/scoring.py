@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from .precision import AUTOCAST_DEVICES
+
 __all__ = [
     "attention_column_mean",
     "attention_column_mean_triton",
@@ -30,6 +32,7 @@ __all__ = [
 ]
 
 _METHODS = ("exact", "logit_proxy")
+_LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x · log2(e))
 _BACKENDS = ("auto", "chunked", "triton")
 
 
@@ -63,8 +66,8 @@ def attention_column_mean(
     ``s[b, j] = 1/(h·n_q) Σ_heads Σ_queries softmax_j(q·kᵀ·scale + key_bias[b])[q, j]``.
 
     Each chunk of ``c`` query rows builds its ``(B, h, c, n_k)`` logits in fp32 (fp64 for fp64
-    inputs), at most ``max_chunk_bytes`` of them, so the softmax over keys is exact and the full
-    ``(B, h, n_q, n_k)`` map is never held.
+    inputs; also inside ``torch.autocast``), at most ``max_chunk_bytes`` of them, so the softmax
+    over keys is exact and the full ``(B, h, n_q, n_k)`` map is never held.
 
     Args:
         q: Queries, (B, h, n_q, d). Any float dtype.
@@ -97,27 +100,42 @@ def attention_column_mean(
             )
             for b in range(B)
         ])  # fmt: skip
+    if q.device.type in AUTOCAST_DEVICES:  # fp32 logits also inside torch.autocast
+        with torch.autocast(q.device.type, enabled=False):
+            return _chunked_column_mean(q, k, scale, key_bias, max_chunk_bytes, lse)
+    return _chunked_column_mean(q, k, scale, key_bias, max_chunk_bytes, lse)
+
+
+def _chunked_column_mean(q, k, scale, key_bias, max_chunk_bytes, lse) -> torch.Tensor:
+    B, h, n_q, _ = q.shape
+    n_k = k.shape[2]
     dtype = _compute_dtype(q.dtype)
+    # The logits are taken in base 2 (scale, bias and lse times log2(e)), so that the one
+    # exponential per attention entry is exp2: 3x cheaper than exp on CPU (AVX-512, 1 thread:
+    # 0.27 against 0.82 ns an entry), where exp was 1.8 % of FATR's ViT-S backbone at batch 1.
     # Contiguous once, so that per-chunk matmuls don't copy a strided (e.g. qkv-split) k each time.
     kt = k.to(dtype).contiguous().transpose(-2, -1)  # (B, h, d, n_k)
-    bias = None if key_bias is None else key_bias.to(dtype)[:, None, None, :]  # (B, 1, 1, n_k)
+    bias = None if key_bias is None else (key_bias.to(dtype) * _LOG2E)[:, None, None, :]
 
     row_bytes = B * h * n_k * torch.finfo(dtype).bits // 8
     chunk = max(1, min(n_q, max_chunk_bytes // max(row_bytes, 1)))
     col_sum = torch.zeros(B, 1, n_k, dtype=dtype, device=q.device)
+    ones = None if lse is None else q.new_ones(B, 1, h * chunk, dtype=dtype)
     for start in range(0, n_q, chunk):
-        qc = q[:, :, start : start + chunk].to(dtype)  # (B, h, c, d)
+        qc = q[:, :, start : start + chunk].to(dtype) * (scale * _LOG2E)  # (B, h, c, d)
         c = qc.shape[2]
-        logits = torch.matmul(qc, kt).mul_(scale)  # (B, h, c, n_k)
+        logits = torch.matmul(qc, kt)  # (B, h, c, n_k), base-2 logits
         if bias is not None:
             logits.add_(bias)
         if lse is not None:
-            logits.sub_(lse[:, :, start : start + c, None].to(dtype)).exp_()
-            col_sum.add_(logits.view(B, 1, h * c, n_k).sum(dim=2))
+            logits.sub_(lse[:, :, start : start + c, None].to(dtype) * _LOG2E).exp2_()
+            # The sum over the h·c rows as a (B, 1, h·c) @ (B, h·c, n_k) product with ones:
+            # 2.8x faster than a sum over the middle dimension.
+            col_sum.baddbmm_(ones[:, :, : h * c], logits.view(B, h * c, n_k))
             continue
         # Softmax in place: exp(l - max) then weight each row by 1/Σ while summing over rows, as one
         # (B, 1, h·c) @ (B, h·c, n_k) product, so no second (B, h, c, n_k) tensor is allocated.
-        logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        logits.sub_(logits.amax(dim=-1, keepdim=True)).exp2_()
         inv_row_sum = logits.sum(dim=-1).reciprocal_()  # (B, h, c)
         col_sum.baddbmm_(inv_row_sum.view(B, 1, h * c), logits.view(B, h * c, n_k))
     return col_sum.view(B, n_k).div_(h * n_q).float()

@@ -118,3 +118,21 @@ def test_cuda_kernel_choice_is_a_compile_time_constant(monkeypatch):
     assert cuda_lse_kernel(cuda, torch.bfloat16, 64, True, False) == "efficient"
     assert len(probes) == 2
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_exact_column_mean_is_float32_under_autocast(with_lse, batch):
+    """The exact HF score's logits stay float32 inside autocast (before, CPU autocast ran the
+    chunks' matmuls in bf16, and with the log-sum-exp the bf16 product met a float32 buffer)."""
+    from fatr_seg.ops import attention_column_mean, attention_with_lse
+
+    q, k, v = (randn(batch, 2, 37, 8, seed=s) for s in range(3))
+    bias = torch.zeros(batch, 37)
+    bias[-1, 5] = float("-inf")
+    lse = attention_with_lse(q, k, v, 0.35, bias)[1] if with_lse else None
+    want = attention_column_mean(q, k, 0.35, bias, lse=lse)
+    with bf16_autocast():
+        got = attention_column_mean(q, k, 0.35, bias, lse=lse)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
