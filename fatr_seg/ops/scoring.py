@@ -86,8 +86,7 @@ def attention_column_mean(
         Scores, (B, n_k), float32.
     """
     _check_inputs(q, k, key_bias)
-    B, h, n_q, _ = q.shape
-    n_k = k.shape[2]
+    B = q.shape[0]
     if B > 1 and not q.is_cuda:
         # One image at a time on CPU: the budget then buys B times more query rows per chunk,
         # and a (c, d) @ (d, n_k) product with c ~ 20 (batch 8, 1025 tokens, 6 heads) runs at
