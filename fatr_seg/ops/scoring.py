@@ -119,7 +119,6 @@ def _chunked_column_mean(q, k, scale, key_bias, max_chunk_bytes, lse) -> torch.T
     row_bytes = B * h * n_k * torch.finfo(dtype).bits // 8
     chunk = max(1, min(n_q, max_chunk_bytes // max(row_bytes, 1)))
     col_sum = torch.zeros(B, 1, n_k, dtype=dtype, device=q.device)
-    ones = None if lse is None else q.new_ones(B, 1, h * chunk, dtype=dtype)
     for start in range(0, n_q, chunk):
         qc = q[:, :, start : start + chunk].to(dtype) * (scale * _LOG2E)  # (B, h, c, d)
         c = qc.shape[2]
@@ -128,9 +127,9 @@ def _chunked_column_mean(q, k, scale, key_bias, max_chunk_bytes, lse) -> torch.T
             logits.add_(bias)
         if lse is not None:
             logits.sub_(lse[:, :, start : start + c, None].to(dtype) * _LOG2E).exp2_()
-            # The sum over the h·c rows as a (B, 1, h·c) @ (B, h·c, n_k) product with ones:
-            # 2.8x faster than a sum over the middle dimension.
-            col_sum.baddbmm_(ones[:, :, : h * c], logits.view(B, h * c, n_k))
+            # A plain sum, not a product with ones (2.8x faster, but MAC counters would count
+            # the sum as n·n_k multiply-adds and move every budget matched by MACs).
+            col_sum.add_(logits.view(B, 1, h * c, n_k).sum(dim=2))
             continue
         # Softmax in place: exp(l - max) then weight each row by 1/Σ while summing over rows, as one
         # (B, 1, h·c) @ (B, h·c, n_k) product, so no second (B, h, c, n_k) tensor is allocated.
