@@ -45,7 +45,13 @@ from torch import nn
 
 from ..layers import FATRVisionTransformer, MaskTransformerHead
 from ..layers.config import REDUCTION_DEFAULTS
-from .timing import TimingStats, cuda_peak_memory, peak_tensor_bytes, time_alternating
+from .timing import (
+    TimingStats,
+    cuda_peak_memory,
+    peak_tensor_bytes,
+    synchronize,
+    time_alternating,
+)
 
 __all__ = [
     "MODELS",
@@ -247,7 +253,6 @@ def profile_table(fn: Callable[[], object], device: torch.device, rows: int = 30
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    synchronize = torch.cuda.synchronize if cuda else (lambda *_: None)
     synchronize(device)
     with profile(activities=activities) as prof:
         fn()
@@ -263,8 +268,7 @@ def _cell(models, target, x, dtype, mode, args, compiled=None, profiles=None) ->
         fns[name] = _callables(model, target, x, dtype, mode, args.compile_backend, parts)
         t0 = time.perf_counter()
         fns[name]()  # compiles in compiled mode
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
+        synchronize(x.device)
         compile_s[name] = time.perf_counter() - t0
     times = time_alternating(fns, args.iters, args.warmup, x.device)
     if profiles is not None:
