@@ -44,7 +44,7 @@ from fatr_seg.analysis.camvid_study import (  # noqa: E402
     resolve_args,
     run_camvid_study,
 )
-from fatr_seg.analysis.study import log  # noqa: E402
+from fatr_seg.analysis.store import log  # noqa: E402
 
 CONFIGS = osp.join(REPO_ROOT, "configs", "camvid")
 DEFAULTS = PRESETS["default"]

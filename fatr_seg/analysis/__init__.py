@@ -10,7 +10,6 @@ inside the functions that build or run segmentors:
   :func:`analytic_vit_macs`);
 * :mod:`.demo`, :mod:`.demo_report`: ``tools/demo.py``, which picks each step's CPU threads
   with :mod:`.cpu_load`;
-* :mod:`.study`, :mod:`.study_report`: ``tools/study.py``;
 * :mod:`.camvid_study`, :mod:`.camvid_runs`, :mod:`.camvid_report`, with :mod:`.budget` (equal-MACs
   budgets, pure torch): ``tools/camvid_study.py``.
 """

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import math
 import os.path as osp
+import statistics
 
 import numpy as np
 
 from ..datasets.camvid import CAMVID_CLASSES
 from ..layers.config import ReductionConfig
-from .study_report import mean_std, pm
 
-__all__ = ["CURVE_FAMILIES", "at_speed", "curve_key", "curve_values", "write_report", "plot"]
+__all__ = [
+    "CURVE_FAMILIES",
+    "at_speed",
+    "curve_key",
+    "curve_values",
+    "mean_std",
+    "plot",
+    "pm",
+    "write_report",
+]
 
 #: Budget-curve families: key in results.json -> label.
 CURVE_FAMILIES = {
@@ -27,6 +36,21 @@ CURVE_FAMILIES = {
     "tome_free": "ToMe training-free",
     "tome_each": "ToMe fine-tuned at each budget",
 }
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value, NaN for none)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def pm(values: list[float], digits: int = 1) -> str:
+    """``mean ± std`` of ``values``, the value alone when there is one, or ``n/a``."""
+    m, s = mean_std(values)
+    if math.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def _ft(runs: dict, seeds, method: str) -> list[dict]:

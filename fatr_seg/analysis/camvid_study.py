@@ -1,7 +1,7 @@
 """The CamVid study behind ``tools/camvid_study.py``: every reducer on a real pretrained ViT-Ti.
 
 :func:`run_camvid_study` runs (or resumes) these steps, saving each result in ``results.json`` as
-soon as it exists (:class:`fatr_seg.analysis.study.Store`; a re-run skips what is done, so seeds,
+soon as it exists (:class:`fatr_seg.analysis.store.Store`; a re-run skips what is done, so seeds,
 methods and budget ratios can be added later):
 
 1. **budgets**: each method's reduction; with ``equal_macs`` each peer's keep ratio (ToMe's
@@ -56,7 +56,8 @@ from .camvid_runs import (
     val_dataset,
     val_inputs,
 )
-from .study import Store, cached, diagnostics, log
+from .rank_collapse import diagnostics
+from .store import Store, cached, log
 
 __all__ = [
     "CURVE_RATIOS",
@@ -315,12 +316,7 @@ def run_camvid_study(args) -> dict:
         torch.set_num_threads(args.threads)
     os.makedirs(args.work_dir, exist_ok=True)
     try:
-        store = Store(
-            osp.join(args.work_dir, "results.json"),
-            settings_of(args),
-            extendable=_NOT_SETTINGS,
-            strict=True,
-        )
+        store = Store(osp.join(args.work_dir, "results.json"), settings_of(args), _NOT_SETTINGS)
     except ValueError as err:
         raise StudyError(str(err)) from None
     ctx = _Ctx(args, store, osp.join(args.work_dir, "runs"))

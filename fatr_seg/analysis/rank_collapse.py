@@ -5,7 +5,7 @@ relative amplitude of the high-frequency part ``‖H_f[X]‖_F / ‖X‖_F`` wit
 ``H_f[X] = X − mean_tokens(X)``, and the cosine similarity of each layer's tokens to the last
 layer's. Reduced sequences are measured two ways:
 
-* **restored grid** (the number the study reports): the sequence restored to one token per
+* **restored grid** (the number the CamVid study reports): the sequence restored to one token per
   original patch through the source map (:func:`fatr_seg.ops.restore_tokens`), i.e. what a decode
   head would see if it read that layer. A DC (or merged) token is counted once per patch it
   stands for, so every method is measured on the same N positions;
@@ -27,12 +27,10 @@ from ..ops.restore import restore_tokens
 __all__ = [
     "LayerDiagnostics",
     "cosine_to_last",
+    "diagnostics",
     "hf_amplitude",
-    "kept_set_iou",
     "layer_diagnostics",
-    "random_iou",
     "restored_layer_tokens",
-    "trace_iou",
 ]
 
 
@@ -115,55 +113,7 @@ def layer_diagnostics(model: torch.nn.Module, x: torch.Tensor) -> LayerDiagnosti
     )
 
 
-def kept_set_iou(kept_a: torch.Tensor, kept_b: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """IoU of two kept sets of original-grid indices, image by image.
-
-    Args:
-        kept_a: (B, Ka) long original-grid indices (duplicates allowed, counted once; -1, a
-            token with no cell such as EViT's fused token, is left out).
-        kept_b: (B, Kb) long.
-        num_patches: N, the size of the original grid.
-
-    Returns:
-        (B,) float32 ``|A ∩ B| / |A ∪ B|``.
-    """
-    B = kept_a.shape[0]
-    # One extra column catches the -1 entries, then is dropped.
-    a = torch.zeros(B, num_patches + 1, dtype=torch.bool, device=kept_a.device)
-    b = torch.zeros_like(a)
-    a.scatter_(1, kept_a % (num_patches + 1), True)
-    b.scatter_(1, kept_b % (num_patches + 1), True)
-    a, b = a[:, :num_patches], b[:, :num_patches]
-    inter = (a & b).sum(dim=1).float()
-    union = (a | b).sum(dim=1).float().clamp_min(1.0)
-    return inter / union
-
-
-def trace_iou(traces_a: list, traces_b: list) -> torch.Tensor:
-    """Per reduction layer, the batch-mean IoU of two models' kept (HF) sets.
-
-    Args:
-        traces_a, traces_b: Lists of :class:`fatr_seg.layers.ReductionTrace` (from
-            ``FATRVisionTransformer.reduction_trace``) of two models on the same images, with the
-            same reduction layers.
-
-    Returns:
-        (R,) float32.
-    """
-    if [t.layer for t in traces_a] != [t.layer for t in traces_b]:
-        raise ValueError("the two traces reduce at different layers")
-    ious = []
-    for ta, tb in zip(traces_a, traces_b, strict=True):
-        n = ta.hw_shape[0] * ta.hw_shape[1]
-        ious.append(kept_set_iou(ta.kept, tb.kept, n).mean())
-    return torch.stack(ious)
-
-
-def random_iou(keep: int, total: int) -> float:
-    """Expected IoU of two independent uniform ``keep``-subsets of ``total`` items (chance level).
-
-    ``E|A ∩ B| = k² / M``; the union is ``2k − |A ∩ B|``. Exact for the intersection, and a close
-    approximation of the expected ratio for the sizes used here.
-    """
-    inter = keep * keep / total
-    return inter / (2 * keep - inter)
+def diagnostics(model: torch.nn.Module, x: torch.Tensor) -> dict[str, list[float]]:
+    """:func:`layer_diagnostics` of ``model``'s backbone on images ``x``, as JSON-ready lists."""
+    d = layer_diagnostics(model.backbone, x)
+    return {k: v.tolist() for k, v in d._asdict().items()}

@@ -10,18 +10,18 @@ import sys
 import pytest
 from camvid_data import REAL_CAMVID, REAL_VIT_TI, REPO, SHARED, SHARED_HINT
 
-from fatr_seg.analysis.study import Store, cached
+from fatr_seg.analysis.store import Store, cached
 
 TOOL = REPO / "tools" / "camvid_study.py"
 
 
 def test_store_resumes_and_extends(tmp_path):
     path = str(tmp_path / "results.json")
-    store = Store(path, {"ft_iters": 200, "seeds": [0]}, extendable=("seeds",), strict=True)
+    store = Store(path, {"ft_iters": 200, "seeds": [0]}, extendable=("seeds",))
     calls = []
     assert cached(store, "ft/fatr/s0", lambda: calls.append(1) or {"mIoU": 50.0}) == {"mIoU": 50.0}
     # Written at once; reopened with more seeds, the result is reused, not recomputed.
-    again = Store(path, {"ft_iters": 200, "seeds": [0, 1]}, extendable=("seeds",), strict=True)
+    again = Store(path, {"ft_iters": 200, "seeds": [0, 1]}, extendable=("seeds",))
     assert cached(again, "ft/fatr/s0", lambda: calls.append(2) or {"mIoU": 0.0}) == {"mIoU": 50.0}
     assert calls == [1]
     assert again.data["settings"]["seeds"] == [0, 1]
@@ -32,15 +32,13 @@ def test_store_resumes_and_extends(tmp_path):
 
 def test_store_refuses_other_settings(tmp_path):
     path = str(tmp_path / "results.json")
-    Store(path, {"ft_iters": 200, "lr": 1e-4}, strict=True).put("free/none", {"mIoU": 1.0})
+    Store(path, {"ft_iters": 200, "lr": 1e-4}).put("free/none", {"mIoU": 1.0})
     with pytest.raises(ValueError, match=r"other settings \(ft_iters: 200 -> 300\)"):
-        Store(path, {"ft_iters": 300, "lr": 1e-4}, strict=True)
+        Store(path, {"ft_iters": 300, "lr": 1e-4})
     # Tuples compare as the JSON file holds them (lists).
-    assert Store(path, {"ft_iters": 200, "lr": 1e-4}, strict=True).get("free/none") is not None
+    assert Store(path, {"ft_iters": 200, "lr": 1e-4}).get("free/none") is not None
     with open(path) as f:
         assert json.load(f)["runs"] == {"free/none": {"mIoU": 1.0}}  # nothing overwritten
-    # The synthetic study's Store (strict=False) starts afresh instead.
-    assert Store(path, {"ft_iters": 300, "lr": 1e-4}).get("free/none") is None
 
 
 def test_tome_constant_fine_tunes_with_r_scaled_to_the_crop():
@@ -266,7 +264,7 @@ def test_mean_and_std_cells_of_the_reports():
     seeds as mean ± sample standard deviation."""
     import statistics
 
-    from fatr_seg.analysis.study_report import pm
+    from fatr_seg.analysis.camvid_report import pm
 
     assert pm([55.809], 2) == "55.81"
     vals = [57.49, 56.45, 56.06]

@@ -1,0 +1,88 @@
+"""The results store of the experiments: one JSON file, written atomically after every step.
+
+:class:`Store` holds the CamVid study's ``results.json`` (settings, and a result per key);
+:func:`cached` computes a key only when the store lacks it, so a stopped run resumes where it
+stopped. :func:`write_json` is the same atomic write for the one-shot results of the benchmarks
+(``benchmark.json``, ``gpu_bench.json``), the demo and ``tools/get_flops.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import os.path as osp
+import time
+
+__all__ = ["Store", "cached", "log", "write_json"]
+
+
+def write_json(path: str, data, indent: int = 2) -> None:
+    """Write ``data`` to ``path`` as JSON: a new file, then renamed over the old one, so a run
+    stopped mid-write leaves the previous file whole."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=indent)
+    os.replace(tmp, path)
+
+
+class Store:
+    """``results.json``, written after every step; a key already present is not recomputed.
+
+    Args:
+        path: The JSON file.
+        settings: What the results depend on. A file made with other settings is refused
+            with a ``ValueError`` naming the differences.
+        extendable: Settings that may differ from the file's (e.g. ``seeds``: a run can be
+            extended); the new values are recorded.
+    """
+
+    def __init__(self, path: str, settings: dict, extendable: tuple[str, ...] = ()) -> None:
+        self.path = path
+        self.data = {"settings": settings, "runs": {}}
+        if not osp.isfile(path):
+            return
+        with open(path) as f:
+            old = json.load(f)
+        old_settings = old.get("settings", {})
+        ours = json.loads(json.dumps(settings))  # tuples as the file holds them: lists
+        diff = sorted(k for k in set(old_settings) | set(ours) if k not in extendable
+                      and old_settings.get(k) != ours.get(k))  # fmt: skip
+        if diff:
+            changes = ", ".join(f"{k}: {old_settings.get(k)!r} -> {ours.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"{path} holds results made with other settings ({changes}): use the same "
+                "options to resume, or another --work-dir"
+            )
+        old["settings"] = settings
+        self.data = old
+
+    def get(self, key):
+        return self.data["runs"].get(key)
+
+    def put(self, key, value) -> None:
+        self.data["runs"][key] = value
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.data, indent=1)
+
+
+def cached(store: Store, key: str, fn):
+    """``store``'s value of ``key``, computed by ``fn()`` and stored first when it has none."""
+    value = store.get(key)
+    if value is None:
+        t0 = time.time()
+        value = fn()
+        store.put(key, value)
+        short = f"{value:.2f}" if isinstance(value, float) else json.dumps(value)
+        short = short if len(short) < 100 else short[:97] + "..."
+        log(f"{key}: {short} ({time.time() - t0:.0f} s)")
+    return value
+
+
+_T0 = time.time()
+
+
+def log(msg: str) -> None:
+    """One progress line on stdout, with the seconds since the start."""
+    print(f"[study {time.time() - _T0:6.0f}s] {msg}", flush=True)
