@@ -180,6 +180,30 @@ def windows2x2(metric, hw_shape):
     return scores, partner, sim_of
 
 
+def window_hf_fold(hf, hw_shape, window, num_folded):
+    """FATR's early local stage on an unreduced grid: scores, partners and the priority margin.
+
+    Whole ``window × window`` windows, row-major; a window's priority is the highest HF score
+    of its tokens. The ``num_folded`` lowest-priority windows (ties to the lower window) fold:
+    their members but the last score the window's rank and join the last (bottom-right) one;
+    every other token scores ``+inf``. The margin is the priority gap at the fold boundary.
+    """
+    H, W = hw_shape
+    N = H * W
+    wins = [[(window * wr + a) * W + window * wc + b for a in range(window) for b in range(window)]
+            for wr in range(H // window) for wc in range(W // window)]  # fmt: skip
+    prio = [max(hf[c] for c in cells) for cells in wins]
+    order = sorted(range(len(wins)), key=lambda g: (prio[g], g))
+    scores, partner = [math.inf] * N, list(range(N))
+    for rank, g in enumerate(order):
+        for c in wins[g][:-1]:
+            scores[c], partner[c] = float(rank), wins[g][-1]
+    ranked = [prio[g] for g in order]
+    inside = 0 < num_folded < len(wins)
+    margin = ranked[num_folded] - ranked[num_folded - 1] if inside else math.inf
+    return scores, partner, margin
+
+
 # --------------------------------------------------------------------------------------------
 # Selection, aggregation, source map, restoration (one image at a time)
 # --------------------------------------------------------------------------------------------
@@ -461,11 +485,15 @@ class LayerRecord:
     dc_count: list[float]
 
 
-def _layer_keep(red, j, M):
+def _layer_keep(red, j, M, hw_shape=None):
     if red.get("keep_ratio") is not None:
         keep = num_keep(red["keep_ratio"][j], M)
     else:
         keep = max(1, M - red["r"][j])
+    if red["score"][j] == "window_hf":  # whole windows: the removed count rounds down
+        w = red["local_window"]
+        folded = min((hw_shape[0] // w) * (hw_shape[1] // w), (M - keep) // (w * w - 1))
+        return M - folded * (w * w - 1)
     if red["score"][j] in ("bipartite", "hf_bipartite", "random_bipartite"):
         keep = max(keep, M - M // 2)
     return keep
@@ -577,9 +605,14 @@ def vit_forward(sd, images, cfg):
                     order = bipartite_order(M)
                 elif kind == "window":
                     scores, partner, sim_of = windows2x2(metric, (H, W))
+                elif kind == "window_hf":
+                    hf = column_mean_scores(A, valid)[0, 1 : 1 + M].tolist()
+                    w = red["local_window"]
+                    folded = (M - _layer_keep(red, j, M, (H, W))) // (w * w - 1)
+                    scores, partner, prio_margin = window_hf_fold(hf, (H, W), w, folded)
                 else:
                     raise ValueError(f"the reference has no score {kind!r}")
-                keep = _layer_keep(red, j, M)
+                keep = _layer_keep(red, j, M, (H, W))
                 if kind == "window":
                     _, drop = select(scores, keep)
                     order = window_order(sim_of, {partner[d] for d in drop})
@@ -590,6 +623,8 @@ def vit_forward(sd, images, cfg):
                     metric=metric, radius=red["merge_radius"], weights=weights,
                     kept_order=order, prop_attn=red["prop_attn"],
                 )  # fmt: skip
+                if kind == "window_hf":  # the ranks never tie: the priorities may
+                    res.margin = min(res.margin, prio_margin)
                 recs.append(LayerRecord(i + 1, scores, res, st.source(), st.dc_count))
             hid = F.gelu(_linear(_layer_norm(x, sd, pre + "norm2", 1e-6), sd, pre + "mlp.fc1"))
             y = _linear(hid, sd, pre + "mlp.fc2")

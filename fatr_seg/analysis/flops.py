@@ -37,6 +37,7 @@ from ..layers.attention import Attention
 from ..layers.config import ReductionConfig
 from ..layers.reducer import TokenReducer
 from ..ops.reduce import dc_window_ids
+from ..ops.windows import num_windows
 
 __all__ = [
     "BlockTokens",
@@ -299,7 +300,7 @@ def token_schedule(
         if j is None:
             out.append(BlockTokens(attn, attn, D, False))
             continue
-        keep = red.num_keep(j, M)
+        keep = red.num_keep(j, M, grid)  # a local window layer is first: the grid is whole
         new_grid = red.dc_grid(j)
         if keep == M and (new_grid is None or D == 0 or new_grid == dc_grid):
             # The reducer leaves the sequence unchanged (nothing to fold, DC grid the same).
@@ -321,7 +322,8 @@ def _selection_macs(red: ReductionConfig, j: int, n: int, M: int, D: int, keep: 
     hf = n * n * dim
     if score == "hf_bipartite" and red.num_protected(M, keep) == 0:
         score = "bipartite"  # nothing left to protect: the reducer computes no HF score
-    macs = {"hf": hf, "hf_bipartite": hf, "hf_proxy": n * dim, "cls": n * dim}.get(score, 0)
+    macs = {"hf": hf, "hf_bipartite": hf, "window_hf": hf, "hf_proxy": n * dim,
+            "cls": n * dim}.get(score, 0)  # fmt: skip
     if score in ("hf", "hf_bipartite", "hf_proxy") and D:  # DC queries' logits (empty windows)
         macs += D * n * dim
     if score == "bipartite":
@@ -330,7 +332,10 @@ def _selection_macs(red: ReductionConfig, j: int, n: int, M: int, D: int, keep: 
         free = M - red.num_protected(M, keep)
         macs += ((free + 1) // 2) * (free // 2) * d_metric
     elif score == "window":
-        macs += (grid[0] // 2) * (grid[1] // 2) * 16 * d_metric
+        s = red.local_window**2
+        macs += num_windows(grid, red.local_window) * s * s * d_metric
+    elif score in ("window_hf", "window_random"):
+        pass  # the windows are fixed: no similarity is compared
     elif red.aggregate[j] == "merge":  # nearest kept token of every dropped one
         macs += (M - keep) * keep * d_metric
     return macs
@@ -391,7 +396,7 @@ def analytic_vit_macs(
         macs += 4 * n * dim * dim + 2 * n * n * dim + 2 * m * dim * hidden
         j = red.index(i) if red else None
         if j is not None and blk.reduces:
-            keep = red.num_keep(j, M)
+            keep = red.num_keep(j, M, grid)
             if scoring:
                 macs += _selection_macs(red, j, n, M, blk.dc, keep, dim, num_heads, grid)
             M = keep + (1 if red.aggregate[j] == "fuse" else 0)

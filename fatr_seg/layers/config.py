@@ -9,8 +9,12 @@ score      ``'hf'`` FATR's exact HF score (attention a token receives), ``'hf_pr
            pre-softmax proxy, ``'hf_bipartite'`` (the HF score protects the top ``protect``
            fraction; the others are matched as ToMe matches), ``'random'``,
            ``'random_bipartite'`` (the same with a random protected set), ``'cls'`` (EViT:
-           CLS attention), ``'bipartite'`` (ToMe: A tokens by similarity to their B partner),
-           ``'window'`` (ALGM: 2×2 windows by their inner similarity; first reduction layer only)
+           CLS attention), ``'bipartite'`` (ToMe: A tokens by similarity to their B partner);
+           local windows on the unreduced grid (first reduction layer only; ``local_window``
+           sets the side): ``'window_hf'`` (FATR's early local stage: whole windows whose
+           tokens all have low HF scores fold into one token, a fixed count per image),
+           ``'window_random'`` (its control: random whole windows), ``'window'`` (ALGM:
+           windows by their inner similarity, most similar first)
 aggregate  ``'merge'`` (join the most similar kept token, or the partner the score proposes;
            size-weighted, proportional attention), ``'dc'`` (fold into local DC tokens, the
            paper's form), ``'fuse'`` (EViT: one token, the CLS-attention-weighted sum)
@@ -29,14 +33,20 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..ops.select import num_keep
+from ..ops.windows import num_windows
 
 __all__ = ["AGGREGATES", "METHODS", "PRESETS", "REDUCTION_DEFAULTS", "SCORES", "ReductionConfig"]
 
 SCORES = ("hf", "hf_proxy", "hf_bipartite", "random", "random_bipartite", "cls", "bipartite",
-          "window")  # fmt: skip
+          "window", "window_hf", "window_random")  # fmt: skip
 AGGREGATES = ("merge", "dc", "fuse")
 # Scores that propose the partner each dropped token joins (they need aggregate 'merge').
-PARTNER_SCORES = ("bipartite", "hf_bipartite", "random_bipartite", "window")
+PARTNER_SCORES = ("bipartite", "hf_bipartite", "random_bipartite", "window", "window_hf",
+                  "window_random")  # fmt: skip
+# Scores on the unreduced grid's local windows (first reduction layer only) ...
+LOCAL_SCORES = ("window", "window_hf", "window_random")
+# ... and those that fold whole windows, a fixed count per image (ALGM's keeps its token budget).
+WHOLE_WINDOW_SCORES = ("window_hf", "window_random")
 # Bipartite matching among the tokens a score leaves unprotected, and the ranking it protects by.
 PROTECTING_SCORES = ("hf_bipartite", "random_bipartite")
 _RANKING_OF = {"hf_bipartite": "hf", "random_bipartite": "random"}
@@ -157,6 +167,9 @@ class ReductionConfig:
             ALGM).
         merge_radius: For ``'merge'`` with no partner proposed by the score: prefer kept tokens
             within this many patches (None: anywhere).
+        local_window: Side in patches of the local windows of the ``'window*'`` scores. A
+            whole-window score folds ``F = ⌊(M - ceil(keep_ratio · M)) / (w² - 1)⌋`` windows
+            (or ``⌊r / (w² - 1)⌋``), at most all of them, so it keeps at least its budget.
         protect: For ``'hf_bipartite'`` (``'random_bipartite'``): the fraction of the patch
             tokens present that the HF score (chance) protects: kept, merged with nothing. The
             others are matched as ToMe does.
@@ -179,6 +192,7 @@ class ReductionConfig:
     window_size: tuple[int, ...] | None = None
     metric: str = "keys"
     merge_radius: int | None = None
+    local_window: int = 2
     protect: float = 0.2
     prop_attn: bool = False
     reweight: str | None = "identity"
@@ -207,6 +221,10 @@ class ReductionConfig:
             value = getattr(self, key)
             if len(value) != n or any(v not in allowed for v in value):
                 _fail(key, value, f"choose from {allowed}, one value or {n} values")
+        if not isinstance(self.local_window, int) or isinstance(self.local_window, bool) or (
+            self.local_window < 2
+        ):
+            _fail("local_window", self.local_window, "a window side in patches, an integer >= 2")
         self._check_dc(n)
         for j, (score, agg) in enumerate(zip(self.score, self.aggregate, strict=True)):
             if score in PARTNER_SCORES and agg != "merge":
@@ -215,9 +233,17 @@ class ReductionConfig:
             if agg == "fuse" and score != "cls":
                 _fail("aggregate", self.aggregate, "'fuse' weights tokens by their CLS "
                       "attention: it needs score 'cls'")  # fmt: skip
-            if score == "window" and j != 0:
-                _fail("score", self.score, "'window' needs the unreduced grid: only the first "
-                      "reduction layer can use it")  # fmt: skip
+            if score in LOCAL_SCORES and j != 0:
+                _fail("score", self.score, f"{score!r} needs the unreduced grid: only the "
+                      "first reduction layer can use it (a local stage cannot follow a global "
+                      "one)")  # fmt: skip
+            if score in WHOLE_WINDOW_SCORES and self.keep_ratio:
+                s = self.local_window**2
+                if self.keep_ratio[j] < 1.0 / s:
+                    _fail("keep_ratio", self.keep_ratio, f"{score!r} folds whole "
+                          f"{self.local_window}x{self.local_window} windows into one token "
+                          f"each: it keeps at least 1/{s} of the tokens, so keep_ratio >= "
+                          f"{1.0 / s:g} at layer {self.layers[j]}")  # fmt: skip
             if score == "bipartite" and self.keep_ratio and self.keep_ratio[j] < 0.5:
                 _fail("keep_ratio", self.keep_ratio, "bipartite matching (ToMe) merges at most "
                       "half the tokens per layer: use keep_ratio >= 0.5")  # fmt: skip
@@ -263,17 +289,25 @@ class ReductionConfig:
             return None
         return ("side", self.windows[j]) if self.windows else ("size", self.window_size[j])
 
-    def num_keep(self, j: int, num_tokens: int) -> int:
+    def num_keep(self, j: int, num_tokens: int, hw_shape: tuple[int, int] | None = None) -> int:
         """Patch tokens reduction layer ``j`` keeps of ``num_tokens`` (M).
 
         ``ceil(keep_ratio · M)`` or ``M - r``, at least 1; bipartite matching merges at most one
         token per A-B pair, so it keeps at least ``ceil(M / 2)`` (ToMe clamps ``r`` the same way;
-        a protecting score gives up protection before, :meth:`num_protected`).
+        a protecting score gives up protection before, :meth:`num_protected`). A whole-window
+        score rounds the tokens it removes down to whole windows of the (H, W) grid
+        ``hw_shape``, which it needs.
         """
         if self.keep_ratio is not None:
             keep = num_keep(self.keep_ratio[j], num_tokens)
         else:
             keep = max(1, num_tokens - self.r[j])
+        if self.score[j] in WHOLE_WINDOW_SCORES:
+            if hw_shape is None:
+                raise ValueError(f"num_keep of a {self.score[j]!r} layer needs the grid hw_shape")
+            per = self.local_window**2 - 1
+            folded = min(num_windows(hw_shape, self.local_window), (num_tokens - keep) // per)
+            return num_tokens - folded * per
         if self.score[j] == "bipartite" or self.score[j] in PROTECTING_SCORES:
             keep = max(keep, num_tokens - num_tokens // 2)
         return keep
@@ -376,11 +410,18 @@ class ReductionConfig:
             window_size=_per_layer(merged, "window_size", n, int),
             metric=merged.get("metric", "keys"),
             merge_radius=merged.get("merge_radius"),
+            local_window=merged.get("local_window", 2),
             protect=merged.get("protect", 0.2),
             prop_attn=merged.get("prop_attn", False),
             reweight=merged["reweight"],
             restore=restore,
         )
+
+    def check_grid(self, hw_shape: tuple[int, int], key: str = "img_size") -> None:
+        """Fail, naming the key, when a local window does not fit the (H, W) patch grid."""
+        if any(s in LOCAL_SCORES for s in self.score) and min(hw_shape) < self.local_window:
+            _fail("local_window", self.local_window, f"the {key} gives a {hw_shape[0]}x"
+                  f"{hw_shape[1]} patch grid, smaller than one window")  # fmt: skip
 
     def index(self, block: int) -> int | None:
         """Position of 0-indexed ``block`` among the reduction layers, or None."""

@@ -14,9 +14,9 @@ from ..ops.select import (
     cls_attention,
     protected_bipartite_scores,
     select_topk,
-    window_scores,
 )
 from ..ops.state import TokenState
+from ..ops.windows import window_fold_scores, window_hf_priority, window_members, window_scores
 from .attention import AttnStats
 from .config import ReductionConfig
 
@@ -88,17 +88,25 @@ class TokenReducer(nn.Module):
         if self.score == "bipartite":
             return (*bipartite_scores(self.metric(x, stats, M)), None)
         if self.score == "window":
-            return (*window_scores(self.metric(x, stats, M), state.hw_shape), None)
+            window = self.cfg.local_window
+            return (*window_scores(self.metric(x, stats, M), state.hw_shape, window), None)
+        if self.score == "window_random":
+            win = window_members(state.hw_shape, self.cfg.local_window, x.device)
+            priority = torch.rand(x.shape[0], win.shape[0], device=x.device)
+            return (*window_fold_scores(priority, win, M), None)
         if self.score == "hf_bipartite":
             protect = self.cfg.num_protected(M, self.cfg.num_keep(self.j, M))
             if protect == 0:  # the budget left nothing to protect: no HF score to read
                 priority = torch.zeros(x.shape[0], M, device=x.device)
                 return (*protected_bipartite_scores(self.metric(x, stats, M), priority, 0), None)
-        method = "logit_proxy" if self.score == "hf_proxy" else "exact"
+        method = "logit_proxy" if self.score == "hf_proxy" else "exact"  # hf, window_hf too
         s = hf_scores(stats.q, stats.k, stats.scale, method, key_bias, lse=stats.lse)
         if state.num_dc:
             s = self.without_empty_queries(s, stats, key_bias, state.num_dc)
         s = s[:, 1 : 1 + M]
+        if self.score == "window_hf":
+            win = window_members(state.hw_shape, self.cfg.local_window, x.device)
+            return (*window_fold_scores(window_hf_priority(s, win), win, M), None)
         if self.score == "hf_bipartite":
             return (*protected_bipartite_scores(self.metric(x, stats, M), s, protect), None)
         return s, None, None
@@ -141,7 +149,7 @@ class TokenReducer(nn.Module):
             key_bias: The attention's key bias, (B, n) or None.
         """
         M = state.num_patches
-        keep = self.cfg.num_keep(self.j, M)
+        keep = self.cfg.num_keep(self.j, M, state.hw_shape)
         grid = self.cfg.dc_grid(self.j)
         if keep == M and (grid is None or state.num_dc == 0 or state.dc_grid == grid):
             # Nothing to aggregate and no DC grid to change: leave the sequence exactly as it is.

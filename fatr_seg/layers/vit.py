@@ -178,6 +178,8 @@ class FATRVisionTransformer(nn.Module):
         if not (self.out_indices or out_origin):
             raise ValueError("out_indices=() returns nothing: give a block (or out_origin=True)")
         self.reduction = ReductionConfig.from_dict(reduction, depth=num_layers)
+        if self.reduction is not None:
+            self.reduction.check_grid(self.pos_grid)
         if compact_output and self.reduction and self.reduction.restore != "copy":
             raise ValueError(
                 f"compact_output=True needs reduction restore='copy' (got "

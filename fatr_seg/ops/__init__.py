@@ -21,9 +21,16 @@ from .select import (
     num_keep,
     protected_bipartite_scores,
     select_topk,
-    window_scores,
 )
 from .state import TokenState, init_state
+from .windows import (
+    num_windows,
+    window_fold_scores,
+    window_hf_priority,
+    window_members,
+    window_scores,
+    window_similarity,
+)
 
 __all__ = [
     "FoldRecord",
@@ -46,11 +53,16 @@ __all__ = [
     "merge_tokens",
     "nearest_kept",
     "num_keep",
+    "num_windows",
     "protected_bipartite_scores",
     "restore_tokens",
     "reweighted_attention",
     "select_topk",
     "topk_agreement",
+    "window_fold_scores",
+    "window_hf_priority",
     "window_ids",
+    "window_members",
     "window_scores",
+    "window_similarity",
 ]

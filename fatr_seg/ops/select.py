@@ -2,8 +2,8 @@
 
 A reduction step splits the patch tokens into kept and dropped ones by a score (higher = keep);
 some score functions also propose, for every token, the kept token it would join if dropped
-(ToMe's bipartite matching, ALGM's 2×2 windows). FATR's own HF score is in
-:mod:`fatr_seg.ops.scoring`.
+(ToMe's bipartite matching). FATR's own HF score is in :mod:`fatr_seg.ops.scoring`; the local
+window scores (FATR's early stage, ALGM's local step) in :mod:`fatr_seg.ops.windows`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ __all__ = [
     "num_keep",
     "protected_bipartite_scores",
     "select_topk",
-    "window_scores",
 ]
 
 
@@ -148,48 +147,4 @@ def protected_bipartite_scores(
     best, dst = float32_matmul(ma, mb.transpose(1, 2)).max(dim=-1)  # (B, |A|)
     scores.scatter_(1, a_pos, -best)
     partner.scatter_(1, a_pos, b_pos.gather(1, dst))
-    return scores, partner
-
-
-@torch.no_grad()
-def window_scores(
-    metric: torch.Tensor, hw_shape: tuple[int, int], window: int = 2
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ALGM's local merging as a score and a proposed partner, on an unreduced grid.
-
-    The grid is cut into ``window × window`` windows (rows and columns past the last full window
-    belong to none). A window's similarity is the mean cosine similarity of its distinct token
-    pairs. Its last token (bottom right) is the partner of the others and scores ``+inf``; the
-    others score minus the window's similarity, so the top-k drops whole windows, most similar
-    first, into their last token. Tokens in no window score ``+inf``.
-
-    Args:
-        metric: (B, N, d) features of the N = H·W patch tokens in grid order (ALGM: the block's
-            output tokens).
-        hw_shape: The patch grid (H, W).
-        window: Window side in patches.
-
-    Returns:
-        ``scores`` (B, N) float32 and ``partner`` (B, N) long positions.
-    """
-    B, N, d = metric.shape
-    H, W = hw_shape
-    if N != H * W:
-        raise ValueError(f"window_scores needs the full {H}x{W} grid in order, got {N} tokens")
-    gh, gw, s = H // window, W // window, window * window
-    device = metric.device
-    pos = torch.arange(N, device=device).view(H, W)
-    partner = pos.flatten().expand(B, N).clone()
-    scores = torch.full((B, N), float("inf"), device=device)
-    if gh == 0 or gw == 0 or s == 1:
-        return scores, partner
-    # (gh, gw, s): the positions of each window's tokens, row-major inside the window.
-    win = pos[: gh * window, : gw * window].reshape(gh, window, gw, window)
-    win = win.permute(0, 2, 1, 3).reshape(gh * gw, s)
-    m = F.normalize(metric.float(), dim=-1)[:, win]  # (B, G, s, d)
-    pair_sum = float32_matmul(m, m.transpose(-2, -1)).sum(dim=(-2, -1)) - m.pow(2).sum(dim=(-2, -1))
-    sim = pair_sum / (s * (s - 1))  # (B, G)
-    members = win[:, :-1].reshape(-1)  # every token but the last of each window
-    scores[:, members] = -sim.repeat_interleave(s - 1, dim=1)
-    partner[:, members] = win[:, -1:].expand(-1, s - 1).reshape(-1)
     return scores, partner

@@ -108,6 +108,14 @@ BAD = [
     ("aggregate", dict(aggregate="fuse")),  # fusion weights come from the CLS score
     ("score", dict(score="cosine")),
     ("score", dict(score=("hf", "window", "hf"))),  # windows need the unreduced grid
+    # the early local stage: first reduction layer only, at most w² - 1 of every w² tokens go
+    ("score", dict(layers=(2, 3), keep_ratio=0.7, score=("hf_bipartite", "window_hf"))),
+    ("keep_ratio", dict(layers=(1,), keep_ratio=0.24, score="window_hf")),
+    ("keep_ratio", dict(layers=(1,), keep_ratio=0.1, score="window_random", local_window=3)),
+    ("local_window", dict(layers=(1,), keep_ratio=0.5, score="window_hf", local_window=1)),
+    ("local_window", dict(layers=(1,), keep_ratio=0.5, score="window_hf", local_window=2.0)),
+    ("aggregate", dict(layers=(1,), keep_ratio=0.5, score="window_hf", aggregate="dc",
+                       windows=2)),  # fmt: skip
     ("keep_ratio", dict(method="tome", keep_ratio=0.4)),  # bipartite merges at most half
     ("keep_ratio", dict(method="tome", keep_ratio=(0.7, 0.49, 0.9))),
     ("method", dict(method="dct")),

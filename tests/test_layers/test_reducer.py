@@ -19,6 +19,8 @@ from fatr_seg.ops import (
     protected_bipartite_scores,
     restore_tokens,
     select_topk,
+    window_fold_scores,
+    window_members,
     window_scores,
 )
 
@@ -312,3 +314,49 @@ def test_protecting_score_reaches_half_the_tokens(method):
         assert out.shape[1] == 1 + kept[keep_ratio]
         assert (new_state.patch_size.sum(1) == N).all()  # every patch is in some token
     assert kept == {0.5: 18, 0.55: 20, 0.6: 22}
+
+
+@pytest.mark.parametrize("hw,window", [((4, 4), 2), ((5, 7), 2), ((7, 6), 3), ((1, 6), 2)])
+def test_window_fold_scores_fold_whole_windows_by_priority(hw, window):
+    """The F lowest-priority windows fold whole into their last member, also with tied
+    priorities; tokens outside every window never fold."""
+    N = hw[0] * hw[1]
+    win = window_members(hw, window)
+    G, s = win.shape
+    assert G == (hw[0] // window) * (hw[1] // window)
+    gen = torch.Generator().manual_seed(N)
+    hf = torch.rand(2, N, generator=gen, dtype=ref.DT)
+    hf[1] = 0.5  # every window ties
+    prio = hf[:, win].amax(-1) if G else hf[:, :0]
+    scores, partner = window_fold_scores(prio, win, N)
+    for F in range(G + 1):
+        keep_pos, drop_pos = select_topk(scores, N - F * (s - 1))
+        for b in range(2):
+            want_s, want_p, _ = ref.window_hf_fold(hf[b].tolist(), hw, window, F)
+            assert partner[b].tolist() == want_p
+            assert scores[b].tolist() == want_s
+            folded = set(drop_pos[b].tolist())
+            # whole windows only: a window's members fold together or not at all
+            for cells in win.tolist():
+                assert set(cells[:-1]) <= folded or not set(cells[:-1]) & folded
+                assert cells[-1] not in folded
+            assert len(folded) == F * (s - 1)
+
+
+def test_early_local_stage_counts_are_static_and_batch_independent():
+    """Every image of a batch folds the same number of windows; an image's result does not
+    depend on the others in its batch."""
+    torch.manual_seed(0)
+    red = dict(layers=(1, 3), keep_ratio=(0.5, 0.7), score=("window_hf", "hf_bipartite"))
+    model = FATRVisionTransformer(img_size=48, patch_size=8, embed_dims=24, num_layers=4,
+                                  num_heads=3, reduction=red).eval()  # fmt: skip
+    x = torch.randn(3, 3, 48, 56)
+    with torch.no_grad():
+        traces = model.reduction_trace(x)
+        alone = model.reduction_trace(x[1:2])
+        out, out1 = model(x)[0], model(x[1:2])[0]
+    M = 6 * 7
+    # 0.5 of 42 tokens: 21 to remove, 7 whole windows of 3 (9 windows on the 6x7 grid)
+    assert traces[0].kept.shape == (3, M - 7 * 3)
+    assert torch.equal(traces[0].kept[1:2], alone[0].kept)
+    assert_close(out[1:2], out1, atol=1e-5, rtol=1e-5)

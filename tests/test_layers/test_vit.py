@@ -127,6 +127,24 @@ CASES = [
         2,
     ),  # fmt: skip
     ((23, 37), (92 * 2, 148 * 2), dict(method="fatr", **LAYERS), True, 1),  # 23x37 grid
+    # FATR's early local stage: whole 2x2 (3x3) windows by HF priority, then the global stage
+    (
+        (5, 7),
+        (40, 56),
+        dict(layers=(1, 4), keep_ratio=(0.5, 0.7), score=("window_hf", "hf_bipartite")),
+        True,
+        2,
+    ),  # fmt: skip
+    (
+        (5, 7),
+        (45, 70),
+        dict(layers=(2, 5), keep_ratio=(0.6, 0.8), score=("window_hf", "hf_bipartite"),
+             restore="residual"),
+        False,
+        2,
+    ),  # fmt: skip  # pad + interpolate; an odd grid leaves a row and a column out of windows
+    ((6, 8), (48, 64), dict(layers=(1,), keep_ratio=0.4, score="window_hf", local_window=3),
+     True, 2),  # fmt: skip
 ]
 
 

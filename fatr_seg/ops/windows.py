@@ -1,0 +1,146 @@
+"""Local windows on the unreduced patch grid: FATR's early local stage and ALGM's local step.
+
+A ``w × w`` window of low-frequency patches is folded into one token, the mean of its patches
+(the paper's local DC token at the finest grain). Which windows fold is decided per image by a
+window score (lower folds first); how many is a fixed count, so every image of a batch keeps the
+same number of tokens and shapes stay static (no host read, CUDA graphs and compile work).
+
+The fold is expressed as a score and a proposed partner per token, so the generic merge
+(:func:`fatr_seg.ops.merge_tokens`) carries it out: a folded window's members join its last
+(bottom-right) member, and the merged token is their size-weighted mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .precision import float32_matmul
+
+__all__ = [
+    "num_windows",
+    "window_fold_scores",
+    "window_hf_priority",
+    "window_members",
+    "window_scores",
+    "window_similarity",
+]
+
+
+def num_windows(hw_shape: tuple[int, int], window: int) -> int:
+    """Whole ``window × window`` windows on an (H, W) grid (a remainder row/column is in none)."""
+    return (hw_shape[0] // window) * (hw_shape[1] // window)
+
+
+def window_members(hw_shape: tuple[int, int], window: int, device=None) -> torch.Tensor:
+    """(G, w²) long: the grid positions of each whole window's patches, row-major inside it.
+
+    Windows are numbered row-major; the last member of each is its bottom-right patch.
+    """
+    H, W = hw_shape
+    gh, gw = H // window, W // window
+    pos = torch.arange(H * W, device=device).view(H, W)[: gh * window, : gw * window]
+    win = pos.reshape(gh, window, gw, window).permute(0, 2, 1, 3)  # (gh, gw, w, w)
+    return win.reshape(gh * gw, window * window)
+
+
+@torch.no_grad()
+def window_similarity(metric: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
+    """(B, G) mean cosine similarity of the distinct pairs of each window's tokens.
+
+    Args:
+        metric: (B, N, d) features of the N patch tokens in grid order.
+        win: (G, s) window members (:func:`window_members`), s ≥ 2.
+    """
+    s = win.shape[1]
+    m = F.normalize(metric.float(), dim=-1)[:, win]  # (B, G, s, d)
+    pair_sum = float32_matmul(m, m.transpose(-2, -1)).sum(dim=(-2, -1)) - m.pow(2).sum(dim=(-2, -1))
+    return pair_sum / (s * (s - 1))
+
+
+@torch.no_grad()
+def window_hf_priority(hf: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
+    """(B, G) a window's HF priority: the highest HF score among its tokens.
+
+    A window folds only when all its tokens are low-frequency: one HF token (an edge, a pole,
+    a small object) keeps its whole window.
+
+    Args:
+        hf: (B, N) HF scores of the patch tokens in grid order.
+        win: (G, s) window members.
+    """
+    return hf[:, win].amax(dim=-1)
+
+
+@torch.no_grad()
+def window_fold_scores(
+    priority: torch.Tensor, win: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token scores and partners that fold the lowest-priority windows, whole, into one token.
+
+    Every window gets its rank by ``priority`` (0 = lowest, ties to the lower window index); its
+    members but the last score that rank and propose the last member as partner, which scores
+    ``+inf`` as do tokens in no window. A top-k of these scores that drops ``F · (s - 1)`` tokens
+    therefore folds exactly the ``F`` lowest-priority windows, whatever ties the priorities have.
+
+    Args:
+        priority: (B, G) window priority (higher: kept as separate tokens first).
+        win: (G, s) window members.
+        num_tokens: N, the patch tokens in grid order.
+
+    Returns:
+        ``scores`` (B, N) float32 and ``partner`` (B, N) long positions (a token that is not a
+        folding member is its own partner).
+    """
+    B, G = priority.shape
+    s = win.shape[1]
+    device = priority.device
+    partner = torch.arange(num_tokens, device=device).expand(B, num_tokens).clone()
+    scores = torch.full((B, num_tokens), float("inf"), device=device)
+    if G == 0 or s == 1:
+        return scores, partner
+    order = torch.sort(priority.float(), dim=1, stable=True).indices  # (B, G), lowest first
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(G, device=device).expand(B, G)
+    )  # (B, G)
+    members = win[:, :-1].reshape(-1)  # every token but the last of each window
+    scores[:, members] = rank.float().repeat_interleave(s - 1, dim=1)
+    partner[:, members] = win[:, -1:].expand(-1, s - 1).reshape(-1)
+    return scores, partner
+
+
+@torch.no_grad()
+def window_scores(
+    metric: torch.Tensor, hw_shape: tuple[int, int], window: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALGM's local merging as a score and a proposed partner, on an unreduced grid.
+
+    A window's score is minus its similarity (:func:`window_similarity`); its members but the
+    last score it and propose the last as partner, the others score ``+inf``. So the top-k
+    drops whole windows, most similar first, into their last token (ALGM's token-level budget:
+    the last window may fold only in part).
+
+    Args:
+        metric: (B, N, d) features of the N = H·W patch tokens in grid order (ALGM: the block's
+            output tokens).
+        hw_shape: The patch grid (H, W).
+        window: Window side in patches.
+
+    Returns:
+        ``scores`` (B, N) float32 and ``partner`` (B, N) long positions.
+    """
+    B, N, _ = metric.shape
+    H, W = hw_shape
+    if N != H * W:
+        raise ValueError(f"window_scores needs the full {H}x{W} grid in order, got {N} tokens")
+    win = window_members(hw_shape, window, metric.device)
+    s = win.shape[1]
+    partner = torch.arange(N, device=metric.device).expand(B, N).clone()
+    scores = torch.full((B, N), float("inf"), device=metric.device)
+    if win.shape[0] == 0 or s == 1:
+        return scores, partner
+    sim = window_similarity(metric, win)  # (B, G)
+    members = win[:, :-1].reshape(-1)
+    scores[:, members] = -sim.repeat_interleave(s - 1, dim=1)
+    partner[:, members] = win[:, -1:].expand(-1, s - 1).reshape(-1)
+    return scores, partner
