@@ -44,7 +44,6 @@ JSON schema (``--json``), compare mode::
 """
 
 import argparse
-import json
 import os
 import os.path as osp
 import sys
@@ -59,6 +58,7 @@ from fatr_seg.analysis.flops_report import (
     format_paper_table,
     paper_table,
 )
+from fatr_seg.analysis.store import write_json
 
 
 def parse_args(argv=None):
@@ -134,8 +134,7 @@ def main(argv=None) -> int:
         print(format_compare(result))
     if args.json:
         os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -54,6 +54,7 @@ __all__ = [
     "Progress",
     "benchmark",
     "count_all_macs",
+    "environment",
 ]
 
 TARGETS = ("backbone", "segmentor", "train")
@@ -92,7 +93,8 @@ def _first_fatr(models: dict) -> str | None:
     return None
 
 
-def _machine(device: torch.device) -> dict:
+def environment(device: torch.device) -> dict:
+    """``machine`` and ``versions`` of a result: where and with what it was measured."""
     try:
         load = list(os.getloadavg())
     except OSError:
@@ -100,23 +102,16 @@ def _machine(device: torch.device) -> dict:
     name = platform.processor() or platform.machine()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-    return dict(
-        platform=platform.platform(),
-        cpu_count=os.cpu_count(),
-        torch_threads=torch.get_num_threads(),
-        device=name,
-        load_avg=load,
-    )
-
-
-def _versions() -> dict:
-    out = dict(python=platform.python_version(), torch=torch.__version__, mmseg=None, triton=None)
-    for key, mod in (("mmseg", "mmseg"), ("triton", "triton")):
+    versions = dict(python=platform.python_version(), torch=torch.__version__,
+                    cuda=torch.version.cuda, mmseg=None, triton=None)  # fmt: skip
+    for key in ("mmseg", "triton"):
         try:
-            out[key] = __import__(mod).__version__
+            versions[key] = __import__(key).__version__
         except ImportError:
             pass
-    return out
+    machine = dict(platform=platform.platform(), cpu_count=os.cpu_count(),
+                   torch_threads=torch.get_num_threads(), device=name, load_avg=load)  # fmt: skip
+    return dict(machine=machine, versions=versions)
 
 
 def count_all_macs(models, names, shapes, targets, progress) -> list[dict]:
@@ -175,7 +170,8 @@ class Budget:
         return None
 
     def reason(self, estimate: float | None) -> str | None:
-        """Why a cell of this estimated duration must be skipped, or None."""
+        """Why a cell of this estimated duration must be skipped, or None (``estimate`` None:
+        unknown; 0: only whether the whole-run limit is already spent)."""
         if estimate is None:
             return None
         if estimate > self.cell_s:
@@ -223,8 +219,7 @@ class Bench:
             schema="fatr_seg.benchmark/1",
             date=datetime.datetime.now().isoformat(timespec="seconds"),
             command=args.command,
-            machine=_machine(self.device),
-            versions=_versions(),
+            **environment(self.device),
             settings=dict(
                 device=str(self.device),
                 dtypes=args.dtypes,

@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import os.path as osp
+
+from .store import write_json
 
 __all__ = ["plot_speedup", "to_markdown", "write_outputs"]
 
@@ -194,8 +195,7 @@ def write_outputs(result: dict, out_dir: str) -> tuple[dict[str, str], str]:
         k: osp.join(out_dir, f)
         for k, f in (("json", "benchmark.json"), ("md", "benchmark.md"), ("png", "speedup.png"))
     }
-    with open(paths["json"], "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(paths["json"], result)
     markdown = to_markdown(result)
     with open(paths["md"], "w") as f:
         f.write(markdown + "\n")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import os.path as osp
 import platform
@@ -47,6 +46,7 @@ from .demo_report import (
     read_throughput,
     read_train_speed,
 )
+from .store import write_json
 
 __all__ = [
     "BASELINE_CONFIG",
@@ -370,8 +370,7 @@ def run_demo(args, start=None):
     path = osp.join(args.work_dir, "summary.md")
     with open(path, "w") as f:
         f.write(summary)
-    with open(osp.join(args.work_dir, "summary.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(osp.join(args.work_dir, "summary.json"), results)
     print("\n" + summary)
     log(f"summary written to {path}; total time {results['total_s']:.1f}s")
     return results

@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -45,6 +43,9 @@ from torch import nn
 
 from ..layers import FATRVisionTransformer, MaskTransformerHead
 from ..layers.config import REDUCTION_DEFAULTS
+from .benchmark import Budget, environment
+from .benchmark_models import DTYPES
+from .store import write_json
 from .timing import (
     TimingStats,
     cuda_peak_memory,
@@ -73,7 +74,6 @@ TINY_HEAD = dict(num_classes=150, num_layers=1, num_heads=2, embed_dims=32)
 MODELS = {"baseline": None, "fatr": dict(REDUCTION_DEFAULTS)}
 #: Modes, in their default order: eager, the eager kernels replayed from a CUDA graph, compiled.
 MODES = ("eager", "cudagraph", "compiled")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class Segmentor(nn.Module):
@@ -182,18 +182,14 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     start = time.perf_counter()
+    budget = Budget(0, args.time_budget)
     models = {n: m.to(device) for n, m in build_models(args.dry_run).items()}
     compiled = {n: compiled_parts(m, args.compile_backend) for n, m in models.items()}
     result = dict(
         schema="fatr_seg.gpu_bench/1",
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         command=args.command,
-        machine=dict(
-            platform=platform.platform(),
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            torch=torch.__version__,
-            cuda=torch.version.cuda,
-        ),
+        **environment(device),
         settings=dict(
             device=str(device),
             dtype=args.dtype,
@@ -213,11 +209,8 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(args.batch, 3, size, size, generator=gen).to(device)
             for target in args.targets:
-                elapsed = time.perf_counter() - start
-                reason = None
-                if args.time_budget and elapsed > args.time_budget:
-                    reason = f"time budget: {elapsed:.0f} s spent"
-                elif mode == "cudagraph" and device.type != "cuda":
+                reason = budget.reason(0)
+                if reason is None and mode == "cudagraph" and device.type != "cuda":
                     reason = "CUDA graphs need a CUDA device"
                 if reason is None:
                     try:
@@ -296,12 +289,12 @@ def _mib(value: float | None) -> str:
 
 def to_markdown(result: dict) -> str:
     """The result as a markdown table (one row per shape, target, mode and model)."""
-    m, s = result["machine"], result["settings"]
+    m, v, s = result["machine"], result["versions"], result["settings"]
     lines = [
         f"# GPU benchmark {result['date']}",
         "",
         f"- command: `{result['command']}`",
-        f"- device: {m['device']}, torch {m['torch']}, CUDA {m['cuda']}, {m['platform']}",
+        f"- device: {m['device']}, torch {v['torch']}, CUDA {v['cuda']}, {m['platform']}",
         f"- {s['dtype']} (autocast on CUDA), batch {s['batch']}, {s['warmup']} warm-up + "
         f"{s['iters']} timed rounds, models alternating; compiled: torch.compile(fullgraph=True,"
         f" backend={s['compile_backend']!r}); dry run: {s['dry_run']}; {result['seconds']:.0f} s",
@@ -371,8 +364,8 @@ def write(result: dict, out_dir: str) -> str:
     markdown = to_markdown(result)
     with open(os.path.join(out_dir, "gpu_bench.md"), "w") as f:
         f.write(markdown)
-    with open(os.path.join(out_dir, "gpu_bench.json"), "w") as f:
-        json.dump({k: v for k, v in result.items() if k != "profiles"}, f, indent=1)
+    write_json(os.path.join(out_dir, "gpu_bench.json"),
+               {k: v for k, v in result.items() if k != "profiles"}, indent=1)  # fmt: skip
     if result.get("profiles"):
         with open(os.path.join(out_dir, "profiles.txt"), "w") as f:
             f.write("\n".join(result["profiles"]))
