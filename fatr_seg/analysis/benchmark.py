@@ -55,6 +55,7 @@ __all__ = [
     "benchmark",
     "count_all_macs",
     "environment",
+    "result_header",
 ]
 
 TARGETS = ("backbone", "segmentor", "train")
@@ -91,6 +92,16 @@ def _first_fatr(models: dict) -> str | None:
         if isinstance(bb, FATRVisionTransformer) and bb.reduction and bb.reduction.method == "fatr":
             return name
     return None
+
+
+def result_header(schema: str, args, device: torch.device, keys) -> dict:
+    """The head of a benchmark's result: ``schema``, date, command line, machine, versions, and
+    ``settings``: the device, the input shapes and the options ``keys`` of ``args``."""
+    settings = dict(device=str(device), shapes=[list(s) if isinstance(s, tuple) else s
+                                                for s in args.shapes])  # fmt: skip
+    settings.update({k: getattr(args, k, False) for k in keys})
+    return dict(schema=schema, date=datetime.datetime.now().isoformat(timespec="seconds"),
+                command=args.command, **environment(device), settings=settings)  # fmt: skip
 
 
 def environment(device: torch.device) -> dict:
@@ -177,9 +188,11 @@ class Budget:
         if estimate > self.cell_s:
             return f"estimated {estimate:.0f} s > --max-cell-seconds {self.cell_s:.0f}"
         left = self.total_s - (time.perf_counter() - self.start)
+        if left <= 0:
+            return f"--time-budget {self.total_s:.0f} s spent"
         if estimate > left:
             return (
-                f"estimated {estimate:.0f} s > {max(left, 0):.0f} s left of --time-budget "
+                f"estimated {estimate:.0f} s > {left:.0f} s left of --time-budget "
                 f"{self.total_s:.0f}"
             )
         return None
@@ -215,25 +228,10 @@ class Bench:
         self.fatr_name = None if args.no_scoring else _first_fatr(self.models)
         self.budget = Budget(args.max_cell_seconds, args.time_budget)
         self.progress = Progress(self._steps(), not args.no_progress)
+        keys = ("dtypes", "batch_sizes", "targets", "iters", "warmup", "max_cell_seconds",
+                "time_budget", "quick", "compile", "cpu_time")  # fmt: skip
         self.result = dict(
-            schema="fatr_seg.benchmark/1",
-            date=datetime.datetime.now().isoformat(timespec="seconds"),
-            command=args.command,
-            **environment(self.device),
-            settings=dict(
-                device=str(self.device),
-                dtypes=args.dtypes,
-                shapes=[list(s) for s in args.shapes],
-                batch_sizes=args.batch_sizes,
-                targets=args.targets,
-                iters=args.iters,
-                warmup=args.warmup,
-                max_cell_seconds=args.max_cell_seconds,
-                time_budget=args.time_budget,
-                quick=args.quick,
-                compile=getattr(args, "compile", False),
-                cpu_time=getattr(args, "cpu_time", False),
-            ),
+            **result_header("fatr_seg.benchmark/1", args, self.device, keys),
             reference=self.ref,
             configs=[
                 dict(name=n, path=p, reduction=_reduction_dict(self.models[n]))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
 import sys
 import time
@@ -43,7 +42,7 @@ from torch import nn
 
 from ..layers import FATRVisionTransformer, MaskTransformerHead
 from ..layers.config import REDUCTION_DEFAULTS
-from .benchmark import Budget, environment
+from .benchmark import Budget, result_header
 from .benchmark_models import DTYPES
 from .store import write_json
 from .timing import (
@@ -185,21 +184,9 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
     budget = Budget(0, args.time_budget)
     models = {n: m.to(device) for n, m in build_models(args.dry_run).items()}
     compiled = {n: compiled_parts(m, args.compile_backend) for n, m in models.items()}
+    keys = ("dtype", "batch", "iters", "warmup", "dry_run", "compile_backend")
     result = dict(
-        schema="fatr_seg.gpu_bench/1",
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        command=args.command,
-        **environment(device),
-        settings=dict(
-            device=str(device),
-            dtype=args.dtype,
-            batch=args.batch,
-            shapes=args.shapes,
-            iters=args.iters,
-            warmup=args.warmup,
-            dry_run=args.dry_run,
-            compile_backend=args.compile_backend,
-        ),  # fmt: skip
+        **result_header("fatr_seg.gpu_bench/1", args, device, keys),
         rows=[],
         skipped=[],
     )
