@@ -1,7 +1,7 @@
 """A naive, explicit reference implementation of FATR, written only for the tests.
 
 Nothing here imports ``fatr_seg``: every quantity is rebuilt from its definition in
-``shared/paper.md`` and issue 3, as slowly and plainly as possible, in float64:
+``shared/paper.md``, as slowly and plainly as possible, in float64:
 
 * attention builds the full ``A = softmax(q kᵀ · scale + bias)`` and, for the reweighting, the full
   matrix ``Â = A_LP + (1 + ω1) A_HP + (1 + ω2) A_DC``;

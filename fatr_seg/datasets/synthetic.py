@@ -1,6 +1,6 @@
 """Synthetic semantic segmentation data in ADE20K's layout, where high-frequency detail decides.
 
-The embedded default (issue 5) must train and evaluate without ADE20K, so this module writes a
+The demo must train and evaluate without ADE20K, so this module writes a
 dataset that mmseg's ``ADE20KDataset`` and the stock ADE20K pipeline read unchanged::
 
     ROOT/images/training/ADE_train_00000001.jpg       RGB JPEG

@@ -117,10 +117,9 @@ def end_distributed_rank() -> None:
 
     With gloo (CPU), a rank of ``tools/dist_test.sh`` aborted now and then at the interpreter's
     exit, after its results were written (``terminate called without an active exception``,
-    exit -6: 6 of 28 runs of ``tools/dist_test.sh`` with 2 processes on 2026-11-30, 1 of 12 of
-    them with the process group destroyed first), and torchrun then failed the whole job. So:
-    destroy the process group, flush the logs and the standard streams, and leave with
-    ``os._exit(0)``. Does nothing outside a distributed run.
+    exit -6, with or without the process group destroyed first), and torchrun then failed the
+    whole job. So: destroy the process group, flush the logs and the standard streams, and
+    leave with ``os._exit(0)``. Does nothing outside a distributed run.
     """
     import logging
     import os
