@@ -110,7 +110,7 @@ import torch
 from fatr_seg.analysis.benchmark import DEFAULT_TARGETS, TARGETS, benchmark
 from fatr_seg.analysis.benchmark_models import DTYPES, config_variants
 from fatr_seg.analysis.benchmark_report import write_outputs
-from fatr_seg.models.budget import KeepRatioError, parse_keep_ratio
+from fatr_seg.models.keep_ratio import KeepRatioError, parse_keep_ratio
 
 DEFAULT_CONFIGS = ["configs/baseline_vit-s_ade20k.py", "configs/fatr_ade20k.py"]
 QUICK = dict(shapes=[(64, 64), (128, 128)], batch_sizes=[1, 2], iters=2, warmup=1)

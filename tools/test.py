@@ -12,8 +12,8 @@ import warnings
 # mmengine and mmcv import pkg_resources (hence setuptools < 81); its deprecation notice is noise.
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
-from fatr_seg.models.budget import set_config_keep_ratio
 from fatr_seg.models.compile import add_compile_hook
+from fatr_seg.models.keep_ratio import set_config_keep_ratio
 from fatr_seg.models.preflight import PreflightError
 from fatr_seg.models.runner import add_runner_args, run_tool
 

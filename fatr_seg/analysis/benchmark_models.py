@@ -81,7 +81,7 @@ def build_segmentor(path: str, tiny: bool = False, cfg_options: dict | None = No
         tiny: Shrink the model to width 64 (``--quick``), same depth and reduction.
         cfg_options: Overrides merged into the config first (``--cfg-options``).
         keep_ratio: Build the reduction with this budget (one ratio, or one per layer; see
-            :func:`fatr_seg.models.budget.set_config_keep_ratio`); None: the config's.
+            :func:`fatr_seg.models.keep_ratio.set_config_keep_ratio`); None: the config's.
 
     Returns:
         ``(model, cfg, (mean, std))``: the normalisation of the config's data preprocessor.
@@ -96,7 +96,7 @@ def build_segmentor(path: str, tiny: bool = False, cfg_options: dict | None = No
     if "model" not in cfg or "backbone" not in cfg.model:
         raise ValueError(f"{path} defines no model.backbone")
     if keep_ratio is not None:
-        from ..models.budget import set_config_keep_ratio
+        from ..models.keep_ratio import set_config_keep_ratio
 
         set_config_keep_ratio(cfg, keep_ratio, path)
     cfg.model.pop("pretrained", None)
@@ -126,7 +126,7 @@ def config_variants(paths: list[str], keep_ratios=None) -> list[tuple[str, str, 
     reduction gives its one model.
 
     Raises:
-        fatr_seg.models.budget.KeepRatioError: A budget does not fit a config's reduction
+        fatr_seg.models.keep_ratio.KeepRatioError: A budget does not fit a config's reduction
             layers, or no config has a reduction.
     """
     names = config_names(paths)
@@ -134,7 +134,7 @@ def config_variants(paths: list[str], keep_ratios=None) -> list[tuple[str, str, 
         return [(n, p, None) for n, p in zip(names, paths)]
     from mmengine.config import Config
 
-    from ..models.budget import (
+    from ..models.keep_ratio import (
         KeepRatioError,
         format_keep_ratio,
         reduction_layers,

@@ -11,13 +11,13 @@ or by the hook a config lists.
 """
 
 from .backbone import FATRViT
-from .compat import AllowMMEngineCheckpointsHook, allow_mmengine_checkpoints
 from .compile import CompileInferenceHook, add_compile_hook, compile_modules
 from .convert import CheckpointError, convert_state_dict
 from .datasets import CamVidDataset, LoadCamVidAnnotations
 from .dist import setup_cpu_distributed
 from .distill import DistillEncoderDecoder
 from .hooks import UnreducedCheckpointHook
+from .safe_globals import AllowMMEngineCheckpointsHook, allow_mmengine_checkpoints
 from .segmenter_head import FATRSegmenterHead
 from .segmentor import BatchedSlideEncoderDecoder
 

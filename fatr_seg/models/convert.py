@@ -157,7 +157,7 @@ def _read_local(path: str):
             from safetensors.torch import load_file
 
             return load_file(path, device="cpu")
-        from .compat import mmengine_safe_globals
+        from .safe_globals import mmengine_safe_globals
 
         # A Runner checkpoint also holds the message hub's logged values: allow exactly those
         # classes for this read only (torch's process-wide allow-list stays as it is).
@@ -172,7 +172,7 @@ def load_checkpoint_file(path: str) -> dict:
 
     Local ``.safetensors`` files are read with safetensors, other local files with
     ``torch.load`` (``weights_only=True``, allowing for this read the message-hub classes an
-    mmengine Runner checkpoint holds, :func:`fatr_seg.models.compat.mmengine_safe_globals`).
+    mmengine Runner checkpoint holds, :func:`fatr_seg.models.safe_globals.mmengine_safe_globals`).
     URLs and model-zoo prefixes (see :func:`is_remote`) go through mmengine's
     ``CheckpointLoader``, as mmseg's own backbones load them (its http
     loader caches the file under torch hub's folder and unpickles it fully, i.e. trusts the

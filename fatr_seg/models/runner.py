@@ -2,7 +2,7 @@
 
 :func:`build_runner` is also where the process-wide set-up is made, as explicit calls rather than
 import side effects: torch's ``weights_only`` allow-list for mmengine checkpoints
-(:func:`~fatr_seg.models.compat.allow_mmengine_checkpoints`) and, for ``--launcher pytorch``
+(:func:`~fatr_seg.models.safe_globals.allow_mmengine_checkpoints`) and, for ``--launcher pytorch``
 without CUDA, the gloo process group (:func:`~fatr_seg.models.dist.setup_cpu_distributed`).
 Code that builds its own Runner makes the same two calls, or lists
 ``AllowMMEngineCheckpointsHook`` in the config's ``custom_hooks``. Every Runner built here also
@@ -18,11 +18,11 @@ import os.path as osp
 
 from mmengine.config import Config, DictAction
 
-from .compat import allow_mmengine_checkpoints
 from .convert import CheckpointError
 from .dist import setup_cpu_distributed
 from .hooks import UnreducedCheckpointHook
 from .preflight import PreflightError, check_config
+from .safe_globals import allow_mmengine_checkpoints
 
 __all__ = ["LAUNCHERS", "add_runner_args", "build_runner", "load_config", "run_tool"]
 

@@ -79,7 +79,7 @@ def test_import_registers_our_names_and_changes_nothing_else():
         "mmseg:model:FATRViT": "fatr_seg.models.backbone.FATRViT",
         "mmseg:model:FATRSegmenterHead": "fatr_seg.models.segmenter_head.FATRSegmenterHead",
         "mmseg:hook:AllowMMEngineCheckpointsHook":
-            "fatr_seg.models.compat.AllowMMEngineCheckpointsHook",
+            "fatr_seg.models.safe_globals.AllowMMEngineCheckpointsHook",
         "mmseg:hook:UnreducedCheckpointHook": "fatr_seg.models.hooks.UnreducedCheckpointHook",
         "mmseg:model:DistillEncoderDecoder": "fatr_seg.models.distill.DistillEncoderDecoder",
         "mmseg:model:BatchedSlideEncoderDecoder":

@@ -18,8 +18,8 @@ from mmseg.utils import register_all_modules
 from tiny_configs import TINY_MODEL, loader_options, run_tool
 
 from fatr_seg.datasets import write_dataset
-from fatr_seg.models.compat import mmengine_safe_globals
 from fatr_seg.models.distill import draw_keep_ratio
+from fatr_seg.models.safe_globals import mmengine_safe_globals
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "fatr_ade20k_demo.py"

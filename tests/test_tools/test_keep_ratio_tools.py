@@ -20,7 +20,7 @@ from tiny_segmentors import randomize_
 from fatr_seg.analysis.benchmark_models import build_segmentor, config_variants
 from fatr_seg.analysis.flops import count_macs
 from fatr_seg.datasets import write_dataset
-from fatr_seg.models.budget import KeepRatioError
+from fatr_seg.models.keep_ratio import KeepRatioError
 
 DEMO = REPO / "configs" / "fatr_ade20k_demo.py"
 BASELINE = REPO / "configs" / "baseline_ade20k_demo.py"

@@ -51,7 +51,7 @@ def _history_buffer_method(owner, name):
             return method
     raise pickle.UnpicklingError(
         f"checkpoint asks for getattr({owner!r}, {name!r}); only public HistoryBuffer methods "
-        "are allowed (fatr_seg.models.compat)"
+        "are allowed (fatr_seg.models.safe_globals)"
     )
 
 

@@ -1,4 +1,4 @@
-"""The budget on the command line (``fatr_seg.models.budget``) and the loading of an unreduced
+"""The budget on the command line (``fatr_seg.models.keep_ratio``) and the loading of an unreduced
 model's checkpoint into FATR (``fill_reduction_params``, ``UnreducedCheckpointHook``).
 
 References: a model built with a keep ratio is compared with the same weights after
@@ -16,14 +16,14 @@ from mmengine.runner.checkpoint import _load_checkpoint_to_model
 from mmseg.registry import MODELS
 from tiny_segmentors import IMG, plain_segmentor, randomize_, save_teacher, segmentor_cfg
 
-from fatr_seg.models.budget import (
+from fatr_seg.models.convert import fill_reduction_params
+from fatr_seg.models.hooks import UnreducedCheckpointHook, describe_keys
+from fatr_seg.models.keep_ratio import (
     KeepRatioError,
     format_keep_ratio,
     parse_keep_ratio,
     set_config_keep_ratio,
 )
-from fatr_seg.models.convert import fill_reduction_params
-from fatr_seg.models.hooks import UnreducedCheckpointHook, describe_keys
 
 
 def _config(reduction="default") -> Config:
