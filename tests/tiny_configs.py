@@ -1,7 +1,8 @@
 """Config text shared by the tests that run a tiny segmentor through tools/ or mmengine's Runner.
 
 Pieces of mmengine config files (Python source), for templates based on
-``configs/fatr_ade20k_demo.py``; they use the template's ``crop_size``. Also how those tests run
+``configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py``;
+they use the template's ``crop_size``. Also how those tests run
 a tool: :func:`loader_options` and :func:`run_tool`.
 """
 

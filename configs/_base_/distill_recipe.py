@@ -1,6 +1,6 @@
 # The paper's self-distillation fine-tuning recipe, written once for the configs that fine-tune a
-# trained model into FATR (configs/fatr_ade20k_finetune.py,
-# configs/camvid/fatr_vit-t_camvid_distill.py, configs/fatr_ade20k_demo_distill.py): CE +
+# trained model into FATR (configs/fatr_vit-s_mask_distill-8xb1-16k_ade20k-512x512.py,
+# configs/camvid/fatr_vit-t_camvid_distill.py, configs/demo/fatr_vit-t_fcn_distill-1xb8-100_synthetic-192x192.py): CE +
 # distillation from the unreduced model, AdamW lr 1e-4, weight decay 2e-5, no warm-up, drop-path 0,
 # EMA 0.9998. See README.md, "Fine-tune a trained Segmenter into FATR", and docs/method.md,
 # "Fine-tuning: self-distillation".

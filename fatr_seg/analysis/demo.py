@@ -59,9 +59,9 @@ __all__ = [
 
 # The checkout this package runs from: tools/ and configs/ are there.
 REPO = REPO_ROOT
-FATR_CONFIG = "configs/fatr_ade20k_demo.py"
-BASELINE_CONFIG = "configs/baseline_ade20k_demo.py"
-DISTILL_CONFIG = "configs/fatr_ade20k_demo_distill.py"
+FATR_CONFIG = "configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py"
+BASELINE_CONFIG = "configs/demo/segmenter_vit-t_fcn_1xb8-200_synthetic-192x192.py"
+DISTILL_CONFIG = "configs/demo/fatr_vit-t_fcn_distill-1xb8-100_synthetic-192x192.py"
 # Lines of the tools' output worth echoing: training/eval progress, results, errors.
 PROGRESS = re.compile(
     r"Iter\((train|val|test)\)|mIoU:|Saving checkpoint|per class results|^\|"

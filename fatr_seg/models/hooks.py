@@ -4,9 +4,10 @@ A FATR model is its unreduced ViT plus a few parameters of its own (``attn.omega
 ``attn.omega2``, ``reducer.dc_pos``) whose init makes each block compute what the unreduced block
 computes on the tokens it is given. So the checkpoint of the trained unreduced segmentor is a
 complete FATR model, the training-free one: the config with the reduction and the unreduced
-checkpoint, e.g. ``tools/test.py configs/fatr_ade20k_demo.py BASELINE.pth``. mmengine loads
-``load_from`` non-strictly and warns about every missing key; this hook fills in those
-parameters first (:func:`~fatr_seg.models.convert.fill_reduction_params`, which acts only when
+checkpoint, e.g.
+``tools/test.py configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py BASELINE.pth``.
+mmengine loads ``load_from`` non-strictly and warns about every missing key; this hook fills in
+those parameters first (:func:`~fatr_seg.models.convert.fill_reduction_params`, which acts only when
 nothing else is missing) and says so in one line.
 
 :func:`fatr_seg.models.runner.build_runner` (``tools/train.py``, ``tools/test.py``) registers

@@ -95,7 +95,11 @@ def test_predict_through_the_config_type():
 
 
 def test_configs_use_the_batched_segmentor():
-    for name in ("fatr_ade20k.py", "baseline_vit-s_ade20k.py", "fatr_vit-s_ade20k-384x384.py"):
+    for name in (
+        "fatr_ade20k.py",
+        "baseline_vit-s_ade20k.py",
+        "fatr_vit-s_mask_8xb1-160k_ade20k-384x384.py",
+    ):
         cfg = Config.fromfile(str(CONFIGS / name))
         assert cfg.model.type == "BatchedSlideEncoderDecoder", name
 

@@ -24,9 +24,9 @@ register_all_modules()
 pytestmark = pytest.mark.usefixtures("single_thread")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ZERO_DECAY = ("omega1", "omega2", "dc_pos", "pos_embed", "cls_token")
-ADE = "fatr_ade20k_finetune.py"
+ADE = "fatr_vit-s_mask_distill-8xb1-16k_ade20k-512x512.py"
 CAMVID = "camvid/fatr_vit-t_camvid_distill.py"
-DEMO = "fatr_ade20k_demo_distill.py"
+DEMO = "demo/fatr_vit-t_fcn_distill-1xb8-100_synthetic-192x192.py"
 PAIRS = {ADE: "fatr_ade20k.py", CAMVID: "camvid/fatr_vit-t_camvid.py"}
 _cache: dict[str, Config] = {}
 

@@ -1,7 +1,8 @@
 """Save and resume a real (tiny) FATR Segmenter with mmengine's Runner under torch 2.14.
 
 ``tests/test_models/test_resume.py`` covers the checkpoint round trip with a toy model; here the
-model is the FATR segmentor of ``configs/fatr_ade20k_demo.py`` (shrunk to 4 blocks of width 32,
+model is the FATR segmentor of
+``configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py`` (shrunk to 4 blocks of width 32,
 reducing at blocks 2 and 3) trained on synthetic 64×64 images, so the reduction's own parameters
 (ω, DC positions), the decode head, the shuffled sampler, AdamW's moments and the LR schedule all
 have to come back for the resumed run to continue exactly like an uninterrupted one. The
@@ -23,7 +24,7 @@ from fatr_seg.datasets import write_dataset
 REPO = Path(__file__).resolve().parents[2]
 # Tiny models: one intra-op thread (see tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("single_thread")
-DEMO_CONFIG = REPO / "configs" / "fatr_ade20k_demo.py"
+DEMO_CONFIG = REPO / "configs" / "demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py"
 TOTAL, SPLIT = 4, 2
 
 
@@ -106,7 +107,10 @@ def assert_optim_state_equal(actual, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DEMO_CONFIG.is_file(), reason="configs/fatr_ade20k_demo.py not written yet")
+@pytest.mark.skipif(
+    not DEMO_CONFIG.is_file(),
+    reason="configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py not written yet",
+)
 def test_resumed_segmentor_continues_like_an_uninterrupted_run(tmp_path):
     write_dataset(tmp_path / "data", num_train=6, num_val=1, size=64, seed=0, progress=False)
     full, full_hook = train(tmp_path, "full", TOTAL)

@@ -17,8 +17,11 @@ _spec = importlib.util.spec_from_file_location("fatr_demo_tool", REPO / "tools" 
 demo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo)
 
-BASE, FATR = "configs/baseline_ade20k_demo.py", "configs/fatr_ade20k_demo.py"
-DISTILL = "configs/fatr_ade20k_demo_distill.py"
+BASE, FATR = (
+    "configs/demo/segmenter_vit-t_fcn_1xb8-200_synthetic-192x192.py",
+    "configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py",
+)
+DISTILL = "configs/demo/fatr_vit-t_fcn_distill-1xb8-100_synthetic-192x192.py"
 ROWS = [
     dict(key="baseline", label="baseline (no reduction)", config=BASE, checkpoint="b.pth"),
     dict(key="fatr_training_free", label="FATR training-free", config=FATR, checkpoint="b.pth"),
@@ -99,7 +102,10 @@ def test_summary_without_benchmark_or_finetuning_says_na():
     text = report.format_summary(results)
     assert "- FATR / baseline GMACs: n/a" in text
     assert "FATR fine-tuned" not in text
-    assert "| FATR training-free | `configs/fatr_ade20k_demo.py` |" in text
+    assert (
+        "| FATR training-free | `configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py` |"
+        in text
+    )
 
 
 def test_read_gmacs_follows_get_flops_schema(tmp_path):
@@ -111,7 +117,9 @@ def test_read_gmacs_follows_get_flops_schema(tmp_path):
     path.write_text(json.dumps({"schema": "fatr_seg.get_flops/1", "models": models}))
     assert report.read_gmacs(str(path), [BASE, FATR]) == {BASE: 2.0, FATR: 1.3}
     path.write_text(json.dumps({"schema": "fatr_seg.get_flops/1", "models": models[:1]}))
-    with pytest.raises(report.DemoError, match="MACs of configs/fatr_ade20k_demo.py"):
+    with pytest.raises(
+        report.DemoError, match="MACs of configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py"
+    ):
         report.read_gmacs(str(path), [BASE, FATR])
 
 

@@ -1,6 +1,7 @@
 """``tools/dist_train.sh`` with 2 CPU processes (gloo) against 1 process with the same total batch.
 
-Both runs train a tiny FATR Segmenter (derived from ``configs/fatr_ade20k_demo.py``) on synthetic
+Both runs train a tiny FATR Segmenter (derived from
+``configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py``) on synthetic
 64×64 images for a few SGD iterations through ``tools/train.py``. Everything random is removed
 (no crop, flip or photometric jitter, ``drop_path_rate=0``, one model seed) and the data order is
 made identical: mmengine's samplers give rank ``r`` the indices ``r::world_size`` of the unshuffled
@@ -29,7 +30,7 @@ from fatr_seg.datasets import write_dataset
 from fatr_seg.models import allow_mmengine_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO / "configs" / "fatr_ade20k_demo.py"
+DEMO_CONFIG = REPO / "configs" / "demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py"
 MAX_ITERS = 3
 
 # Records every iteration's loss on every rank (mmengine logs rank 0's only).
@@ -121,7 +122,10 @@ def load_state(work_dir, it):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DEMO_CONFIG.is_file(), reason="configs/fatr_ade20k_demo.py not written yet")
+@pytest.mark.skipif(
+    not DEMO_CONFIG.is_file(),
+    reason="configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py not written yet",
+)
 def test_two_processes_match_one_process_with_the_same_total_batch(tmp_path):
     data_root = str(tmp_path / "data")
     write_dataset(data_root, num_train=4, num_val=1, size=64, seed=0, progress=False)

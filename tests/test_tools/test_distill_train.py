@@ -1,10 +1,12 @@
 """Self-distillation through ``tools/train.py``, then ``tools/test.py`` with the *plain* config.
 
 A tiny unreduced Segmenter (the teacher) is written as a checkpoint; a tiny FATR Segmenter derived
-from ``configs/fatr_ade20k_demo.py`` is fine-tuned from it for a few iterations with the recipe of
-``configs/fatr_ade20k_finetune.py`` (AdamW with zero-decay groups, EMAHook) and sampled budgets,
-in a subprocess as a user runs it. The checkpoint must then be a plain FATR checkpoint: no teacher
-weights, EMA weights in ``state_dict``, loaded by ``tools/test.py`` with the FATR config.
+from the demo's FATR config (``configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py``) is
+fine-tuned from it for a few iterations with the recipe of the ADE20K distillation config
+(``configs/fatr_vit-s_mask_distill-8xb1-16k_ade20k-512x512.py``: AdamW with zero-decay groups,
+EMAHook) and sampled budgets, in a subprocess as a user runs it. The checkpoint must then be a
+plain FATR checkpoint: no teacher weights, EMA weights in ``state_dict``, loaded by
+``tools/test.py`` with the FATR config.
 """
 
 import json
@@ -22,8 +24,8 @@ from fatr_seg.models.distill import draw_keep_ratio
 from fatr_seg.models.safe_globals import mmengine_safe_globals
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO / "configs" / "fatr_ade20k_demo.py"
-FINETUNE_CONFIG = REPO / "configs" / "fatr_ade20k_finetune.py"
+DEMO_CONFIG = REPO / "configs" / "demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py"
+FINETUNE_CONFIG = REPO / "configs" / "fatr_vit-s_mask_distill-8xb1-16k_ade20k-512x512.py"
 MAX_ITERS = 3
 register_all_modules()
 

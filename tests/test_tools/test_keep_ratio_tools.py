@@ -1,7 +1,8 @@
 """``--keep-ratio`` of ``tools/test.py`` and ``tools/benchmark.py``, and ``tools/test.py`` on the
 FATR config with an unreduced model's checkpoint (FATR training-free).
 
-A tiny FATR Segmenter derived from ``configs/fatr_ade20k_demo.py`` (blocks 2 and 3 reduce) is
+A tiny FATR Segmenter derived from
+``configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py`` (blocks 2 and 3 reduce) is
 evaluated on 4 synthetic validation images, in a subprocess as a user runs the tool, with
 ``--out`` so that its predictions come back. The reference is mmseg's own inference
 (``init_model`` + ``inference_model``) of the same config and checkpoint in this process, with
@@ -22,8 +23,8 @@ from fatr_seg.analysis.flops import count_macs
 from fatr_seg.datasets import write_dataset
 from fatr_seg.models.keep_ratio import KeepRatioError
 
-DEMO = REPO / "configs" / "fatr_ade20k_demo.py"
-BASELINE = REPO / "configs" / "baseline_ade20k_demo.py"
+DEMO = REPO / "configs" / "demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py"
+BASELINE = REPO / "configs" / "demo/segmenter_vit-t_fcn_1xb8-200_synthetic-192x192.py"
 TINY = (
     """
 _base_ = [{base!r}]

@@ -48,7 +48,11 @@ def test_compiled_test_run_gives_eager_predictions(tmp_path):
     data = tmp_path / "data"
     write_dataset(data, num_train=1, num_val=3, size=64, seed=0, progress=False)
     config = tmp_path / "tiny.py"
-    config.write_text(CONFIG.format(base=str(REPO / "configs" / "fatr_ade20k_demo.py")))
+    config.write_text(
+        CONFIG.format(
+            base=str(REPO / "configs" / "demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py")
+        )
+    )
     cfg = Config.fromfile(str(config))
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)

@@ -1,6 +1,7 @@
 """``tools/train.py --resume`` and ``tools/dist_test.sh`` on CPU, through the tools' own set-up.
 
-A tiny FATR model derived from ``configs/fatr_ade20k_demo.py`` (4 blocks of width 32, the default
+A tiny FATR model derived from
+``configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py`` (4 blocks of width 32, the default
 reduction at blocks 2 and 3) trains on synthetic 64×64 images. The config drops the inherited
 ``AllowMMEngineCheckpointsHook`` (``custom_hooks = []``), so resuming works only because
 ``tools/train.py`` installs the checkpoint allow-list itself (importing ``fatr_seg`` does not);
@@ -22,7 +23,7 @@ from fatr_seg.analysis.demo_report import read_test_metrics
 from fatr_seg.datasets import write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO / "configs" / "fatr_ade20k_demo.py"
+DEMO_CONFIG = REPO / "configs" / "demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py"
 TOTAL, SPLIT = 4, 2
 
 TINY_CONFIG = """

@@ -1,7 +1,8 @@
 """``tools/train.py`` then ``tools/test.py`` on a tiny generated set: a checkpoint and an mIoU.
 
 A tiny FATR Segmenter (4 blocks of width 32, reduction at blocks 2 and 3) derived from
-``configs/fatr_ade20k_demo.py`` trains for a few iterations on 8 synthetic 64×64 images, in a
+``configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py``
+trains for a few iterations on 8 synthetic 64×64 images, in a
 subprocess exactly as a user runs it; the test run's metrics are read back the way
 ``tools/demo.py`` reads them (``fatr_seg.analysis.demo_report``).
 """
@@ -19,7 +20,7 @@ from fatr_seg.analysis.demo_report import read_test_metrics
 from fatr_seg.datasets import write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO / "configs" / "fatr_ade20k_demo.py"
+DEMO_CONFIG = REPO / "configs" / "demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py"
 
 MAX_ITERS = 3
 TINY_CONFIG = (

@@ -13,8 +13,8 @@ from fatr_seg.layers.vit import ReductionTrace
 from fatr_seg.visualization import WINDOW_COLORS, draw_token_figure, token_map, token_overlay
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO / "configs" / "fatr_ade20k_demo.py"
-BASELINE_CONFIG = REPO / "configs" / "baseline_ade20k_demo.py"
+DEMO_CONFIG = REPO / "configs" / "demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py"
+BASELINE_CONFIG = REPO / "configs" / "demo/segmenter_vit-t_fcn_1xb8-200_synthetic-192x192.py"
 
 
 def _trace(layer, lf_window, hw=(2, 3)):

@@ -1,6 +1,6 @@
 # Embedded default (`make demo`): FATR Segmenter-Mask ViT-T/16 trained from scratch on the
 # synthetic ADE20K-layout set (tools/make_synthetic_ade.py), 384x384 = 576 tokens, on a CPU.
-_base_ = ['./fatr_ade20k.py']
+_base_ = ['../fatr_ade20k.py']
 
 data_root = 'data/synthetic_ade'
 # fatr_seg.datasets.synthetic.CLASSES / PALETTE, written out: an `import` would switch mmengine to
@@ -86,7 +86,7 @@ model = dict(
 
 # From scratch on a CPU: AdamW with a short linear warm-up (a sixth of the run), then poly decay.
 # 200 iterations of batch 8 keep `make demo`, which trains this model and the baseline with the
-# same schedule, within 15 minutes on a busy 2-core CPU (docs/benchmarks.md, "Demo").
+# same schedule, within 15 minutes on a busy 2-core CPU (docs/history/benchmarks-2026-11.md, "Demo").
 max_iters = 200
 warmup_iters = 33
 optim_wrapper = dict(

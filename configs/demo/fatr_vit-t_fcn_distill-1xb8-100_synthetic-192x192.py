@@ -1,9 +1,9 @@
-# Embedded default (`make demo`), its fine-tuning step: FATR ViT-T/16 (configs/fatr_ade20k_demo.py)
-# fine-tuned by self-distillation from the trained baseline (configs/baseline_ade20k_demo.py),
-# which is also its starting point: the recipe of configs/fatr_ade20k_finetune.py (CE + KL to the
+# Embedded default (`make demo`), its fine-tuning step: FATR ViT-T/16 (configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py)
+# fine-tuned by self-distillation from the trained baseline (configs/demo/segmenter_vit-t_fcn_1xb8-200_synthetic-192x192.py),
+# which is also its starting point: the recipe of configs/fatr_vit-s_mask_distill-8xb1-16k_ade20k-512x512.py (CE + KL to the
 # unreduced model, AdamW, weight decay 2e-5, no warm-up, drop-path 0, cosine decay) at the demo's
 # scale. See README.md, "Fine-tune a trained Segmenter into FATR".
-_base_ = ['./fatr_ade20k_demo.py', './_base_/distill_recipe.py']
+_base_ = ['./fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py', '../_base_/distill_recipe.py']
 # The recipe's distillation wrapper around the student and AdamW without weight decay on FATR's
 # own parameters and the embeddings: configs/_base_/distill_recipe.py. In the config's code
 # mmengine binds `_base_` to the bases' variables (a dict, not the list above); popped from it, the
@@ -18,7 +18,7 @@ model = dict(teacher_checkpoint=teacher_checkpoint, **recipe.model)
 
 # lr 3e-4 instead of the recipe's 1e-4 (made for 16k iterations): over these 100 iterations,
 # 1e-4 / 3e-4 / 1e-3 gave 59.2 / 60.2 / 52.6 mIoU against 58.9 training-free and 60.3 for the
-# baseline, all trained with 2 threads (docs/benchmarks.md, "Demo").
+# baseline, all trained with 2 threads (docs/history/benchmarks-2026-11.md, "Demo").
 optim_wrapper = recipe.optim_wrapper
 optim_wrapper.optimizer.lr = 3e-4
 # The recipe's EMA (0.9998) averages over about 5000 iterations: over this short run it would
@@ -26,7 +26,7 @@ optim_wrapper.optimizer.lr = 3e-4
 custom_hooks = [dict(type='AllowMMEngineCheckpointsHook')]
 
 # Half the baseline's 200 iterations, batch 8 as the baseline; cosine decay from the first
-# iteration. Each iteration also runs the teacher's forward; docs/benchmarks.md, "Demo".
+# iteration. Each iteration also runs the teacher's forward; docs/history/benchmarks-2026-11.md, "Demo".
 max_iters = 100
 param_scheduler = [
     dict(type='CosineAnnealingLR', T_max=max_iters, eta_min=1e-6, by_epoch=False, begin=0,
