@@ -11,6 +11,7 @@ from .embed import PatchEmbed, resample_pos_embed
 from .mask_head import MaskTransformerHead
 from .reducer import TokenReducer
 from .restorer import TokenRestorer
+from .timm_vit import TimmFATRVisionTransformer
 from .vit import FATRVisionTransformer, ReductionTrace
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "PatchEmbed",
     "ReductionConfig",
     "ReductionTrace",
+    "TimmFATRVisionTransformer",
     "TokenReducer",
     "TokenRestorer",
     "compact_tokens",
