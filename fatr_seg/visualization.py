@@ -11,11 +11,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TokenMap", "WINDOW_COLORS", "draw_token_figure", "token_map", "token_overlay"]
+__all__ = [
+    "GROUP_COLORS",
+    "TokenMap",
+    "draw_token_figure",
+    "panel_title",
+    "token_map",
+    "token_overlay",
+]
 
-# Colours of the aggregating tokens (DC windows, merged-into tokens; up to 16 per layer, then
-# repeated). Saturated and far from grey so that they read on the synthetic textures.
-WINDOW_COLORS = np.array(
+# Colours of the tokens that patches joined (a merged-into token, a DC token, EViT's fused token),
+# by group: 16, then repeated. Saturated and far from grey, so that they read on the images.
+GROUP_COLORS = np.array(
     [
         [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
         [148, 103, 189], [140, 86, 75], [227, 119, 194], [23, 190, 207],
@@ -32,26 +39,25 @@ class TokenMap:
 
     Attributes:
         layer: 1-indexed block that reduced.
-        window: (H, W) int array: the token each aggregated patch went into (a DC window, the
-            kept token it merged into, EViT's fused token), -1 for patches that are their own
-            token.
-        folded_here: (H, W) bool array: patches this layer aggregated (the rest of the
-            aggregated ones were aggregated by an earlier layer).
-        num_windows: Tokens that hold at least one aggregated patch.
+        group: (H, W) int array: the token each patch joined (the kept token it merged into, a
+            DC token, EViT's fused token), -1 for patches that are their own token.
+        joined_here: (H, W) bool array: patches that joined a token at this layer (the other
+            joined ones did at an earlier layer).
+        num_groups: Tokens that hold at least one patch that joined them.
     """
 
     layer: int
-    window: np.ndarray
-    folded_here: np.ndarray
-    num_windows: int
+    group: np.ndarray
+    joined_here: np.ndarray
+    num_groups: int
 
     @property
     def num_hf(self) -> int:
-        return int((self.window < 0).sum())
+        return int((self.group < 0).sum())
 
     @property
     def num_patches(self) -> int:
-        return int(self.window.size)
+        return int(self.group.size)
 
 
 def token_map(trace, previous=None, index: int = 0) -> TokenMap:
@@ -60,18 +66,18 @@ def token_map(trace, previous=None, index: int = 0) -> TokenMap:
     Args:
         trace: The layer's ``ReductionTrace`` (``group`` is (B, N), ``hw_shape`` is (H, W)).
         previous: The trace of the previous reduction layer, or None for the first one; used to
-            tell patches folded here from patches folded earlier.
+            tell patches that joined here from those that joined earlier.
         index: Image in the batch.
     """
     H, W = trace.hw_shape
-    window = trace.group[index].detach().cpu().numpy().astype(np.int64).reshape(H, W)
+    group = trace.group[index].detach().cpu().numpy().astype(np.int64).reshape(H, W)
     if previous is None:
-        before = np.full_like(window, -1)
+        before = np.full_like(group, -1)
     else:
         before = previous.group[index].detach().cpu().numpy().astype(np.int64).reshape(H, W)
-    folded_here = (window >= 0) & (before < 0)
-    num_windows = int(np.unique(window[window >= 0]).size)
-    return TokenMap(int(trace.layer), window, folded_here, num_windows)
+    joined_here = (group >= 0) & (before < 0)
+    num_groups = int(np.unique(group[group >= 0]).size)
+    return TokenMap(int(trace.layer), group, joined_here, num_groups)
 
 
 def _upsample(grid: np.ndarray, patch_size: int, shape: tuple[int, int]) -> np.ndarray:
@@ -87,16 +93,16 @@ def _upsample(grid: np.ndarray, patch_size: int, shape: tuple[int, int]) -> np.n
 def token_overlay(
     image: np.ndarray, tmap: TokenMap, patch_size: int, alpha: float = 0.8
 ) -> np.ndarray:
-    """Paint aggregated patches with their token's colour over ``image``; kept ones stay clear.
+    """Tint the patches that joined another token with its colour; kept ones stay clear.
 
-    Patches folded by this layer get a lighter tint than patches folded earlier, so the two read
+    Patches that joined at this layer get a lighter tint than earlier ones, so the two read
     apart; the image stays faintly visible under both.
 
     Args:
         image: (H, W, 3) uint8 RGB image as fed to the model (before normalisation).
         tmap: The layer's :class:`TokenMap`.
         patch_size: The backbone's patch size.
-        alpha: Opacity of the window colour on patches folded earlier.
+        alpha: Opacity of the group colour on patches that joined earlier.
 
     Returns:
         (H, W, 3) uint8 RGB.
@@ -104,20 +110,41 @@ def token_overlay(
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
     shape = image.shape[:2]
-    grid = tmap.window.shape
+    grid = tmap.group.shape
     if grid[0] * patch_size < shape[0] or grid[1] * patch_size < shape[1]:
         raise ValueError(
             f"a {grid[0]}x{grid[1]} grid of {patch_size}-px patches does not cover the "
             f"{shape[0]}x{shape[1]} image: is this the image the model saw?"
         )
     out = image.astype(np.float32)
-    window = _upsample(tmap.window, patch_size, shape)
-    here = _upsample(tmap.folded_here, patch_size, shape)
-    folded = window >= 0
-    color = WINDOW_COLORS[np.where(folded, window, 0) % len(WINDOW_COLORS)].astype(np.float32)
-    a = np.where(here, 0.7 * alpha, alpha)[..., None] * folded[..., None]
+    group = _upsample(tmap.group, patch_size, shape)
+    here = _upsample(tmap.joined_here, patch_size, shape)
+    joined = group >= 0
+    color = GROUP_COLORS[np.where(joined, group, 0) % len(GROUP_COLORS)].astype(np.float32)
+    a = np.where(here, 0.7 * alpha, alpha)[..., None] * joined[..., None]
     out = out * (1 - a) + color * a
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _kinds_legend(fig, ncols: int) -> None:
+    """The small legend of what the colours mean, under the panels (never over an image)."""
+    from matplotlib.patches import Patch
+
+    color = GROUP_COLORS[0] / 255.0
+    handles = [
+        Patch(facecolor="white", edgecolor="black", label="kept as an HF token (untinted)"),
+        Patch(facecolor=color, label="joined another token (one colour per token joined)"),
+        Patch(facecolor=0.3 + 0.7 * color, label="joined at this block (lighter)"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3 if ncols > 1 else 1,
+               fontsize=8, frameon=False)  # fmt: skip
+
+
+def panel_title(tmap: TokenMap) -> str:
+    """Two short lines: how many patches the block kept, and where the rest went."""
+    joined, here = tmap.num_patches - tmap.num_hf, int(tmap.joined_here.sum())
+    return (f"block {tmap.layer}: {tmap.num_hf} of {tmap.num_patches} patches kept\n"
+            f"{joined} joined {tmap.num_groups} tokens ({here} at this block)")  # fmt: skip
 
 
 def draw_token_figure(
@@ -130,15 +157,19 @@ def draw_token_figure(
     dpi: int = 100,
     min_panel_px: int = 320,
 ):
-    """One figure: the token overlay of each layer in ``tmaps``, then extra image ``panels``.
+    """One figure: the token map of each layer in ``tmaps``, then extra image ``panels``.
+
+    Every panel has a title; the colours are explained by one small legend of kinds under the
+    panels (no legend entry per token). Patches that joined another token are tinted with that
+    token's colour (:data:`GROUP_COLORS`, by group), so the groups read apart without a key.
 
     Args:
         image: (H, W, 3) uint8 RGB input image.
         tmaps: Token maps to draw, one panel each.
         patch_size: The backbone's patch size.
         panels: ``(caption, (H', W', 3) uint8 RGB)`` drawn after the token maps, e.g. the
-            predicted segmentation from mmseg's ``SegLocalVisualizer``.
-        title: Figure title.
+            prediction and the ground truth from mmseg's ``SegLocalVisualizer``.
+        title: Figure title (wrapped to the figure's width).
         out_file: Save the figure here as PNG (and close it); None returns the open figure.
         dpi: Resolution of the saved PNG.
         min_panel_px: Smaller images are shown enlarged to this panel width, so the titles fit;
@@ -147,15 +178,16 @@ def draw_token_figure(
     Returns:
         The matplotlib figure, or None when saved to ``out_file``.
     """
+    import textwrap
+
     import matplotlib
 
     if out_file is not None:
         matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
-    items = [(tm, token_overlay(image, tm, patch_size)) for tm in tmaps]
-    items += [(caption, img) for caption, img in panels]
+    items = [(panel_title(tm), token_overlay(image, tm, patch_size)) for tm in tmaps]
+    items += list(panels)
     h, w = image.shape[:2]
     panel_w = max(w, min_panel_px)
     panel_h = round(h * panel_w / w)
@@ -163,36 +195,17 @@ def draw_token_figure(
     legend_h, title_h = 0.35, 0.3 if title else 0.0
     fig, axes = plt.subplots(
         1, ncols, figsize=(ncols * panel_w / dpi, panel_h / dpi + legend_h + title_h + 0.45),
-        dpi=dpi, squeeze=False,
+        dpi=dpi, squeeze=False, layout="constrained",
     )  # fmt: skip
-    max_windows = 0
-    for ax, (what, img) in zip(axes[0], items):
+    for ax, (caption, img) in zip(axes[0], items):
         ax.imshow(img, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        if isinstance(what, TokenMap):
-            max_windows = max(max_windows, int(what.window.max()) + 1)
-            folded = what.num_patches - what.num_hf
-            plural = "s" if what.num_windows != 1 else ""
-            ax.set_title(
-                f"block {what.layer}: {what.num_hf}/{what.num_patches} HF tokens\n"
-                f"{folded} patches in {what.num_windows} DC window{plural} "
-                f"({int(what.folded_here.sum())} folded here: lighter)",
-                fontsize=9,
-            )
-        else:
-            ax.set_title(what, fontsize=9)
-    handles = [Patch(facecolor="white", edgecolor="black", label="HF token (kept, untinted)")]
-    handles += [
-        Patch(facecolor=WINDOW_COLORS[j % len(WINDOW_COLORS)] / 255.0, label=f"DC window {j}")
-        for j in range(max_windows)
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8,
-               frameon=False)  # fmt: skip
+        ax.set_title(caption, fontsize=9)
+    if tmaps:
+        _kinds_legend(fig, ncols)
     if title:
-        fig.suptitle(title, fontsize=10)
-    height = fig.get_figheight()
-    fig.tight_layout(rect=(0, legend_h / height, 1, 1 - title_h / height))
+        fig.suptitle(textwrap.shorten(title, width=max(30, ncols * panel_w // 8)), fontsize=10)
     if out_file is None:
         return fig
     fig.savefig(out_file, dpi=dpi)

@@ -1,12 +1,14 @@
-"""Draw which patches each FATR reduction layer kept as HF tokens and which DC window took the rest.
+"""Draw which patches each reduction layer kept as HF tokens and which token the rest joined.
 
 ``python tools/visualize_tokens.py CONFIG [--checkpoint CKPT] [--img IMG] [--out-dir DIR]``
 
 Writes ``tokens_block{L}.png`` per reduction layer (token map over the image, next to the predicted
 segmentation drawn by mmseg's ``SegLocalVisualizer`` and, when the image has an annotation, the
-ground truth) and ``tokens_overview.png`` (all layers in one row). Without ``--img`` the first
-validation image of the config's dataset is used, or one generated in memory when that is absent.
-Without ``--checkpoint`` the weights are random (a warning says so).
+ground truth) and ``tokens_overview.png`` (all layers, the prediction and the ground truth in one
+row). Patches that joined another token are tinted by group; one small legend says what the tints
+mean. Works for any config with a reduction (ADE20K, the demo's, CamVid's). Without ``--img``
+the first validation image of the config's dataset is used, or one generated in memory when that
+is absent. Without ``--checkpoint`` the weights are random (a warning says so).
 """
 
 import argparse
@@ -22,7 +24,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 import numpy as np
 from mmengine.config import Config, DictAction
 
-from fatr_seg.visualization import draw_token_figure, token_map
+from fatr_seg.visualization import draw_token_figure, panel_title, token_map
 
 
 def parse_args(argv=None):
@@ -201,11 +203,10 @@ def main(argv=None):
         draw_token_figure(shown, [tm], patch, panels, f"{name} ({weights})", out_file=out)
         written.append(out)
     out = osp.join(args.out_dir, "tokens_overview.png")
-    draw_token_figure(shown, tmaps, patch, panels[:1], f"{name} ({weights})", out_file=out)
+    draw_token_figure(shown, tmaps, patch, panels, f"{name} ({weights})", out_file=out)
     written.append(out)
     for tm in tmaps:
-        print(f"block {tm.layer}: {tm.num_hf}/{tm.num_patches} HF tokens, "
-              f"{tm.num_patches - tm.num_hf} patches in {tm.num_windows} DC windows")  # fmt: skip
+        print(panel_title(tm).replace("\n", ", "))
     print("wrote " + ", ".join(written))
     return written
 

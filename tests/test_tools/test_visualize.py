@@ -10,7 +10,7 @@ from PIL import Image
 
 from fatr_seg.datasets import write_dataset
 from fatr_seg.layers.vit import ReductionTrace
-from fatr_seg.visualization import WINDOW_COLORS, draw_token_figure, token_map, token_overlay
+from fatr_seg.visualization import GROUP_COLORS, draw_token_figure, token_map, token_overlay
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py"
@@ -23,36 +23,36 @@ def _trace(layer, lf_window, hw=(2, 3)):
     return ReductionTrace(layer, hw, kept, torch.zeros(kept.shape), lf, torch.zeros_like(lf))
 
 
-def test_token_map_counts_and_new_folds():
+def test_token_map_counts_and_new_joins():
     first = _trace(4, [-1, 0, -1, -1, 1, -1])
     second = _trace(7, [-1, 0, 0, -1, 1, 1])
     tm1, tm2 = token_map(first), token_map(second, previous=first)
-    assert tm1.layer == 4 and tm1.num_hf == 4 and tm1.num_windows == 2 and tm1.num_patches == 6
-    np.testing.assert_array_equal(tm1.folded_here, [[False, True, False], [False, True, False]])
-    np.testing.assert_array_equal(tm2.window, [[-1, 0, 0], [-1, 1, 1]])
-    # Only the patches this layer folded are "new"; the earlier ones are not.
-    np.testing.assert_array_equal(tm2.folded_here, [[False, False, True], [False, False, True]])
+    assert tm1.layer == 4 and tm1.num_hf == 4 and tm1.num_groups == 2 and tm1.num_patches == 6
+    np.testing.assert_array_equal(tm1.joined_here, [[False, True, False], [False, True, False]])
+    np.testing.assert_array_equal(tm2.group, [[-1, 0, 0], [-1, 1, 1]])
+    # Only the patches that joined at this layer are "new"; the earlier ones are not.
+    np.testing.assert_array_equal(tm2.joined_here, [[False, False, True], [False, False, True]])
 
 
-def test_overlay_tints_folded_patches_only():
+def test_overlay_tints_joined_patches_only():
     p = 4
     image = np.full((2 * p, 3 * p - 2, 3), 100, np.uint8)  # width not a multiple of the patch
     prev = _trace(4, [-1, 0, -1, -1, -1, -1])
     tm = token_map(_trace(7, [-1, 0, -1, -1, 1, -1]), previous=prev)
     out = token_overlay(image, tm, p, alpha=0.8)
     assert out.shape == image.shape and out.dtype == np.uint8
-    hf = token_map(_trace(7, [-1, 0, -1, -1, 1, -1])).window < 0
+    hf = token_map(_trace(7, [-1, 0, -1, -1, 1, -1])).group < 0
     for r in range(2):
         for c in range(3):
             block = out[r * p : (r + 1) * p, c * p : (c + 1) * p]
             if hf[r, c]:
                 assert (block == 100).all(), (r, c)
-    # Patch (0, 1) was folded earlier into window 0: full alpha towards its colour.
-    expect_old = np.rint(100 * 0.2 + WINDOW_COLORS[0] * 0.8)
+    # Patch (0, 1) joined token 0 earlier: full alpha towards its colour.
+    expect_old = np.rint(100 * 0.2 + GROUP_COLORS[0] * 0.8)
     np.testing.assert_array_equal(out[0, p], expect_old)
-    # Patch (1, 1) was folded by this layer into window 1: the lighter tint (0.7 · alpha).
+    # Patch (1, 1) joined token 1 at this layer: the lighter tint (0.7 · alpha).
     a = 0.7 * 0.8
-    expect_new = np.rint(100 * (1 - a) + WINDOW_COLORS[1].astype(np.float64) * a)
+    expect_new = np.rint(100 * (1 - a) + GROUP_COLORS[1].astype(np.float64) * a)
     np.testing.assert_array_equal(out[p, p], expect_new)
 
 
@@ -115,11 +115,11 @@ def test_visualize_tool_writes_pngs(tiny_data, tmp_path, capsys):
         with Image.open(path) as png:
             png.verify()
     # Per layer: token map, prediction and ground truth (the image has an annotation), each
-    # enlarged to 320 px; the overview: the three layers and the prediction.
+    # enlarged to 320 px; the overview: the three layers, the prediction and the ground truth.
     with Image.open(out_dir / "tokens_block4.png") as png:
         assert png.size == (3 * 320, 320 + 110)
     with Image.open(out_dir / "tokens_overview.png") as png:
-        assert png.size == (4 * 320, 320 + 110)
+        assert png.size == (5 * 320, 320 + 110)
 
 
 @pytest.mark.slow
