@@ -42,10 +42,9 @@ model = dict(
         patch_bias=True,
         final_norm=True,
         out_indices=-1,
-        # The 'fatr' preset fills the other keys: score='hf', aggregate='merge', metric='keys',
-        # prop_attn=True, reweight='identity', restore='copy' (see docs/method.md). Another
-        # method= gives its own preset (e.g. 'fatr_paper', 'tome', 'algm'); windows=... alone
-        # switches to the paper's DC aggregation.
+        # The method's preset (fatr_seg.layers.PRESETS; the table in docs/method.md is rendered
+        # from it) fills every key left out here. Another method= gives its own preset (e.g.
+        # 'fatr_paper', 'tome', 'algm'); windows=... alone switches to the paper's DC aggregation.
         reduction=dict(method='fatr', layers=(4, 7, 10), keep_ratio=0.7),
         # The Segmenter head below runs on the reduced token set (exactly the logits of the
         # stock head on the restored grid). Set False to feed full-grid maps to any mmseg head.

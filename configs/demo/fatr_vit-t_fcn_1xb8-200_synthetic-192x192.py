@@ -61,7 +61,7 @@ test_dataloader = val_dataloader
 # Segmenter's linear decoder (mmseg's FCNHead with num_convs=0, as in segmenter_vit-s_fcn) instead
 # of the mask transformer: trained from scratch on crops, the mask transformer's global attention
 # learned several times slower and did not carry over to whole images (seen while tuning the
-# demo in session 2; those runs were not kept as a benchmark).
+# demo; those runs were not kept as a benchmark).
 model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(

@@ -51,7 +51,7 @@ PAPER_REDUCTION = dict(
     reweight="identity",
     restore="dc",
 )
-TOLERANCE = 0.02  # the acceptance band
+TOLERANCE = 0.02  # the band within which our counts must reproduce the paper's table
 PAPER_DECIMALS = 1  # the paper prints GMACs with one decimal
 
 

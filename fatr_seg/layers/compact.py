@@ -1,10 +1,11 @@
 """Compact backbone output: the reduced token set plus the map back onto the patch grid.
 
-With ``restore='dc'`` every folded patch is an exact copy of its DC token, so a decoder that is
-per-token apart from its attention can run on the reduced set instead of the full grid: ``c``
-identical keys act as one key whose logit is raised by ``log c``, and identical queries give
-identical outputs. :class:`CompactTokens` carries what such a decoder needs; ``restore()`` gives
-the full-grid map a stock decoder would have seen.
+With ``restore='copy'`` every patch that joined a token (merged into a kept token, or folded into
+a DC token) is an exact copy of that token, so a decoder that is per-token apart from its
+attention can run on the reduced set instead of the full grid: ``c`` identical keys act as one
+key whose logit is raised by ``log c``, and identical queries give identical outputs.
+:class:`CompactTokens` carries what such a decoder needs; ``restore()`` gives the full-grid map a
+stock decoder would have seen.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``torch.compile`` for inference: the segmentor's modules, and the hook that does it in tests.
 
 The backbone (every reduction preset, and ``reduction=None``) and the decode heads compile as
-one graph each, with no graph break (``tests/test_layers/test_compile.py``,
+one graph each, with no graph break (``tests/test_layers/test_compile_layers.py``,
 ``tests/test_models/test_compile.py``): token budgets come from shapes, the key biases from the
 state's structure, and nothing reads a tensor value on the host.
 

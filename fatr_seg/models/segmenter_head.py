@@ -7,10 +7,10 @@ names, same checkpoints) and its arithmetic, but
 * runs every attention call on ``F.scaled_dot_product_attention``, so the baseline and FATR heads
   use the same fused kernels as the backbones; and
 * accepts :class:`fatr_seg.layers.CompactTokens` from a backbone built with
-  ``compact_output=True``: the head then runs on the reduced token set (HF + DC tokens) with a
-  ``log(count)`` key bias and scatters the per-token class masks onto the grid. With
-  ``restore='dc'`` this gives the same logits as the stock head on the restored grid (tested),
-  at the cost of the reduced token count instead of the full grid.
+  ``compact_output=True``: the head then runs on the reduced token set with a ``log(count)`` key
+  bias and scatters the per-token class masks onto the grid. With ``restore='copy'`` (the only
+  restoration ``compact_output`` accepts) this gives the same logits as the stock head on the
+  restored grid (tested), at the cost of the reduced token count instead of the full grid.
 
 Full-grid (B, C, H, W) inputs, e.g. from mmseg's ``VisionTransformer``, work as with the stock
 head. The decode is :func:`fatr_seg.layers.mask_head.decode_masks`, shared with the pure-torch
