@@ -370,3 +370,55 @@ def test_invalid_options_fail_at_build():
     with pytest.raises(ValueError, match="reduction.layers"):
         TimmFATRVisionTransformer("vit_tiny_patch16_224", dict(depth=2),
                                   reduction=dict(layers=(4,)))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Real weights: timm's ViT-Ti/16 through timm and through FATRVisionTransformer
+# ---------------------------------------------------------------------------------------------
+def real_vit_ti():
+    from camvid_data import REAL_VIT_TI, SHARED_HINT
+    from safetensors.torch import load_file
+
+    if not REAL_VIT_TI.is_file():
+        pytest.skip(f"real ViT-Ti weights not found at {REAL_VIT_TI} ({SHARED_HINT})")
+    return {k: v for k, v in load_file(str(REAL_VIT_TI)).items() if not k.startswith("head.")}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [(224, 224), (360, 480)])
+@pytest.mark.parametrize("method", ["fatr", "fatr_paper", "tome"])
+def test_real_vit_ti_timm_path_equals_fatrvit(method, size):
+    """The same file in both backbones, the same reduction dict (whatever the preset holds):
+    the same kept tokens at every reduction layer and the same features.
+
+    At 360x480 (padded to 368x480, 23x30 = 690 tokens) both are built for that grid and given
+    the same positional embedding: resampled by timm (``antialias=True``, as timm's own forward
+    resamples), which FATRVisionTransformer's resampling (mmseg's, no antialiasing) does not
+    reproduce; docs/timm.md, "FATRViT and TimmFATRViT".
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    from fatr_seg.layers import FATRVisionTransformer
+
+    state = real_vit_ti()
+    grid = (-(-size[0] // 16), -(-size[1] // 16))
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], grid, (14, 14))
+    img_size = (grid[0] * 16, grid[1] * 16)
+    red = dict(method=method)
+    fatr = FATRVisionTransformer(img_size, embed_dims=192, num_heads=3, reduction=red).eval()
+    timm_path = TimmFATRVisionTransformer(
+        "vit_tiny_patch16_224", dict(img_size=img_size), reduction=red
+    ).eval()
+    for model in (fatr, timm_path):
+        result = model.load_state_dict(state, strict=False)
+        assert not result.unexpected_keys
+        assert all(k.endswith(("omega1", "omega2", "dc_pos")) for k in result.missing_keys)
+    # Smooth images (noise upsampled), closer to photographs than white noise.
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 3, size[0] // 16, size[1] // 16, generator=gen)
+    x = torch.nn.functional.interpolate(noise, size=size, mode="bilinear", align_corners=False)
+    ours, theirs = timm_path.reduction_trace(x), fatr.reduction_trace(x)
+    assert len(ours) == len(theirs) == len(fatr.reduction.layers)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.kept, b.kept) and torch.equal(a.source, b.source)
+    assert_close(timm_path(x)[0], fatr(x)[0], rtol=1e-4, atol=1e-4)
