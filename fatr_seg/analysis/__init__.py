@@ -1,19 +1,29 @@
-"""Cost analysis: MAC counting that sees fused attention, timing and memory helpers.
+"""Measurement: an importable API, and the back-ends of the command-line experiments.
 
-What this package exports is pure torch (like ``fatr_seg.ops`` and ``fatr_seg.layers``): it
-imports no mmseg, mmengine or mmcv, so the trunk can be measured on a machine without them. The
-logic of the tools lives in submodules imported by name, which import mmseg and mmengine only
-inside the functions that build or run segmentors:
+**The measurement API** is what this package exports; it is pure torch (like ``fatr_seg.ops``
+and ``fatr_seg.layers``: no mmseg, mmengine or mmcv), so a trunk can be measured anywhere:
 
-* :mod:`.benchmark`, :mod:`.benchmark_models`, :mod:`.benchmark_report`: ``tools/benchmark.py``;
-* :mod:`.flops_report`: ``tools/get_flops.py`` (with :func:`count_macs` and
-  :func:`analytic_vit_macs`);
-* :mod:`.demo`, :mod:`.demo_report`: ``tools/demo.py``, which picks each step's CPU threads
-  with :mod:`.cpu_load`;
-* :mod:`.camvid_study`, :mod:`.camvid_runs`, :mod:`.camvid_report`, with :mod:`.budget` (equal-MACs
-  budgets, pure torch): ``tools/camvid_study.py``.
+* MACs that see fused attention and the reducers' gathers: :mod:`.flops` (:func:`count_macs`,
+  the closed form :func:`analytic_vit_macs`, :func:`token_schedule`);
+* time and memory: :mod:`.timing` (:func:`time_alternating`, :class:`TimingStats`, peak
+  memory on CPU and CUDA, the HF scorer's paths);
+* rank collapse per block: :mod:`.rank_collapse` (:func:`layer_diagnostics`);
+* reducers compared at equal MACs: :mod:`.budget` (:class:`ViTShape`, :func:`match_budget`);
+* the one results store of the experiments: :mod:`.store` (:class:`Store`, :func:`write_json`).
+
+**The experiments' back-ends** are the logic of the tools. They are not exported: each tool
+imports its own by name, and they import mmseg and mmengine only inside the functions that build
+or run segmentors:
+
+* :mod:`.benchmark` (the benchmark core: cells, time budget, result header),
+  :mod:`.benchmark_models`, :mod:`.benchmark_report`: ``tools/benchmark.py`` (CPU or GPU);
+  :mod:`.gpu_bench`: ``tools/gpu_bench.sh`` (mmseg-free models, same core);
+* :mod:`.flops_report`: ``tools/get_flops.py``;
+* :mod:`.demo`, :mod:`.demo_report`, :mod:`.cpu_load`: ``tools/demo.py``;
+* :mod:`.camvid_study`, :mod:`.camvid_runs`, :mod:`.camvid_report`: ``tools/camvid_study.py``.
 """
 
+from .budget import MatchedBudget, ViTShape, match_budget
 from .flops import (
     BlockTokens,
     MacReport,
@@ -23,6 +33,8 @@ from .flops import (
     flop_formulas,
     token_schedule,
 )
+from .rank_collapse import LayerDiagnostics, layer_diagnostics
+from .store import Store, write_json
 from .timing import (
     TimingStats,
     attention_stats_at,
@@ -37,8 +49,12 @@ from .timing import (
 
 __all__ = [
     "BlockTokens",
+    "LayerDiagnostics",
     "MacReport",
+    "MatchedBudget",
+    "Store",
     "TimingStats",
+    "ViTShape",
     "analytic_vit_macs",
     "attention_flops",
     "attention_stats_at",
@@ -46,10 +62,13 @@ __all__ = [
     "cuda_peak_memory",
     "current_rss_bytes",
     "flop_formulas",
+    "layer_diagnostics",
+    "match_budget",
     "peak_rss_bytes",
     "reset_peak_rss",
     "synchronize",
     "time_alternating",
     "time_scoring_paths",
     "token_schedule",
+    "write_json",
 ]
