@@ -1,0 +1,192 @@
+"""Markdown tables: one helper to write them, and the README/docs tables rendered from results/.
+
+:func:`markdown_table` writes a table from a header and rows of cells; the report writers can
+all use it. The rest keeps the tables of README.md and docs/ equal to the result files they
+show. A result file (``results/*.json``, see ``results/README.md``) holds one measurement::
+
+    {"title": ..., "source": ..., "machine": ..., "command": ..., "commit": ..., "date": ...,
+     "columns": {"miou": {"label": "mIoU", "format": "{miou:.2f}"}, ...},
+     "rows": [{"method": "fatr", "miou": 55.37, ...}, ...]}
+
+A column's ``format`` is a :meth:`str.format` string over the row's fields, or a list of them:
+the first whose fields the row has (and are not null) is used, else ``empty`` ("—"). A column
+with ``link`` links its cell to the repository path in that field; a row's ``bold`` (``true``
+or a list of column keys) sets those cells in bold. Columns are right-aligned unless
+``"align": "left"``. A markdown file marks each table with a comment, the rendered table
+follows it, and a closing comment ends it::
+
+    <!-- table results/camvid_vit-t_peers.json columns=method,miou where=seeds=3 -->
+    | method | mIoU |
+    ...
+    <!-- /table -->
+
+``columns`` picks and orders the columns (default: all, in the file's order); ``where``
+keeps the rows whose field equals the value (``where=run=J``; several: ``where=run=J;batch=1``).
+The source ``presets`` is not a file: it is ``fatr_seg.layers.PRESETS``, so that the docs' table
+of the presets is the code's.
+
+    python -m fatr_seg.analysis.tables            # re-render every marked table in place
+    python -m fatr_seg.analysis.tables --check    # exit 1, naming them, if any differs
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os.path as osp
+import re
+import sys
+
+__all__ = [
+    "DEFAULT_FILES",
+    "markdown_table",
+    "presets_result",
+    "render",
+    "render_file",
+    "stale_tables",
+    "update",
+]
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+DEFAULT_FILES = ("README.md", "configs/README.md", "docs/*.md", "results/README.md")
+_MARK = re.compile(r"^<!-- table (\S+)((?: \w+=\S+)*) -->\n(.*?)^<!-- /table -->$", re.M | re.S)
+
+
+def markdown_table(header, rows, align=None) -> str:
+    """A markdown table. ``align``: one of ``"left"``/``"right"`` per column (default: the first
+    column left, the others right)."""
+    align = align or ["left"] + ["right"] * (len(header) - 1)
+    rule = ["---:" if a == "right" else "---" for a in align]
+    lines = [header, rule] + [[str(c) for c in r] for r in rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
+
+
+def _cell(row: dict, key: str, col: dict, link_base: str) -> str:
+    text = None
+    for fmt in [col["format"]] if isinstance(col.get("format"), str) else col.get("format", []):
+        fields = re.findall(r"{(\w+)", fmt)
+        if all(row.get(f) is not None for f in fields):
+            text = fmt.format(**row)
+            break
+    if text is None:
+        text = str(row[key]) if "format" not in col and row.get(key) is not None else None
+    if text is None:
+        return col.get("empty", "—")
+    if col.get("link") and row.get(col["link"]):
+        text = f"[{text}]({osp.relpath(osp.join(ROOT, row[col['link']]), link_base)})"
+    bold = row.get("bold")
+    if bold is True or (isinstance(bold, list) and key in bold):
+        text = f"**{text}**"
+    return text
+
+
+def render(result: dict, columns=None, where: dict | None = None, link_base: str = ROOT) -> str:
+    """The markdown table of a result file's rows (``where``: field -> value, as strings);
+    links are made relative to the directory ``link_base``."""
+    cols = result["columns"]
+    keys = columns or list(cols)
+    unknown = [k for k in keys if k not in cols]
+    if unknown:
+        raise ValueError(f"unknown column(s) {unknown}; the file has {list(cols)}")
+    rows = [r for r in result["rows"]
+            if all(str(r.get(k)) == v for k, v in (where or {}).items())]  # fmt: skip
+    if not rows:
+        raise ValueError(f"no row matches where={where}")
+    header = [cols[k].get("label", k) for k in keys]
+    align = [cols[k].get("align", "right") for k in keys]
+    return markdown_table(header, [[_cell(r, k, cols[k], link_base) for k in keys] for r in rows],
+                          align)  # fmt: skip
+
+
+def _code(v) -> str:
+    return str(v) if isinstance(v, int | float) else f"`{v!r}`"
+
+
+def presets_result() -> dict:
+    """``fatr_seg.layers.PRESETS`` as a result (one row per method, its keys as it sets them)."""
+    from fatr_seg.layers import PRESETS
+
+    rows = []
+    for method, p in PRESETS.items():
+        layers = p["layers"]
+        span = len(layers) > 3 and layers == tuple(range(layers[0], layers[-1] + 1))
+        keep = p.get("keep_ratio")
+        keep = ", ".join(map(str, keep)) if isinstance(keep, tuple) else keep
+        budget = f"keep {keep}" if "keep_ratio" in p else f"r={p['r']} per layer"
+        rest = {k: v for k, v in p.items() if k not in ("layers", "keep_ratio", "r")}
+        rows.append(
+            dict(
+                method=f"`{method}`",
+                layers=f"{layers[0]} … {layers[-1]}" if span else ", ".join(map(str, layers)),
+                budget=budget,
+                keys=", ".join(f"{k}={_code(v)}" for k, v in rest.items()),
+            )
+        )
+    cols = {k: {"label": k, "align": "left", "format": "{" + k + "}"}
+            for k in ("method", "layers", "budget", "keys")}  # fmt: skip
+    return {"columns": cols, "rows": rows}
+
+
+def render_file(path: str, args: str = "", link_base: str = ROOT) -> str:
+    """:func:`render` of the result file ``path`` (relative to the repository; or ``presets``)
+    with the marker's arguments, e.g. ``"columns=a,b where=run=J"``."""
+    opts = dict(a.split("=", 1) for a in args.split())
+    where = dict(w.split("=", 1) for w in opts["where"].split(";")) if "where" in opts else None
+    if path == "presets":
+        result = presets_result()
+    else:
+        with open(osp.join(ROOT, path)) as f:
+            result = json.load(f)
+    columns = opts["columns"].split(",") if "columns" in opts else None
+    return render(result, columns, where, link_base)
+
+
+def update(md_path: str, write: bool = True) -> list[str]:
+    """Re-render the marked tables of one markdown file; returns the result files of the tables
+    that differed (and, with ``write``, were rewritten)."""
+    with open(md_path) as f:
+        text = f.read()
+    stale = []
+
+    def sub(m: re.Match) -> str:
+        table = render_file(m.group(1), m.group(2), osp.dirname(osp.abspath(md_path)))
+        if table != m.group(3):
+            stale.append(m.group(1))
+        return f"<!-- table {m.group(1)}{m.group(2)} -->\n{table}<!-- /table -->"
+
+    new = _MARK.sub(sub, text)
+    if write and new != text:
+        with open(md_path, "w") as f:
+            f.write(new)
+    return stale
+
+
+def _files(patterns) -> list[str]:
+    return sorted({p for pat in patterns for p in glob.glob(osp.join(ROOT, pat))})
+
+
+def stale_tables(patterns=DEFAULT_FILES) -> dict[str, list[str]]:
+    """Markdown file -> result files whose tables in it differ from their rendering."""
+    return {p: s for p in _files(patterns) if (s := update(p, write=False))}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", help=f"markdown files (default: {DEFAULT_FILES})")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if stale")
+    args = parser.parse_args(argv)
+    patterns = args.files or DEFAULT_FILES
+    if args.check:
+        stale = stale_tables(patterns)
+        for md, results in stale.items():
+            print(f"{osp.relpath(md, ROOT)}: stale table(s) of {', '.join(results)}")
+        return 1 if stale else 0
+    for p in _files(patterns):
+        for r in update(p):
+            print(f"{osp.relpath(p, ROOT)}: re-rendered the table of {r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
