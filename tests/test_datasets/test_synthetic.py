@@ -211,18 +211,19 @@ def _check_gt(dataset, num_samples, size=64):
     assert 255 in seen and len(seen - {255}) > K // 2
 
 
-def test_mmseg_ade20k_dataset_reads_it(tiny_set):
-    pytest.importorskip("mmseg")
+def _mmseg_dataset(name, root, **kwargs):
+    """mmseg's dataset class ``name`` on the validation split of ``root``, test pipeline."""
     mmseg_datasets = pytest.importorskip("mmseg.datasets")
     from mmseg.utils import register_all_modules
 
     register_all_modules()
-    dataset = mmseg_datasets.ADE20KDataset(
-        data_root=str(tiny_set),
-        data_prefix=dict(img_path="images/validation", seg_map_path="annotations/validation"),
-        pipeline=TEST_PIPELINE,
-    )
-    _check_gt(dataset, 8)
+    prefix = dict(img_path="images/validation", seg_map_path="annotations/validation")
+    return getattr(mmseg_datasets, name)(data_root=str(root), data_prefix=prefix,
+                                         pipeline=TEST_PIPELINE, **kwargs)  # fmt: skip
+
+
+def test_mmseg_ade20k_dataset_reads_it(tiny_set):
+    _check_gt(_mmseg_dataset("ADE20KDataset", tiny_set), 8)
 
 
 def test_mmseg_dataset_with_our_metainfo(tiny_set):
@@ -232,20 +233,9 @@ def test_mmseg_dataset_with_our_metainfo(tiny_set):
     (``BaseSegDataset.get_label_map``), so configs that want our names use ``BaseSegDataset`` with
     ADE20K's suffixes.
     """
-    pytest.importorskip("mmseg")
-    mmseg_datasets = pytest.importorskip("mmseg.datasets")
-    from mmseg.utils import register_all_modules
-
-    register_all_modules()
-    dataset = mmseg_datasets.BaseSegDataset(
-        data_root=str(tiny_set),
-        data_prefix=dict(img_path="images/validation", seg_map_path="annotations/validation"),
-        img_suffix=".jpg",
-        seg_map_suffix=".png",
-        reduce_zero_label=True,
-        metainfo=dict(classes=CLASSES, palette=PALETTE),
-        pipeline=TEST_PIPELINE,
-    )
+    dataset = _mmseg_dataset("BaseSegDataset", tiny_set, img_suffix=".jpg", seg_map_suffix=".png",
+                             reduce_zero_label=True,
+                             metainfo=dict(classes=CLASSES, palette=PALETTE))  # fmt: skip
     assert tuple(dataset.metainfo["classes"]) == CLASSES
     assert [list(c) for c in dataset.metainfo["palette"]] == PALETTE
     assert dataset.label_map is None
