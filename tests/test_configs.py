@@ -135,7 +135,7 @@ def test_preflight_missing_data_root_names_the_path(tmp_path):
             check_config_paths(cfg, train=train)
         message = str(err.value)
         assert str(root / "images" / "validation") in message
-        assert "README.md" in message and "ADE20K" in message and "\n" not in message
+        assert "docs/usage.md" in message and "ADE20K" in message and "\n" not in message
 
 
 def test_preflight_missing_checkpoint_names_the_path(tmp_path):

@@ -10,7 +10,7 @@
 #
 # Usage: tools/install_mmcv.sh [PYTHON]    (default: .venv/bin/python)
 # Env:   MMCV_VERSION (2.1.0), MAX_JOBS (nproc), FATR_WHEEL_CACHE (~/.cache/fatr_seg/wheels),
-#        MMCV_CXXFLAGS (-g0 -O1: no debug info, light optimisation; see README "mmcv build").
+#        MMCV_CXXFLAGS (-g0 -O1: no debug info, light optimisation; see docs/install.md, "Troubleshooting the mmcv build").
 #        CUDA_VISIBLE_DEVICES= forces a CPU-only build on a machine with a GPU;
 #        FORCE_CUDA=1 builds CUDA ops without a visible GPU (needs nvcc).
 set -euo pipefail
@@ -88,7 +88,7 @@ PYEOF
     if ! wait "$BUILD_PID"; then
         cp "$WORK/build.log" "$CACHE/mmcv-build-failed.log"
         tail -n 40 "$CACHE/mmcv-build-failed.log"
-        log "build failed; full log: $CACHE/mmcv-build-failed.log (README: Troubleshooting the mmcv build)"
+        log "build failed; full log: $CACHE/mmcv-build-failed.log (docs/install.md: Troubleshooting the mmcv build)"
         exit 1
     fi
     cp "$WORK"/dist/mmcv-"$MMCV_VERSION"-*.whl "$KEY_DIR"/

@@ -6,11 +6,11 @@ _base_ = [
 ]
 custom_imports = dict(imports=['fatr_seg.models'], allow_failed_imports=False)
 # Lets torch >= 2.6 load this Runner's checkpoints (resume, load_from) with any tool, mmseg's own
-# included; see README, "Resume on torch >= 2.6". Our tools install the same allow-list anyway.
+# included; see docs/usage.md, "Resume on torch >= 2.6". Our tools install the same allow-list anyway.
 custom_hooks = [dict(type='AllowMMEngineCheckpointsHook')]
 
 crop_size = (512, 512)
-# timm ViT-S/16 (augreg, 384) converted with tools/convert_weights.py: see README "Pretrained weights".
+# timm ViT-S/16 (augreg, 384) converted with tools/convert_weights.py: see docs/usage.md, "Pretrained weights".
 pretrained = 'pretrain/vit_small_patch16_384.pth'
 data_preprocessor = dict(
     type='SegDataPreProcessor',

@@ -1,5 +1,5 @@
 # Segmenter-Mask ViT-Ti/16 without reduction on CamVid (SegNet's 11 classes, 480x360), from timm's
-# ImageNet ViT-Ti/16 weights. Data: README.md, section 'CamVid'; weights: 'Pretrained weights'.
+# ImageNet ViT-Ti/16 weights. Data: docs/usage.md, section 'CamVid'; weights: 'Pretrained weights'.
 _base_ = ['../_base_/fatr_segmenter_vit-s.py']
 
 data_root = 'data/camvid'

@@ -262,9 +262,9 @@ def compiled_forward_fn(model, target: str, x: torch.Tensor, dtype: str):
     ``backbone`` compiles ``model.backbone`` as one graph. ``segmentor`` runs
     ``model.encode_decode`` with its backbone, neck and decode head compiled, one graph each,
     as ``tools/test.py --compile`` (``CompileInferenceHook``) runs them; the final resize of the
-    logits stays eager (on CPU inductor's bilinear kernel is slower than ATen's:
-    ``docs/benchmarks.md``). ``fullgraph=True`` (a graph break is an error, not a silent
-    slowdown), ``dynamic=False`` (one graph for the shape of ``x``), inductor. The compiled
+    logits stays eager (on CPU inductor's bilinear kernel is slower than ATen's,
+    ``docs/history/benchmarks-2026-11.md``). ``fullgraph=True`` (a graph break is an error, not a
+    silent slowdown), ``dynamic=False`` (one graph for the shape of ``x``), inductor. The compiled
     forwards are installed on the modules only during a call, so the eager twin stays eager.
 
     Returns:

@@ -155,7 +155,7 @@ def resolve_args(args):
         raise StudyError(f"--curve-fixed-ratio {args.curve_fixed_ratio}: must lie in (0, 1]")
     if not osp.isdir(args.data_root):
         raise StudyError(f"CamVid data root (--data-root) not found: {args.data_root} (see "
-                         "README.md, section 'CamVid')")  # fmt: skip
+                         "docs/usage.md, section 'CamVid')")  # fmt: skip
     if args.baseline_checkpoint and not osp.isfile(args.baseline_checkpoint):
         raise StudyError(f"--baseline-checkpoint not found: {args.baseline_checkpoint}")
     return args

@@ -4,7 +4,7 @@ On a small machine shared with other jobs, torch's default (one OpenMP thread pe
 every parallel op waits for all its threads, and a thread that shares its core with another busy
 process is scheduled late, so each op runs at the pace of the slowest core. The demo's training
 step (ViT-T, batch 16 of 192²) took several times longer with 2 threads than with 1 on a 2-core
-machine with other busy processes (``docs/benchmarks.md``, "Demo").
+machine with other busy processes (``docs/history/benchmarks-2026-11.md``, "Threads under load").
 
 :func:`busy_cpus` measures the load from ``/proc/stat`` over a short interval (the load average
 lags by minutes and counts the caller's own work that just ended); :func:`choose_threads` turns it
@@ -81,7 +81,8 @@ class ThreadChoice:
 
         With more than one thread, ``OMP_WAIT_POLICY=PASSIVE`` too: a thread that reaches the
         end of a parallel op first then sleeps instead of spinning, so load that appears while
-        the job runs slows it down instead of stalling it (measured in ``docs/benchmarks.md``).
+        the job runs slows it down instead of stalling it (measured in
+        ``docs/history/benchmarks-2026-11.md``).
         """
         n = str(self.threads)
         env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
@@ -103,7 +104,8 @@ def choose_threads(
     (:meth:`ThreadChoice.env`) a thread waiting for a descheduled partner sleeps instead of
     spinning. On the 2-core machine, saturated by other jobs, the demo's training step ran at a
     median 1.5 to 2.5 s with 2 passive threads, 1.9 to 4.5 s with 1 thread and 11 to 25 s with
-    torch's default (2 spinning threads): ``docs/benchmarks.md``, "Demo".
+    torch's default (2 spinning threads): ``docs/history/benchmarks-2026-11.md``, "Threads under
+    load".
 
     Args:
         requested: A count the user asked for (e.g. ``--threads``); taken as is. Otherwise

@@ -321,7 +321,8 @@ class ReductionConfig:
         is protected (plain bipartite matching). So protection is whole down to keep 0.7 for
         the default (``protect=0.2``: 3 in 4 A tokens merge), shrinks below it, and is gone at
         0.6 (give or take a token of rounding). At 0.6, full protection (every A token merging,
-        wanted or not) lost 0.5 to 0.8 mIoU training-free against none (docs/study.md).
+        wanted or not) lost 0.5 to 0.8 mIoU training-free against none
+        (docs/history/study-2026-11.md).
         """
         if self.protect <= 0:
             return 0

@@ -38,7 +38,7 @@ __all__ = [
     "timm_to_fatr",
 ]
 
-WEIGHTS_HELP = "see README.md, section 'Pretrained weights'"
+WEIGHTS_HELP = "see docs/usage.md, section 'Pretrained weights'"
 
 # mmseg VisionTransformer name prefix <-> timm name prefix: inside a block ...
 _BLOCK_NAMES = [

@@ -8,7 +8,7 @@ from .convert import WEIGHTS_HELP, is_remote
 
 __all__ = ["PreflightError", "check_config", "check_config_paths", "check_model"]
 
-# README section on getting each dataset, by dataset type; other types point to ADE20K's.
+# docs/usage.md's section on getting each dataset, by dataset type; other types point to ADE20K's.
 DATA_SECTIONS = {"CamVidDataset": "CamVid"}
 
 
@@ -21,13 +21,13 @@ COMPACT_HEADS = ("FATRSegmenterHead",)
 
 
 def data_help(dataset_type) -> str:
-    """Where the README says how to get the data of ``dataset_type``."""
+    """Where docs/usage.md says how to get the data of ``dataset_type``."""
     name = dataset_type if isinstance(dataset_type, str) else getattr(dataset_type, "__name__", "")
-    return f"see README.md, section '{DATA_SECTIONS.get(name, 'ADE20K')}'"
+    return f"see docs/usage.md, section '{DATA_SECTIONS.get(name, 'ADE20K')}'"
 
 
 def _dataset_dirs(dataset: dict) -> list[tuple[str, str]]:
-    """``(directory, README hint)`` for each folder a dataset config reads."""
+    """``(directory, docs hint)`` for each folder a dataset config reads."""
     if dataset is None:
         return []
     if "datasets" in dataset:  # ConcatDataset

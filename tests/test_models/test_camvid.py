@@ -287,7 +287,7 @@ def test_preflight_missing_root_names_it_and_the_camvid_section(tmp_path):
             check_config_paths(cfg, train=train)
         message = str(err.value)
         assert message.startswith(f"data directory not found: {missing}/{first}")
-        assert "README.md, section 'CamVid'" in message and "\n" not in message
+        assert "docs/usage.md, section 'CamVid'" in message and "\n" not in message
 
 
 def test_preflight_training_needs_train_and_val_not_test(tmp_path):

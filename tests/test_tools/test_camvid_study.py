@@ -121,7 +121,7 @@ def test_quick_without_shared_folder_is_skipped_with_a_message(tmp_path, monkeyp
         (["--ft-iters", "0"], "--ft-iters must be >= 1"),
         (["--baseline-checkpoint", "no/such.pth"], "--baseline-checkpoint not found: no/such.pth"),
         (["--data-root", "no/camvid"], "CamVid data root (--data-root) not found: no/camvid "
-         "(see README.md, section 'CamVid')"),
+         "(see docs/usage.md, section 'CamVid')"),
     ],
 )  # fmt: skip
 def test_bad_options_are_one_line_errors(tmp_path, options, message):
@@ -144,7 +144,7 @@ def test_missing_pretrained_weights_stop_in_one_line(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: pretrained checkpoint not found: {tmp_path / 'no_vit.pth'} "
-        "(see README.md, section 'Pretrained weights')"
+        "(see docs/usage.md, section 'Pretrained weights')"
     )
 
 

@@ -76,4 +76,4 @@ def test_train_missing_root_is_one_line_naming_it(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: data directory not found: {missing}/images/val "
-        "(val_dataloader; see README.md, section 'CamVid')")  # fmt: skip
+        "(val_dataloader; see docs/usage.md, section 'CamVid')")  # fmt: skip
