@@ -128,3 +128,12 @@ def test_presets_table_is_the_code():
     for key, value in PRESETS["fatr"].items():
         if key not in ("layers", "keep_ratio", "r"):
             assert f"{key}=" in fatr and repr(value) in fatr
+
+
+def test_readme_pytorch_snippet_runs():
+    """The README's plain-PyTorch example, as written."""
+    blocks = re.findall(r"```python\n(.*?)```", _read(README), re.S)
+    snippet = next(b for b in blocks if "fatr_seg.layers import" in b)
+    scope = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert tuple(scope["feature_map"].shape) == (1, 384, 32, 32)
