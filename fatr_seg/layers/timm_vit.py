@@ -470,6 +470,11 @@ class TimmFATRVisionTransformer(FATRVisionTransformer):
         check_finite: Reject inputs with NaN or Inf (see :class:`FATRVisionTransformer`).
         fused_attn: Use the fused kernel (None reads ``FATR_FUSED_ATTN``).
         with_cp: Gradient checkpointing per block in training.
+        antialias: How the positional embedding is resampled to another grid (bicubic, by
+            timm's ``resample_abs_pos_embed``, on loading and for each input): antialiased as
+            timm's own forward does (True), or not, as mmseg and :class:`FATRVisionTransformer`
+            do (False: a ViT checkpoint then gives exactly ``FATRViT``'s features at every input
+            size).
 
     Raises:
         ValueError: A model that is not a plain ViT (a hybrid CNN stem, a hierarchical model,
@@ -489,6 +494,7 @@ class TimmFATRVisionTransformer(FATRVisionTransformer):
         check_finite: bool = True,
         fused_attn: bool | None = None,
         with_cp: bool = False,
+        antialias: bool = True,
     ) -> None:
         # FATRVisionTransformer's __init__ builds its own weights: skip it, keep the rest of
         # the chain (nn.Module, and mmengine's BaseModule in the registered backbone).
@@ -508,6 +514,7 @@ class TimmFATRVisionTransformer(FATRVisionTransformer):
         self.timm_module = type(model).__module__
         self.pos_grid = tuple(model.patch_embed.grid_size)
         self.interpolate_mode = "bicubic"
+        self.antialias = antialias
         n = self.num_layers
         out_indices = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
         if any(not -n <= i < n for i in out_indices):
@@ -567,8 +574,10 @@ class TimmFATRVisionTransformer(FATRVisionTransformer):
         if self.pos_embed is None:
             return None
         prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-        return resample_abs_pos_embed(self.pos_embed, new_size=hw_shape,
-                                      old_size=self.pos_grid, num_prefix_tokens=prefix)  # fmt: skip
+        return resample_abs_pos_embed(
+            self.pos_embed, new_size=hw_shape, old_size=self.pos_grid, num_prefix_tokens=prefix,
+            antialias=self.antialias,
+        )  # fmt: skip
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, TimmTokenState]:
         """Embed ``x`` (B, 3, H, W) as timm does: (B, P + N, C) and the initial state."""
@@ -608,7 +617,7 @@ class TimmFATRVisionTransformer(FATRVisionTransformer):
         patch size resampled), then the classifier's keys, which this backbone does not keep,
         dropped."""
         module = timm_eva if self.timm_module == timm_eva.__name__ else timm_vit
-        state = module.checkpoint_filter_fn(state_dict, self)
+        state = module.checkpoint_filter_fn(state_dict, self, antialias=self.antialias)
         own = self.state_dict()
         drop = ("head.", "head_drop.", "attn_pool.", "fc_norm.")
         return {k: v for k, v in state.items() if k in own or not k.startswith(drop)}

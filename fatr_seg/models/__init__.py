@@ -1,7 +1,7 @@
 """mmseg/mmengine glue: the only part of ``fatr_seg`` that imports mmseg, mmengine or mmcv.
 
 Importing it (e.g. through ``custom_imports``) registers ``FATRViT``, ``FATRSegmenterHead``,
-``BatchedSlideEncoderDecoder``, ``DistillEncoderDecoder``, ``CamVidDataset``,
+``TimmFATRViT``, ``BatchedSlideEncoderDecoder``, ``DistillEncoderDecoder``, ``CamVidDataset``,
 ``LoadCamVidAnnotations``, ``AllowMMEngineCheckpointsHook``, ``UnreducedCheckpointHook`` and
 ``CompileInferenceHook`` in mmseg's registries and changes nothing else: what touches
 process-wide state (torch's ``weights_only`` allow-list, the CPU process group) is done by a
@@ -20,6 +20,7 @@ from .hooks import UnreducedCheckpointHook
 from .safe_globals import AllowMMEngineCheckpointsHook, allow_mmengine_checkpoints
 from .segmenter_head import FATRSegmenterHead
 from .segmentor import BatchedSlideEncoderDecoder
+from .timm_backbone import TimmFATRViT
 
 __all__ = [
     "AllowMMEngineCheckpointsHook",
@@ -31,6 +32,7 @@ __all__ = [
     "FATRSegmenterHead",
     "FATRViT",
     "LoadCamVidAnnotations",
+    "TimmFATRViT",
     "UnreducedCheckpointHook",
     "add_compile_hook",
     "allow_mmengine_checkpoints",
