@@ -150,7 +150,10 @@ def update(md_path: str, write: bool = True) -> list[str]:
     stale = []
 
     def sub(m: re.Match) -> str:
-        table = render_file(m.group(1), m.group(2), osp.dirname(osp.abspath(md_path)))
+        try:
+            table = render_file(m.group(1), m.group(2), osp.dirname(osp.abspath(md_path)))
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{md_path}: the table of {m.group(1)}{m.group(2)}: {e!r}") from e
         if table != m.group(3):
             stale.append(m.group(1))
         return f"<!-- table {m.group(1)}{m.group(2)} -->\n{table}<!-- /table -->"
