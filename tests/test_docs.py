@@ -26,6 +26,12 @@ def test_readme_is_short_and_installs_early():
     assert heading < 60, f"README's Installation starts at line {heading + 1} (within 60)"
 
 
+@pytest.mark.parametrize("name", ["benchmarks.md", "study.md"])
+def test_current_docs_are_short(name):
+    lines = len(_read(osp.join(ROOT, "docs", name)).splitlines())
+    assert lines <= 300, f"docs/{name} has {lines} lines (at most 300; dated runs: docs/history/)"
+
+
 @pytest.mark.parametrize("name, pattern", [
     ("a clock time", r"\b(?:[01]?\d|2[0-3]):[0-5]\d\b"),
     ("a commit hash", r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b"),
