@@ -231,11 +231,8 @@ def parse_args(argv=None):
     p.add_argument("--no-macs", action="store_true", help="skip the MAC counts")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic images")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="CI mode: tiny model, shapes 64 128, batch 1 2, 2 iterations",
-    )
+    p.add_argument("--quick", action="store_true",
+                   help="CI mode: tiny model, shapes 64 128, batch 1 2, 2 iterations")  # fmt: skip
     p.add_argument(
         "--compile",
         action="store_true",

@@ -150,14 +150,9 @@ def paper_table(only: list[str] | None = None) -> dict:
         grid = (size // patch, size // patch)
         counted = {}
         for key, red in (("baseline", None), ("fatr", PAPER_REDUCTION)):
-            vit = FATRVisionTransformer(
-                img_size=size,
-                patch_size=patch,
-                embed_dims=dim,
-                num_layers=12,
-                num_heads=heads,
-                reduction=red,
-            ).eval()
+            vit = FATRVisionTransformer(img_size=size, patch_size=patch, embed_dims=dim,
+                                        num_layers=12, num_heads=heads, reduction=red)  # fmt: skip
+            vit.eval()
             counted[key] = count_macs(vit, x)
         fatr = counted["fatr"]
         tokens_only = fatr.macs - fatr.scoring_macs - fatr.dc_term_macs
