@@ -44,7 +44,6 @@ from ..ops.precision import float32_matmul
 from ..ops.reduce import FoldRecord
 from ..ops.state import TokenState, init_state
 from .attention import AttnStats
-from .compact import compact_tokens
 from .config import ReductionConfig
 from .reducer import TokenReducer
 from .restorer import TokenRestorer
@@ -508,7 +507,7 @@ class TimmFATRVisionTransformer(FATRVisionTransformer):
         self.patch_size = model.patch_embed.patch_size[0]
         self.embed_dims = model.embed_dim
         self.num_layers = len(model.blocks)
-        self.num_prefix_tokens = model.num_prefix_tokens
+        self._num_prefix_tokens = model.num_prefix_tokens
         self.no_embed_class = model.no_embed_class
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
         self.timm_module = type(model).__module__
@@ -562,8 +561,14 @@ class TimmFATRVisionTransformer(FATRVisionTransformer):
         self.blocks = nn.ModuleList(blocks)
         self.restorer = TokenRestorer(red.restore if red else "copy")
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """P, the tokens before the patches: CLS and registers (timm's ``num_prefix_tokens``)."""
+        return self._num_prefix_tokens
+
     def final_norm_module(self) -> nn.Module | None:
-        """The norm applied to the last block's output, or None."""
+        """The norm applied to the last block's output (timm's ``norm``, or ``fc_norm``), or
+        None."""
         if not self.final_norm:
             return None
         fc_norm = getattr(self, "fc_norm", None)
@@ -598,18 +603,6 @@ class TimmFATRVisionTransformer(FATRVisionTransformer):
         state = TimmTokenState(**{f.name: getattr(base, f.name) for f in fields(base)},
                                num_prefix=self.num_prefix_tokens, rope=rope)  # fmt: skip
         return tokens, state
-
-    def output(self, tokens: torch.Tensor, state: TimmTokenState, index: int):
-        """The output of block ``index`` (-1: the embedded input) from its sequence and state."""
-        norm = self.final_norm_module() if index == self.num_layers - 1 else None
-        P = self.num_prefix_tokens
-        if self.compact_output:
-            return compact_tokens(tokens if norm is None else norm(tokens), state, P)
-        out = self.restorer(tokens, state, norm, P)
-        if self.output_cls_token:
-            cls = tokens[:, 0]
-            return [out, cls if norm is None else norm(cls)]
-        return out
 
     def timm_checkpoint_filter(self, state_dict: dict) -> dict:
         """timm's own key filtering for this model's family (original-format keys converted,

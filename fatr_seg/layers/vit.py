@@ -328,8 +328,8 @@ class FATRVisionTransformer(nn.Module):
 
     def output(self, tokens: torch.Tensor, state: TokenState, index: int):
         """The output of block ``index`` (-1: the embedded input) from its sequence and state."""
-        norm = self.norm if (index == self.num_layers - 1 and self.final_norm) else None
-        prefix = int(self.with_cls_token)
+        norm = self.final_norm_module() if index == self.num_layers - 1 else None
+        prefix = self.num_prefix_tokens
         if self.compact_output:
             # The final norm is per token, so it commutes with the restoring gather.
             return compact_tokens(tokens if norm is None else norm(tokens), state, prefix)
@@ -338,6 +338,15 @@ class FATRVisionTransformer(nn.Module):
             cls = tokens[:, 0]
             return [out, cls if norm is None else norm(cls)]
         return out
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """P, the tokens before the patches in the sequence: the CLS token (1) or none (0)."""
+        return int(self.with_cls_token)
+
+    def final_norm_module(self) -> nn.Module | None:
+        """The norm applied to the last block's output, or None."""
+        return self.norm if self.final_norm else None
 
     def set_keep_ratio(self, keep_ratio: float | tuple[float, ...]) -> None:
         """Change the reduction budget in place: no rebuild, no new parameters, no reload.
