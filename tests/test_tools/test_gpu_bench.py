@@ -80,12 +80,13 @@ def test_cpu_without_dry_run_is_refused():
     assert proc.returncode == 2 and "--dry-run" in proc.stderr
 
 
-def test_every_cell_is_written_as_it_finishes(tmp_path):
-    """A run stopped from outside (a device lease ending) keeps the cells it finished."""
+def test_every_cell_is_written_as_it_finishes_with_its_profiles(tmp_path):
+    """A run stopped from outside (a device lease ending) keeps the cells it finished; with
+    ``--profile``, one torch.profiler table per cell and model, in profiles.txt only."""
     from fatr_seg.analysis import gpu_bench
 
-    args = gpu_bench.parse_args(["--device", "cpu", "--dry-run", "--modes", "eager",
-                                 "--shapes", "64", "--out-dir", str(tmp_path)])  # fmt: skip
+    args = gpu_bench.parse_args(["--device", "cpu", "--dry-run", "--modes", "eager", "--shapes",
+                                 "64", "--profile", "--out-dir", str(tmp_path)])  # fmt: skip
     written = []
     progress = gpu_bench._progress(str(tmp_path))
 
@@ -99,6 +100,15 @@ def test_every_cell_is_written_as_it_finishes(tmp_path):
     assert written[-1]["rows"] == json.loads(json.dumps(result["rows"]))
     assert {r["mode"] for r in result["rows"]} == {"eager"}  # --modes eager: no compiled cell
     assert "| 64² | 16 | segmentor | eager | fatr |" in (tmp_path / "gpu_bench.md").read_text()
+
+    text = (tmp_path / "profiles.txt").read_text()
+    headers = [line for line in text.splitlines() if line.startswith("==== ")]
+    assert headers == [f"==== eager {t} 64² batch 2 {m}" for t in ("backbone", "segmentor")
+                       for m in ("baseline", "fatr")]  # fmt: skip
+    sections = text.split("==== ")[1:]
+    assert all("aten::" in s and "Self CPU" in s for s in sections)
+    assert "aten::upsample_bilinear2d" in sections[2] and "upsample" not in sections[0]
+    assert all("profiles" not in w for w in written)
 
 
 def test_each_model_and_size_compiles_once(tmp_path, monkeypatch):
@@ -127,19 +137,3 @@ def test_each_model_and_size_compiles_once(tmp_path, monkeypatch):
     assert not result["skipped"] and len(result["rows"]) == 8  # 2 sizes x 2 targets x 2 models
     # baseline backbone, baseline head, fatr backbone, fatr head: each once per size (64, 96)
     assert [c.frame_count for c in counters] == [2, 2, 2, 2]
-
-
-def test_profile_writes_one_table_per_cell_and_model(tmp_path):
-    from fatr_seg.analysis import gpu_bench
-
-    args = gpu_bench.parse_args(["--device", "cpu", "--dry-run", "--modes", "eager", "--shapes",
-                                 "64", "--profile", "--out-dir", str(tmp_path)])  # fmt: skip
-    gpu_bench.write(gpu_bench.run(args), str(tmp_path))
-    text = (tmp_path / "profiles.txt").read_text()
-    headers = [line for line in text.splitlines() if line.startswith("==== ")]
-    assert headers == [f"==== eager {t} 64² batch 2 {m}" for t in ("backbone", "segmentor")
-                       for m in ("baseline", "fatr")]  # fmt: skip
-    sections = text.split("==== ")[1:]
-    assert all("aten::" in s and "Self CPU" in s for s in sections)
-    assert "aten::upsample_bilinear2d" in sections[2] and "upsample" not in sections[0]
-    assert "profiles" not in json.loads((tmp_path / "gpu_bench.json").read_text())
