@@ -271,6 +271,36 @@ def test_a_fatrvit_checkpoint_loads_into_the_timm_config_and_back(tmp_path):
     assert_close(timm_model_.backbone(x)[0], fatr_model.backbone(x)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_the_timm_distillation_config_distils_from_a_fatrvit_baseline(tmp_path):
+    """configs/timm/fatr_timm-vit-t_camvid_distill.py (shrunk to width 48) takes the trained
+    unreduced FATRViT CamVid segmentor as teacher and start: it loads strictly into both, and
+    one training step of the recipe runs."""
+    width = {"model.decode_head.in_channels": 48, "model.decode_head.channels": 48,
+             "model.decode_head.embed_dims": 48, "model.decode_head.num_heads": 3,
+             "model.decode_head.num_layers": 1}  # fmt: skip
+    base = load(REPO / "configs" / "camvid" / "segmenter_vit-t_camvid.py")
+    backbone = {"model.backbone.embed_dims": 48, "model.backbone.num_heads": 3,
+                "model.backbone.init_cfg": None}  # fmt: skip
+    base.merge_from_dict({**width, **backbone})
+    torch.manual_seed(0)
+    teacher = MODELS.build(base.model)
+    ckpt = tmp_path / "segmenter_vit-t_camvid.pth"
+    torch.save({"state_dict": teacher.state_dict()}, ckpt)
+    cfg = load(CONFIGS / "fatr_timm-vit-t_camvid_distill.py")
+    cfg.merge_from_dict({**width, "model.teacher_checkpoint": str(ckpt),
+                         "model.backbone.model_kwargs": dict(img_size=(352, 352), embed_dim=48,
+                                                             num_heads=3)})  # fmt: skip
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    assert isinstance(model.backbone, TimmFATRViT) and model.backbone.reduction is not None
+    for key, value in teacher.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+        assert torch.equal(model.teacher.backbone.state_dict()[key], value), key
+    optim = build_optim_wrapper(model.train(), cfg.optim_wrapper)
+    log = model.train_step(seg_batch((64, 64), 11), optim)
+    assert torch.isfinite(log["loss"]) and "loss_distill" in log
+
+
 # ---------------------------------------------------------------------------------------------
 # Train and test end to end (tools/train.py, tools/test.py), and MACs reduced vs unreduced
 # ---------------------------------------------------------------------------------------------
