@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.merge import fuse_tokens, merge_tokens, nearest_kept
+from ..ops.merge import (
+    MergePlan,
+    bipartite_plan,
+    fuse_tokens,
+    merge_planned,
+    merge_tokens,
+    nearest_kept,
+)
 from ..ops.precision import float32_matmul
 from ..ops.reduce import FoldRecord, fold_tokens
 from ..ops.scoring import hf_scores
@@ -21,6 +28,9 @@ from .attention import AttnStats
 from .config import ReductionConfig
 
 __all__ = ["TokenReducer"]
+
+# Scores whose merges run as one bipartite plan (:func:`fatr_seg.ops.bipartite_plan`).
+_PAIR_SCORES = ("bipartite", "hf_bipartite", "random_bipartite")
 
 
 class TokenReducer(nn.Module):
@@ -100,10 +110,7 @@ class TokenReducer(nn.Module):
                 priority = torch.zeros(x.shape[0], M, device=x.device)
                 return (*protected_bipartite_scores(self.metric(x, stats, M), priority, 0), None)
         method = "logit_proxy" if self.score == "hf_proxy" else "exact"  # hf, window_hf too
-        s = hf_scores(stats.q, stats.k, stats.scale, method, key_bias, lse=stats.lse)
-        if state.num_dc:
-            s = self.without_empty_queries(s, stats, key_bias, state.num_dc)
-        s = s[:, 1 : 1 + M]
+        s = self.hf_score(stats, state, key_bias, method)
         if self.score == "window_hf":
             win = window_members(state.hw_shape, self.cfg.local_window, x.device)
             return (*window_fold_scores(window_hf_priority(s, win), win, M), None)
@@ -156,6 +163,11 @@ class TokenReducer(nn.Module):
             empty = state.patch_idx[:, :0]
             scores = torch.zeros(state.patch_idx.shape, device=x.device)
             return x, state, FoldRecord(state.patch_idx, scores, empty, empty, state.source)
+        if self.score in _PAIR_SCORES:
+            with torch.no_grad():
+                plan = self.pair_plan(x, stats, state, key_bias, keep)
+            return merge_planned(x, state, plan, self.cfg.restore == "residual",
+                                 self.cfg.prop_attn)  # fmt: skip
         scores, partner, weights = self.scores(x, stats, state, key_bias)
         keep_pos, drop_pos = select_topk(scores, keep)
         if self.score in ("bipartite", "window"):
@@ -176,6 +188,41 @@ class TokenReducer(nn.Module):
                 dst = index.gather(1, partner.gather(1, drop_pos))
         return merge_tokens(x, state, keep_pos, drop_pos, dst, scores, residual,
                             self.cfg.prop_attn)  # fmt: skip
+
+    def pair_plan(
+        self, x: torch.Tensor, stats: AttnStats, state: TokenState,
+        key_bias: torch.Tensor | None, keep: int,
+    ) -> MergePlan:  # fmt: skip
+        """The bipartite scores' merges as a :class:`MergePlan` (the same split, partners and
+        order as :meth:`scores`, :func:`select_topk` and :meth:`peer_order`, in few kernels)."""
+        M = state.num_patches
+        if self.score == "bipartite":
+            return bipartite_plan(self.metric(x, stats, M), None, 0, keep, peer_order=True)
+        protect = self.cfg.num_protected(M, keep)
+        priority = None
+        if self.score == "random_bipartite":
+            priority = torch.rand(x.shape[0], M, device=x.device)
+        elif protect:
+            priority = self.hf_score(stats, state, key_bias)
+        return bipartite_plan(self.metric(x, stats, M), priority, protect, keep)
+
+    def hf_score(
+        self, stats: AttnStats, state: TokenState, key_bias: torch.Tensor | None,
+        method: str = "exact",
+    ) -> torch.Tensor:  # fmt: skip
+        """(B, M) HF scores of the patch tokens: exact, or estimated from ``score_queries``
+        strided query rows (:func:`fatr_seg.ops.query_rows`), or the logit proxy."""
+        M = state.num_patches
+        queries = getattr(self.cfg, "score_queries", None) if method == "exact" else None
+        if queries is not None and state.num_dc:
+            # The estimate's rows come from CLS and the patches, so no empty DC window votes.
+            lse = None if stats.lse is None else stats.lse[:, :, : 1 + M]
+            stats = stats._replace(q=stats.q[:, :, : 1 + M], lse=lse)
+        s = hf_scores(stats.q, stats.k, stats.scale, method, key_bias, lse=stats.lse,
+                      queries=queries)  # fmt: skip
+        if state.num_dc and queries is None:
+            s = self.without_empty_queries(s, stats, key_bias, state.num_dc)
+        return s[:, 1 : 1 + M]
 
     @torch.no_grad()
     def peer_order(

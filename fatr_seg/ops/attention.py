@@ -299,8 +299,8 @@ def reweighted_attention(
     else:
         valid = torch.isfinite(key_bias).to(v.dtype)[:, None, :, None]  # (B, 1, n, 1)
         v_mean = (v * valid).sum(2, keepdim=True) / valid.sum(2, keepdim=True)
-    c_hp = coef_hp.to(v.dtype).view(1, h, 1, 1)
-    out = c_hp * av - (c_hp - 1) * v_mean
+    # c · AV - (c - 1) · mean(V) = mean(V) + c · (AV - mean(V)): one lerp.
+    out = torch.lerp(v_mean, av, coef_hp.to(v.dtype).view(1, h, 1, 1))
     if dc_term is not None:
         out = out + coef_dc.to(v.dtype).view(1, h, 1, 1) * dc_term
     return out, lse

@@ -10,14 +10,24 @@ Indices are computed under ``no_grad``; features move with ``gather`` / ``scatte
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from .precision import float32_matmul
 from .reduce import FoldRecord, accumulate_residual, token_map
-from .state import TokenState
+from .state import TokenState, is_initial
 
-__all__ = ["fuse_tokens", "merge_tokens", "nearest_kept"]
+__all__ = [
+    "MergePlan",
+    "bipartite_plan",
+    "fuse_tokens",
+    "merge_planned",
+    "merge_tokens",
+    "nearest_kept",
+]
 
 # Cosine similarities lie in [-1, 1]; a penalty of 3 ranks any far candidate below every near one.
 _FAR_PENALTY = 3.0
@@ -65,6 +75,97 @@ def nearest_kept(
     return sim.argmax(dim=-1)
 
 
+class MergePlan(NamedTuple):
+    """Where every patch token goes in one merging step (index tensors only, no features).
+
+    Attributes:
+        perm: (B, M) long: the kept positions in the merged sequence's order, then the positions
+            of the tokens that merge away, ascending.
+        old_to_new: (B, M) long: the new position (0..K-1) of the token each patch token is, or
+            joins.
+        num_keep: K.
+        scores: Zero-argument function giving the (B, M) scores the split was made by, for the
+            record only (built when the record is read).
+    """
+
+    perm: torch.Tensor
+    old_to_new: torch.Tensor
+    num_keep: int
+    scores: Callable[[], torch.Tensor]
+
+
+@torch.no_grad()
+def bipartite_plan(
+    metric: torch.Tensor,
+    priority: torch.Tensor | None,
+    num_protected: int,
+    num_keep: int,
+    peer_order: bool = False,
+) -> MergePlan:
+    """Bipartite matching (ToMe's, or among the unprotected tokens) as a :class:`MergePlan`.
+
+    The same split, partners and merges as :func:`fatr_seg.ops.protected_bipartite_scores`
+    followed by :func:`fatr_seg.ops.select_topk` (``num_protected`` 0: as
+    :func:`fatr_seg.ops.bipartite_scores`), in few kernels and without the (B, M) score and
+    partner arrays: one sort protects, one orders the free tokens, one ranks the A tokens by
+    their best similarity (a stable ascending sort of it is the tail that ``select_topk`` drops:
+    the most similar edges, ties to the higher position), one orders the kept tokens and one
+    inverts that order.
+
+    Args:
+        metric: (B, M, d) similarity features of the patch tokens.
+        priority: (B, M) protection priority (higher first, ties to the lower position); unused
+            when ``num_protected`` is 0.
+        num_protected: P, 0 ≤ P ≤ M.
+        num_keep: K; the ``M - K`` merges must not exceed the A tokens, ``⌊(M - P) / 2⌋``.
+        peer_order: The kept tokens in ToMe's order (unmerged A tokens, then B tokens, each
+            ascending) instead of ascending; only with ``num_protected`` 0.
+    """
+    B, M, d = metric.shape
+    R, P = M - num_keep, num_protected
+    if peer_order and P:
+        raise ValueError("peer_order needs num_protected=0")
+    free = None
+    if P:
+        order = torch.sort(priority.float(), dim=1, descending=True, stable=True).indices
+        free = order[:, P:].sort(dim=1).values  # (B, M - P): the unprotected positions, in order
+        metric = metric.gather(1, free[..., None].expand(-1, -1, d))
+    num_a = (M - P) // 2
+    if R > num_a:
+        raise ValueError(f"{R} merges need as many A tokens; there are {num_a}")
+    m = F.normalize(metric.float(), dim=-1)
+    best, dst = float32_matmul(m[:, 1::2], m[:, 0::2].transpose(1, 2)).max(dim=-1)  # (B, |A|)
+    tail = best.sort(dim=1, stable=True).indices[:, num_a - R :]  # the A tokens that merge
+    # Sort key: 0 kept, 1 merged away (ToMe's order: 0 unmerged A, 1 B, 2 merged away).
+    key = torch.zeros(B, M, dtype=torch.int8, device=metric.device)
+    if free is None:
+        if peer_order:
+            key[:, 0::2] = 1
+        key[:, 1::2].scatter_(1, tail, 2 if peer_order else 1)
+    else:
+        drop = free[:, 1::2].gather(1, tail)
+        key.scatter_(1, drop, 1)
+    perm = key.sort(dim=1, stable=True).indices
+    old_to_new = perm.argsort(dim=1)  # right for the kept tokens; the merged ones next
+    partner = dst.gather(1, tail)  # (B, R): the B token each merged A token joins
+    if free is None:
+        joined = old_to_new[:, 0::2].gather(1, partner)
+        old_to_new[:, 1::2].scatter_(1, tail, joined)
+    else:
+        joined = old_to_new.gather(1, free[:, 0::2].gather(1, partner))
+        old_to_new.scatter_(1, drop, joined)
+
+    def scores() -> torch.Tensor:
+        s = torch.full((B, M), float("inf"), device=metric.device)
+        if free is None:
+            s[:, 1::2] = -best
+        else:
+            s.scatter_(1, free[:, 1::2], -best)
+        return s
+
+    return MergePlan(perm, old_to_new, num_keep, scores)
+
+
 def merge_tokens(
     x: torch.Tensor,
     state: TokenState,
@@ -96,29 +197,59 @@ def merge_tokens(
         ``x`` (B, 1 + K + D, C), the new state and a :class:`FoldRecord` (``folded_window`` =
         the new position of the token each dropped token joined).
     """
+    with torch.no_grad():
+        K = keep_pos.shape[1]
+        old_to_new = keep_pos.new_empty(keep_pos.shape[0], state.num_patches)
+        old_to_new.scatter_(1, keep_pos, torch.arange(K, device=x.device).expand_as(keep_pos))
+        old_to_new.scatter_(1, drop_pos, dst)
+        perm = torch.cat([keep_pos, drop_pos], dim=1)
+    plan = MergePlan(perm, old_to_new, K, lambda: scores)
+    return merge_planned(x, state, plan, keep_residual, prop_attn)
+
+
+def merge_planned(
+    x: torch.Tensor,
+    state: TokenState,
+    plan: MergePlan,
+    keep_residual: bool = False,
+    prop_attn: bool = True,
+) -> tuple[torch.Tensor, TokenState, FoldRecord]:
+    """Carry out a :class:`MergePlan`: size-weighted means, the new state and a lazy record.
+
+    Every patch token is added, weighted by its size, into the slot of the token it becomes or
+    joins (one ``scatter_add`` for the features, one for the sizes), so no kept or dropped rows
+    are gathered first. See :func:`merge_tokens` for the arguments and the result.
+    """
     B, _, C = x.shape
     M, D = state.num_patches, state.num_dc
-    K = keep_pos.shape[1]
+    K, old_to_new = plan.num_keep, plan.old_to_new
     acc = torch.promote_types(x.dtype, torch.float32)
-    size = state.sizes().to(acc)  # (B, M)
-    patches = x[:, 1 : 1 + M]
-    hf = patches.gather(1, keep_pos[..., None].expand(-1, -1, C))
-    lf = patches.gather(1, drop_pos[..., None].expand(-1, -1, C))
-    s_keep, s_drop = size.gather(1, keep_pos), size.gather(1, drop_pos)
-    sums = (hf.to(acc) * s_keep[..., None]).scatter_add(
-        1, dst[..., None].expand(-1, -1, C), lf.to(acc) * s_drop[..., None]
-    )
-    new_size = s_keep.scatter_add(1, dst, s_drop)  # (B, K)
+    patches = x[:, 1 : 1 + M].to(acc)
+    if state.patch_size is None:
+        size = torch.ones((), dtype=acc, device=x.device).expand(B, M)
+    else:
+        size = state.patch_size.to(acc)
+        patches = patches * size[..., None]
+    sums = patches.new_zeros(B, K, C).scatter_add_(1, old_to_new[..., None].expand(-1, -1, C),
+                                                   patches)  # fmt: skip
+    new_size = size.new_zeros(B, K).scatter_add_(1, old_to_new, size)
     merged = (sums / new_size[..., None]).to(x.dtype)
     new_x = torch.cat([x[:, :1], merged, x[:, 1 + M :]], dim=1)
 
+    keep_pos, drop_pos = plan.perm[:, :K], plan.perm[:, K:]
     with torch.no_grad():
-        dc_to = K + torch.arange(D, device=x.device) if D else None
-        old_to_new, source = token_map(state, keep_pos, drop_pos, dst, dc_to)
-        patch_idx = state.patch_idx.gather(1, keep_pos)
+        to_new = old_to_new
+        if D:
+            dc_to = K + torch.arange(D, device=x.device)
+            to_new = torch.cat([old_to_new, dc_to.expand(B, D)], dim=1)
+        if is_initial(state):  # both maps are the identity: nothing to push through them
+            source, patch_idx = to_new, keep_pos
+        else:
+            source = to_new.gather(1, state.source)
+            patch_idx = state.patch_idx.gather(1, keep_pos)
     residual = state.residual
     if keep_residual:
-        residual = accumulate_residual(state, x[:, 1:], new_x[:, 1:], old_to_new)
+        residual = accumulate_residual(state, x[:, 1:], new_x[:, 1:], to_new)
 
     new_state = state.replace(
         source=source,
@@ -127,11 +258,12 @@ def merge_tokens(
         residual=residual,
         prop_attn=prop_attn,
     )
+    old_idx = state.patch_idx
     record = FoldRecord(
         kept=patch_idx,
-        kept_scores=scores.gather(1, keep_pos),
-        folded=state.patch_idx.gather(1, drop_pos),
-        folded_window=dst,
+        kept_scores=lambda: plan.scores().gather(1, keep_pos),
+        folded=lambda: old_idx.gather(1, drop_pos),
+        folded_window=lambda: old_to_new.gather(1, drop_pos),
         source=source,
     )
     return new_x, new_state, record

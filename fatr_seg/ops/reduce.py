@@ -6,8 +6,6 @@ gradients reach every kept token and every folded token through its DC mean.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from .state import TokenState
@@ -56,8 +54,12 @@ def dc_window_ids(
     return (rows[:, None] * gw + cols[None, :]).reshape(-1), -(-H // value) * gw
 
 
-class FoldRecord(NamedTuple):
+class FoldRecord:
     """What one reduction step did, for analysis and visualisation (all in original-grid terms).
+
+    A field may be given as a zero-argument function: it is called (without autograd) when the
+    field is first read, so a forward that never reads the record launches none of its kernels.
+    Reads like the named tuple it was: attributes, ``rec[i]``, unpacking.
 
     Attributes:
         kept: (B, K) original-grid indices of the kept patch tokens (-1: a token with no cell,
@@ -69,11 +71,37 @@ class FoldRecord(NamedTuple):
         source: (B, N) the source map after this step.
     """
 
-    kept: torch.Tensor
-    kept_scores: torch.Tensor
-    folded: torch.Tensor
-    folded_window: torch.Tensor
-    source: torch.Tensor
+    _fields = ("kept", "kept_scores", "folded", "folded_window", "source")
+    __slots__ = ("_values",)
+
+    def __init__(self, kept, kept_scores, folded, folded_window, source) -> None:
+        self._values = [kept, kept_scores, folded, folded_window, source]
+
+    def _get(self, i: int) -> torch.Tensor:
+        value = self._values[i]
+        if callable(value):
+            with torch.no_grad():
+                value = self._values[i] = value()
+        return value
+
+    kept = property(lambda self: self._get(0))
+    kept_scores = property(lambda self: self._get(1))
+    folded = property(lambda self: self._get(2))
+    folded_window = property(lambda self: self._get(3))
+    source = property(lambda self: self._get(4))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self._get(range(5)[i])
+
+    def __iter__(self):
+        return (self._get(i) for i in range(5))
+
+    def __len__(self) -> int:
+        return 5
+
+    def __repr__(self) -> str:
+        return "FoldRecord(" + ", ".join(f"{k}={self._get(i)!r}" for i, k in
+                                         enumerate(self._fields)) + ")"  # fmt: skip
 
 
 @torch.no_grad()

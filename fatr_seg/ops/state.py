@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["TokenState", "init_state"]
+__all__ = ["TokenState", "init_state", "is_initial"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ class TokenState:
             return self.patch_size.float()
         return torch.ones(self.patch_idx.shape, device=self.patch_idx.device)
 
+    def __post_init__(self) -> None:
+        # key_bias per dtype, built once per state (every block after a reduction reads it).
+        object.__setattr__(self, "_bias_cache", {})
+
     def key_bias(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """Additive attention bias per key (B, 1 + M + D), or None when it is all zero.
 
@@ -70,6 +75,16 @@ class TokenState:
         sized = self.patch_size is not None and self.prop_attn
         if self.num_dc == 0 and not sized:
             return None
+        if torch.compiler.is_compiling():  # traced: no cache (the graph fuses the few ops)
+            return self._build_key_bias(sized, dtype)
+        bias = self._bias_cache.get(dtype)
+        if bias is None:
+            bias = self._bias_cache[dtype] = self._build_key_bias(sized, dtype)
+        return bias
+
+    def _build_key_bias(self, sized: bool, dtype: torch.dtype) -> torch.Tensor:
+        if self.num_dc == 0:  # merged tokens only: [0 (CLS), log(size)]
+            return F.pad(self.patch_size.log(), (1, 0)).to(dtype)
         B, M = self.patch_idx.shape
         patch_bias = (self.patch_size.log() if sized
                       else self.dc_count.new_zeros(B, M))  # fmt: skip
@@ -82,8 +97,20 @@ class TokenState:
         return replace(self, **changes)
 
 
+def is_initial(state: TokenState) -> bool:
+    """Whether ``state`` is an :func:`init_state` (or a copy): ``source`` and ``patch_idx`` are
+    then one identity map, which a reduction step can take as is instead of gathering through it.
+    Decided from structure alone (the two maps are one tensor only there)."""
+    return (
+        state.source is state.patch_idx
+        and state.num_dc == 0
+        and state.patch_idx.shape[1] == state.source.shape[1]
+    )
+
+
 def init_state(batch: int, hw_shape: tuple[int, int], device: torch.device) -> TokenState:
-    """State of an unreduced sequence: every patch is its own HF token."""
+    """State of an unreduced sequence: every patch is its own HF token (``source`` and
+    ``patch_idx`` are the same identity tensor; see :func:`is_initial`)."""
     N = hw_shape[0] * hw_shape[1]
     idx = torch.arange(N, device=device).expand(batch, N)
     return TokenState(
