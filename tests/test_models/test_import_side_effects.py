@@ -77,6 +77,7 @@ def test_import_registers_our_names_and_changes_nothing_else():
     added = {k: v for k, v in new.items() if k not in old}
     assert added == {
         "mmseg:model:FATRViT": "fatr_seg.models.backbone.FATRViT",
+        "mmseg:model:TimmFATRViT": "fatr_seg.models.timm_backbone.TimmFATRViT",
         "mmseg:model:FATRSegmenterHead": "fatr_seg.models.segmenter_head.FATRSegmenterHead",
         "mmseg:hook:AllowMMEngineCheckpointsHook":
             "fatr_seg.models.safe_globals.AllowMMEngineCheckpointsHook",
