@@ -9,7 +9,7 @@ from mmseg.registry import MODELS
 from mmseg.utils import register_all_modules
 
 from fatr_seg.layers import ReductionConfig
-from fatr_seg.models import FATRViT
+from fatr_seg.models import FATRViT, TimmFATRViT
 from fatr_seg.models.preflight import PreflightError, check_config_paths
 
 register_all_modules()
@@ -41,10 +41,10 @@ def test_configs_are_found():
 def test_config_parses_and_builds(path):
     cfg = load(str(path.relative_to(CONFIGS)))
     assert "fatr_seg.models" in cfg.custom_imports["imports"]
-    assert cfg.model.backbone.type == "FATRViT"
+    assert cfg.model.backbone.type in ("FATRViT", "TimmFATRViT")  # configs/timm: timm's models
     model = build(cfg)
     backbone = model.backbone
-    assert isinstance(backbone, FATRViT)
+    assert isinstance(backbone, FATRViT | TimmFATRViT)
     assert backbone.reduction == ReductionConfig.from_dict(cfg.model.backbone.reduction)
     assert model.decode_head.num_classes == cfg.model.decode_head.num_classes
     for name in ("train_dataloader", "val_dataloader", "test_dataloader", "val_evaluator"):
