@@ -13,7 +13,7 @@ import torch
 from timm.layers import apply_rot_embed_cat
 from torch.testing import assert_close
 
-from fatr_seg.layers import ReductionConfig, TimmFATRVisionTransformer, TokenReducer
+from fatr_seg.layers import PRESETS, ReductionConfig, TimmFATRVisionTransformer, TokenReducer
 from fatr_seg.layers.attention import AttnStats
 from fatr_seg.layers.timm_vit import TimmTokenState, reduce_with_prefix
 from fatr_seg.ops import attention_with_lse, cls_attention, init_state, select_topk
@@ -335,6 +335,26 @@ def test_gradients_reach_timms_weights_and_the_reductions_own():
                 "blocks.2.mlp.fc2.weight"):  # fmt: skip
         grad = ours.get_parameter(key).grad
         assert grad is not None and grad.abs().sum() > 0, key
+
+
+@pytest.mark.parametrize("method", list(PRESETS))
+@pytest.mark.parametrize("family", ["vit_no_cls_avg", "dinov2_reg4", "eva02"])
+def test_every_preset_runs_on_every_prefix_layout(family, method):
+    """No prefix, CLS + registers, RoPE: every method's preset at its own layers (12 blocks)
+    runs forward (also under bf16 autocast) and backward, and restores the full grid."""
+    name, kwargs, patch = FAMILIES[family]
+    if method == "evit" and family == "vit_no_cls_avg":
+        pytest.skip("EViT reads the CLS token's attention (refused at build, tested below)")
+    model = TimmFATRVisionTransformer(name, dict(kwargs, depth=12), reduction=dict(method=method))
+    x = images((6 * patch + 3, 7 * patch))
+    grid = (7, 7)
+    with torch.no_grad():
+        assert model.eval()(x)[0].shape == (2, 48, *grid)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(model(x)[0]).all()
+    out = model.train()(x)[0]
+    out.square().mean().backward()
+    assert out.shape == (2, 48, *grid) and model.patch_embed.proj.weight.grad is not None
 
 
 # ---------------------------------------------------------------------------------------------
