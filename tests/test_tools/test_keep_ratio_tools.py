@@ -111,21 +111,29 @@ def test_test_tool_runs_fatr_training_free_and_at_other_budgets(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "config, values, message",
-    [("tiny", ["0.5", "0.6", "0.7"], "reduces at 2 layers (2, 3); give one number in (0, 1] or 2"),
-     ("tiny", ["x"], "'x' is not a number; give a number in (0, 1], or one per reduction layer"),
-     ("baseline", ["0.5"], "has no token reduction")],
-)  # fmt: skip
-def test_test_tool_bad_keep_ratio_is_one_line(tiny, config, values, message):
-    config = tiny["config"] if config == "tiny" else BASELINE
-    proc = run_tool(["tools/test.py", config, tiny["ckpt"], "--keep-ratio", *values,
+def test_test_tool_bad_keep_ratio_is_one_line(tiny):
+    """The tool's one line (run once: every preflight error takes the same way out), then the
+    message of each kind of bad value, from the check the tool runs before building anything."""
+    from mmengine.config import Config
+
+    from fatr_seg.models.keep_ratio import set_config_keep_ratio
+
+    proc = run_tool(["tools/test.py", BASELINE, tiny["ckpt"], "--keep-ratio", "0.5",
                      "--work-dir", tiny["tmp"] / "bad", "--cfg-options",
                      *loader_options(tiny["data"])])  # fmt: skip
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()
-    assert err[-1].startswith(f"error: --keep-ratio {' '.join(values)}: ") and message in err[-1]
+    assert err[-1].startswith("error: --keep-ratio 0.5: ") and "has no token reduction" in err[-1]
     assert "Traceback" not in proc.stderr
+    cfg = Config.fromfile(str(tiny["config"]))
+    for values, message in (
+        (["0.5", "0.6", "0.7"], "reduces at 2 layers (2, 3); give one number in (0, 1] or 2"),
+        (["x"], "'x' is not a number; give a number in (0, 1], or one per reduction layer"),
+    ):
+        with pytest.raises(KeepRatioError) as err:
+            set_config_keep_ratio(cfg, values, str(tiny["config"]))
+        assert str(err.value).startswith(f"--keep-ratio {' '.join(values)}: ")
+        assert message in str(err.value)
 
 
 def test_benchmark_keep_ratio_arguments(capsys):
