@@ -18,6 +18,7 @@ from mmseg.registry import MODELS
 from mmseg.utils import register_all_modules
 from safetensors.torch import load_file, save_file
 from seg_batch import seg_batch
+from test_checkpoint_sources import server  # noqa: F401 (a fixture: files served over http)
 from tiny_configs import run_tool
 from torch.testing import assert_close
 
@@ -82,6 +83,22 @@ def test_checkpoint_loads_to_timms_features(tmp_path, name, kwargs, suffix):
     x = images()
     expected = model.forward_features(x)[:, model.num_prefix_tokens :]
     assert_close(patch_tokens(ours(x)[0]), expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("filename", ["model.safetensors", "eva02.pth"])
+def test_checkpoint_url_loads_through_mmengine(server, filename):  # noqa: F811
+    """A URL (the hub's file name, or a .pth that mmengine's CheckpointLoader reads)."""
+    root, url = server
+    name, kwargs = "eva02_small_patch14_224", dict(TINY, img_size=56)
+    model = timm_model(name, **kwargs)
+    if filename.endswith(".safetensors"):
+        save_file(model.state_dict(), str(root / filename))
+    else:
+        torch.save({"state_dict": model.state_dict()}, root / filename)
+    ours = build(model_name=name, model_kwargs=kwargs, checkpoint=f"{url}/{filename}")
+    x = images()
+    assert_close(patch_tokens(ours(x)[0]), model.forward_features(x)[:, 1:], rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
