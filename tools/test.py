@@ -1,7 +1,12 @@
 """Evaluate a checkpoint (mIoU through mmseg's IoUMetric):
 
 ``python tools/test.py CONFIG CHECKPOINT [--mode whole|slide] [--work-dir DIR] [--out DIR]
-[--keep-ratio R [R ...]] [--compile] [--amp]``.
+[--keep-ratio R [R ...]] [--compile] [--no-cuda-graph] [--amp]``.
+
+On a CUDA machine the backbone and heads run from CUDA graphs (one per input shape; eager, with
+a one-line message, where shapes vary or a capture fails): ``--no-cuda-graph`` runs them eager,
+and ``--compile`` compiles them in ``torch.compile``'s ``reduce-overhead`` mode (its own CUDA
+graphs) unless ``--no-cuda-graph`` is given too.
 Multi-process: ``tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS`` (torchrun).
 """
 
@@ -12,7 +17,9 @@ import warnings
 # mmengine and mmcv import pkg_resources (hence setuptools < 81); its deprecation notice is noise.
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
-from fatr_seg.models.compile import add_compile_hook
+import torch
+
+from fatr_seg.models.compile import add_compile_hook, add_cuda_graph_hook
 from fatr_seg.models.keep_ratio import set_config_keep_ratio
 from fatr_seg.models.preflight import PreflightError
 from fatr_seg.models.runner import add_runner_args, run_tool
@@ -30,6 +37,8 @@ def parse_args():
                         "reduction layer, or one per layer")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
                         help="run the backbone and heads through torch.compile")  # fmt: skip
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="on CUDA, run eager instead of from CUDA graphs")  # fmt: skip
     parser.add_argument("--amp", action="store_true",
                         help="mixed-precision inference (mmengine's TestLoop fp16: fp16 autocast "
                         "on CUDA, bf16 on CPU)")  # fmt: skip
@@ -47,8 +56,11 @@ def configure(cfg, args):
         cfg.model.test_cfg.mode = args.mode
     if args.keep_ratio:
         set_config_keep_ratio(cfg, args.keep_ratio, args.config)
+    graphs = torch.cuda.is_available() and not getattr(args, "no_cuda_graph", False)
     if args.compile:
-        add_compile_hook(cfg)
+        add_compile_hook(cfg, **(dict(mode="reduce-overhead") if graphs else {}))
+    elif graphs:
+        add_cuda_graph_hook(cfg)
     if args.amp:
         cfg.test_cfg = {**(cfg.get("test_cfg") or dict(type="TestLoop")), "fp16": True}
     if args.out:
