@@ -526,12 +526,12 @@ class TimmFATRVisionTransformer(FATRVisionTransformer):
             raise ValueError(
                 f"compact_output=True needs reduction restore='copy' (got {red.restore!r})"
             )
-        if red and self.num_prefix_tokens == 0 and "cls" in red.score:
+        has_cls = getattr(model, "cls_token", None) is not None
+        if red and not has_cls and "cls" in red.score:
             raise ValueError(
                 f"reduction score 'cls' (EViT) reads the CLS token's attention, and {model_name} "
                 "has no class token: choose another score"
             )
-        has_cls = getattr(model, "cls_token", None) is not None
         if output_cls_token and not has_cls:
             raise ValueError(f"output_cls_token=True needs a class token; {model_name} has none")
         if output_cls_token and compact_output:

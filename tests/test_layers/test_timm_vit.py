@@ -383,6 +383,10 @@ def test_invalid_options_fail_at_build():
     with pytest.raises(ValueError, match="'cls' .*has no class token"):
         TimmFATRVisionTransformer("vit_tiny_patch16_224", no_cls,
                                   reduction=dict(method="evit", layers=(1, 2)))  # fmt: skip
+    registers_only = dict(depth=2, class_token=False, reg_tokens=4, global_pool="avg")
+    with pytest.raises(ValueError, match="'cls' .*has no class token"):
+        TimmFATRVisionTransformer("vit_tiny_patch16_224", registers_only,
+                                  reduction=dict(method="evit", layers=(1, 2)))  # fmt: skip
     with pytest.raises(ValueError, match="output_cls_token=True needs a class token"):
         TimmFATRVisionTransformer("vit_tiny_patch16_224", no_cls, output_cls_token=True)
     with pytest.raises(ValueError, match="has no fc_norm"):
