@@ -33,6 +33,8 @@ FAMILIES = {
     "eva02_sub_ln": ("eva02_small_patch14_224", dict(TINY, img_size=56, scale_mlp=True,
                      scale_attn_inner=True, qkv_fused=False), 14),
     "deit3": ("deit3_small_patch16_224", dict(TINY, img_size=64), 16),
+    # An Eva with RoPE, one register and no CLS (average pooling).
+    "eva_rope_reg1_no_cls": ("vit_base_patch16_rope_reg1_gap_256", dict(TINY, img_size=64), 16),
 }  # fmt: skip
 _CLASSIFIER = ("head.", "fc_norm.", "head_drop.", "attn_pool.")
 
@@ -371,6 +373,11 @@ def test_every_preset_runs_on_every_prefix_layout(family, method):
         ("vit_tiny_patch16_224", dict(depth=2, pretrained=True), "checkpoint=PATH"),
         ("vit_tiny_patch16_224", dict(depth=2, dynamic_img_size=False), "always True"),
         ("vit_not_a_model", dict(), "timm has no model 'vit_not_a_model'"),
+        ("deit_tiny_distilled_patch16_224", dict(depth=2), "VisionTransformerDistilled"),
+        ("eva02_small_patch14_224", dict(depth=2, use_post_norm=True), "EvaBlockPostNorm"),
+        ("vit_small_patch16_18x2_224", dict(depth=2), "ParallelThingsBlock"),
+        ("vit_small_patch16_rope_224", dict(depth=2), "attention is AttentionRope"),
+        ("vit_small_patch16_rope_mixed_224", dict(depth=2), "RotaryEmbeddingMixed"),
     ],
 )  # fmt: skip
 def test_unsupported_models_fail_at_build_naming_them(name, kwargs, message):
