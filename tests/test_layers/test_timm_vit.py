@@ -359,6 +359,19 @@ def test_every_preset_runs_on_every_prefix_layout(family, method):
     assert out.shape == (2, 48, *grid) and model.patch_embed.proj.weight.grad is not None
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    name, kwargs, patch = FAMILIES["eva02"]
+    model = timm_model(name, kwargs)
+    grads = []
+    for with_cp in (False, True):
+        ours = ours_from(model, name, kwargs, reduction=reduction("fatr"), with_cp=with_cp)
+        ours.train()(images((56, 70)))[0].square().mean().backward()
+        grads.append({n: p.grad for n, p in ours.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for key, grad in grads[0].items():
+        assert_close(grads[1][key], grad, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors at build time name the model and what is missing
 # ---------------------------------------------------------------------------------------------
