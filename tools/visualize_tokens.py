@@ -39,64 +39,69 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _dataset_cfg(cfg):
-    loader = cfg.get("test_dataloader") or cfg.get("val_dataloader") or {}
-    dataset = loader.get("dataset") or {}
-    while "dataset" in dataset:  # RepeatDataset and friends
-        dataset = dataset["dataset"]
-    return dataset
+def _dataset_cfgs(cfg):
+    """The datasets of the test and the validation loader (CamVid's test split may be absent)."""
+    out = []
+    for name in ("test_dataloader", "val_dataloader"):
+        dataset = (cfg.get(name) or {}).get("dataset") or {}
+        while "dataset" in dataset:  # RepeatDataset and friends
+            dataset = dataset["dataset"]
+        out.append(dataset)
+    return out
+
+
+def _dirs(dataset):
+    root, prefix = dataset.get("data_root", "") or "", dataset.get("data_prefix") or {}
+    return tuple(osp.join(root, prefix.get(k, "")) for k in ("img_path", "seg_map_path"))
 
 
 def default_image(cfg):
-    """``(path or None, RGB image, label or None)``: the dataset's first validation image.
+    """``(path or None, RGB image, label or None)``: the first image of the test split, else of
+    the validation split.
 
-    The label is in the dataset's training convention (``reduce_zero_label`` applied). Falls back
-    to one synthetic validation image generated in memory when the dataset folder is absent.
+    The label is in the training convention (``reduce_zero_label`` applied). Falls back to one
+    synthetic validation image generated in memory when no dataset folder has images.
     """
-    dataset = _dataset_cfg(cfg)
-    root = dataset.get("data_root", "") or ""
-    prefix = dataset.get("data_prefix") or {}
-    img_dir = osp.join(root, prefix.get("img_path", ""))
-    suffix = dataset.get("img_suffix", ".jpg")
-    files = sorted(glob.glob(osp.join(img_dir, f"*{suffix}"))) if osp.isdir(img_dir) else []
-    if files:
-        return files[0], None, None
+    for dataset in _dataset_cfgs(cfg):
+        img_dir = _dirs(dataset)[0]
+        suffix = dataset.get("img_suffix", ".jpg")
+        files = sorted(glob.glob(osp.join(img_dir, f"*{suffix}"))) if osp.isdir(img_dir) else []
+        if files:
+            return files[0], None, None
     from fatr_seg.datasets.synthetic import generate_sample, sample_rng
 
-    print(f"no images in {img_dir}: drawing on a generated synthetic validation image")
+    print("no dataset images: drawing on a generated synthetic validation image")
     image, label = generate_sample(sample_rng(0, "validation", 1), (384, 384))
-    return None, image, _reduce_zero(label)
-
-
-def _reduce_zero(label):
     label = label.astype(np.int64) - 1
     label[label < 0] = 255
-    return label
+    return None, image, label
 
 
 def find_annotation(cfg, img_path):
-    """The label map of a dataset image (training convention), or None."""
-    dataset = _dataset_cfg(cfg)
-    prefix = dataset.get("data_prefix") or {}
-    img_dir = osp.join(dataset.get("data_root", "") or "", prefix.get("img_path", ""))
-    seg_dir = osp.join(dataset.get("data_root", "") or "", prefix.get("seg_map_path", ""))
-    if not prefix.get("seg_map_path") or osp.abspath(osp.dirname(img_path)) != osp.abspath(img_dir):
-        return None
-    stem = osp.splitext(osp.basename(img_path))[0]
-    seg_path = osp.join(seg_dir, stem + dataset.get("seg_map_suffix", ".png"))
-    if not osp.isfile(seg_path):
-        return None
-    from PIL import Image
+    """The label map of a test or validation image, loaded by the config's own annotation loader
+    (``LoadAnnotations``; CamVid's ``LoadCamVidAnnotations`` maps void to 255), or None."""
+    from mmseg.registry import TRANSFORMS
 
-    label = np.asarray(Image.open(seg_path)).astype(np.int64)
-    return _reduce_zero(label) if dataset.get("reduce_zero_label") else label
+    for dataset in _dataset_cfgs(cfg):
+        img_dir, seg_dir = _dirs(dataset)
+        if osp.abspath(osp.dirname(img_path)) != osp.abspath(img_dir):
+            continue
+        stem = osp.splitext(osp.basename(img_path))[0]
+        seg_path = osp.join(seg_dir, stem + dataset.get("seg_map_suffix", ".png"))
+        loads = [s for s in cfg.test_pipeline if s.get("type", "").endswith("Annotations")]
+        if not osp.isfile(seg_path) or not loads:
+            return None
+        results = dict(seg_map_path=seg_path, seg_fields=[],
+                       reduce_zero_label=dataset.get("reduce_zero_label", False))  # fmt: skip
+        return TRANSFORMS.build(dict(loads[0])).transform(results)["gt_seg_map"].astype(np.int64)
+    return None
 
 
 def dataset_meta(cfg, model):
     meta = getattr(model, "dataset_meta", None)
     if meta and meta.get("classes"):
         return meta
-    metainfo = _dataset_cfg(cfg).get("metainfo") or {}
+    metainfo = _dataset_cfgs(cfg)[0].get("metainfo") or {}
     num_classes = model.decode_head.num_classes
     classes = list(metainfo.get("classes") or [f"class {i}" for i in range(num_classes)])
     palette = metainfo.get("palette")
@@ -115,7 +120,8 @@ def run_model(model, cfg, image_rgb):
     import torch
     from mmengine.dataset import Compose
 
-    steps = [dict(s) for s in cfg.test_pipeline if s.get("type") != "LoadAnnotations"]
+    # Annotations are read apart (find_annotation): LoadAnnotations, CamVid's LoadCamVidAnnotations.
+    steps = [dict(s) for s in cfg.test_pipeline if not s.get("type", "").endswith("Annotations")]
     steps[0] = dict(type="LoadImageFromNDArray")
     data = Compose(steps)(dict(img=np.ascontiguousarray(image_rgb[..., ::-1])))  # BGR, like mmcv
     batch = dict(inputs=[data["inputs"]], data_samples=[data["data_samples"]])
