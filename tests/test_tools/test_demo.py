@@ -159,6 +159,18 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert f"| {miou:.2f} |" in summary
     base, free, tuned = (row["checkpoint"] for row in results["models"])
     assert free == base and Path(base).parent.name == "baseline"
+    # tools/train.py (the baseline, 4 iterations): its checkpoint, and one loss logged per
+    # iteration in mmengine's scalars.
+    assert Path(base).name == "iter_4.pth"
+    scalars = sorted(Path(base).parent.glob("*/vis_data/scalars.json"))[-1].read_text()
+    losses = [r["loss"] for r in map(json.loads, scalars.splitlines()) if "loss" in r]
+    assert len(losses) == 4 and all(0.0 < v < 100.0 for v in losses)
+    # tools/test.py: mIoU, and mmseg's per-class table naming the 9 synthetic classes.
+    from fatr_seg.datasets import CLASSES
+
+    per_class = results["miou"]["baseline"]["per_class"]
+    assert set(per_class) == set(CLASSES)
+    assert all(v != v or 0.0 <= v <= 100.0 for v in per_class.values())  # NaN allowed
     assert Path(tuned).parent.name == "fatr_finetune" and Path(tuned).name == "iter_2.pth"
     # The FATR config loads the baseline's checkpoint cleanly: the hook's line, no mismatch.
     free_log = (work / "logs" / "test_fatr_training_free.log").read_text()
