@@ -1,5 +1,6 @@
 """``tools/benchmark.py --compile`` (compiled twins in the same alternation) and ``--cpu-time``."""
 
+import functools
 import importlib.util
 import time
 from pathlib import Path
@@ -19,7 +20,11 @@ _spec.loader.exec_module(benchmark_tool)
 
 @pytest.mark.slow
 def test_compiled_twins_are_timed_and_reported(monkeypatch):
+    """The reporting of compiled twins. They compile with dynamo's eager backend here (inductor
+    costs minutes on 2 cores): that inductor gives eager's outputs is checked for the backbone
+    and ``encode_decode`` in test_compile_layers.py and test_compile.py."""
     monkeypatch.chdir(REPO)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     torch._dynamo.reset()
     args = benchmark_tool.parse_args(["--quick", "--compile", "--no-memory", "--no-scoring",
                                       "--no-progress", "--shapes", "64", "--batch-sizes", "2",
