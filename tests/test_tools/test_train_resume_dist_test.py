@@ -78,6 +78,10 @@ def tiny(tmp_path_factory):
     config = tmp / "tiny.py"
     config.write_text(TINY_CONFIG.format(base=str(DEMO_CONFIG), data_root=str(tmp / "data"),
                                          total=TOTAL, split=SPLIT))  # fmt: skip
+    # Trained to SPLIT once: the run the resume test continues, and the checkpoint the
+    # distributed test evaluates (resuming adds later checkpoints, never rewrites this one).
+    train(config, tmp / "split", "--cfg-options", f"train_cfg.max_iters={SPLIT}")
+    assert (tmp / "split" / f"iter_{SPLIT}.pth").is_file()
     return tmp, config
 
 
@@ -85,8 +89,6 @@ def tiny(tmp_path_factory):
 def test_train_resume_continues_like_an_uninterrupted_run(tiny):
     tmp, config = tiny
     train(config, tmp / "full")
-    train(config, tmp / "split", "--cfg-options", f"train_cfg.max_iters={SPLIT}")
-    assert (tmp / "split" / f"iter_{SPLIT}.pth").is_file()
     resumed = train(config, tmp / "split", "--resume")
     assert f"resumed epoch: 0, iter: {SPLIT}" in resumed.stdout + resumed.stderr
     assert (tmp / "split" / f"iter_{TOTAL}.pth").is_file()
@@ -100,8 +102,7 @@ def test_train_resume_continues_like_an_uninterrupted_run(tiny):
 @pytest.mark.slow
 def test_dist_test_on_cpu_matches_one_process(tiny):
     tmp, config = tiny
-    ckpt = tmp / "one" / f"iter_{SPLIT}.pth"
-    train(config, tmp / "one", "--cfg-options", f"train_cfg.max_iters={SPLIT}")
+    ckpt = tmp / "split" / f"iter_{SPLIT}.pth"
     run([sys.executable, "tools/test.py", str(config), str(ckpt), "--work-dir", str(tmp / "t1")])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
