@@ -331,14 +331,23 @@ def record_reducer_budgets(model):
     return seen, hooks, len(reducers)
 
 
-def test_sampled_ratio_reaches_the_reducers_and_predict_uses_the_configured_one(teacher_ckpt):
-    model = build(teacher_ckpt, budget_range=(0.3, 0.9), budget_seed=5)
+def sampled_step(teacher_ckpt, iteration, **options):
+    """One loss of a student drawing its budget in (0.3, 0.9) (seed 5) at ``iteration``, with the
+    budgets its reducers ran at recorded; returns what the tests read."""
+    model = build(teacher_ckpt, budget_range=(0.3, 0.9), budget_seed=5, **options)
     configured = model.backbone.reduction
     seen, hooks, n = record_reducer_budgets(model)
     images, samples = batch()
-    fresh_hub(iter=17)
+    fresh_hub(iter=iteration)
     losses = model.loss(images, samples)
-    ratio = draw_keep_ratio((0.3, 0.9), 5, 17)
+    ratio = draw_keep_ratio((0.3, 0.9), 5, iteration)
+    return model, configured, seen, hooks, n, (images, samples), losses, ratio
+
+
+def test_sampled_ratio_reaches_the_reducers_and_predict_uses_the_configured_one(teacher_ckpt):
+    model, configured, seen, hooks, n, (images, samples), losses, ratio = sampled_step(
+        teacher_ckpt, 17
+    )
     assert seen == [pytest.approx(ratio, abs=0)] * n
     assert_close(losses["keep_ratio"], torch.tensor(ratio))
     assert model.backbone.reduction == configured
@@ -360,13 +369,9 @@ def test_anchors_train_beside_the_drawn_ratio_and_average_the_terms(teacher_ckpt
     """Sandwich rule: each iteration runs the student at the drawn ratio, then at every anchor;
     each loss term is the mean of what models fixed at those budgets compute, and so is the
     gradient."""
-    model = build(teacher_ckpt, budget_range=(0.3, 0.9), budget_seed=5, budget_anchors=(0.9, 1.0))
-    configured = model.backbone.reduction
-    seen, hooks, n = record_reducer_budgets(model)
-    images, samples = batch()
-    fresh_hub(iter=23)
-    losses = model.loss(images, samples)
-    ratio = draw_keep_ratio((0.3, 0.9), 5, 23)
+    model, configured, seen, hooks, n, (images, samples), losses, ratio = sampled_step(
+        teacher_ckpt, 23, budget_anchors=(0.9, 1.0)
+    )
     assert seen == [pytest.approx(ratio, abs=0)] * n + [0.9] * n + [1.0] * n
     assert_close(losses["keep_ratio"], torch.tensor(ratio))
     assert model.backbone.reduction == configured
