@@ -24,7 +24,6 @@ __all__ = [
     "PAPER_REDUCTION",
     "TOLERANCE",
     "compare",
-    "count_config",
     "format_compare",
     "format_paper_table",
     "paper_table",
@@ -66,12 +65,6 @@ def _count(model, path: str, shape: tuple[int, int]) -> dict:
         segmentor=segmentor.to_dict(),
         decode_head_macs=segmentor.macs - backbone.macs,
     )
-
-
-def count_config(path: str, shape: tuple[int, int], cfg_options: dict | None = None) -> dict:
-    """Backbone and segmentor MACs of one config at ``shape`` (one image)."""
-    model, _, _ = build_segmentor(path, cfg_options=cfg_options)
-    return _count(model, path, shape)
 
 
 def compare(paths: list[str], shape: tuple[int, int], cfg_options: dict | None = None) -> dict:
