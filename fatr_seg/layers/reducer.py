@@ -12,6 +12,7 @@ from ..ops.merge import (
     merge_planned,
     merge_tokens,
     nearest_kept,
+    partner_plan,
 )
 from ..ops.precision import float32_matmul
 from ..ops.reduce import FoldRecord, fold_tokens
@@ -177,15 +178,13 @@ class TokenReducer(nn.Module):
             return fold_tokens(x, state, keep_pos, drop_pos, scores, grid, self.dc_pos, residual)
         if self.aggregate == "fuse":
             return fuse_tokens(x, state, keep_pos, drop_pos, weights, scores, residual)
+        if partner is not None:  # every dropped token joins its partner's new position
+            plan = partner_plan(keep_pos, drop_pos, partner, scores)
+            return merge_planned(x, state, plan, residual, self.cfg.prop_attn)
         with torch.no_grad():
-            if partner is None:
-                radius = self.cfg.merge_radius
-                dst = nearest_kept(self.metric(x, stats, M), keep_pos, drop_pos,
-                                   state.patch_idx, state.hw_shape, radius)  # fmt: skip
-            else:  # the partner's position -> its index among the kept tokens
-                index = torch.zeros_like(scores, dtype=torch.long)
-                index.scatter_(1, keep_pos, torch.arange(keep, device=x.device).expand_as(keep_pos))
-                dst = index.gather(1, partner.gather(1, drop_pos))
+            radius = self.cfg.merge_radius
+            dst = nearest_kept(self.metric(x, stats, M), keep_pos, drop_pos,
+                               state.patch_idx, state.hw_shape, radius)  # fmt: skip
         return merge_tokens(x, state, keep_pos, drop_pos, dst, scores, residual,
                             self.cfg.prop_attn)  # fmt: skip
 

@@ -27,6 +27,7 @@ __all__ = [
     "merge_planned",
     "merge_tokens",
     "nearest_kept",
+    "partner_plan",
 ]
 
 # Cosine similarities lie in [-1, 1]; a penalty of 3 ranks any far candidate below every near one.
@@ -164,6 +165,25 @@ def bipartite_plan(
         return s
 
     return MergePlan(perm, old_to_new, num_keep, scores)
+
+
+@torch.no_grad()
+def partner_plan(
+    keep_pos: torch.Tensor, drop_pos: torch.Tensor, partner: torch.Tensor, scores: torch.Tensor
+) -> MergePlan:
+    """A :class:`MergePlan` from a split and the partner a score proposes for every position.
+
+    Args:
+        keep_pos: (B, K) kept positions, in the merged sequence's order.
+        drop_pos: (B, L) dropped positions, ascending.
+        partner: (B, M) the position each token would join; a dropped token's must be kept.
+        scores: (B, M) the scores of the split (for the record).
+    """
+    B, K = keep_pos.shape
+    old_to_new = keep_pos.new_empty(B, partner.shape[1])
+    old_to_new.scatter_(1, keep_pos, torch.arange(K, device=keep_pos.device).expand(B, K))
+    old_to_new.scatter_(1, drop_pos, old_to_new.gather(1, partner.gather(1, drop_pos)))
+    return MergePlan(torch.cat([keep_pos, drop_pos], dim=1), old_to_new, K, lambda: scores)
 
 
 def merge_tokens(
