@@ -27,6 +27,23 @@ def run_tool(args, cwd=REPO) -> subprocess.CompletedProcess:
                           text=True, timeout=600)  # fmt: skip
 
 
+def tiny_overrides(embed: int, heads: int, depth: int, patch: int, num_classes: int) -> dict:
+    """``--cfg-options``-style overrides that shrink a main config's Segmenter to a toy of the
+    same structure, on 64x64 crops."""
+    return {
+        "model.backbone.img_size": (64, 64),
+        "model.backbone.patch_size": patch,
+        "model.backbone.embed_dims": embed,
+        "model.backbone.num_layers": depth,
+        "model.backbone.num_heads": heads,
+        **{f"model.decode_head.{k}": embed for k in ("in_channels", "channels", "embed_dims")},
+        "model.decode_head.num_heads": heads,
+        "model.decode_head.num_layers": 1,
+        "model.decode_head.num_classes": num_classes,
+        "model.data_preprocessor.size": (64, 64),
+    }
+
+
 # Training only: no validation or test loop.
 NO_EVAL = """val_dataloader = None
 val_evaluator = None

@@ -10,6 +10,7 @@ from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 from mmseg.utils import register_all_modules
+from tiny_configs import tiny_overrides
 from torch import nn
 from torch.testing import assert_close
 
@@ -22,20 +23,9 @@ EMBED, HEADS, DEPTH, PATCH = 48, 3, 6, 8
 LAYERS, RATIOS, WINDOWS = (2, 4, 5), (0.6, 0.7, 0.8), (2, 2, 1)
 # The main config shrunk the way `--cfg-options` would (reduction layers moved into 6 blocks).
 TINY = {
-    "model.backbone.img_size": (64, 64),
-    "model.backbone.patch_size": PATCH,
-    "model.backbone.embed_dims": EMBED,
-    "model.backbone.num_layers": DEPTH,
-    "model.backbone.num_heads": HEADS,
+    **tiny_overrides(EMBED, HEADS, DEPTH, PATCH, num_classes=9),
     "model.backbone.drop_path_rate": 0.0,
     "model.backbone.init_cfg": None,
-    "model.decode_head.in_channels": EMBED,
-    "model.decode_head.channels": EMBED,
-    "model.decode_head.embed_dims": EMBED,
-    "model.decode_head.num_heads": HEADS,
-    "model.decode_head.num_layers": 1,
-    "model.decode_head.num_classes": 9,
-    "model.data_preprocessor.size": (64, 64),
 }
 
 

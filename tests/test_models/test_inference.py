@@ -11,6 +11,7 @@ from mmseg.apis import inference_model, init_model
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 from mmseg.utils import register_all_modules
+from tiny_configs import tiny_overrides
 from torch.testing import assert_close
 
 from fatr_seg.datasets import CLASSES, PALETTE, generate_sample
@@ -22,19 +23,8 @@ EMBED, HEADS, DEPTH, PATCH = 48, 3, 6, 16
 # `--cfg-options`-style overrides: a toy model with the main config's structure, small crops, and
 # a test pipeline that keeps a small image at its own size.
 TINY = {
-    "model.backbone.img_size": (64, 64),
-    "model.backbone.patch_size": PATCH,
-    "model.backbone.embed_dims": EMBED,
-    "model.backbone.num_layers": DEPTH,
-    "model.backbone.num_heads": HEADS,
+    **tiny_overrides(EMBED, HEADS, DEPTH, PATCH, num_classes=len(CLASSES)),
     "model.backbone.reduction.layers": (2, 4, 5),
-    "model.decode_head.in_channels": EMBED,
-    "model.decode_head.channels": EMBED,
-    "model.decode_head.embed_dims": EMBED,
-    "model.decode_head.num_heads": HEADS,
-    "model.decode_head.num_layers": 1,
-    "model.decode_head.num_classes": len(CLASSES),
-    "model.data_preprocessor.size": (64, 64),
     "model.test_cfg.crop_size": (64, 64),
     "model.test_cfg.stride": (48, 48),
     "test_pipeline.1.scale": (128, 96),
