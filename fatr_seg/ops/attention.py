@@ -236,7 +236,8 @@ def reweighted_attention(
     ``A[:, DC] V[DC]`` is then a small ``(n × num_dc) · (num_dc × d)`` product.
 
     The DC tokens are the last ``num_dc`` tokens of the sequence. Keys removed by ``key_bias``
-    (``-inf``, e.g. DC windows that hold no token yet) are left out of ``mean_tokens`` too.
+    (``-inf``: DC windows that hold no token yet, the only keys ever removed; with ``num_dc``
+    0 every key counts) are left out of ``mean_tokens`` too.
 
     Attention dropout (``dropout_p``) drops entries of ``A`` itself, as in a plain ViT block:
     ``Â = A_LP + coef_hp · (Ã - A_LP) + coef_dc · Ã_DC`` with ``Ã`` the dropped (and rescaled)
@@ -294,10 +295,12 @@ def reweighted_attention(
                 logits = logits + key_bias[:, None, None, n - num_dc :]
             a_dc = torch.exp(logits - lse[..., None]).to(v.dtype)
             dc_term = a_dc @ v[:, :, n - num_dc :]
-    if key_bias is None:
+    if key_bias is None or num_dc == 0:
+        # Only a DC token (an empty window) is ever masked: a bias without DC tokens holds
+        # log(size)s (proportional attention), and every key takes part in the mean.
         v_mean = v.mean(dim=2, keepdim=True)
     else:
-        valid = torch.isfinite(key_bias).to(v.dtype)[:, None, :, None]  # (B, 1, n, 1)
+        valid = (key_bias != float("-inf")).to(v.dtype)[:, None, :, None]  # (B, 1, n, 1)
         v_mean = (v * valid).sum(2, keepdim=True) / valid.sum(2, keepdim=True)
     # c · AV - (c - 1) · mean(V) = mean(V) + c · (AV - mean(V)): one lerp.
     out = torch.lerp(v_mean, av, coef_hp.to(v.dtype).view(1, h, 1, 1))

