@@ -180,7 +180,15 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     train_log = (work / "logs" / "train_fatr_finetune.log").read_text()
     assert f"loaded the distillation teacher from {base}" in train_log
     assert "loss_distill" in train_log and "Iter(train) [2/2]" in train_log
-    assert (work / "tokens_overview.png").is_file()
+    # tools/visualize_tokens.py: per reduction layer the token map, prediction and ground truth
+    # (96-px images enlarged to 320-px panels); the overview has every layer and both.
+    from PIL import Image
+
+    for name, panels in (("tokens_block4", 3), ("tokens_block7", 3), ("tokens_block10", 3),
+                         ("tokens_overview", 5)):  # fmt: skip
+        with Image.open(work / f"{name}.png") as png:
+            png.verify()
+            assert png.size == (panels * 320, 320 + 110), name
     assert list(results["timings"]) == [
         "data", "train baseline", "test baseline", "test fatr_training_free", "fine-tune FATR",
         "test fatr_finetuned", "benchmark", "token maps",
