@@ -23,6 +23,12 @@ def test_mmcv_compiled_ops_run():
     assert keep.tolist() == [0, 2]
 
 
+def _load(pipeline, img_path, seg_path, reduce_zero_label):
+    """One sample through ``pipeline``, as mmseg's dataset hands it over."""
+    return pipeline(dict(img_path=str(img_path), seg_map_path=str(seg_path),
+                         reduce_zero_label=reduce_zero_label, seg_fields=[]))  # fmt: skip
+
+
 def test_ade20k_train_pipeline(tmp_path):
     init_default_scope("mmseg")
     rng = np.random.default_rng(0)
@@ -44,14 +50,7 @@ def test_ade20k_train_pipeline(tmp_path):
         ]
     )
     for _ in range(5):
-        out = pipeline(
-            dict(
-                img_path=str(tmp_path / "img.jpg"),
-                seg_map_path=str(tmp_path / "seg.png"),
-                reduce_zero_label=True,
-                seg_fields=[],
-            )
-        )
+        out = _load(pipeline, tmp_path / "img.jpg", tmp_path / "seg.png", reduce_zero_label=True)
         assert out["inputs"].shape == (3, 256, 256) and out["inputs"].dtype == torch.uint8
         labels = out["data_samples"].gt_sem_seg.data
         assert labels.shape == (1, 256, 256)
@@ -72,12 +71,5 @@ def test_png_labels_round_trip_exactly(tmp_path):
                 dict(type="PackSegInputs"),
             ]
         )
-        out = pipeline(
-            dict(
-                img_path=str(tmp_path / "img.png"),
-                seg_map_path=str(tmp_path / "seg.png"),
-                reduce_zero_label=False,
-                seg_fields=[],
-            )
-        )
+        out = _load(pipeline, tmp_path / "img.png", tmp_path / "seg.png", reduce_zero_label=False)
         np.testing.assert_array_equal(out["data_samples"].gt_sem_seg.data[0].numpy(), seg)
