@@ -49,7 +49,8 @@ LOCAL_SCORES = ("window", "window_hf", "window_random")
 WHOLE_WINDOW_SCORES = ("window_hf", "window_random")
 # Bipartite matching among the tokens a score leaves unprotected, and the ranking it protects by.
 PROTECTING_SCORES = ("hf_bipartite", "random_bipartite")
-_RANKING_OF = {"hf_bipartite": "hf", "random_bipartite": "random"}
+_RANKING_OF = {"hf_bipartite": "hf", "random_bipartite": "random", "window_hf": "hf",
+               "window_random": "random"}  # fmt: skip
 METRICS = ("keys", "x")
 REWEIGHTS = ("identity", "paper", None)
 RESTORES = ("copy", "residual")
@@ -68,6 +69,19 @@ _FATR = dict(
     reweight="identity",
     restore="copy",
 )
+# The fast schedule: an early local stage, then two global stages.
+_FATR_LOCAL = dict(
+    layers=(2, 5, 8),
+    keep_ratio=(0.5, 0.6, 0.8),
+    score=("window_hf", "hf_bipartite", "hf_bipartite"),
+    local_window=2,
+    protect=0.2,
+    aggregate="merge",
+    metric="keys",
+    prop_attn=True,
+    reweight="identity",
+    restore="copy",
+)
 # ToMe's reduction, whatever its schedule: bipartite matching on the keys, size-weighted merging
 # with its proportional attention, no reweighting.
 _TOME = dict(score="bipartite", aggregate="merge", metric="keys", prop_attn=True, reweight=None,
@@ -77,6 +91,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The dense default: the HF score protects the top fifth of the tokens; the others merge
     # pairwise with their most similar partner (bipartite matching), size-weighted.
     "fatr": _FATR,
+    # Faster: an early local stage (block 2 folds whole 2x2 windows whose tokens all have low
+    # HF scores, a fixed count per image), then the default's global merging at blocks 5 and 8;
+    # merged tokens weigh their size in attention.
+    "fatr_local": _FATR_LOCAL,
     # The paper's literal configuration: LF tokens folded into 2x2, 2x2, 1x1 DC windows.
     "fatr_paper": dict(
         layers=(4, 7, 10),
@@ -170,6 +188,10 @@ class ReductionConfig:
         local_window: Side in patches of the local windows of the ``'window*'`` scores. A
             whole-window score folds ``F = ⌊(M - ceil(keep_ratio · M)) / (w² - 1)⌋`` windows
             (or ``⌊r / (w² - 1)⌋``), at most all of them, so it keeps at least its budget.
+        score_queries: Estimate the HF scores (``'hf'``, ``'hf_bipartite'``, ``'window_hf'``)
+            from about this many strided query rows instead of all of them (exact
+            probabilities from the attention's log-sum-exp; see :func:`fatr_seg.ops.hf_scores`);
+            None: the exact column mean.
         protect: For ``'hf_bipartite'`` (``'random_bipartite'``): the fraction of the patch
             tokens present that the HF score (chance) protects: kept, merged with nothing. The
             others are matched as ToMe does.
@@ -193,6 +215,7 @@ class ReductionConfig:
     metric: str = "keys"
     merge_radius: int | None = None
     local_window: int = 2
+    score_queries: int | None = None
     protect: float = 0.2
     prop_attn: bool = False
     reweight: str | None = "identity"
@@ -221,8 +244,10 @@ class ReductionConfig:
             value = getattr(self, key)
             if len(value) != n or any(v not in allowed for v in value):
                 _fail(key, value, f"choose from {allowed}, one value or {n} values")
-        if not isinstance(self.local_window, int) or isinstance(self.local_window, bool) or (
-            self.local_window < 2
+        if (
+            not isinstance(self.local_window, int)
+            or isinstance(self.local_window, bool)
+            or (self.local_window < 2)
         ):
             _fail("local_window", self.local_window, "a window side in patches, an integer >= 2")
         self._check_dc(n)
@@ -247,6 +272,11 @@ class ReductionConfig:
             if score == "bipartite" and self.keep_ratio and self.keep_ratio[j] < 0.5:
                 _fail("keep_ratio", self.keep_ratio, "bipartite matching (ToMe) merges at most "
                       "half the tokens per layer: use keep_ratio >= 0.5")  # fmt: skip
+        if self.score_queries is not None and (
+            not isinstance(self.score_queries, int) or isinstance(self.score_queries, bool)
+            or self.score_queries < 1
+        ):  # fmt: skip
+            _fail("score_queries", self.score_queries, "a positive number of query rows, or None")
         if self.metric not in METRICS:
             _fail("metric", self.metric, f"choose one of {METRICS}")
         if not (_is_number(self.protect) and 0.0 <= float(self.protect) < 1.0):
@@ -354,6 +384,14 @@ class ReductionConfig:
         if isinstance(cfg, ReductionConfig):
             out = cfg
         else:
+            layers = cfg.get("layers") if isinstance(cfg, dict) else None
+            if (
+                depth is not None
+                and isinstance(layers, list | tuple)
+                and any(isinstance(i, int) and i > depth for i in layers)
+            ):  # named before any per-layer key that its length would fault
+                _fail("layers", tuple(layers), f"the model has {depth} blocks (layers are "
+                      "1-indexed)")  # fmt: skip
             out = cls._from_mapping(cfg)
         if depth is not None and out.layers[-1] > depth:
             _fail("layers", out.layers, f"the model has {depth} blocks (layers are 1-indexed)")
@@ -385,7 +423,7 @@ class ReductionConfig:
         n = len(layers)
         for key, value in PRESETS[method].items():
             per_layer = isinstance(value, tuple) and key != "layers"
-            if per_layer and key not in cfg and len(value) != n:
+            if per_layer and key not in cfg and len(value) != n and n:  # n = 0: see layers
                 _fail(key, value, f"method {method!r} gives it for {len(value)} layers; give "
                       f"{key} for your {n} layers too")  # fmt: skip
         score = merged["score"]
@@ -412,6 +450,7 @@ class ReductionConfig:
             metric=merged.get("metric", "keys"),
             merge_radius=merged.get("merge_radius"),
             local_window=merged.get("local_window", 2),
+            score_queries=merged.get("score_queries"),
             protect=merged.get("protect", 0.2),
             prop_attn=merged.get("prop_attn", False),
             reweight=merged["reweight"],

@@ -12,12 +12,17 @@ def test_default_is_the_fatr_preset():
     assert cfg.method == "fatr" == REDUCTION_DEFAULTS["method"]
     assert cfg.layers == (4, 7, 10) and cfg.keep_ratio == (0.7, 0.7, 0.7) and cfg.r is None
     assert cfg.score == ("hf_bipartite",) * 3 and cfg.aggregate == ("merge",) * 3
-    assert cfg.protect == 0.2 and not cfg.prop_attn
+    assert cfg.protect == 0.2 and not cfg.prop_attn and cfg.score_queries is None
     assert cfg.reweight == "identity" and cfg.restore == "copy"
     assert cfg.windows is None and cfg.window_size is None
     assert ReductionConfig.from_dict(None) is None
     assert ReductionConfig.from_dict(cfg) is cfg
     assert cfg.index(3) == 0 and cfg.index(6) == 1 and cfg.index(0) is None
+    # the early local stage (block 2: whole 2x2 windows by HF priority), two global stages
+    local = ReductionConfig.from_dict(dict(method="fatr_local"))
+    assert local.layers == (2, 5, 8) and local.keep_ratio == (0.5, 0.6, 0.8)
+    assert local.score == ("window_hf", "hf_bipartite", "hf_bipartite")
+    assert local.local_window == 2 and local.prop_attn and local.protect == 0.2
 
 
 def test_normalisation_and_aliases():
@@ -114,8 +119,10 @@ BAD = [
     ("keep_ratio", dict(layers=(1,), keep_ratio=0.1, score="window_random", local_window=3)),
     ("local_window", dict(layers=(1,), keep_ratio=0.5, score="window_hf", local_window=1)),
     ("local_window", dict(layers=(1,), keep_ratio=0.5, score="window_hf", local_window=2.0)),
-    ("aggregate", dict(layers=(1,), keep_ratio=0.5, score="window_hf", aggregate="dc",
-                       windows=2)),  # fmt: skip
+    (
+        "aggregate",
+        dict(layers=(1,), keep_ratio=0.5, score="window_hf", aggregate="dc", windows=2),
+    ),  # fmt: skip
     ("keep_ratio", dict(method="tome", keep_ratio=0.4)),  # bipartite merges at most half
     ("keep_ratio", dict(method="tome", keep_ratio=(0.7, 0.49, 0.9))),
     ("method", dict(method="dct")),

@@ -216,8 +216,12 @@ def test_merge_key_bias_enters_the_next_attention():
 # Budget, every preset
 # ---------------------------------------------------------------------------------------------
 def per_layer(method):
-    """The preset keys given per layer, for two layers."""
-    return dict(windows=(2, 1)) if method == "fatr_paper" else {}
+    """The preset keys given per layer, for two layers: a preset with an early local stage
+    gives its global stages' scores (its local stage has tests of its own)."""
+    if method == "fatr_paper":
+        return dict(windows=(2, 1))
+    score = PRESETS[method].get("score")
+    return dict(score=score[-2:]) if isinstance(score, tuple) and len(score) != 2 else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +304,7 @@ def test_protection_gives_way_to_the_budget(protect):
             assert cfg.num_protected(M, math.ceil(0.6 * M)) <= 1  # ceil rounding
 
 
-@pytest.mark.parametrize("method", ["fatr", "random"])
+@pytest.mark.parametrize("method", ["fatr", "fatr_local", "random"])
 def test_protecting_score_reaches_half_the_tokens(method):
     """Below (1 + protect) / 2 the default still keeps exactly its budget: 0.5 keeps half, not
     the 0.6 that full protection would allow, and merges all of the M - keep dropped tokens."""
@@ -308,7 +312,7 @@ def test_protecting_score_reaches_half_the_tokens(method):
     kept = {}
     for keep_ratio in (0.5, 0.55, 0.6):
         x, stats, state = make_inputs(2, (6, 6), seed=3)
-        red = reducer(method, keep_ratio=keep_ratio, layers=(1, 2))
+        red = reducer(method, keep_ratio=keep_ratio, layers=(1, 2), **per_layer(method))
         out, new_state, rec = red(x, stats, state)
         kept[keep_ratio] = rec.kept.shape[1]
         assert out.shape[1] == 1 + kept[keep_ratio]

@@ -55,6 +55,10 @@ def reduction(method, layers=(1, 2), **kwargs):
     """A reduction at ``layers``; the paper's form with DC windows 2x2 then 1x1."""
     if method == "fatr_paper":
         kwargs.setdefault("windows", (2, 1)[: len(layers)])
+    for key in ("score", "keep_ratio"):  # a preset's per-layer values, its first stages
+        value = PRESETS[method].get(key)
+        if isinstance(value, tuple) and len(value) != len(layers) and key not in kwargs:
+            kwargs[key] = value[: len(layers)]
     return dict(method=method, layers=layers, **kwargs)
 
 

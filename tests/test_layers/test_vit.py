@@ -138,13 +138,22 @@ CASES = [
     (
         (5, 7),
         (45, 70),
-        dict(layers=(2, 5), keep_ratio=(0.6, 0.8), score=("window_hf", "hf_bipartite"),
-             restore="residual"),
+        dict(
+            layers=(2, 5),
+            keep_ratio=(0.6, 0.8),
+            score=("window_hf", "hf_bipartite"),
+            restore="residual",
+        ),
         False,
         2,
     ),  # fmt: skip  # pad + interpolate; an odd grid leaves a row and a column out of windows
-    ((6, 8), (48, 64), dict(layers=(1,), keep_ratio=0.4, score="window_hf", local_window=3),
-     True, 2),  # fmt: skip
+    (
+        (6, 8),
+        (48, 64),
+        dict(layers=(1,), keep_ratio=0.4, score="window_hf", local_window=3),
+        True,
+        2,
+    ),  # fmt: skip
 ]
 
 
@@ -309,6 +318,10 @@ def test_gradients_reach_omegas_dc_pos_and_every_token(restore):
          ["blocks.2.attn.omega1", "blocks.5.attn.omega1", "blocks.3.attn.qkv.weight",
           "blocks.4.mlp.fc1.weight", "pos_embed", "cls_token"]),
         (dict(method="fatr", **LAYERS), ["blocks.3.attn.omega1", "blocks.1.attn.qkv.weight"]),
+        # the early local stage, proportional attention after it
+        (dict(method="fatr_local", layers=(2, 4, 5), keep_ratio=(0.5, 0.6, 0.8)),
+         ["blocks.2.attn.omega1", "blocks.0.attn.qkv.weight", "blocks.3.mlp.fc1.weight",
+          "pos_embed"]),
     ],
 )  # fmt: skip
 def test_parameter_gradients_match_reference(red, names):
@@ -365,7 +378,7 @@ def test_image_outputs_do_not_depend_on_the_rest_of_the_batch(grid, red):
 # ---------------------------------------------------------------------------------------------
 # reduction_trace
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["fatr", "fatr_paper", "tome", "evit"])
+@pytest.mark.parametrize("method", ["fatr", "fatr_local", "fatr_paper", "tome", "evit"])
 def test_reduction_trace_is_consistent(method):
     red = dict(method=method, layers=(2, 4, 5), keep_ratio=0.7)
     model = build(red, grid=(9, 11), seed=16)
@@ -377,7 +390,7 @@ def test_reduction_trace_is_consistent(method):
     assert len(traces) == 3
     M_prev, kept_prev = N, None
     for j, t in enumerate(traces):
-        K = cfg.num_keep(j, M_prev)
+        K = cfg.num_keep(j, M_prev, (H, W))
         assert t.kept.shape == t.kept_scores.shape == (B, K)
         assert t.group.shape == t.source.shape == (B, N)
         cells = t.kept[t.kept >= 0].view(B, -1)
