@@ -74,6 +74,13 @@ def parse_args(argv=None):
     add("--distill-config", default=osp.join(CONFIGS, "fatr_vit-t_camvid_distill.py"))
     add("--methods", nargs="+", choices=METHODS, help=f"default: {' '.join(METHODS)}")
     add(
+        "--variants",
+        nargs="+",
+        metavar="NAME=JSON",
+        help="named reduction dicts run beside the methods at their own budget (a schedule "
+        'search), e.g. \'local={"layers": [1, 5], "keep_ratio": [0.5, 0.7], ...}\'',
+    )
+    add(
         "--equal-macs",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -81,6 +88,13 @@ def parse_args(argv=None):
     )
     add("--mac-tol", type=float, default=0.01, help="relative MACs tolerance (default 0.01)")
     add("--seeds", nargs="+", type=int, help="fine-tuning seeds (default 0 1 2)")
+    add(
+        "--no-finetune",
+        dest="finetune",
+        action="store_false",
+        help="training-free only: mIoU, cost and HF amplitude on the baseline's weights (a "
+        "first screen of --variants)",
+    )
     g = p.add_argument_group("baseline training (with --baseline-checkpoint: unused)")
     g.add_argument("--base-iters", type=int, help=f"default {DEFAULTS['base_iters']}")
     g.add_argument("--base-lr", type=float, default=1e-4, help="AdamW lr (default 1e-4)")

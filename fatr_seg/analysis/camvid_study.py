@@ -71,7 +71,8 @@ __all__ = [
 ]
 
 #: Every method the study knows, in its default order; ``none`` is the unreduced model.
-METHODS = ("none", "fatr", "fatr_paper", "tome", "tome_constant", "algm", "evit", "random")
+METHODS = ("none", "fatr", "fatr_local", "fatr_paper", "tome", "tome_constant", "algm", "evit",
+           "random")  # fmt: skip
 assert set(METHODS[1:]) == set(REDUCTION_PRESETS), "a reduction preset is missing from METHODS"
 CURVE_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 EVAL_SIZE = (368, 480)  # CamVid's 360x480 padded to whole 16-pixel patches: 23x30 tokens
@@ -91,7 +92,8 @@ PRESETS = {
 }  # fmt: skip
 QUICK_WEIGHTS = "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
 # Options that do not change any result: a re-run may change them.
-_NOT_SETTINGS = ("work_dir", "seeds", "methods", "budget_curve", "curve_seeds", "threads", "quick")
+_NOT_SETTINGS = ("work_dir", "seeds", "methods", "variants", "finetune", "budget_curve",
+                 "curve_seeds", "threads", "quick")  # fmt: skip
 
 
 class SkipStudy(StudyError):
@@ -137,6 +139,8 @@ def resolve_args(args):
     if not 0 < args.ema_momentum < 1:
         raise StudyError(f"--ema-momentum {args.ema_momentum}: must lie in (0, 1)")
     args.methods = [m for m in METHODS if m in args.methods]  # canonical order, no repeats
+    args.variants = parse_variants(getattr(args, "variants", None) or [])
+    args.methods += list(args.variants)
     args.seeds = sorted(set(args.seeds))
     args.curve_seeds = sorted(set(getattr(args, "curve_seeds", None) or args.seeds[:1]))
     if args.budget_curve is not None:
@@ -159,6 +163,28 @@ def resolve_args(args):
     if args.baseline_checkpoint and not osp.isfile(args.baseline_checkpoint):
         raise StudyError(f"--baseline-checkpoint not found: {args.baseline_checkpoint}")
     return args
+
+
+def parse_variants(specs: list[str]) -> dict[str, dict]:
+    """``NAME=JSON`` reduction dicts (a schedule to compare, at its own budget) by name.
+
+    Raises:
+        StudyError: A spec without ``=``, a name that is a method, invalid JSON or an invalid
+            reduction (the message names the variant and the key).
+    """
+    out = {}
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        if not sep or not name or name in METHODS or name in out:
+            raise StudyError(f"--variants {spec!r}: give NAME=JSON with a new name (not one of "
+                             f"{METHODS} or an earlier variant)")  # fmt: skip
+        try:
+            red = json.loads(text)
+            ReductionConfig.from_dict(red)
+        except (json.JSONDecodeError, ValueError) as err:
+            raise StudyError(f"--variants {name}: {err}") from None
+        out[name] = red
+    return out
 
 
 def settings_of(args) -> dict:
@@ -221,6 +247,9 @@ def budgets(ctx: _Ctx) -> dict:
             value = dict(reduction=None, macs=shape.macs(None), target=target)
         elif m == ref.get("method", "fatr"):
             value = dict(reduction=ref, macs=target, target=target, rel_error=0.0)
+        elif m in args.variants:  # a schedule of its own: not matched
+            red = args.variants[m]
+            value = dict(reduction=red, macs=shape.macs(red), target=target)
         elif args.equal_macs:
             value = match_budget(dict(method=m), target, shape, args.mac_tol).to_dict()
         else:
@@ -349,7 +378,7 @@ def run_camvid_study(args) -> dict:
         del free
 
     # 6. Fine-tuned, per seed.
-    for seed in args.seeds:
+    for seed in args.seeds if getattr(args, "finetune", True) else ():
         for m in args.methods:
             key, hf_key = ctx.key("ft", m, f"s{seed}"), ctx.key("hf", "ft", m)
             if _done(ctx, key, *([hf_key] if seed == args.seeds[0] else [])):
@@ -364,7 +393,8 @@ def run_camvid_study(args) -> dict:
     if args.budget_curve:
         budget_curve(ctx, inputs, img_shape)
     # What this run covered (the report's rows); a later run may cover more.
-    store.data["settings"].update(seeds=args.seeds, methods=args.methods,
+    seeds = args.seeds if getattr(args, "finetune", True) else []
+    store.data["settings"].update(seeds=seeds, methods=args.methods,
                                   budget_curve=args.budget_curve,
                                   curve_seeds=args.curve_seeds)  # fmt: skip
     store.save()
