@@ -1,9 +1,10 @@
 """The segmentor under ``torch.compile``: ``encode_decode`` as one graph, and the test-time hook.
 
 ``encode_decode`` (backbone, decode head, resize of the logits) compiles with ``fullgraph=True``
-and inductor on CPU, with ``FATRSegmenterHead`` on the compact output and with mmseg's stock
-Segmenter head on the restored grid, and gives eager's logits. ``CompileInferenceHook``
-compiles the modules for validation and testing only and keeps their graphs between runs.
+on CPU, with ``FATRSegmenterHead`` on the compact output (inductor) and with mmseg's stock
+Segmenter head on the restored grid (AOTAutograd), and gives eager's logits.
+``CompileInferenceHook`` compiles the modules for validation and testing only and keeps their
+graphs between runs.
 """
 
 import logging
@@ -48,15 +49,18 @@ def fresh_dynamo():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("method", "head", "compact"),
+    ("method", "head", "compact", "backend"),
     [
-        ("fatr", "FATRSegmenterHead", True),  # the configs' head on the reduced token set
-        ("fatr_paper", "SegmenterMaskTransformerHead", False),  # mmseg's head on the full grid
+        # the configs' head on the reduced token set, through inductor
+        ("fatr", "FATRSegmenterHead", True, "inductor"),
+        # mmseg's head on the full grid: one graph and eager's logits through AOTAutograd
+        # (inductor's code for the full-grid restore: test_compile_layers.py)
+        ("fatr_paper", "SegmenterMaskTransformerHead", False, "aot_eager"),
     ],
 )
-def test_encode_decode_compiles_to_one_graph(method, head, compact):
+def test_encode_decode_compiles_to_one_graph(method, head, compact, backend):
     model = build(dict(method=method), head, compact)
-    counter = CompileCounterWithBackend("inductor")
+    counter = CompileCounterWithBackend(backend)
     fn = torch.compile(model.encode_decode, backend=counter, fullgraph=True, dynamic=False)
     x = torch.randn(2, 3, 64, 80)
     metas = [dict(img_shape=(64, 80), ori_shape=(64, 80), pad_shape=(64, 80))] * 2
