@@ -15,7 +15,7 @@ from fatr_seg.models.preflight import PreflightError, check_config_paths
 register_all_modules()
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(p for p in CONFIGS.rglob("*.py") if "_base_" not in p.parts)
-MAIN_REDUCTION = dict(method="fatr", layers=(4, 7, 10), keep_ratio=0.7)
+MAIN_REDUCTION = dict(method="fatr")
 _cache: dict[str, Config] = {}
 
 

@@ -45,7 +45,9 @@ model = dict(
         # The method's preset (fatr_seg.layers.PRESETS; the table in docs/method.md is rendered
         # from it) fills every key left out here. Another method= gives its own preset (e.g.
         # 'fatr_paper', 'tome', 'algm'); windows=... alone switches to the paper's DC aggregation.
-        reduction=dict(method='fatr', layers=(4, 7, 10), keep_ratio=0.7),
+        # Only the method: a config that inherits this one and names another method gets that
+        # preset whole (mmengine merges dicts key by key).
+        reduction=dict(method='fatr'),
         # The Segmenter head below runs on the reduced token set (exactly the logits of the
         # stock head on the restored grid). Set False to feed full-grid maps to any mmseg head.
         compact_output=True,

@@ -405,7 +405,7 @@ def test_reduction_trace_is_consistent(method):
         assert torch.equal(t.group[~own], t.source[~own])
         if kept_prev is not None and method != "evit":  # a dropped patch never comes back
             assert torch.isin(cells, kept_prev).all()
-        if method in ("tome", "fatr"):  # B (and protected) tokens are always kept: score +inf
+        if method in ("tome", "fatr", "fatr_local"):  # B, protected, window-last tokens: +inf
             assert (t.kept_scores.isfinite() | (t.kept_scores == float("inf"))).all()
         else:
             assert t.kept_scores.isfinite().all()

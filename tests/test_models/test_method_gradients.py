@@ -23,7 +23,7 @@ CASES["fatr_residual"] = dict(reduction=dict(method="fatr", restore="residual"))
 CASES["fatr_compact"] = dict(reduction=dict(method="fatr"), compact_output=True)
 CASES["fatr_paper_compact"] = dict(reduction=dict(method="fatr_paper"), compact_output=True)
 # The reduction's own parameters each method has: (omega1, omega2, dc_pos) counts.
-OWN = {"fatr": (8, 0, 0), "fatr_paper": (8, 8, 3), "random": (8, 0, 0)}
+OWN = {"fatr": (8, 0, 0), "fatr_local": (10, 0, 0), "fatr_paper": (8, 8, 3), "random": (8, 0, 0)}
 
 
 def tiny_segmentor(**backbone):
