@@ -1,0 +1,63 @@
+# ruff: noqa: E501  (provenance strings: commands as they ran)
+"""Summarise tools/benchmark.py's benchmark.json (default vs fatr_local) into a results/ table file.
+
+A one-off provenance script for results/cpu_vit-s_local-stage.json; run from the repository root.
+"""
+
+import json
+import sys
+
+raw_path, out_path, commit = sys.argv[1:4]
+d = json.load(open(raw_path))
+NAME = {
+    "fatr_ade20k": ("FATR default (`fatr`)", "configs/fatr_ade20k.py"),
+    "fatr-local_vit-s_mask_8xb1-160k_ade20k-512x512": (
+        "**FATR local stage (`fatr_local`)**",
+        "configs/fatr-local_vit-s_mask_8xb1-160k_ade20k-512x512.py",
+    ),
+}
+base = {(t["target"], t["batch"]): t for t in d["timing"] if t["config"] == "baseline_vit-s_ade20k"}
+rows = []
+for t in d["timing"]:
+    if t["config"] not in NAME:
+        continue
+    b = base[(t["target"], t["batch"])]
+    name, config = NAME[t["config"]]
+    rows.append(dict(
+        target=t["target"], batch=t["batch"], method=name, config=config,
+        base_images_s=b["images_per_s"]["median"], images_s=t["images_per_s"]["median"],
+        speedup=t["speedup"], speedup_paired=t["speedup_paired"],
+        ideal=1.0 / t["macs_ratio"], of_ideal=t["speedup_per_ideal"],
+    ))  # fmt: skip
+out = dict(
+    title="CPU speed, Segmenter-Mask ViT-S/16 at 512² (1024 tokens), fp32, 1 thread: the default and fatr_local against the unreduced model",
+    source=f"summarised from results/raw/{raw_path.split('/')[-1]} (tools/benchmark.py's benchmark.json) by the command's last line",
+    date=d["date"],
+    commit=commit,
+    machine=f"the project's 2-core x86_64 CPU machine, no GPU; load average {d['machine']['load_avg']} (other test processes beside it: speed-ups are of models alternating in one process)",
+    command=[
+        d["command"],
+        "python results/raw/summarise_cpu_local_stage.py results/raw/cpu_vit-s_ade20k-512_local-stage_benchmark.json results/cpu_vit-s_local-stage.json COMMIT",
+    ],
+    protocol="random weights (speed does not depend on them), synthetic 512² inputs; the three configs alternate, 1 warm-up and 7 timed rounds, median; speed-up = baseline median time / model median time, paired = median of per-round ratios; ideal = the MACs ratio's inverse",
+    columns={
+        "method": {"label": "method", "align": "left", "format": "{method}", "link": "config"},
+        "target": {"label": "timed", "align": "left", "format": "{target}"},
+        "batch": {"label": "batch", "format": "{batch}"},
+        "images_s": {
+            "label": "images/s, baseline → model",
+            "format": "{base_images_s:.3f} → {images_s:.3f}",
+        },
+        "speedup": {
+            "label": "speed-up (paired)",
+            "format": "{speedup:.2f}× ({speedup_paired:.2f}×)",
+        },
+        "ideal": {"label": "MACs ideal", "format": "{ideal:.2f}×"},
+    },
+    rows=rows,
+)
+json.dump(out, open(out_path, "w"), indent=1, ensure_ascii=False)
+for r in rows:
+    print(
+        r["target"], r["batch"], r["method"], round(r["speedup"], 3), round(r["speedup_paired"], 3)
+    )
