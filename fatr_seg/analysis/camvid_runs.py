@@ -83,7 +83,10 @@ def _apply_data(cfg, args, train: bool) -> None:
     # The positional embedding is stored at the training crop's grid (16x16 at 256²), so the
     # evaluated models are built the same way; any input size is interpolated at run time.
     cfg.model.data_preprocessor.size = crop
-    cfg.model.backbone.img_size = crop
+    if "model_kwargs" in cfg.model.backbone:  # TimmFATRViT: the size goes to timm.create_model
+        cfg.model.backbone.model_kwargs.img_size = crop
+    else:
+        cfg.model.backbone.img_size = crop
 
 
 def apply_schedule(cfg, iters: int, seed: int, work_dir: str, load_from: str | None = None,

@@ -225,9 +225,17 @@ def _resolved(reduction: dict | None) -> dict | None:
 
 def _vit_shape(cfg) -> ViTShape:
     bb = cfg.model.backbone
+    if "embed_dims" not in bb:  # a backbone whose shape its model name sets (TimmFATRViT)
+        from mmseg.registry import MODELS
+
+        vit = MODELS.build({**bb, "init_cfg": None, "checkpoint": None})
+        heads = vit.blocks[0].attn.num_heads
+        hidden = vit.blocks[0].mlp.fc1.out_features
+        bb = dict(patch_size=vit.patch_size, embed_dims=vit.embed_dims, num_heads=heads,
+                  num_layers=vit.num_layers, mlp_ratio=hidden / vit.embed_dims)  # fmt: skip
     p = bb.get("patch_size", 16)
     grid = (math.ceil(EVAL_SIZE[0] / p), math.ceil(EVAL_SIZE[1] / p))
-    return ViTShape(grid, bb.embed_dims, bb.get("num_layers", 12), p, bb.num_heads,
+    return ViTShape(grid, bb["embed_dims"], bb.get("num_layers", 12), p, bb["num_heads"],
                     bb.get("mlp_ratio", 4.0))  # fmt: skip
 
 
