@@ -5,9 +5,9 @@ A ``w × w`` window of low-frequency patches is folded into one token, the mean 
 window score (lower folds first); how many is a fixed count, so every image of a batch keeps the
 same number of tokens and shapes stay static (no host read, CUDA graphs and compile work).
 
-The fold is expressed as a score and a proposed partner per token, so the generic merge
-(:func:`fatr_seg.ops.merge_tokens`) carries it out: a folded window's members join its last
-(bottom-right) member, and the merged token is their size-weighted mean.
+The fold is expressed as a score and a proposed partner per token, so the merge every partner
+score uses (:mod:`fatr_seg.ops.merge`: ``partner_plan``, then ``merge_planned``) carries it out: a
+folded window's members join its last (bottom-right) member, as their size-weighted mean.
 """
 
 from __future__ import annotations
