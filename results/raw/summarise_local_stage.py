@@ -17,22 +17,22 @@ LABEL = {
         "keep 0.7 at 4, 7, 10",
     ),
     "fatr_late@0.6": (
-        "FATR default at keep 0.6",
+        "FATR default, keep 0.6",
         "configs/camvid/fatr_vit-t_camvid.py",
         "keep 0.6 at 4, 7, 10",
     ),
     "local@0.7": (
-        "FATR local stage",
+        "FATR local stage, keep 0.7 at block 2",
         "configs/camvid/fatr-local_vit-t_camvid.py",
         "keep 0.7 (2×2 windows) at 2, 0.7 at 5, 0.8 at 8",
     ),
     "local@0.6": (
-        "FATR local stage",
+        "FATR local stage, keep 0.6 at block 2",
         "configs/camvid/fatr-local_vit-t_camvid.py",
         "keep 0.6 (2×2 windows) at 2, 0.7 at 5, 0.8 at 8",
     ),
     "fatr": (
-        "**FATR local stage (`fatr_local`)**",
+        "**FATR local stage (`fatr_local`), keep 0.5 at block 2**",
         "configs/camvid/fatr-local_vit-t_camvid.py",
         "keep 0.5 (2×2 windows) at 2, 0.6 at 5, 0.8 at 8",
     ),
