@@ -93,18 +93,29 @@ def window_fold_scores(
         folding member is its own partner).
     """
     B, G = priority.shape
-    s = win.shape[1]
-    device = priority.device
-    partner = torch.arange(num_tokens, device=device).expand(B, num_tokens).clone()
-    scores = torch.full((B, num_tokens), float("inf"), device=device)
-    if G == 0 or s == 1:
-        return scores, partner
+    if G == 0 or win.shape[1] == 1:
+        return _member_scores(priority.new_zeros(B, 0), win[:0], num_tokens)
     order = torch.sort(priority.float(), dim=1, stable=True).indices  # (B, G), lowest first
     rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(G, device=device).expand(B, G)
+        1, order, torch.arange(G, device=priority.device).expand(B, G)
     )  # (B, G)
+    return _member_scores(rank.float(), win, num_tokens)
+
+
+def _member_scores(
+    per_window: torch.Tensor, win: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every window's members but the last score ``per_window`` (B, G) and propose the last as
+    partner; every other token scores ``+inf`` and is its own partner."""
+    B = per_window.shape[0]
+    device = per_window.device
+    partner = torch.arange(num_tokens, device=device).expand(B, num_tokens).clone()
+    scores = torch.full((B, num_tokens), float("inf"), device=device)
+    s = win.shape[1]
+    if win.shape[0] == 0 or s == 1:
+        return scores, partner
     members = win[:, :-1].reshape(-1)  # every token but the last of each window
-    scores[:, members] = rank.float().repeat_interleave(s - 1, dim=1)
+    scores[:, members] = per_window.float().repeat_interleave(s - 1, dim=1)
     partner[:, members] = win[:, -1:].expand(-1, s - 1).reshape(-1)
     return scores, partner
 
@@ -134,13 +145,6 @@ def window_scores(
     if N != H * W:
         raise ValueError(f"window_scores needs the full {H}x{W} grid in order, got {N} tokens")
     win = window_members(hw_shape, window, metric.device)
-    s = win.shape[1]
-    partner = torch.arange(N, device=metric.device).expand(B, N).clone()
-    scores = torch.full((B, N), float("inf"), device=metric.device)
-    if win.shape[0] == 0 or s == 1:
-        return scores, partner
-    sim = window_similarity(metric, win)  # (B, G)
-    members = win[:, :-1].reshape(-1)
-    scores[:, members] = -sim.repeat_interleave(s - 1, dim=1)
-    partner[:, members] = win[:, -1:].expand(-1, s - 1).reshape(-1)
-    return scores, partner
+    if win.shape[0] == 0 or win.shape[1] == 1:
+        return _member_scores(metric.new_zeros(B, 0), win, N)
+    return _member_scores(-window_similarity(metric, win), win, N)  # (B, G): most similar first
