@@ -38,6 +38,7 @@ from fatr_seg.analysis.camvid_report import plot, write_report  # noqa: E402
 from fatr_seg.analysis.camvid_runs import StudyError  # noqa: E402
 from fatr_seg.analysis.camvid_study import (  # noqa: E402
     CURVE_RATIOS,
+    FINETUNE_AS,
     METHODS,
     PRESETS,
     SkipStudy,
@@ -94,6 +95,14 @@ def parse_args(argv=None):
         action="store_false",
         help="training-free only: mIoU, cost and HF amplitude on the baseline's weights (a "
         "first screen of --variants)",
+    )
+    add(
+        "--finetune-as",
+        choices=tuple(FINETUNE_AS),
+        default="own",
+        help="own: fine-tune each method with its reduction in the loop (default); unreduced: "
+        "fine-tune only the unreduced model and apply every method to its weights (same seed); "
+        "both",
     )
     g = p.add_argument_group("baseline training (with --baseline-checkpoint: unused)")
     g.add_argument("--base-iters", type=int, help=f"default {DEFAULTS['base_iters']}")

@@ -53,8 +53,27 @@ def pm(values: list[float], digits: int = 1) -> str:
     return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def _ft(runs: dict, seeds, method: str) -> list[dict]:
-    return [runs[k] for s in seeds if (k := f"ft/{method}/s{s}") in runs]
+def _ft(runs: dict, seeds, method: str, phase: str = "ft") -> list[dict]:
+    return [runs[k] for s in seeds if (k := f"{phase}/{method}/s{s}") in runs]
+
+
+def paired_delta(runs: dict, seeds, method: str, phase: str = "ft") -> tuple[float, float, int]:
+    """Mean over seeds of ``phase/method/s`` minus ``ft/none/s`` (the unreduced model's
+    fine-tuning with the same seed and data order), its standard error (NaN for one seed) and
+    the number of pairs (0: mean NaN)."""
+    diffs = [runs[k]["mIoU"] - runs[f"ft/none/s{s}"]["mIoU"] for s in seeds
+             if (k := f"{phase}/{method}/s{s}") in runs and f"ft/none/s{s}" in runs]  # fmt: skip
+    if not diffs:
+        return math.nan, math.nan, 0
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return statistics.fmean(diffs), se, len(diffs)
+
+
+def _delta_text(runs: dict, seeds, method: str, phase: str = "ft") -> str:
+    mean, se, n = paired_delta(runs, seeds, method, phase)
+    if n == 0:
+        return "n/a"
+    return f"{mean:+.2f}" if n == 1 else f"{mean:+.2f} ± {se:.2f}"
 
 
 def _class_mean(results: list[dict]) -> list[float]:
@@ -108,27 +127,33 @@ def write_report(data: dict, work_dir: str) -> str:
     methods, seeds = st["methods"], st["seeds"]
     cost = runs.get("cost")
     batches = list((cost or {}).get("images_per_s", {}))
+    deploy = "unreduced" in st.get("finetune_as", ("own",))
+    extra = " mIoU on none's fine-tuning | Δ paired |" if deploy else ""
     lines = [
         "# CamVid study: token reducers on a real pretrained Segmenter-Mask ViT-Ti/16",
         "",
         _protocol(st, _images(runs)),
         "",
-        "| method | budget | mIoU training-free | mIoU fine-tuned | Δ vs none fine-tuned | "
-        "backbone GMACs | segmentor GMACs | "
+        "| method | budget | mIoU training-free | mIoU fine-tuned | Δ paired |"
+        + extra
+        + " backbone GMACs | segmentor GMACs | "
         + " | ".join(f"images/s {b} | speed-up {b}" for b in batches)
         + " |",
-        "|---|---|---|---|---|---|---|" + "---|---|" * len(batches),
+        "|---|---|---|---|---|---|---|" + "---|---|" * (len(batches) + deploy),
     ]
-    none_ft = mean_std([r["mIoU"] for r in _ft(runs, seeds, "none")])[0]
     for m in methods:
         free = runs.get(f"free/{m}")
         ft = [r["mIoU"] for r in _ft(runs, seeds, m)]
-        delta = mean_std(ft)[0] - none_ft if ft and not math.isnan(none_ft) else None
         macs = (cost or {}).get("macs", {}).get(m, {})
         cells = [m, _budget_text(runs[f"budget/{m}"]), _fmt(free and free["mIoU"], 2),
                  pm(ft, 2) + (f" (n={len(ft)})" if ft else ""),
-                 "—" if m == "none" else "n/a" if delta is None else f"{delta:+.2f}",
-                 _fmt(macs.get("backbone", math.nan) / 1e9, 3),
+                 "—" if m == "none" else _delta_text(runs, seeds, m)]  # fmt: skip
+        if deploy:
+            dep = [r["mIoU"] for r in _ft(runs, seeds, m, "deploy")]
+            cells += ["—", "—"] if m == "none" else [
+                pm(dep, 2) + (f" (n={len(dep)})" if dep else ""),
+                _delta_text(runs, seeds, m, "deploy")]  # fmt: skip
+        cells += [_fmt(macs.get("backbone", math.nan) / 1e9, 3),
                  _fmt(macs.get("segmentor", math.nan) / 1e9, 3)]  # fmt: skip
         for b in batches:
             ips, ref = _speed(cost, m, b), _speed(cost, "none", b)
@@ -137,8 +162,10 @@ def write_report(data: dict, work_dir: str) -> str:
     lines += [
         "",
         "mIoU in %; fine-tuned: mean ± std over seeds. `none` fine-tuned is the baseline given "
-        "the same fine-tuning (Δ is against it). images/s: whole-image inference "
-        "(`encode_decode`) at 360x480, median over the timed rounds, "
+        "the same fine-tuning; Δ paired: the mean over seeds of the method minus `none` with the "
+        "same seed and data order, ± its standard error. On none's fine-tuning: the method "
+        "applied, without training of its own, to the weights of `none` fine-tuned. images/s: "
+        "whole-image inference (`encode_decode`) at 360x480, median over the timed rounds, "
         f"{st['bench_threads']} thread(s), all methods alternating in one process; batch b1 / "
         "b8 = 1 / 8 images.",
         "",

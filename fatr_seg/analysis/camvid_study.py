@@ -18,7 +18,9 @@ methods and budget ratios can be added later):
 5. **HF amplitude** per block (the paper's Fig. 1): ``‖X − mean_tokens(X)‖_F / ‖X‖_F`` on the
    restored grid and on the actual token set, on ``hf_images`` val images;
 6. **fine-tuned**: every method (``none`` too: the same iterations without reduction) fine-tuned
-   by self-distillation from the baseline, per seed, evaluated the same way (EMA weights);
+   by self-distillation from the baseline, per seed, evaluated the same way (EMA weights); with
+   ``finetune_as`` ``'unreduced'`` or ``'both'`` also every method applied, without training
+   of its own, to the unreduced model's fine-tuned weights of the same seed (``deploy/...``);
 7. **budget curve** (with ``budget_curve`` ratios): FATR fine-tuned with sampled budgets, FATR
    fine-tuned at ``curve_fixed_ratio``, FATR fine-tuned at each ratio, all evaluated at every
    ratio (``set_keep_ratio``), ToMe training-free and fine-tuned at each ratio, and images/s per
@@ -61,6 +63,7 @@ from .store import Store, cached, log
 
 __all__ = [
     "CURVE_RATIOS",
+    "FINETUNE_AS",
     "METHODS",
     "PRESETS",
     "SkipStudy",
@@ -75,6 +78,8 @@ METHODS = ("none", "fatr", "fatr_local", "fatr_paper", "tome", "tome_constant", 
            "random")  # fmt: skip
 assert set(METHODS[1:]) == set(REDUCTION_PRESETS), "a reduction preset is missing from METHODS"
 CURVE_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+#: ``--finetune-as``: which fine-tunings step 6 runs (see :func:`run_camvid_study`).
+FINETUNE_AS = {"own": ("own",), "unreduced": ("unreduced",), "both": ("own", "unreduced")}
 EVAL_SIZE = (368, 480)  # CamVid's 360x480 padded to whole 16-pixel patches: 23x30 tokens
 
 # ``default``: the full study; ``quick``: a CI smoke test on a few real images (about 2 min).
@@ -92,8 +97,8 @@ PRESETS = {
 }  # fmt: skip
 QUICK_WEIGHTS = "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
 # Options that do not change any result: a re-run may change them.
-_NOT_SETTINGS = ("work_dir", "seeds", "methods", "variants", "finetune", "budget_curve",
-                 "curve_seeds", "threads", "quick")  # fmt: skip
+_NOT_SETTINGS = ("work_dir", "seeds", "methods", "variants", "finetune", "finetune_as",
+                 "budget_curve", "curve_seeds", "threads", "quick")  # fmt: skip
 
 
 class SkipStudy(StudyError):
@@ -385,8 +390,16 @@ def run_camvid_study(args) -> dict:
             cached(store, ctx.key("hf/free", m), lambda model=model: diagnostics(model, x_hf))
         del free
 
-    # 6. Fine-tuned, per seed.
-    for seed in args.seeds if getattr(args, "finetune", True) else ():
+    # 6. Fine-tuned, per seed: each method with its own reduction in the loop ("own"), and/or
+    # applied to the unreduced model's fine-tuned weights of the same seed ("unreduced").
+    modes = FINETUNE_AS[getattr(args, "finetune_as", "own")]
+    for seed in args.seeds if getattr(args, "finetune", True) and "unreduced" in modes else ():
+        ckpt = _finetuned(ctx, "none", None, seed)
+        _evaluated(ctx, ctx.key("ft", "none", f"s{seed}"), None, ckpt)
+        for m in args.methods:
+            if m != "none":
+                _evaluated(ctx, ctx.key("deploy", m, f"s{seed}"), reductions[m], ckpt)
+    for seed in args.seeds if getattr(args, "finetune", True) and "own" in modes else ():
         for m in args.methods:
             key, hf_key = ctx.key("ft", m, f"s{seed}"), ctx.key("hf", "ft", m)
             if _done(ctx, key, *([hf_key] if seed == args.seeds[0] else [])):
@@ -402,7 +415,7 @@ def run_camvid_study(args) -> dict:
         budget_curve(ctx, inputs, img_shape)
     # What this run covered (the report's rows); a later run may cover more.
     seeds = args.seeds if getattr(args, "finetune", True) else []
-    store.data["settings"].update(seeds=seeds, methods=args.methods,
+    store.data["settings"].update(seeds=seeds, methods=args.methods, finetune_as=modes,
                                   budget_curve=args.budget_curve,
                                   curve_seeds=args.curve_seeds)  # fmt: skip
     store.save()

@@ -227,7 +227,7 @@ def test_quick_study_end_to_end_then_resume(tmp_path):
     # A re-run with one more seed, for the curve too, trains only that seed's fine-tunings (the
     # curve's reuse the main table's where the reduction is the same) and keeps the rest.
     again = _quick(work, "--budget-curve", "0.7", "1.0", "--seeds", "0", "1",
-                   "--curve-seeds", "0", "1")  # fmt: skip
+                   "--curve-seeds", "0", "1", "--finetune-as", "both")  # fmt: skip
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     trained = [line for line in again.stdout.splitlines() if "] trained " in line]
     assert sorted(t.split("trained ")[1].split(":")[0] for t in trained) == sorted(
@@ -243,6 +243,11 @@ def test_quick_study_end_to_end_then_resume(tmp_path):
     assert "curve/s1/fatr_free/0.70" not in new["runs"]  # training-free: no seed
     text = (work / "table.md").read_text()
     assert "(n=2)" in text and "seeds [0, 1])" in text and "| sampled − each-ratio FATR |" in text
+    # --finetune-as both: every method also on none's fine-tuned weights, no extra training.
+    assert {k for k in new["runs"] if k.startswith("deploy/")} == {
+        f"deploy/{m}/s{s}" for m in ("fatr", "tome") for s in (0, 1)
+    }
+    assert "mIoU on none's fine-tuning" in text
 
     # Other settings on the same folder: refused, naming the change; nothing overwritten.
     other = _quick(work, "--ft-iters", "3")
@@ -279,6 +284,22 @@ def test_mean_and_std_cells_of_the_reports():
     want = f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
     assert pm(vals, 2) == want == "56.67 ± 0.74"
     assert pm([]) == "n/a"
+
+
+def test_paired_difference_and_its_standard_error():
+    """Δ is the mean of per-seed differences against `none` with the same seed (a seed that one
+    of the two lacks is left out), ± the standard error of those differences."""
+    from fatr_seg.analysis.camvid_report import _delta_text, paired_delta
+
+    runs = {"ft/none/s0": {"mIoU": 50.0}, "ft/none/s1": {"mIoU": 52.0},
+            "ft/none/s2": {"mIoU": 51.0}, "deploy/x/s0": {"mIoU": 49.0},
+            "deploy/x/s1": {"mIoU": 52.5}, "deploy/x/s3": {"mIoU": 10.0},
+            "ft/x/s2": {"mIoU": 50.0}}  # fmt: skip
+    mean, se, n = paired_delta(runs, [0, 1, 2, 3], "x", "deploy")
+    assert n == 2 and mean == pytest.approx(-0.25) and se == pytest.approx(0.75)
+    assert _delta_text(runs, [0, 1, 2, 3], "x", "deploy") == "-0.25 ± 0.75"
+    assert _delta_text(runs, [0, 1, 2], "x") == "-1.00"  # one pair: no spread to show
+    assert _delta_text(runs, [0, 1], "x") == "n/a"
 
 
 def _point(miou: float) -> dict:
