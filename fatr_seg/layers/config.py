@@ -197,6 +197,9 @@ class ReductionConfig:
             others are matched as ToMe does.
         prop_attn: For ``'merge'``: later blocks attend to a merged token with ``log(size)``
             added to its logit (ToMe's proportional attention), as if to all its patches.
+        reduce_in_training: Whether the reduction also runs in training mode. False trains
+            the unreduced model (every token in every block) and reduces only in eval mode:
+            the measured way to fine-tune for an early local stage (docs/study.md).
         reweight: ``'identity'`` (starts as plain attention), ``'paper'`` (ω = 0 in the paper's
             formula) or None (no reweighting).
         restore: ``'copy'`` (an aggregated patch gets its representative's token) or
@@ -218,6 +221,7 @@ class ReductionConfig:
     score_queries: int | None = None
     protect: float = 0.2
     prop_attn: bool = False
+    reduce_in_training: bool = True
     reweight: str | None = "identity"
     restore: str = "copy"
 
@@ -283,6 +287,8 @@ class ReductionConfig:
             _fail("protect", self.protect, "a fraction in [0, 1)")
         if not isinstance(self.prop_attn, bool):
             _fail("prop_attn", self.prop_attn, "True or False")
+        if not isinstance(self.reduce_in_training, bool):
+            _fail("reduce_in_training", self.reduce_in_training, "True or False")
         if self.merge_radius is not None and (
             not isinstance(self.merge_radius, int) or self.merge_radius < 1
         ):
@@ -453,6 +459,7 @@ class ReductionConfig:
             score_queries=merged.get("score_queries"),
             protect=merged.get("protect", 0.2),
             prop_attn=merged.get("prop_attn", False),
+            reduce_in_training=merged.get("reduce_in_training", True),
             reweight=merged["reweight"],
             restore=restore,
         )

@@ -159,7 +159,8 @@ class TokenReducer(nn.Module):
         M = state.num_patches
         keep = self.cfg.num_keep(self.j, M, state.hw_shape)
         grid = self.cfg.dc_grid(self.j)
-        if keep == M and (grid is None or state.num_dc == 0 or state.dc_grid == grid):
+        idle = self.training and not self.cfg.reduce_in_training
+        if idle or (keep == M and (grid is None or state.num_dc == 0 or state.dc_grid == grid)):
             # Nothing to aggregate and no DC grid to change: leave the sequence exactly as it is.
             empty = state.patch_idx[:, :0]
             scores = torch.zeros(state.patch_idx.shape, device=x.device)

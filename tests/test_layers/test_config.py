@@ -131,6 +131,7 @@ BAD = [
     ("merge_radius", dict(merge_radius=0)),
     ("merge_radius", dict(merge_radius=1.5)),
     ("prop_attn", dict(prop_attn="yes")),
+    ("reduce_in_training", dict(reduce_in_training=0)),
     ("reweight", dict(reweight="none")),
     ("reweight", dict(reweight=True)),
     ("restore", dict(restore="nearest")),

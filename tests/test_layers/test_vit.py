@@ -422,6 +422,27 @@ def test_plain_model_has_no_trace():
     assert model.reduction_trace(images(1, (40, 56), seed=0)) == []
 
 
+@pytest.mark.parametrize("method", ["fatr", "fatr_local", "fatr_paper"])
+def test_reduce_in_training_false_trains_the_plain_vit_and_reduces_in_eval(method):
+    """reduce_in_training=False: train mode is the unreduced ViT (same weights, reweighting at
+    its identity init, so exactly the plain model), eval mode the reduced model."""
+    red = dict(method=method, layers=(2, 4, 5), keep_ratio=(0.5, 0.7, 0.8))
+    model = build(dict(red, reduce_in_training=False), grid=(6, 8), seed=21, randomize=False)
+    reduced = build(red, grid=(6, 8), seed=21, randomize=False)
+    plain = build(None, grid=(6, 8), seed=21, randomize=False)
+    reduced.load_state_dict(model.state_dict())
+    plain.load_state_dict(model.state_dict(), strict=False)
+    x = images(2, (48, 64), seed=22)
+    with torch.no_grad():
+        want_eval, want_train = reduced(x)[0], plain(x)[0]
+        assert not torch.allclose(want_eval, want_train, atol=1e-3)  # the reduction changes it
+        assert torch.equal(model(x)[0], want_eval)
+        model.train()
+        assert_close(model(x)[0], want_train, atol=1e-6, rtol=1e-5)
+        reduced.train()  # reduce_in_training=True (every preset's default) reduces in training
+        assert torch.equal(reduced(x)[0], want_eval)
+
+
 # ---------------------------------------------------------------------------------------------
 # Runtime budget
 # ---------------------------------------------------------------------------------------------
