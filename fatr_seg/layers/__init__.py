@@ -3,7 +3,7 @@
 Nothing here imports mmseg, mmengine or mmcv.
 """
 
-from .attention import Attention
+from .attention import Attention, hp_coefficients
 from .block import Block
 from .compact import CompactTokens, compact_tokens
 from .config import PRESETS, REDUCTION_DEFAULTS, ReductionConfig
@@ -29,5 +29,6 @@ __all__ = [
     "TokenReducer",
     "TokenRestorer",
     "compact_tokens",
+    "hp_coefficients",
     "resample_pos_embed",
 ]

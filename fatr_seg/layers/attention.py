@@ -9,7 +9,7 @@ from torch import nn
 
 from ..ops.attention import attention_with_lse, fused_attn_default, reweighted_attention
 
-__all__ = ["Attention", "AttnStats"]
+__all__ = ["Attention", "AttnStats", "ReweightedCore", "hp_coefficients"]
 
 
 class AttnStats(NamedTuple):
@@ -29,7 +29,64 @@ class AttnStats(NamedTuple):
     lse: torch.Tensor | None
 
 
-class Attention(nn.Module):
+class ReweightedCore(nn.Module):
+    """The attention call of a block, FATR's reweighting (``omega1``, ``omega2``) and its stats.
+
+    Shared by :class:`Attention` and :class:`fatr_seg.layers.TimmAttention`, which differ only
+    in how they project the tokens to q, k, v and back. A subclass sets ``num_heads``,
+    ``scale``, ``fused_attn`` and the attention dropout ``attn_drop_p`` and calls
+    :meth:`init_reweight`.
+    """
+
+    def init_reweight(self, num_heads: int, reweight: str | None, dc_terms: bool) -> None:
+        """Create FATR's per-head parameters for ``reweight`` (see :class:`Attention`)."""
+        self.reweight = reweight
+        if reweight is not None:
+            self.omega1 = nn.Parameter(torch.zeros(num_heads))
+            if dc_terms:
+                omega2_init = 0.0 if reweight == "identity" else 1.0
+                self.omega2 = nn.Parameter(torch.full((num_heads,), omega2_init))
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_bias: torch.Tensor | None,
+        num_dc: int,
+        return_stats: bool,
+        coef_hp: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, AttnStats | None]:
+        """``(B, h, n, d)`` attention output (reweighted where the block reweights) and, with
+        ``return_stats``, the detached :class:`AttnStats` for token scoring. ``coef_hp`` is
+        ``1 + omega1`` when the caller computed it (see :func:`hp_coefficients`)."""
+        drop = self.attn_drop_p if self.training else 0.0
+        if self.reweight is None:
+            out, lse = attention_with_lse(q, k, v, self.scale, key_bias, self.fused_attn, drop,
+                                          need_lse=return_stats)  # fmt: skip
+        else:
+            coef_hp = 1 + self.omega1 if coef_hp is None else coef_hp
+            out, lse = reweighted_attention(
+                q, k, v, self.scale, num_dc, coef_hp, getattr(self, "omega2", None),
+                key_bias, self.fused_attn, drop, need_lse=return_stats,
+            )  # fmt: skip
+        if not return_stats:
+            return out, None
+        lse = None if lse is None else lse.detach()
+        return out, AttnStats(q.detach(), k.detach(), self.scale, lse)
+
+
+def hp_coefficients(attns: list[nn.Module]) -> list[torch.Tensor | None]:
+    """``1 + omega1`` of every reweighting attention in ``attns`` (None for the others).
+
+    One ``_foreach_add`` for all of them: one kernel on CUDA instead of one per block.
+    """
+    omegas = [a.omega1 for a in attns if a.reweight is not None]
+    coefs = iter(torch._foreach_add(omegas, 1.0) if omegas else ())
+    return [next(coefs) if a.reweight is not None else None for a in attns]
+
+
+class Attention(ReweightedCore):
     """timm-compatible attention (``qkv``, ``proj``) on the fused kernel.
 
     With ``reweight`` set it computes FATR's ``Â V`` (see
@@ -83,12 +140,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.reweight = reweight
-        if reweight is not None:
-            self.omega1 = nn.Parameter(torch.zeros(num_heads))
-            if dc_terms:
-                omega2_init = 0.0 if reweight == "identity" else 1.0
-                self.omega2 = nn.Parameter(torch.full((num_heads,), omega2_init))
+        self.init_reweight(num_heads, reweight, dc_terms)
+
+    @property
+    def attn_drop_p(self) -> float:
+        return self.attn_drop
 
     def forward(
         self,
@@ -96,6 +152,7 @@ class Attention(nn.Module):
         key_bias: torch.Tensor | None = None,
         num_dc: int = 0,
         return_stats: bool = False,
+        coef_hp: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, AttnStats | None]:
         """Attend over the whole sequence.
 
@@ -104,6 +161,7 @@ class Attention(nn.Module):
             key_bias: Optional (B, n) additive bias per key.
             num_dc: Number of DC tokens at the end of the sequence.
             return_stats: Also return detached :class:`AttnStats` for token scoring.
+            coef_hp: ``1 + omega1``, computed by the caller for all blocks at once, or None.
 
         Returns:
             ``(out (B, n, C), AttnStats or None)``.
@@ -111,17 +169,5 @@ class Attention(nn.Module):
         B, n, C = x.shape
         qkv = self.qkv(x).reshape(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, h, n, d)
-        drop = self.attn_drop if self.training else 0.0
-        if self.reweight is None:
-            out, lse = attention_with_lse(q, k, v, self.scale, key_bias, self.fused_attn, drop,
-                                          need_lse=return_stats)  # fmt: skip
-        else:
-            out, lse = reweighted_attention(
-                q, k, v, self.scale, num_dc, 1 + self.omega1, getattr(self, "omega2", None),
-                key_bias, self.fused_attn, drop, need_lse=return_stats,
-            )  # fmt: skip
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, n, C)))
-        if not return_stats:
-            return out, None
-        lse = None if lse is None else lse.detach()
-        return out, AttnStats(q.detach(), k.detach(), self.scale, lse)
+        out, stats = self.attend(q, k, v, key_bias, num_dc, return_stats, coef_hp)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, n, C))), stats

@@ -71,11 +71,15 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, state: TokenState
+        self, x: torch.Tensor, state: TokenState, coef_hp: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, TokenState, FoldRecord | None]:
-        """Run the block on ``x`` (B, 1 + M + D, C); returns the (possibly reduced) sequence."""
+        """Run the block on ``x`` (B, 1 + M + D, C); returns the (possibly reduced) sequence.
+
+        ``coef_hp``: the reweighting's ``1 + omega1`` if the caller computed it.
+        """
         key_bias = state.key_bias(torch.float32)
-        y, stats = self.attn(self.norm1(x), key_bias, state.num_dc, self.reducer is not None)
+        y, stats = self.attn(self.norm1(x), key_bias, state.num_dc, self.reducer is not None,
+                             coef_hp)  # fmt: skip
         x = x + self.drop_path1(self.ls1(y))
         # Release the attention output and the scoring statistics (q and k, i.e. the qkv buffer)
         # before the MLP: otherwise they are alive at the MLP's peak and FATR's peak memory at

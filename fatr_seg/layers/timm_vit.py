@@ -39,11 +39,11 @@ from timm.models import eva as timm_eva
 from timm.models import vision_transformer as timm_vit
 from torch import nn
 
-from ..ops.attention import attention_with_lse, fused_attn_default, reweighted_attention
+from ..ops.attention import fused_attn_default
 from ..ops.precision import float32_matmul
 from ..ops.reduce import FoldRecord
 from ..ops.state import TokenState, init_state
-from .attention import AttnStats
+from .attention import AttnStats, ReweightedCore
 from .config import ReductionConfig
 from .reducer import TokenReducer
 from .restorer import TokenRestorer
@@ -208,7 +208,7 @@ def _unknown_parts(module: nn.Module, known: tuple[str, ...]) -> list[str]:
     return [p for p in parts if p not in known and getattr(module, p, None) is not None]
 
 
-class TimmAttention(nn.Module):
+class TimmAttention(ReweightedCore):
     """A timm attention's weights (ViT ``Attention`` or ``EvaAttention``) on fused attention.
 
     The projections (fused ``qkv``, or Eva's ``q_proj``/``k_proj``/``v_proj`` and its
@@ -242,12 +242,7 @@ class TimmAttention(nn.Module):
         self.qkv_bias_separate = bool(getattr(attn, "qkv_bias_separate", False))
         self.rotate_half = bool(getattr(attn, "rotate_half", False))
         self.fused_attn = fused_attn_default() if fused_attn is None else fused_attn
-        self.reweight = reweight
-        if reweight is not None:
-            self.omega1 = nn.Parameter(torch.zeros(self.num_heads))
-            if dc_terms:
-                omega2_init = 0.0 if reweight == "identity" else 1.0
-                self.omega2 = nn.Parameter(torch.full((self.num_heads,), omega2_init))
+        self.init_reweight(self.num_heads, reweight, dc_terms)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (B, h, n, d) of ``x`` (B, n, C), q/k norms applied, as timm computes them."""
@@ -273,6 +268,7 @@ class TimmAttention(nn.Module):
         return_stats: bool = False,
         rope: torch.Tensor | None = None,
         num_prefix: int = 1,
+        coef_hp: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, AttnStats | None]:
         """Attend over the whole sequence ``x`` (B, n, C).
 
@@ -284,6 +280,7 @@ class TimmAttention(nn.Module):
             rope: (B or 1, 1, n - num_prefix, 2·d) rotary embedding of the tokens after the
                 prefix, or None.
             num_prefix: Prefix tokens, which are not rotated (as in timm).
+            coef_hp: The reweighting's ``1 + omega1`` if the caller computed it.
 
         Returns:
             ``(out (B, n, C), AttnStats or None)``.
@@ -296,23 +293,11 @@ class TimmAttention(nn.Module):
             q = torch.cat([q[:, :, :P], apply_rot_embed_cat(q[:, :, P:], rope, half=half)], 2)
             k = torch.cat([k[:, :, :P], apply_rot_embed_cat(k[:, :, P:], rope, half=half)], 2)
             q, k = q.type_as(v), k.type_as(v)
-        drop = self.attn_drop_p if self.training else 0.0
-        if self.reweight is None:
-            out, lse = attention_with_lse(q, k, v, self.scale, key_bias, self.fused_attn, drop,
-                                          need_lse=return_stats)  # fmt: skip
-        else:
-            out, lse = reweighted_attention(
-                q, k, v, self.scale, num_dc, 1 + self.omega1, getattr(self, "omega2", None),
-                key_bias, self.fused_attn, drop, need_lse=return_stats,
-            )  # fmt: skip
+        out, stats = self.attend(q, k, v, key_bias, num_dc, return_stats, coef_hp)
         out = self.norm(out.transpose(1, 2).reshape(B, n, self.attn_dim))
         if gate is not None:
             out = out * gate
-        out = self.proj_drop(self.proj(out))
-        if not return_stats:
-            return out, None
-        lse = None if lse is None else lse.detach()
-        return out, AttnStats(q.detach(), k.detach(), self.scale, lse)
+        return self.proj_drop(self.proj(out)), stats
 
 
 class TimmBlock(nn.Module):
@@ -351,12 +336,12 @@ class TimmBlock(nn.Module):
         return y if gamma is None else gamma * y
 
     def forward(
-        self, x: torch.Tensor, state: TimmTokenState
+        self, x: torch.Tensor, state: TimmTokenState, coef_hp: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, TimmTokenState, FoldRecord | None]:
         """Run the block on ``x`` (B, P + M + D, C); returns the (possibly reduced) sequence."""
         key_bias = state.key_bias(torch.float32)
         y, stats = self.attn(self.norm1(x), key_bias, state.num_dc, self.reducer is not None,
-                             state.token_rope(), state.num_prefix)  # fmt: skip
+                             state.token_rope(), state.num_prefix, coef_hp)  # fmt: skip
         x = x + self.drop_path1(self.scale(y, 1))
         del y  # free the attention output and q, k before the MLP (see Block)
         record = None

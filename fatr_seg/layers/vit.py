@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.state import TokenState, init_state
+from .attention import hp_coefficients
 from .block import Block
 from .compact import compact_tokens
 from .config import ReductionConfig
@@ -295,13 +296,14 @@ class FATRVisionTransformer(nn.Module):
         last = max(out_indices, default=-1)
         x, state = self.embed(x)
         outs = [(x, state)] if origin else []
+        coefs = hp_coefficients([blk.attn for blk in self.blocks])
         for i, blk in enumerate(self.blocks):
             if i > last and traces is None:
                 break
             if self.with_cp and x.requires_grad and torch.is_grad_enabled():
-                x, state, rec = checkpoint(blk, x, state, use_reentrant=False)
+                x, state, rec = checkpoint(blk, x, state, coefs[i], use_reentrant=False)
             else:
-                x, state, rec = blk(x, state)
+                x, state, rec = blk(x, state, coefs[i])
             if rec is not None and traces is not None:
                 trace = ReductionTrace(
                     i + 1, state.hw_shape, rec.kept, rec.kept_scores, aggregated_into(state),

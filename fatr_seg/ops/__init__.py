@@ -4,7 +4,15 @@ Nothing here imports mmseg, mmengine or mmcv.
 """
 
 from .attention import attention, attention_with_lse, fused_attn_default, reweighted_attention
-from .merge import fuse_tokens, merge_tokens, nearest_kept
+from .merge import (
+    MergePlan,
+    bipartite_plan,
+    fuse_tokens,
+    merge_planned,
+    merge_tokens,
+    nearest_kept,
+    partner_plan,
+)
 from .precision import float32_matmul
 from .reduce import FoldRecord, accumulate_residual, dc_window_ids, fold_tokens, window_ids
 from .restore import restore_tokens
@@ -13,6 +21,7 @@ from .scoring import (
     attention_column_mean_triton,
     hf_scores,
     logit_proxy_score,
+    query_rows,
     topk_agreement,
 )
 from .select import (
@@ -34,12 +43,14 @@ from .windows import (
 
 __all__ = [
     "FoldRecord",
+    "MergePlan",
     "TokenState",
     "accumulate_residual",
     "attention",
     "attention_column_mean",
     "attention_column_mean_triton",
     "attention_with_lse",
+    "bipartite_plan",
     "bipartite_scores",
     "cls_attention",
     "dc_window_ids",
@@ -50,11 +61,14 @@ __all__ = [
     "hf_scores",
     "init_state",
     "logit_proxy_score",
+    "merge_planned",
     "merge_tokens",
     "nearest_kept",
     "num_keep",
     "num_windows",
+    "partner_plan",
     "protected_bipartite_scores",
+    "query_rows",
     "restore_tokens",
     "reweighted_attention",
     "select_topk",

@@ -245,14 +245,15 @@ def merge_planned(
     K, old_to_new = plan.num_keep, plan.old_to_new
     acc = torch.promote_types(x.dtype, torch.float32)
     patches = x[:, 1 : 1 + M].to(acc)
-    if state.patch_size is None:
-        size = torch.ones((), dtype=acc, device=x.device).expand(B, M)
+    new_size = patches.new_zeros(B, K)
+    if state.patch_size is None:  # every token is one patch: count the members
+        new_size.scatter_(1, old_to_new, 1.0, reduce="add")
     else:
         size = state.patch_size.to(acc)
         patches = patches * size[..., None]
+        new_size.scatter_add_(1, old_to_new, size)
     sums = patches.new_zeros(B, K, C).scatter_add_(1, old_to_new[..., None].expand(-1, -1, C),
                                                    patches)  # fmt: skip
-    new_size = size.new_zeros(B, K).scatter_add_(1, old_to_new, size)
     merged = (sums / new_size[..., None]).to(x.dtype)
     new_x = torch.cat([x[:, :1], merged, x[:, 1 + M :]], dim=1)
 

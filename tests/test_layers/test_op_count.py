@@ -2,10 +2,7 @@
 
 The count is issue 24's: kernel-launching ATen ops of one eager inference forward of a 12-block
 ViT-Ti/16 at 256² (batch 1), with the reduction minus without, per reduction layer (see
-``tests/op_count.py``; the counts per preset are in results/op_counts.json). Before issue 24:
-the default (three late global layers) 72.3, ``fatr_local`` (an early local stage first)
-122.3, fatr_paper 147.3, evit 25, tome 71, tome_constant 58.5,
-algm 56.
+``tests/op_count.py``; the counts per preset are in results/op_counts.json).
 """
 
 import pytest
@@ -15,19 +12,19 @@ from fatr_seg.layers import PRESETS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# Issue 24's bars: ToMe and ALGM <= 40; the default's <= 25 is not met (38.3; 43 for fatr_local's
-# early local stage: the reweighting of every later block costs 3 ops a block, the protected
-# matching and its index maps most of the rest), so its budget is what it reaches, to keep it
-# from growing back.
+# Issue 24's bars are ToMe and ALGM <= 40 and the default <= 25. The default is not met (35.7):
+# its scoring, protection and matching take 13 ops, the merge plan's index maps 9, the merge 7 to 9
+# and the reweighting of the eight later blocks 2 each (docs/benchmarks.md lists them). Each
+# budget is what the preset reaches, so that no op creeps back.
 BUDGETS = {
-    "fatr": 39,
-    "fatr_local": 44,
-    "fatr_paper": 113,
-    "random": 37,
+    "fatr": 36,
+    "fatr_local": 40,
+    "fatr_paper": 111,
+    "random": 34,
     "evit": 25,
-    "tome": 40,
-    "tome_constant": 40,
-    "algm": 40,
+    "tome": 25,
+    "tome_constant": 26,
+    "algm": 37,
 }
 
 
@@ -45,3 +42,34 @@ def test_the_counter_sees_kernels_not_views():
     base = vit_ops(None)
     assert 130 <= base.total <= 160, base.total  # about 11 per block
     assert "aten.view.default" not in base.ops and "aten.addmm.default" in base.ops
+
+
+def test_reweighting_coefficients_in_one_op():
+    extra = vit_ops(dict(method="fatr")).ops
+    # Eight reweighting blocks after layer 4: one foreach for their 1 + omega1, one lerp each.
+    assert extra["aten._foreach_add.Scalar"] == 1 and extra["aten.lerp.Tensor"] == 8
+    assert extra["aten.add.Tensor"] == vit_ops(None).ops["aten.add.Tensor"]
+
+
+def test_a_block_alone_computes_its_own_coefficient():
+    import torch
+
+    from fatr_seg.layers import FATRVisionTransformer, hp_coefficients
+    from fatr_seg.ops import init_state
+
+    torch.manual_seed(0)
+    red = dict(method="fatr", layers=(2,))
+    vit = FATRVisionTransformer(img_size=64, patch_size=16, embed_dims=32, num_layers=4,
+                                num_heads=2, reduction=red).eval()  # fmt: skip
+    blk = vit.blocks[2]
+    with torch.no_grad():
+        blk.attn.omega1.copy_(torch.tensor([0.5, -0.25]))
+        x = torch.randn(2, 17, 32)
+        state = init_state(2, (4, 4), x.device)
+        coef = hp_coefficients([blk.attn])[0]
+        torch.testing.assert_close(coef, torch.tensor([1.5, 0.75]), rtol=0, atol=0)
+        alone, _, _ = blk(x, state)
+        given, _, _ = blk(x, state, coef)
+        plain, _, _ = blk(x, state, torch.ones(2))
+    torch.testing.assert_close(alone, given, rtol=0, atol=0)
+    assert (alone - plain).abs().max() > 1e-5  # the coefficient is used
