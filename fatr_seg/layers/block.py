@@ -8,7 +8,7 @@ import torch
 from timm.layers import DropPath, LayerScale, Mlp
 from torch import nn
 
-from ..ops.reduce import FoldRecord
+from ..ops.reduce import ReductionRecord
 from ..ops.state import TokenState
 from .attention import Attention
 from .reducer import TokenReducer
@@ -72,7 +72,7 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, state: TokenState, coef_hp: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, TokenState, FoldRecord | None]:
+    ) -> tuple[torch.Tensor, TokenState, ReductionRecord | None]:
         """Run the block on ``x`` (B, 1 + M + D, C); returns the (possibly reduced) sequence.
 
         ``coef_hp``: the reweighting's ``1 + omega1`` if the caller computed it.

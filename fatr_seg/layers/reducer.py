@@ -15,7 +15,7 @@ from ..ops.merge import (
     partner_plan,
 )
 from ..ops.precision import float32_matmul
-from ..ops.reduce import FoldRecord, fold_tokens
+from ..ops.reduce import ReductionRecord, fold_tokens
 from ..ops.scoring import hf_scores
 from ..ops.select import (
     bipartite_scores,
@@ -147,7 +147,7 @@ class TokenReducer(nn.Module):
         stats: AttnStats,
         state: TokenState,
         key_bias: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, TokenState, FoldRecord]:
+    ) -> tuple[torch.Tensor, TokenState, ReductionRecord]:
         """Reduce ``x`` (B, 1 + M + D, C) after the block's attention sub-block.
 
         Args:
@@ -164,7 +164,7 @@ class TokenReducer(nn.Module):
             # Nothing to aggregate and no DC grid to change: leave the sequence exactly as it is.
             empty = state.patch_idx[:, :0]
             scores = torch.zeros(state.patch_idx.shape, device=x.device)
-            return x, state, FoldRecord(state.patch_idx, scores, empty, empty, state.source)
+            return x, state, ReductionRecord(state.patch_idx, scores, empty, empty, state.source)
         if self.score in _PAIR_SCORES:
             with torch.no_grad():
                 plan = self.pair_plan(x, stats, state, key_bias, keep)

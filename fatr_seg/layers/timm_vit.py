@@ -41,7 +41,7 @@ from torch import nn
 
 from ..ops.attention import fused_attn_default
 from ..ops.precision import float32_matmul
-from ..ops.reduce import FoldRecord
+from ..ops.reduce import ReductionRecord
 from ..ops.state import TokenState, init_state
 from .attention import AttnStats, ReweightedCore
 from .config import ReductionConfig
@@ -136,7 +136,7 @@ def reduce_with_prefix(
     stats: AttnStats,
     state: TimmTokenState,
     key_bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, TimmTokenState, FoldRecord]:
+) -> tuple[torch.Tensor, TimmTokenState, ReductionRecord]:
     """Run ``reducer`` on ``x`` (B, P + M + D, C), whose P prefix tokens it must not touch.
 
     :class:`TokenReducer` takes the sequence as ``[one prefix token, patches, DC]``. Here it gets
@@ -337,7 +337,7 @@ class TimmBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, state: TimmTokenState, coef_hp: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, TimmTokenState, FoldRecord | None]:
+    ) -> tuple[torch.Tensor, TimmTokenState, ReductionRecord | None]:
         """Run the block on ``x`` (B, P + M + D, C); returns the (possibly reduced) sequence."""
         key_bias = state.key_bias(torch.float32)
         y, stats = self.attn(self.norm1(x), key_bias, state.num_dc, self.reducer is not None,

@@ -14,7 +14,7 @@ from .merge import (
     partner_plan,
 )
 from .precision import float32_matmul
-from .reduce import FoldRecord, accumulate_residual, dc_window_ids, fold_tokens, window_ids
+from .reduce import ReductionRecord, accumulate_residual, dc_window_ids, fold_tokens, window_ids
 from .restore import restore_tokens
 from .scoring import (
     attention_column_mean,
@@ -42,8 +42,8 @@ from .windows import (
 )
 
 __all__ = [
-    "FoldRecord",
     "MergePlan",
+    "ReductionRecord",
     "TokenState",
     "accumulate_residual",
     "attention",

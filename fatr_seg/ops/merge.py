@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .precision import float32_matmul
-from .reduce import FoldRecord, accumulate_residual, token_map
+from .reduce import ReductionRecord, accumulate_residual, token_map
 from .state import TokenState, is_initial
 
 __all__ = [
@@ -195,7 +195,7 @@ def merge_tokens(
     scores: torch.Tensor,
     keep_residual: bool = False,
     prop_attn: bool = True,
-) -> tuple[torch.Tensor, TokenState, FoldRecord]:
+) -> tuple[torch.Tensor, TokenState, ReductionRecord]:
     """Merge every dropped patch token into a kept one; DC tokens pass through unchanged.
 
     A merged token is the size-weighted mean of its members, ``Σ sᵢ xᵢ / Σ sᵢ``, where the size
@@ -214,7 +214,7 @@ def merge_tokens(
         prop_attn: Proportional attention in later blocks.
 
     Returns:
-        ``x`` (B, 1 + K + D, C), the new state and a :class:`FoldRecord` (``folded_window`` =
+        ``x`` (B, 1 + K + D, C), the new state and a :class:`ReductionRecord` (``folded_window`` =
         the new position of the token each dropped token joined).
     """
     with torch.no_grad():
@@ -233,7 +233,7 @@ def merge_planned(
     plan: MergePlan,
     keep_residual: bool = False,
     prop_attn: bool = True,
-) -> tuple[torch.Tensor, TokenState, FoldRecord]:
+) -> tuple[torch.Tensor, TokenState, ReductionRecord]:
     """Carry out a :class:`MergePlan`: size-weighted means, the new state and a lazy record.
 
     Every patch token is added, weighted by its size, into the slot of the token it becomes or
@@ -280,7 +280,7 @@ def merge_planned(
         prop_attn=prop_attn,
     )
     old_idx = state.patch_idx
-    record = FoldRecord(
+    record = ReductionRecord(
         kept=patch_idx,
         kept_scores=lambda: plan.scores().gather(1, keep_pos),
         folded=lambda: old_idx.gather(1, drop_pos),
@@ -298,7 +298,7 @@ def fuse_tokens(
     weights: torch.Tensor,
     scores: torch.Tensor,
     keep_residual: bool = False,
-) -> tuple[torch.Tensor, TokenState, FoldRecord]:
+) -> tuple[torch.Tensor, TokenState, ReductionRecord]:
     """EViT's fusion: the dropped tokens become ONE token, their weighted sum ``Σ wᵢ xᵢ``.
 
     As in EViT's code the weights are the CLS attention of the dropped tokens and the sum is not
@@ -316,7 +316,7 @@ def fuse_tokens(
         keep_residual: Track ``state.residual``.
 
     Returns:
-        ``x`` (B, 1 + K + 1 + D, C), the new state and a :class:`FoldRecord`.
+        ``x`` (B, 1 + K + 1 + D, C), the new state and a :class:`ReductionRecord`.
     """
     B, _, C = x.shape
     M, D = state.num_patches, state.num_dc
@@ -345,7 +345,7 @@ def fuse_tokens(
     new_state = state.replace(
         source=source, patch_idx=patch_idx, patch_size=size, residual=residual
     )
-    record = FoldRecord(
+    record = ReductionRecord(
         kept=patch_idx[:, :K],
         kept_scores=scores.gather(1, keep_pos),
         folded=state.patch_idx.gather(1, drop_pos),

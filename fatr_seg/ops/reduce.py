@@ -10,7 +10,7 @@ import torch
 
 from .state import TokenState
 
-__all__ = ["FoldRecord", "accumulate_residual", "dc_window_ids", "fold_tokens", "window_ids"]
+__all__ = ["ReductionRecord", "accumulate_residual", "dc_window_ids", "fold_tokens", "window_ids"]
 
 
 def window_ids(hw_shape: tuple[int, int], windows: int, device=None) -> torch.Tensor:
@@ -54,7 +54,7 @@ def dc_window_ids(
     return (rows[:, None] * gw + cols[None, :]).reshape(-1), -(-H // value) * gw
 
 
-class FoldRecord:
+class ReductionRecord:
     """What one reduction step did, for analysis and visualisation (all in original-grid terms).
 
     A field may be given as a zero-argument function: it is called (without autograd) when the
@@ -100,7 +100,7 @@ class FoldRecord:
         return 5
 
     def __repr__(self) -> str:
-        return "FoldRecord(" + ", ".join(f"{k}={self._get(i)!r}" for i, k in
+        return "ReductionRecord(" + ", ".join(f"{k}={self._get(i)!r}" for i, k in
                                          enumerate(self._fields)) + ")"  # fmt: skip
 
 
@@ -167,7 +167,7 @@ def fold_tokens(
     grid: tuple[str, int],
     dc_pos: torch.Tensor | None = None,
     keep_residual: bool = False,
-) -> tuple[torch.Tensor, TokenState, FoldRecord]:
+) -> tuple[torch.Tensor, TokenState, ReductionRecord]:
     """Keep the ``keep_pos`` patch tokens and fold the dropped ones into local DC tokens.
 
     DC token of window j is the count-weighted mean of everything folded into it so far: the
@@ -187,7 +187,7 @@ def fold_tokens(
         keep_residual: Also track ``state.residual`` for ``restore='residual'``.
 
     Returns:
-        ``x`` (B, 1 + K + num_windows, C), the new state and a :class:`FoldRecord`.
+        ``x`` (B, 1 + K + num_windows, C), the new state and a :class:`ReductionRecord`.
     """
     B, _, C = x.shape
     M, D = state.num_patches, state.num_dc
@@ -236,7 +236,7 @@ def fold_tokens(
         source=source, patch_idx=patch_idx, dc_count=counts, dc_grid=grid, residual=residual,
         patch_size=None if state.patch_size is None else state.patch_size.gather(1, keep_pos),
     )  # fmt: skip
-    record = FoldRecord(
+    record = ReductionRecord(
         kept=patch_idx,
         kept_scores=scores.gather(1, keep_pos),
         folded=drop_orig,
