@@ -8,6 +8,7 @@ Usage::
         [--max-cell-seconds S] [--time-budget S] [--memory-shapes ...]
         [--memory-batch-sizes ...] [--memory-targets ...] [--no-memory] [--no-scoring]
         [--no-macs] [--threads N] [--quick] [--keep-ratio R [R ...]] [--compile] [--cpu-time]
+        [--no-cuda-graph]
 
 CONFIGs default to ``configs/baseline_vit-s_ade20k.py configs/fatr_ade20k.py``; the FIRST is
 the reference of every speed-up. ``--keep-ratio R1 R2 ...`` runs every config that has a token
@@ -29,7 +30,11 @@ What is measured, per (dtype, shape, batch, target):
 
 The configs run in alternation (A B A B ...), forward targets in ``torch.inference_mode``, after
 ``--warmup`` untimed rounds; ``--iters`` timed rounds give the median and IQR. CUDA runs under
-``torch.autocast`` (bf16 and fp16 by default) with a synchronisation around every call.
+``torch.autocast`` (bf16 and fp16 by default) with a synchronisation around every call, and the
+forward targets' backbone, neck and decode head of every config replay from CUDA graphs (one per
+input shape and dtype, captured in the warm-up; eager, in one line, where a capture fails):
+``--no-cuda-graph`` times them eager, as ``--compile`` does (its twins compile the modules).
+``settings.cuda_graph`` in the JSON says which.
 
 Time limits. A cell is one (dtype, shape, batch, target) with every config in it; cells run in
 the order of ``--shapes`` (the default: smallest first), batch sizes ascending. Before a cell
@@ -69,7 +74,8 @@ JSON schema (``benchmark.json``)::
      "versions": {"python": str, "torch": str, "mmseg": str | null, "triton": str | null},
      "settings": {"device": str, "dtypes": [str], "shapes": [[H, W]], "batch_sizes": [int],
                   "targets": [str], "iters": int, "warmup": int, "max_cell_seconds": float,
-                  "time_budget": float, "quick": bool, "compile": bool, "cpu_time": bool},
+                  "time_budget": float, "quick": bool, "compile": bool, "cpu_time": bool,
+                  "cuda_graph": bool},
      "reference": str,                                  # name of the first config
      "configs": [{"name": str, "path": str, "reduction": dict | null}],
      "macs": [{"config": str, "shape": [H, W], "tokens": int,
@@ -107,9 +113,10 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 import torch
 
-from fatr_seg.analysis.benchmark import DEFAULT_TARGETS, TARGETS, benchmark
+from fatr_seg.analysis.benchmark import DEFAULT_TARGETS, TARGETS, Bench
 from fatr_seg.analysis.benchmark_models import DTYPES, config_variants
 from fatr_seg.analysis.benchmark_report import write_outputs
+from fatr_seg.models.cuda_graph import cuda_graph_modules
 from fatr_seg.models.keep_ratio import KeepRatioError, parse_keep_ratio
 
 DEFAULT_CONFIGS = ["configs/baseline_vit-s_ade20k.py", "configs/fatr_ade20k.py"]
@@ -245,6 +252,11 @@ def parse_args(argv=None):
         help="time each call by the CPU time of the calling thread instead of wall time (CPU "
         "with --threads 1 only): other processes taking the core do not count",
     )
+    p.add_argument(
+        "--no-cuda-graph",
+        action="store_true",
+        help="on CUDA, time the forward targets eager instead of from CUDA graphs",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--keep-ratio",
@@ -303,12 +315,26 @@ def parse_args(argv=None):
     args.memory_batch_sizes = sorted(
         set(args.memory_batch_sizes or (args.batch_sizes if cuda else [1]))
     )
+    args.cuda_graph = cuda and not (args.no_cuda_graph or args.compile)
     return args
+
+
+def run(args) -> dict:
+    """The benchmark's result, its forward targets from CUDA graphs where ``args.cuda_graph``
+    (one per shape, batch and dtype of the run, so none falls back for their number)."""
+    bench = Bench(args)
+    if args.cuda_graph:
+        signatures = len(args.shapes) * len(args.batch_sizes) * len(args.dtypes)
+        for model in bench.models.values():
+            cuda_graph_modules(model, max_graphs=signatures)
+    result = bench.run()
+    result["settings"]["cuda_graph"] = args.cuda_graph
+    return result
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    result = benchmark(args)
+    result = run(args)
     paths, markdown = write_outputs(result, args.out_dir)
     print(markdown)
     print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")

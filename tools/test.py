@@ -19,7 +19,8 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 import torch
 
-from fatr_seg.models.compile import add_compile_hook, add_cuda_graph_hook
+from fatr_seg.models.compile import add_compile_hook
+from fatr_seg.models.cuda_graph import add_cuda_graph_hook
 from fatr_seg.models.keep_ratio import set_config_keep_ratio
 from fatr_seg.models.preflight import PreflightError
 from fatr_seg.models.runner import add_runner_args, run_tool

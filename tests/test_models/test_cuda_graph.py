@@ -12,7 +12,8 @@ from torch import nn
 
 from fatr_seg.layers import FATRVisionTransformer
 from fatr_seg.layers.compact import CompactTokens
-from fatr_seg.models.compile import (
+from fatr_seg.models.compile import restore_eager
+from fatr_seg.models.cuda_graph import (
     CUDAGraphForward,
     CUDAGraphInferenceHook,
     _leaves,
@@ -20,7 +21,6 @@ from fatr_seg.models.compile import (
     _signature,
     add_cuda_graph_hook,
     capture_cuda_graph,
-    restore_eager,
 )
 
 REPO = Path(__file__).resolve().parents[2]

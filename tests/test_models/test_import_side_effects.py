@@ -86,7 +86,7 @@ def test_import_registers_our_names_and_changes_nothing_else():
         "mmseg:model:BatchedSlideEncoderDecoder":
             "fatr_seg.models.segmentor.BatchedSlideEncoderDecoder",
         "mmseg:hook:CompileInferenceHook": "fatr_seg.models.compile.CompileInferenceHook",
-        "mmseg:hook:CUDAGraphInferenceHook": "fatr_seg.models.compile.CUDAGraphInferenceHook",
+        "mmseg:hook:CUDAGraphInferenceHook": "fatr_seg.models.cuda_graph.CUDAGraphInferenceHook",
         "mmseg:dataset:CamVidDataset": "fatr_seg.models.datasets.CamVidDataset",
         "mmseg:transform:LoadCamVidAnnotations":
             "fatr_seg.models.datasets.LoadCamVidAnnotations",
