@@ -8,14 +8,14 @@ from mmengine.config import Config
 from mmseg.registry import MODELS
 from mmseg.utils import register_all_modules
 
-from fatr_seg.layers import ReductionConfig
+from fatr_seg.layers import REDUCTION_DEFAULTS, ReductionConfig
 from fatr_seg.models import FATRViT, TimmFATRViT
 from fatr_seg.models.preflight import PreflightError, check_config_paths
 
 register_all_modules()
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(p for p in CONFIGS.rglob("*.py") if "_base_" not in p.parts)
-MAIN_REDUCTION = dict(method="fatr")
+MAIN_REDUCTION = dict(method="fatr_local", reduce_in_training=False)
 _cache: dict[str, Config] = {}
 
 
@@ -56,8 +56,10 @@ def test_main_config_is_the_default_setting():
     backbone = cfg.model.backbone
     assert backbone.reduction == MAIN_REDUCTION
     red = ReductionConfig.from_dict(backbone.reduction)
-    assert red == ReductionConfig.from_dict({})  # the 'fatr' preset, nothing else
-    assert red.aggregate == ("merge",) * 3 and red.restore == "copy"
+    # The 'fatr_local' preset, trained unreduced, nothing else.
+    assert red == ReductionConfig.from_dict(dict(method="fatr_local", reduce_in_training=False))
+    assert red == ReductionConfig.from_dict(REDUCTION_DEFAULTS)
+    assert red.aggregate == ("merge",) * 3 and red.restore == "copy" and red.layers == (2, 5, 8)
     assert (backbone.embed_dims, backbone.num_layers, backbone.num_heads) == (384, 12, 6)
     assert backbone.patch_size == 16 and tuple(cfg.crop_size) == (512, 512)
     assert backbone.init_cfg == dict(type="Pretrained",

@@ -69,8 +69,9 @@ def parse_args(argv=None):
     add("--baseline-config", default=osp.join(CONFIGS, "segmenter_vit-t_camvid.py"))
     add(
         "--model-config",
-        default=osp.join(CONFIGS, "fatr_vit-t_camvid.py"),
-        help="the reduced model (its reduction is the MACs reference)",
+        default=osp.join(CONFIGS, "fatr-late_vit-t_camvid.py"),
+        help="the reduced model (its reduction is the MACs reference; default: FATR's late "
+        "schedule, a budget every peer can match)",
     )
     add("--distill-config", default=osp.join(CONFIGS, "fatr_vit-t_camvid_distill.py"))
     add("--methods", nargs="+", choices=METHODS, help=f"default: {' '.join(METHODS)}")

@@ -45,9 +45,12 @@ model = dict(
         # The method's preset (fatr_seg.layers.PRESETS; the table in docs/method.md is rendered
         # from it) fills every key left out here. Another method= gives its own preset (e.g.
         # 'fatr_paper', 'tome', 'algm'); windows=... alone switches to the paper's DC aggregation.
-        # Only the method: a config that inherits this one and names another method gets that
-        # preset whole (mmengine merges dicts key by key).
-        reduction=dict(method='fatr'),
+        # The default: the early local stage (block 2 folds whole 2x2 windows of low-HF tokens),
+        # then global merging at blocks 5 and 8; training runs unreduced (reduce_in_training:
+        # fine-tuned with the early stage in the loop, the model lost mIoU; docs/study.md). A
+        # config that inherits this one and names another reduction adds _delete_=True, or
+        # mmengine merges the two dicts key by key.
+        reduction=dict(method='fatr_local', reduce_in_training=False),
         # The Segmenter head below runs on the reduced token set (exactly the logits of the
         # stock head on the restored grid). Set False to feed full-grid maps to any mmseg head.
         compact_output=True,

@@ -134,8 +134,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),  # fmt: skip
 }
 METHODS = tuple(PRESETS)
-#: The default reduction (``method='fatr'``), as a config dict.
-REDUCTION_DEFAULTS: dict[str, Any] = dict(method="fatr", **_FATR)
+#: The default configs' reduction (``configs/_base_/fatr_segmenter_vit-s.py``), every key given:
+#: the early local stage, trained unreduced. An empty dict is still ``method='fatr'``.
+REDUCTION_DEFAULTS: dict[str, Any] = dict(method="fatr_local", **_FATR_LOCAL,
+                                          reduce_in_training=False)  # fmt: skip
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:

@@ -9,7 +9,9 @@ from fatr_seg.layers import PRESETS, REDUCTION_DEFAULTS, FATRVisionTransformer, 
 
 def test_default_is_the_fatr_preset():
     cfg = ReductionConfig.from_dict({})
-    assert cfg.method == "fatr" == REDUCTION_DEFAULTS["method"]
+    assert cfg.method == "fatr"  # an empty dict; the configs' default is REDUCTION_DEFAULTS
+    default = ReductionConfig.from_dict(REDUCTION_DEFAULTS)
+    assert default == ReductionConfig.from_dict(dict(method="fatr_local", reduce_in_training=False))
     assert cfg.layers == (4, 7, 10) and cfg.keep_ratio == (0.7, 0.7, 0.7) and cfg.r is None
     assert cfg.score == ("hf_bipartite",) * 3 and cfg.aggregate == ("merge",) * 3
     assert cfg.protect == 0.2 and not cfg.prop_attn and cfg.score_queries is None

@@ -19,7 +19,7 @@ from mmseg.utils import register_all_modules
 from PIL import Image
 from torch.testing import assert_close
 
-from fatr_seg.layers import ReductionConfig
+from fatr_seg.layers import REDUCTION_DEFAULTS, ReductionConfig
 from fatr_seg.models import CamVidDataset, FATRViT
 from fatr_seg.models.preflight import PreflightError, check_config_paths
 
@@ -226,7 +226,7 @@ def test_configs_are_segmenter_t_without_and_with_the_default_reduction():
         assert dataset.data_prefix == prefix(split)
         assert "reduce_zero_label" not in dataset
     # The FATR config is the baseline with the default reduction, on the compact path.
-    assert fatr.model.backbone.reduction == dict(method="fatr")
+    assert fatr.model.backbone.reduction == dict(method="fatr_local", reduce_in_training=False)
     assert fatr.model.backbone.compact_output is True
     fatr.model.backbone.reduction, fatr.model.backbone.compact_output = None, False
     assert fatr.model == base.model
@@ -235,7 +235,7 @@ def test_configs_are_segmenter_t_without_and_with_the_default_reduction():
     models = build(load(BASELINE)), build(load(FATR))
     assert all(isinstance(m.backbone, FATRViT) for m in models)
     assert models[0].backbone.reduction is None
-    assert models[1].backbone.reduction == ReductionConfig.from_dict(dict(method="fatr"))
+    assert models[1].backbone.reduction == ReductionConfig.from_dict(REDUCTION_DEFAULTS)
     assert set(models[0].state_dict()) <= set(models[1].state_dict())
 
 

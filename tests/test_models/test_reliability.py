@@ -38,8 +38,9 @@ def model_cfg(base_cfg, reduction=None, test_cfg=None, **backbone):
     cfg = base_cfg.model.copy()
     cfg.backbone = dict(cfg.backbone, img_size=(64, 64), embed_dims=32, num_layers=DEPTH,
                         num_heads=2, drop_path_rate=0.0, init_cfg=None,
-                        reduction={**cfg.backbone.reduction, "layers": (2, 3, 4),
-                                   **(reduction or {})},
+                        # The machinery under the late preset (its DC and merge paths); the
+                        # config's default is one case of the size tests.
+                        reduction={"method": "fatr", "layers": (2, 3, 4), **(reduction or {})},
                         **backbone)  # fmt: skip
     cfg.decode_head = dict(cfg.decode_head, in_channels=32, channels=32, num_heads=2,
                            embed_dims=32, num_layers=1, num_classes=NUM_CLASSES)  # fmt: skip
@@ -77,8 +78,10 @@ def backbone_states(backbone, x):
 # Image sizes
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("hw", [(100, 150), (150, 100), (64, 48), (17, 33), (16, 48)])
-def test_predict_returns_the_original_size(base_cfg, hw):
-    model = build(base_cfg)
+@pytest.mark.parametrize("method", ["fatr", "default"])
+def test_predict_returns_the_original_size(base_cfg, hw, method):
+    default = {**base_cfg.model.backbone.reduction, "layers": (2, 3, 4)}
+    model = build(base_cfg, reduction=default if method == "default" else None)
     out = predict(model, image(hw))
     assert out.seg_logits.data.shape == (NUM_CLASSES, *hw)
     assert out.pred_sem_seg.data.shape == (1, *hw)

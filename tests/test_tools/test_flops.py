@@ -211,7 +211,7 @@ def test_get_flops_compare_mode(tmp_path):
     assert result["schema"] == "fatr_seg.get_flops/1"
     assert result["shape"] == [64, 64] and result["tokens"] == 16
     base, fatr = result["models"]
-    red = dict(method="fatr")  # the config's reduction
+    red = dict(method="fatr_local")  # the config's reduction (at test time)
     assert base["backbone"]["macs"] == analytic_vit_macs((4, 4), 384, 12, 16)
     assert fatr["backbone"]["macs"] == analytic_vit_macs((4, 4), 384, 12, 16, reduction=red)
     assert base["ratio"] == {"backbone": 1.0, "segmentor": 1.0}
@@ -220,9 +220,9 @@ def test_get_flops_compare_mode(tmp_path):
     )
     assert fatr["backbone"]["scoring_macs"] > 0
     # The Segmenter head (FATRSegmenterHead) runs on the baseline's 16 patch tokens and on
-    # FATR's compact output: 16 -> 12 -> 9 -> 7 merged tokens.
+    # FATR's compact output: 16 -> 10 (two 2x2 windows folded) -> 6 -> 5 tokens.
     assert base["decode_head_macs"] == segmenter_head_macs(16, 384, 150, 2)
-    assert fatr["decode_head_macs"] == segmenter_head_macs(7, 384, 150, 2)
+    assert fatr["decode_head_macs"] == segmenter_head_macs(5, 384, 150, 2)
     for m in (base, fatr):
         assert m["segmentor"]["macs"] == m["backbone"]["macs"] + m["decode_head_macs"]
 

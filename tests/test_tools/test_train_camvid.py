@@ -1,7 +1,7 @@
 """``tools/train.py`` and ``tools/test.py`` on the CamVid configs, with hand-made CamVid data.
 
-A tiny version of ``configs/camvid/fatr_vit-t_camvid.py`` (4 blocks of width 32, reduction at
-blocks 2 and 3, no pretrained weights) keeps the config's own data pipelines, schedule and
+A tiny version of ``configs/camvid/fatr_vit-t_camvid.py`` (4 blocks of width 32, its local stage
+at block 2 and global merging at 3, no pretrained weights) keeps the config's own data pipelines, schedule and
 evaluation, and trains 2 iterations on four 360x480 images in a subprocess, exactly as a user runs
 it, validating at the end; ``tools/test.py`` then evaluates the checkpoint on the test split.
 """
@@ -18,7 +18,8 @@ MAX_ITERS = 2
 TINY = """_base_ = [{base!r}]
 model = dict(
     backbone=dict(embed_dims=32, num_layers=4, num_heads=2, drop_path_rate=0.0,
-                  reduction=dict(layers=(2, 3)), init_cfg=None),
+                  reduction=dict(layers=(2, 3), keep_ratio=(0.5, 0.7),
+                                 score=('window_hf', 'hf_bipartite')), init_cfg=None),
     decode_head=dict(in_channels=32, channels=32, num_heads=2, embed_dims=32, num_layers=1))
 """
 

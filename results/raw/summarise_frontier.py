@@ -1,0 +1,128 @@
+# ruff: noqa: E501  (provenance strings: commands and protocol as they ran)
+"""Summarise the CamVid frontier study (a camvid_study results.json run with --finetune-as
+unreduced) into results/camvid_vit-t_frontier.json, and draw docs/img/camvid_frontier.png from it.
+
+A one-off provenance script; run from the repository root:
+    python results/raw/summarise_frontier.py RAW OUT COMMIT [PNG]
+"""
+
+import json
+import math
+import statistics
+import sys
+
+raw_path, out_path, commit = sys.argv[1:4]
+png = sys.argv[4] if len(sys.argv) > 4 else None
+data = json.load(open(raw_path))
+runs, seeds = data["runs"], data["settings"]["seeds"]
+DEFAULT = "configs/camvid/fatr_vit-t_camvid.py"
+LATE = "configs/camvid/fatr-late_vit-t_camvid.py"
+# key -> (family, label, config, budget)
+LABEL = {
+    "none": ("none", "none (the baseline)", "configs/camvid/segmenter_vit-t_camvid.py", "—"),
+    "local@0.8": ("FATR", "FATR, keep 0.8 at block 2", None, "0.8 / 0.8 / 0.9 at 2 (2×2 windows) / 5 / 8"),
+    "local@0.7": ("FATR", "FATR, keep 0.7 at block 2", None, "0.7 / 0.7 / 0.8 at 2 (2×2 windows) / 5 / 8"),
+    "local@0.6": ("FATR", "FATR, keep 0.6 at block 2", None, "0.6 / 0.7 / 0.8 at 2 (2×2 windows) / 5 / 8"),
+    "fatr_local": ("FATR", "FATR default (`fatr_local`)", DEFAULT, "0.5 / 0.6 / 0.8 at 2 (2×2 windows) / 5 / 8"),
+    "local@0.5b": ("FATR", "FATR, keep 0.5 / 0.5 / 0.7", None, "0.5 / 0.5 / 0.7 at 2 (2×2 windows) / 5 / 8"),
+    "fatr_default": ("FATR late", "FATR late schedule (`fatr`)", LATE, "0.7 at 4, 7, 10"),
+    "tome@0.8": ("ToMe", "ToMe, keep 0.8", None, "0.8 at 4, 7, 10"),
+    "tome@0.7": ("ToMe", "ToMe, keep 0.7", None, "0.7 at 4, 7, 10"),
+    "tome@0.6": ("ToMe", "ToMe, keep 0.6", None, "0.6 at 4, 7, 10"),
+    "tome@0.5": ("ToMe", "ToMe, keep 0.5", None, "0.5 at 4, 7, 10"),
+    "algm@0.8": ("ALGM", "ALGM, keep 0.8", None, "0.8 at 1 (2×2 windows) and 5"),
+    "algm@0.7": ("ALGM", "ALGM, keep 0.7", None, "0.7 at 1 (2×2 windows) and 5"),
+    "algm": ("ALGM", "ALGM, equal MACs to the default", None, "0.58 at 1 (2×2 windows) and 5"),
+    "algm@0.5": ("ALGM", "ALGM, keep 0.5", None, "0.5 at 1 (2×2 windows) and 5"),
+}
+cost = runs["cost"]
+base = {b: cost["images_per_s"][b]["none"]["median"] for b in ("b1", "b8")}
+rows = []
+for key, (family, name, config, budget) in LABEL.items():
+    res = runs[f"budget/{key}"]["resolved"]
+    values = [runs[f"ft/none/s{s}" if key == "none" else f"deploy/{key}/s{s}"]["mIoU"] for s in seeds]
+    row = dict(
+        family=family,
+        method=name,
+        key=key,
+        budget=budget,
+        backbone_gmacs=cost["macs"][key]["backbone"] / 1e9,
+        speedup_b1=cost["images_per_s"]["b1"][key]["median"] / base["b1"],
+        speedup_b8=cost["images_per_s"]["b8"][key]["median"] / base["b8"],
+        miou_free=runs[f"free/{key}"]["mIoU"],
+        miou_ft=statistics.fmean(values),
+        miou_ft_std=statistics.stdev(values) if len(values) > 1 else None,
+        miou_ft_per_seed=values,
+        seeds=len(values),
+        reduction=json.dumps(res) if res else None,
+    )
+    if key != "none":
+        diffs = [v - runs[f"ft/none/s{s}"]["mIoU"] for v, s in zip(values, seeds)]
+        row["delta"] = statistics.fmean(diffs)
+        row["delta_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    own = [runs.get(f"ft/{key}/s{s}", {}).get("mIoU") for s in seeds]
+    if key != "none" and None not in own:  # also fine-tuned with its reduction in the loop
+        row["miou_own_ft"] = statistics.fmean(own)
+        diffs = [v - runs[f"ft/none/s{s}"]["mIoU"] for v, s in zip(own, seeds)]
+        row["delta_own"] = statistics.fmean(diffs)
+        row["delta_own_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    if config:
+        row["config"] = config
+    if key in ("none", "fatr_local", "local@0.6", "fatr_default", "tome@0.6", "tome@0.5", "algm@0.7", "algm"):
+        row["readme"] = "yes"
+    if key == "fatr_local":
+        row["bold"] = True
+    rows.append(row)
+out = dict(
+    title="CamVid val, Segmenter-Mask ViT-Ti/16: FATR, ToMe and ALGM at several budgets, each applied to the same fine-tuned unreduced model (3 paired seeds), against measured CPU speed",
+    source=f"summarised from results/raw/{raw_path.split('/')[-1]} (tools/camvid_study.py's results.json) by the command's last line",
+    date="2026-12-07",
+    commit=commit,
+    machine="the project's 2-core x86_64 CPU machine, no GPU; Python 3.11.7, torch 2.14.1, mmsegmentation 1.2.2; other processes ran beside the timing (speed-ups: all models alternating in one process)",
+    command=[
+        "python tools/camvid_study.py --data-root ../shared/data/camvid --pretrained ../shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors --work-dir work_dirs/cs_base --methods none --seeds 0 --base-iters 500 --threads 2   # the baseline (stopped after its checkpoint)",
+        "pos_embed of iter_500.pth resampled (bicubic, fatr_seg.layers.embed.resample_pos_embed) from the 256 crop's 16x16 grid to the 352 crop's 22x22: baseline_500_352.pth",
+        'L=\'"score":["window_hf","hf_bipartite","hf_bipartite"],"prop_attn":true,"layers":[2,5,8]\'; python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_deploy --model-config configs/camvid/fatr-local_vit-t_camvid.py --methods none fatr_local algm --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants "local@0.8={$L,\\"keep_ratio\\":[0.8,0.8,0.9]}" "local@0.7={$L,\\"keep_ratio\\":[0.7,0.7,0.8]}" "local@0.6={$L,\\"keep_ratio\\":[0.6,0.7,0.8]}" "local@0.5b={$L,\\"keep_ratio\\":[0.5,0.5,0.7]}" \'fatr_default={"method":"fatr"}\' \'tome@0.8={"method":"tome","keep_ratio":0.8}\' \'tome@0.7={"method":"tome","keep_ratio":0.7}\' \'tome@0.6={"method":"tome","keep_ratio":0.6}\' \'tome@0.5={"method":"tome","keep_ratio":0.5}\' \'algm@0.8={"method":"algm","keep_ratio":0.8}\' \'algm@0.7={"method":"algm","keep_ratio":0.7}\' \'algm@0.5={"method":"algm","keep_ratio":0.5}\'   # configs/camvid/fatr-local_vit-t_camvid.py was then the fatr_local config (now configs/camvid/fatr_vit-t_camvid.py); ft_none_s0 copied from the local-stage study (same settings)',
+        "python results/raw/summarise_frontier.py results/raw/camvid_vit-t_frontier_study.json results/camvid_vit-t_frontier.json COMMIT docs/img/camvid_frontier.png",
+    ],
+    protocol="baseline: 500 iterations from the timm ViT-Ti at 256² crops (free mIoU 50.2); the unreduced model fine-tuned from it with the study's self-distillation recipe (100 iterations, batch 8, 352² crops, EMA momentum 0.1) once per seed; every reduction applied to those weights without training of its own (what reduce_in_training=False trains); Δ: mean over seeds of (method − unreduced, same seed) ± its standard error; evaluated on the 101 val images at 360x480 (368x480 padded, 690 tokens); speed: whole segmentor, 1 thread, batch 1 and 8, all 15 models alternating, 5 rounds, median",
+    columns={
+        "method": {"label": "method", "align": "left", "format": "{method}", "link": "config"},
+        "budget": {"label": "keep ratio at blocks", "align": "left", "format": "{budget}"},
+        "backbone_gmacs": {"label": "backbone GMACs", "format": "{backbone_gmacs:.3f}"},
+        "speedup": {"label": "speed-up b1 / b8", "format": "{speedup_b1:.2f}× / {speedup_b8:.2f}×"},
+        "miou_free": {"label": "mIoU training-free", "format": "{miou_free:.2f}"},
+        "miou_ft": {"label": "mIoU fine-tuned", "format": ["{miou_ft:.2f} ± {miou_ft_std:.2f}", "{miou_ft:.2f}"]},
+        "delta": {"label": "Δ vs none (paired)", "format": ["{delta:+.2f} ± {delta_se:.2f}", "{delta:+.2f}"], "empty": "—"},
+        "delta_own": {"label": "Δ if fine-tuned reduced (paired)", "format": "{delta_own:+.2f} ± {delta_own_se:.2f}", "empty": "—"},
+    },
+    rows=rows,
+)
+json.dump(out, open(out_path, "w"), indent=1, ensure_ascii=False)
+for r in rows:
+    print(f"{r['key']:14s} {r['speedup_b1']:.2f} {r['speedup_b8']:.2f} {r['miou_free']:.2f} {r['miou_ft']:.2f} {r.get('delta', 0):+.2f} ± {r.get('delta_se') or 0:.2f}")
+
+if png:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    style = {"FATR": ("tab:red", "o"), "FATR late": ("tab:orange", "s"), "ToMe": ("tab:blue", "^"), "ALGM": ("tab:green", "D")}
+    for ax, b in zip(axes, ("b1", "b8")):
+        ax.axhline(0, color="0.5", lw=1, ls="--")
+        ax.axhspan(-0.5, 0.5, color="0.9", zorder=0)
+        for fam, (color, marker) in style.items():
+            pts = sorted((r[f"speedup_{b}"], r["delta"], r["delta_se"] or 0) for r in rows if r["family"] == fam)
+            xs, ys, es = zip(*pts)
+            ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=3, label=fam if fam != "FATR" else "FATR (early local stage)")
+        d = next(r for r in rows if r["key"] == "fatr_local")
+        ax.annotate("default", (d[f"speedup_{b}"], d["delta"]), textcoords="offset points", xytext=(6, 8), color="tab:red")
+        ax.set_xlabel(f"measured speed-up, whole segmentor, CPU 1 thread, batch {b[1:]}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"mIoU − unreduced (paired, {len(seeds)} seeds; band ±0.5)")
+    axes[0].legend(loc="lower left", fontsize=8)
+    fig.suptitle("CamVid val, Segmenter-Mask ViT-Ti/16: every reduction on the same fine-tuned weights")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
