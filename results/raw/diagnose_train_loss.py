@@ -1,47 +1,87 @@
-# Diagnostic (provenance of results/camvid_vit-t_in-loop-diagnosis.json): CE loss and gradients of
-# the baseline on 3 training batches (352² crops, the training pipeline), per reduction.
-import types, torch, collections
-torch.set_num_threads(1)
-from mmseg.utils import register_all_modules
-import fatr_seg.models
-register_all_modules(init_default_scope=True)
-from fatr_seg.analysis import camvid_runs as cr
-from mmseg.registry import DATASETS
+"""The baseline's CE on training crops per reduction (results/camvid_vit-t_in-loop-diagnosis.json).
+
+Three batches of 8 from the CamVid training pipeline (random scale x0.5..x2, 352² crops, seed 0),
+train mode with the head in eval mode (no dropout); prints the mean loss per reduction, then per
+block the cosine and norm ratio of each reduction's gradient to the unreduced one's.
+Run from the repository root: ``python results/raw/diagnose_train_loss.py``.
+"""
+
+import collections
+import types
+
+import torch
+import torch.nn.functional as F
 from mmengine.dataset import pseudo_collate
-args = types.SimpleNamespace(baseline_config='configs/camvid/segmenter_vit-t_camvid.py',
-    model_config='configs/camvid/fatr_vit-t_camvid.py', data_root='../shared/data/camvid',
-    crop_size=352, batch_size=8, train_images=0, val_images=0, workers=1, ft_lr=1e-4, ft_iters=100,
-    temperature=1.0, distill_weight=1.0, ema=False, ema_momentum=0.1,
-    distill_config='configs/camvid/fatr_vit-t_camvid_distill.py')
-local06 = {'layers': [2, 5, 8], 'keep_ratio': [0.6, 0.7, 0.8], 'score': ['window_hf', 'hf_bipartite', 'hf_bipartite'], 'prop_attn': True}
-cfg0 = cr.finetune_cfg(args, None, 0, 'work_dirs/diag/tmp', 'work_dirs/baseline_500_352.pth')
-ds = DATASETS.build(cfg0.train_dataloader.dataset)
+from mmseg.registry import DATASETS
+from mmseg.utils import register_all_modules
+
+import fatr_seg.models  # noqa: F401  (registers FATRViT and the CamVid dataset)
+from fatr_seg.analysis import camvid_runs as cr
+
+torch.set_num_threads(1)
+register_all_modules(init_default_scope=True)
+BASELINE = "work_dirs/baseline_500_352.pth"
+ARGS = types.SimpleNamespace(
+    baseline_config="configs/camvid/segmenter_vit-t_camvid.py",
+    model_config="configs/camvid/fatr_vit-t_camvid.py",
+    distill_config="configs/camvid/fatr_vit-t_camvid_distill.py",
+    data_root="../shared/data/camvid",
+    crop_size=352,
+    batch_size=8,
+    train_images=0,
+    val_images=0,
+    workers=1,
+    ft_lr=1e-4,
+    ft_iters=100,
+    temperature=1.0,
+    distill_weight=1.0,
+    ema=False,
+    ema_momentum=0.1,
+)
+LOCAL06 = {
+    "layers": [2, 5, 8],
+    "keep_ratio": [0.6, 0.7, 0.8],
+    "score": ["window_hf", "hf_bipartite", "hf_bipartite"],
+    "prop_attn": True,
+}
+REDUCTIONS = {
+    "none": None,
+    "local06": LOCAL06,
+    "local06_noprop": dict(LOCAL06, prop_attn=False),
+    "late07": {"method": "fatr", "keep_ratio": 0.7},
+}
+
+
+def block_grad(grads: dict, prefix: str) -> torch.Tensor:
+    return torch.cat([g.flatten() for n, g in grads.items() if n.startswith(prefix)])
+
+
+dataset = DATASETS.build(cr.finetune_cfg(ARGS, None, 0, "work_dirs/diag/tmp", BASELINE)
+                         .train_dataloader.dataset)  # fmt: skip
 torch.manual_seed(0)
-batches = [pseudo_collate([ds[i] for i in range(b*8, b*8+8)]) for b in range(3)]
-G = {}
-for name, red in [('none', None), ('local06', local06), ('local06_noprop', dict(local06, prop_attn=False)), ('late07', {'method':'fatr','keep_ratio':0.7})]:
-    cfg = cr.model_cfg(args, red); cfg.model.backbone.drop_path_rate = 0.0
-    m = cr.build_model(cfg, 'work_dirs/baseline_500_352.pth'); m.train(); m.decode_head.eval()
-    g = collections.defaultdict(float); L = 0
-    for b in batches:
-        data = m.data_preprocessor(b, True)
-        losses = m.loss(data['inputs'], data['data_samples'])
-        loss = sum(v for k, v in losses.items() if 'loss' in k)
-        m.zero_grad(); loss.backward(); L += loss.item()
-        for n, p in m.named_parameters():
-            if p.grad is not None and 'omega' not in n:
-                g[n] = g[n] + p.grad.detach().clone()
-    G[name] = g
-    print(name, 'loss', L / 3, flush=True)
-def blockvec(g, i):
-    return torch.cat([v.flatten() for n, v in g.items() if n.startswith(f'backbone.blocks.{i}.')])
-for name in G:
-    if name == 'none': continue
+batches = [pseudo_collate([dataset[i] for i in range(b * 8, b * 8 + 8)]) for b in range(3)]
+grads = {}
+for name, reduction in REDUCTIONS.items():
+    cfg = cr.model_cfg(ARGS, reduction)
+    cfg.model.backbone.drop_path_rate = 0.0
+    model = cr.build_model(cfg, BASELINE).train()
+    model.decode_head.eval()
+    total, loss_sum = collections.defaultdict(float), 0.0
+    for batch in batches:
+        data = model.data_preprocessor(batch, True)
+        losses = model.loss(data["inputs"], data["data_samples"])
+        loss = sum(v for k, v in losses.items() if "loss" in k)
+        model.zero_grad()
+        loss.backward()
+        loss_sum += loss.item()
+        for n, p in model.named_parameters():
+            if p.grad is not None and "omega" not in n:
+                total[n] = total[n] + p.grad.detach().clone()
+    grads[name] = total
+    print(name, "loss", loss_sum / len(batches), flush=True)
+for name in list(REDUCTIONS)[1:]:
     row = []
-    for i in range(12):
-        a, b = blockvec(G['none'], i), blockvec(G[name], i)
-        row.append(f"{torch.nn.functional.cosine_similarity(a, b, 0).item():.2f}/{(b.norm()/a.norm()).item():.2f}")
-    pe = lambda g: torch.cat([g[k].flatten() for k in ('backbone.pos_embed','backbone.patch_embed.proj.weight') if k in g])
-    print(name, 'cos/normratio per block', row, 'embed', f"{torch.nn.functional.cosine_similarity(pe(G['none']), pe(G[name]), 0).item():.2f}/{(pe(G[name]).norm()/pe(G['none']).norm()).item():.2f}")
-    hd = lambda g: torch.cat([v.flatten() for n, v in g.items() if n.startswith('decode_head')])
-    print(name, 'head', f"{torch.nn.functional.cosine_similarity(hd(G['none']), hd(G[name]), 0).item():.2f}/{(hd(G[name]).norm()/hd(G['none']).norm()).item():.2f}")
+    for prefix in [f"backbone.blocks.{i}." for i in range(12)] + ["decode_head"]:
+        a, b = block_grad(grads["none"], prefix), block_grad(grads[name], prefix)
+        row.append(f"{F.cosine_similarity(a, b, 0).item():.2f}/{(b.norm() / a.norm()).item():.2f}")
+    print(name, "gradient cosine / norm ratio per block, then the head:", row)

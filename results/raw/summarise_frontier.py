@@ -20,11 +20,36 @@ LATE = "configs/camvid/fatr-late_vit-t_camvid.py"
 # key -> (family, label, config, budget)
 LABEL = {
     "none": ("none", "none (the baseline)", "configs/camvid/segmenter_vit-t_camvid.py", "—"),
-    "local@0.8": ("FATR", "FATR, keep 0.8 at block 2", None, "0.8 / 0.8 / 0.9 at 2 (2×2 windows) / 5 / 8"),
-    "local@0.7": ("FATR", "FATR, keep 0.7 at block 2", None, "0.7 / 0.7 / 0.8 at 2 (2×2 windows) / 5 / 8"),
-    "local@0.6": ("FATR", "FATR, keep 0.6 at block 2", None, "0.6 / 0.7 / 0.8 at 2 (2×2 windows) / 5 / 8"),
-    "fatr_local": ("FATR", "FATR default (`fatr_local`)", DEFAULT, "0.5 / 0.6 / 0.8 at 2 (2×2 windows) / 5 / 8"),
-    "local@0.5b": ("FATR", "FATR, keep 0.5 / 0.5 / 0.7", None, "0.5 / 0.5 / 0.7 at 2 (2×2 windows) / 5 / 8"),
+    "local@0.8": (
+        "FATR",
+        "FATR, keep 0.8 at block 2",
+        None,
+        "0.8 / 0.8 / 0.9 at 2 (2×2 windows) / 5 / 8",
+    ),
+    "local@0.7": (
+        "FATR",
+        "FATR, keep 0.7 at block 2",
+        None,
+        "0.7 / 0.7 / 0.8 at 2 (2×2 windows) / 5 / 8",
+    ),
+    "local@0.6": (
+        "FATR",
+        "FATR, keep 0.6 at block 2",
+        None,
+        "0.6 / 0.7 / 0.8 at 2 (2×2 windows) / 5 / 8",
+    ),
+    "fatr_local": (
+        "FATR",
+        "FATR default (`fatr_local`)",
+        DEFAULT,
+        "0.5 / 0.6 / 0.8 at 2 (2×2 windows) / 5 / 8",
+    ),
+    "local@0.5b": (
+        "FATR",
+        "FATR, keep 0.5 / 0.5 / 0.7",
+        None,
+        "0.5 / 0.5 / 0.7 at 2 (2×2 windows) / 5 / 8",
+    ),
     "fatr_default": ("FATR late", "FATR late schedule (`fatr`)", LATE, "0.7 at 4, 7, 10"),
     "tome@0.8": ("ToMe", "ToMe, keep 0.8", None, "0.8 at 4, 7, 10"),
     "tome@0.7": ("ToMe", "ToMe, keep 0.7", None, "0.7 at 4, 7, 10"),
@@ -40,7 +65,9 @@ base = {b: cost["images_per_s"][b]["none"]["median"] for b in ("b1", "b8")}
 rows = []
 for key, (family, name, config, budget) in LABEL.items():
     res = runs[f"budget/{key}"]["resolved"]
-    values = [runs[f"ft/none/s{s}" if key == "none" else f"deploy/{key}/s{s}"]["mIoU"] for s in seeds]
+    values = [
+        runs[f"ft/none/s{s}" if key == "none" else f"deploy/{key}/s{s}"]["mIoU"] for s in seeds
+    ]
     row = dict(
         family=family,
         method=name,
@@ -59,7 +86,9 @@ for key, (family, name, config, budget) in LABEL.items():
     if key != "none":
         diffs = [v - runs[f"ft/none/s{s}"]["mIoU"] for v, s in zip(values, seeds)]
         row["delta"] = statistics.fmean(diffs)
-        row["delta_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+        row["delta_se"] = (
+            statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+        )
     own = [runs.get(f"ft/{key}/s{s}", {}).get("mIoU") for s in seeds]
     if key != "none" and None not in own:  # also fine-tuned with its reduction in the loop
         row["miou_own_ft"] = statistics.fmean(own)
@@ -68,7 +97,16 @@ for key, (family, name, config, budget) in LABEL.items():
         row["delta_own_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
     if config:
         row["config"] = config
-    if key in ("none", "fatr_local", "local@0.6", "fatr_default", "tome@0.6", "tome@0.5", "algm@0.7", "algm"):
+    if key in (
+        "none",
+        "fatr_local",
+        "local@0.6",
+        "fatr_default",
+        "tome@0.6",
+        "tome@0.5",
+        "algm@0.7",
+        "algm",
+    ):
         row["readme"] = "yes"
     if key == "fatr_local":
         row["bold"] = True
@@ -92,15 +130,28 @@ out = dict(
         "backbone_gmacs": {"label": "backbone GMACs", "format": "{backbone_gmacs:.3f}"},
         "speedup": {"label": "speed-up b1 / b8", "format": "{speedup_b1:.2f}× / {speedup_b8:.2f}×"},
         "miou_free": {"label": "mIoU training-free", "format": "{miou_free:.2f}"},
-        "miou_ft": {"label": "mIoU fine-tuned", "format": ["{miou_ft:.2f} ± {miou_ft_std:.2f}", "{miou_ft:.2f}"]},
-        "delta": {"label": "Δ vs none (paired)", "format": ["{delta:+.2f} ± {delta_se:.2f}", "{delta:+.2f}"], "empty": "—"},
-        "delta_own": {"label": "Δ if fine-tuned reduced (paired)", "format": "{delta_own:+.2f} ± {delta_own_se:.2f}", "empty": "—"},
+        "miou_ft": {
+            "label": "mIoU fine-tuned",
+            "format": ["{miou_ft:.2f} ± {miou_ft_std:.2f}", "{miou_ft:.2f}"],
+        },
+        "delta": {
+            "label": "Δ vs none (paired)",
+            "format": ["{delta:+.2f} ± {delta_se:.2f}", "{delta:+.2f}"],
+            "empty": "—",
+        },
+        "delta_own": {
+            "label": "Δ if fine-tuned reduced (paired)",
+            "format": "{delta_own:+.2f} ± {delta_own_se:.2f}",
+            "empty": "—",
+        },
     },
     rows=rows,
 )
 json.dump(out, open(out_path, "w"), indent=1, ensure_ascii=False)
 for r in rows:
-    print(f"{r['key']:14s} {r['speedup_b1']:.2f} {r['speedup_b8']:.2f} {r['miou_free']:.2f} {r['miou_ft']:.2f} {r.get('delta', 0):+.2f} ± {r.get('delta_se') or 0:.2f}")
+    print(
+        f"{r['key']:14s} {r['speedup_b1']:.2f} {r['speedup_b8']:.2f} {r['miou_free']:.2f} {r['miou_ft']:.2f} {r.get('delta', 0):+.2f} ± {r.get('delta_se') or 0:.2f}"
+    )
 
 if png:
     import matplotlib
@@ -109,20 +160,45 @@ if png:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    style = {"FATR": ("tab:red", "o"), "FATR late": ("tab:orange", "s"), "ToMe": ("tab:blue", "^"), "ALGM": ("tab:green", "D")}
+    style = {
+        "FATR": ("tab:red", "o"),
+        "FATR late": ("tab:orange", "s"),
+        "ToMe": ("tab:blue", "^"),
+        "ALGM": ("tab:green", "D"),
+    }
     for ax, b in zip(axes, ("b1", "b8")):
         ax.axhline(0, color="0.5", lw=1, ls="--")
         ax.axhspan(-0.5, 0.5, color="0.9", zorder=0)
         for fam, (color, marker) in style.items():
-            pts = sorted((r[f"speedup_{b}"], r["delta"], r["delta_se"] or 0) for r in rows if r["family"] == fam)
+            pts = sorted(
+                (r[f"speedup_{b}"], r["delta"], r["delta_se"] or 0)
+                for r in rows
+                if r["family"] == fam
+            )
             xs, ys, es = zip(*pts)
-            ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=3, label=fam if fam != "FATR" else "FATR (early local stage)")
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=es,
+                color=color,
+                marker=marker,
+                capsize=3,
+                label=fam if fam != "FATR" else "FATR (early local stage)",
+            )
         d = next(r for r in rows if r["key"] == "fatr_local")
-        ax.annotate("default", (d[f"speedup_{b}"], d["delta"]), textcoords="offset points", xytext=(6, 8), color="tab:red")
+        ax.annotate(
+            "default",
+            (d[f"speedup_{b}"], d["delta"]),
+            textcoords="offset points",
+            xytext=(6, 8),
+            color="tab:red",
+        )
         ax.set_xlabel(f"measured speed-up, whole segmentor, CPU 1 thread, batch {b[1:]}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"mIoU − unreduced (paired, {len(seeds)} seeds; band ±0.5)")
     axes[0].legend(loc="lower left", fontsize=8)
-    fig.suptitle("CamVid val, Segmenter-Mask ViT-Ti/16: every reduction on the same fine-tuned weights")
+    fig.suptitle(
+        "CamVid val, Segmenter-Mask ViT-Ti/16: every reduction on the same fine-tuned weights"
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=110)

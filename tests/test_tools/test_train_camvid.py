@@ -1,9 +1,10 @@
 """``tools/train.py`` and ``tools/test.py`` on the CamVid configs, with hand-made CamVid data.
 
 A tiny version of ``configs/camvid/fatr_vit-t_camvid.py`` (4 blocks of width 32, its local stage
-at block 2 and global merging at 3, no pretrained weights) keeps the config's own data pipelines, schedule and
-evaluation, and trains 2 iterations on four 360x480 images in a subprocess, exactly as a user runs
-it, validating at the end; ``tools/test.py`` then evaluates the checkpoint on the test split.
+at block 2 and global merging at 3, no pretrained weights) keeps the config's own data pipelines,
+schedule and evaluation, and trains 2 iterations on four 360x480 images in a subprocess, exactly
+as a user runs it, validating at the end; ``tools/test.py`` then evaluates the checkpoint on the
+test split.
 """
 
 import json
