@@ -32,11 +32,40 @@ class AttnStats(NamedTuple):
 class ReweightedCore(nn.Module):
     """The attention call of a block, FATR's reweighting (``omega1``, ``omega2``) and its stats.
 
-    Shared by :class:`Attention` and :class:`fatr_seg.layers.TimmAttention`, which differ only
-    in how they project the tokens to q, k, v and back. A subclass sets ``num_heads``,
-    ``scale``, ``fused_attn`` and the attention dropout ``attn_drop_p`` and calls
-    :meth:`init_reweight`.
+    Shared by :class:`Attention` and :class:`fatr_seg.layers.timm_blocks.TimmAttention`, which
+    differ only in how they project the tokens to q, k, v (:meth:`heads`) and back
+    (:meth:`output`). A subclass sets ``num_heads``, ``scale``, ``fused_attn`` and the attention
+    dropout ``attn_drop_p`` and calls :meth:`init_reweight`.
     """
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_bias: torch.Tensor | None = None,
+        num_dc: int = 0,
+        return_stats: bool = False,
+        coef_hp: torch.Tensor | None = None,
+        rope: torch.Tensor | None = None,
+        num_prefix: int = 1,
+    ) -> tuple[torch.Tensor, AttnStats | None]:
+        """Attend over the whole sequence ``x`` (B, n, C).
+
+        Args:
+            key_bias: Optional (B, n) additive bias per key.
+            num_dc: Number of DC tokens at the end of the sequence.
+            return_stats: Also return detached :class:`AttnStats` (q and k as the logits see
+                them, after any rotation) for token scoring.
+            coef_hp: ``1 + omega1``, computed by the caller for all blocks at once, or None.
+            rope: (B or 1, 1, n - num_prefix, 2·d) rotary embedding of the tokens after the
+                prefix, or None (only for a subclass that rotates).
+            num_prefix: Prefix tokens, which are not rotated.
+
+        Returns:
+            ``(out (B, n, C), AttnStats or None)``.
+        """
+        q, k, v = self.heads(x, rope, num_prefix)
+        out, stats = self.attend(q, k, v, key_bias, num_dc, return_stats, coef_hp)
+        return self.output(out.transpose(1, 2).flatten(2), x), stats
 
     def init_reweight(self, num_heads: int, reweight: str | None, dc_terms: bool) -> None:
         """Create FATR's per-head parameters for ``reweight`` (see :class:`Attention`)."""
@@ -146,28 +175,15 @@ class Attention(ReweightedCore):
     def attn_drop_p(self) -> float:
         return self.attn_drop
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        key_bias: torch.Tensor | None = None,
-        num_dc: int = 0,
-        return_stats: bool = False,
-        coef_hp: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, AttnStats | None]:
-        """Attend over the whole sequence.
-
-        Args:
-            x: (B, n, C).
-            key_bias: Optional (B, n) additive bias per key.
-            num_dc: Number of DC tokens at the end of the sequence.
-            return_stats: Also return detached :class:`AttnStats` for token scoring.
-            coef_hp: ``1 + omega1``, computed by the caller for all blocks at once, or None.
-
-        Returns:
-            ``(out (B, n, C), AttnStats or None)``.
-        """
+    def heads(self, x: torch.Tensor, rope: torch.Tensor | None = None, num_prefix: int = 1
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """q, k, v (B, h, n, d) of ``x`` (B, n, C)."""
+        if rope is not None:
+            raise ValueError("Attention has no rotary embedding: pass rope=None")
         B, n, C = x.shape
         qkv = self.qkv(x).reshape(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, h, n, d)
-        out, stats = self.attend(q, k, v, key_bias, num_dc, return_stats, coef_hp)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, n, C))), stats
+        return qkv.unbind(0)
+
+    def output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The block's output from the heads' ``out`` (B, n, C)."""
+        return self.proj_drop(self.proj(out))

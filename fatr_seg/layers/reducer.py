@@ -5,26 +5,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.merge import (
+from ..ops import (
     MergePlan,
+    ReductionRecord,
+    TokenState,
     bipartite_plan,
+    bipartite_scores,
+    cls_attention,
+    float32_matmul,
+    fold_tokens,
     fuse_tokens,
+    hf_scores,
     merge_planned,
     merge_tokens,
     nearest_kept,
     partner_plan,
-)
-from ..ops.precision import float32_matmul
-from ..ops.reduce import ReductionRecord, fold_tokens
-from ..ops.scoring import hf_scores
-from ..ops.select import (
-    bipartite_scores,
-    cls_attention,
     protected_bipartite_scores,
     select_topk,
+    window_fold_scores,
+    window_hf_priority,
+    window_members,
+    window_scores,
 )
-from ..ops.state import TokenState
-from ..ops.windows import window_fold_scores, window_hf_priority, window_members, window_scores
 from .attention import AttnStats
 from .config import ReductionConfig
 

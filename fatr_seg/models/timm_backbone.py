@@ -38,9 +38,10 @@ class TimmFATRViT(TimmFATRVisionTransformer, BaseModule):
             configs use it: ``tools/train.py`` checks that its file exists before training).
         drop_path_rate: ``model_kwargs['drop_path_rate']`` (stochastic depth), as ``FATRViT``
             takes it, so the fine-tuning recipe (``configs/_base_/distill_recipe.py``) sets it.
-        out_indices, reduction, compact_output, final_norm, output_cls_token, out_origin,
-            check_finite, fused_attn, with_cp, antialias: See
-            :class:`fatr_seg.layers.TimmFATRVisionTransformer`.
+        **kwargs: The other arguments of :class:`fatr_seg.layers.TimmFATRVisionTransformer`
+            (``out_indices``, ``reduction``, ``compact_output``, ``final_norm``,
+            ``output_cls_token``, ``out_origin``, ``check_finite``, ``fused_attn``, ``with_cp``,
+            ``antialias``).
     """
 
     def __init__(
@@ -48,19 +49,10 @@ class TimmFATRViT(TimmFATRVisionTransformer, BaseModule):
         model_name: str,
         model_kwargs: dict | None = None,
         checkpoint: str | None = None,
-        out_indices: int | tuple[int, ...] = -1,
-        reduction: dict | None = None,
-        compact_output: bool = False,
-        final_norm: bool | str = True,
-        output_cls_token: bool = False,
-        out_origin: bool = False,
-        check_finite: bool = True,
-        fused_attn: bool | None = None,
-        with_cp: bool = False,
         drop_path_rate: float | None = None,
-        antialias: bool = True,
         pretrained: str | None = None,
         init_cfg: dict | None = None,
+        **kwargs,
     ) -> None:
         sources = [s for s in (checkpoint, pretrained) if s is not None]
         if isinstance(init_cfg, dict) and init_cfg.get("type") == "Pretrained":
@@ -83,13 +75,7 @@ class TimmFATRViT(TimmFATRVisionTransformer, BaseModule):
             if given != drop_path_rate:
                 raise ValueError(f"drop_path_rate={drop_path_rate} and model_kwargs "
                                  f"drop_path_rate={given}: give it once")  # fmt: skip
-        super().__init__(
-            model_name, model_kwargs, out_indices=out_indices, reduction=reduction,
-            compact_output=compact_output, final_norm=final_norm,
-            output_cls_token=output_cls_token, out_origin=out_origin,
-            check_finite=check_finite, fused_attn=fused_attn, with_cp=with_cp,
-            antialias=antialias,
-        )  # fmt: skip
+        super().__init__(model_name, model_kwargs, **kwargs)
         self.checkpoint = sources[0] if sources else None
         self.init_cfg = init_cfg
 
