@@ -246,7 +246,10 @@ def merge_planned(
     acc = torch.promote_types(x.dtype, torch.float32)
     patches = x[:, 1 : 1 + M].to(acc)
     new_size = patches.new_zeros(B, K)
-    if state.patch_size is None:  # every token is one patch: count the members
+    if state.patch_size is None and torch.compiler.is_compiling():
+        # Inductor (torch 2.14) lowers scatter(value, reduce='add') with src shaped like self.
+        new_size.scatter_add_(1, old_to_new, torch.ones_like(old_to_new, dtype=acc))
+    elif state.patch_size is None:  # every token is one patch: count the members
         new_size.scatter_(1, old_to_new, 1.0, reduce="add")
     else:
         size = state.patch_size.to(acc)
