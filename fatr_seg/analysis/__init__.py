@@ -5,21 +5,23 @@ and ``fatr_seg.layers``: no mmseg, mmengine or mmcv), so a trunk can be measured
 
 * MACs that see fused attention and the reducers' gathers: :mod:`.flops` (:func:`count_macs`,
   the closed form :func:`analytic_vit_macs`, :func:`token_schedule`);
-* time and memory: :mod:`.timing` (:func:`time_alternating`, :class:`TimingStats`, peak
-  memory on CPU and CUDA, the HF scorer's paths);
+* time, memory and thread counts: :mod:`.timing` (:func:`time_alternating`,
+  :class:`TimingStats`, peak memory on CPU and CUDA, the HF scorer's paths,
+  :func:`choose_threads`);
 * rank collapse per block: :mod:`.rank_collapse` (:func:`layer_diagnostics`);
 * reducers compared at equal MACs: :mod:`.budget` (:class:`ViTShape`, :func:`match_budget`);
-* the one results store of the experiments: :mod:`.store` (:class:`Store`, :func:`write_json`).
+* the one results store of the experiments: :mod:`.store` (:class:`Store`, :func:`write_json`);
+* the one table helper, and the README/docs tables rendered from ``results/``: :mod:`.tables`.
 
 **The experiments' back-ends** are the logic of the tools. They are not exported: each tool
 imports its own by name, and they import mmseg and mmengine only inside the functions that build
 or run segmentors:
 
-* :mod:`.benchmark` (the benchmark core: cells, time budget, result header),
-  :mod:`.benchmark_models`, :mod:`.benchmark_report`: ``tools/benchmark.py`` (CPU or GPU);
-  :mod:`.gpu_bench`: ``tools/gpu_bench.sh`` (mmseg-free models, same core);
+* :mod:`.benchmark` (the benchmark core of the CPU and GPU benchmarks: timed cells, time
+  budget, result header, files), :mod:`.benchmark_models`, :mod:`.benchmark_report`:
+  ``tools/benchmark.py``; :mod:`.gpu_bench`: ``tools/gpu_bench.sh`` (mmseg-free models);
 * :mod:`.flops_report`: ``tools/get_flops.py``;
-* :mod:`.demo`, :mod:`.demo_report`, :mod:`.cpu_load`: ``tools/demo.py``;
+* :mod:`.demo`, :mod:`.demo_report`: ``tools/demo.py``;
 * :mod:`.camvid_study`, :mod:`.camvid_runs`, :mod:`.camvid_report`: ``tools/camvid_study.py``.
 """
 
@@ -36,8 +38,10 @@ from .flops import (
 from .rank_collapse import LayerDiagnostics, layer_diagnostics
 from .store import Store, write_json
 from .timing import (
+    ThreadChoice,
     TimingStats,
     attention_stats_at,
+    choose_threads,
     cuda_peak_memory,
     current_rss_bytes,
     peak_rss_bytes,
@@ -47,28 +51,9 @@ from .timing import (
     time_scoring_paths,
 )
 
-__all__ = [
-    "BlockTokens",
-    "LayerDiagnostics",
-    "MacReport",
-    "MatchedBudget",
-    "Store",
-    "TimingStats",
-    "ViTShape",
-    "analytic_vit_macs",
-    "attention_flops",
-    "attention_stats_at",
-    "count_macs",
-    "cuda_peak_memory",
-    "current_rss_bytes",
-    "flop_formulas",
-    "layer_diagnostics",
-    "match_budget",
-    "peak_rss_bytes",
-    "reset_peak_rss",
-    "synchronize",
-    "time_alternating",
-    "time_scoring_paths",
-    "token_schedule",
-    "write_json",
-]
+__all__ = ["BlockTokens", "LayerDiagnostics", "MacReport", "MatchedBudget", "Store",
+           "ThreadChoice", "TimingStats", "ViTShape", "analytic_vit_macs", "attention_flops",
+           "attention_stats_at", "choose_threads", "count_macs", "cuda_peak_memory",
+           "current_rss_bytes", "flop_formulas", "layer_diagnostics", "match_budget",
+           "peak_rss_bytes", "reset_peak_rss", "synchronize", "time_alternating",
+           "time_scoring_paths", "token_schedule", "write_json"]  # fmt: skip

@@ -1,15 +1,11 @@
-"""Segmentors, inputs and forward passes of the benchmark, and its memory probe.
+"""Segmentors, inputs and forward passes of ``tools/benchmark.py``, and its CPU memory probe.
 
-:func:`build_segmentor` builds an mmseg segmentor from a config (no pretrained weights; speed and
-MACs do not depend on them; :mod:`.flops_report` counts the same models), :func:`make_images`
-synthetic ADE20K-like inputs normalised like the config's data preprocessor, and
-:func:`forward_fn` the zero-argument forward that ``tools/benchmark.py`` times. mmseg and
-mmengine are imported inside the functions that need them, so importing this module needs torch
-only.
-
-Peak memory on CPU is measured in a fresh child process per cell (:func:`run_memory_probe`
-starts ``python -m fatr_seg.analysis.benchmark_models SPEC``, which runs :func:`memory_probe`),
-so that memory already held by the parent cannot hide the forward's.
+:func:`build_segmentor` builds an mmseg segmentor from a config without pretrained weights
+(speed and MACs do not depend on them), :func:`make_images` synthetic ADE20K-like inputs
+normalised like the config's data preprocessor, :func:`forward_fn` the zero-argument pass that
+is timed. mmseg and mmengine are imported inside the functions that need them. CPU peak memory
+is measured in a fresh child process per cell (:func:`run_memory_probe` runs ``python -m
+fatr_seg.analysis.benchmark_models SPEC``), so memory the parent holds cannot hide the pass's.
 """
 
 from __future__ import annotations
@@ -28,22 +24,9 @@ import torch
 from .. import REPO_ROOT
 from .timing import current_rss_bytes, peak_rss_bytes, peak_tensor_bytes, reset_peak_rss
 
-__all__ = [
-    "COMPILED",
-    "DTYPES",
-    "build_segmentor",
-    "compiled_forward_fn",
-    "config_names",
-    "config_variants",
-    "forward_fn",
-    "image_metas",
-    "make_images",
-    "make_labels",
-    "memory_probe",
-    "patch_tokens",
-    "run_memory_probe",
-    "train_samples",
-]
+__all__ = ["COMPILED", "DTYPES", "build_segmentor", "compiled_forward_fn", "config_names",
+           "config_variants", "forward_fn", "image_metas", "make_images", "make_labels",
+           "memory_probe", "patch_tokens", "run_memory_probe", "train_samples"]  # fmt: skip
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The tiny model of --quick: same depth and reduction layers, small width.
@@ -51,8 +34,6 @@ TINY_DIM, TINY_HEADS = 64, 2
 PROBE_TAG = "FATR_MEMORY_PROBE "
 COMPILED = "+compile"  # suffix of a config's compiled twin in the results
 MAX_DISTINCT_IMAGES = 8  # larger batches repeat them; content only matters for token selection
-# The folder holding the fatr_seg package: the child process of a memory probe runs there.
-_ROOT = REPO_ROOT
 
 
 def _shrink(cfg) -> None:
@@ -60,32 +41,18 @@ def _shrink(cfg) -> None:
     bb = cfg.model.backbone
     bb.embed_dims, bb.num_heads = TINY_DIM, TINY_HEADS
     head = cfg.model.decode_head
-    for key, value in (
-        ("in_channels", TINY_DIM),
-        ("channels", TINY_DIM),
-        ("embed_dims", TINY_DIM),
-        ("num_heads", TINY_HEADS),
-        ("num_layers", 1),
-    ):
-        if key in head:
-            head[key] = value
+    sizes = dict(in_channels=TINY_DIM, channels=TINY_DIM, embed_dims=TINY_DIM,
+                 num_heads=TINY_HEADS, num_layers=1)  # fmt: skip
+    head.update({k: v for k, v in sizes.items() if k in head})
     cfg.model.pop("auxiliary_head", None)
 
 
 def build_segmentor(path: str, tiny: bool = False, cfg_options: dict | None = None,
                     keep_ratio=None):  # fmt: skip
-    """mmseg segmentor from a config, without pretrained weights, in eval mode, on CPU.
-
-    Args:
-        path: Config file.
-        tiny: Shrink the model to width 64 (``--quick``), same depth and reduction.
-        cfg_options: Overrides merged into the config first (``--cfg-options``).
-        keep_ratio: Build the reduction with this budget (one ratio, or one per layer; see
-            :func:`fatr_seg.models.keep_ratio.set_config_keep_ratio`); None: the config's.
-
-    Returns:
-        ``(model, cfg, (mean, std))``: the normalisation of the config's data preprocessor.
-    """
+    """``(model, cfg, (mean, std))``: the segmentor of config ``path`` without pretrained
+    weights, in eval mode on CPU, and its data preprocessor's normalisation. ``tiny``: width 64
+    (``--quick``); ``cfg_options``: merged first; ``keep_ratio``: the reduction's budget (one
+    ratio, or one per layer), None: the config's."""
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS
@@ -117,17 +84,12 @@ def config_names(paths: list[str]) -> list[str]:
 
 
 def config_variants(paths: list[str], keep_ratios=None) -> list[tuple[str, str, tuple | None]]:
-    """The models a benchmark runs: ``(name, config path, keep ratio or None)``, in order.
+    """The models a benchmark runs, in order: ``(name, config path, keep ratio or None)``.
 
-    Without ``keep_ratios`` one per config, named by :func:`config_names`. With them (each one
-    budget: a ratio, or a tuple of one per reduction layer), every config that has a reduction
-    gives one model per budget, named ``NAME@keepR`` (``fatr_ade20k@keep0.5``,
-    ``fatr_ade20k@keep0.5,0.6,0.7``), next to each other in the given order; a config without
-    reduction gives its one model.
-
-    Raises:
-        fatr_seg.models.keep_ratio.KeepRatioError: A budget does not fit a config's reduction
-            layers, or no config has a reduction.
+    One per config (named by :func:`config_names`); with ``keep_ratios`` (each a ratio or one
+    per reduction layer) every config with a reduction gives one model per budget, named
+    ``NAME@keepR`` (``fatr_ade20k@keep0.5,0.6,0.7``). Raises ``KeepRatioError`` when a budget
+    does not fit a config or no config has a reduction.
     """
     names = config_names(paths)
     if not keep_ratios:
@@ -180,11 +142,8 @@ def make_images(batch: int, shape: tuple[int, int], norm, seed: int) -> torch.Te
 
 
 def make_labels(batch: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
-    """Label maps (B, H, W) long of the images of :func:`make_images` (same seed).
-
-    Loaded as mmseg's ADE20K pipeline does (``reduce_zero_label``): 0 becomes 255 (ignored), the
-    synthetic classes 1..8 become 0..7, valid for any head with at least 8 classes.
-    """
+    """Label maps (B, H, W) of :func:`make_images`'s images, as mmseg's ADE20K pipeline loads
+    them (``reduce_zero_label``: 0 becomes 255, the classes 1..8 become 0..7)."""
     labels = torch.stack(
         [torch.from_numpy(lab.astype(np.int64)) for _, lab in _samples(batch, shape, seed)]
     )
@@ -213,17 +172,13 @@ def train_samples(labels: torch.Tensor) -> list:
 def forward_fn(model, target: str, x: torch.Tensor, dtype: str, labels=None):
     """Zero-argument callable running one pass of ``target``.
 
-    ``backbone`` and ``segmentor`` (``encode_decode``) run one forward in inference mode.
-    ``train`` runs one training step without the optimizer update: the segmentor in train mode,
-    ``model.loss`` on ``labels`` (B, H, W) (see :func:`make_labels`), the backward of the loss
-    the Runner would optimise (mmengine's ``parse_losses``), and the gradients freed
-    (``set_to_none``) before the next call. The model is put back in the mode it had.
+    ``backbone`` and ``segmentor`` (``encode_decode``): one forward in inference mode.
+    ``train``: one training step without the optimizer update (train mode, ``model.loss`` on
+    ``labels``, the backward of mmengine's ``parse_losses`` total, gradients freed before the
+    next call), the model put back in the mode it had.
     """
     metas = image_metas(x.shape[0], tuple(x.shape[2:]))
-    autocast = x.is_cuda and dtype != "float32"
-
-    def context():
-        return torch.autocast("cuda", DTYPES[dtype]) if autocast else contextlib.nullcontext()
+    context = _autocast(x, dtype)
 
     if target == "train":
         if labels is None:
@@ -256,19 +211,21 @@ def forward_fn(model, target: str, x: torch.Tensor, dtype: str, labels=None):
     return run
 
 
+def _autocast(x: torch.Tensor, dtype: str):
+    """A factory of the pass's autocast context (CUDA with a low-precision dtype only)."""
+    if x.is_cuda and dtype != "float32":
+        return lambda: torch.autocast("cuda", DTYPES[dtype])
+    return contextlib.nullcontext
+
+
 def compiled_forward_fn(model, target: str, x: torch.Tensor, dtype: str):
-    """:func:`forward_fn` of ``target`` through ``torch.compile``, compiled by a first call.
+    """:func:`forward_fn` of ``target`` through ``torch.compile`` and the seconds of its first
+    (compiling) call.
 
-    ``backbone`` compiles ``model.backbone`` as one graph. ``segmentor`` runs
-    ``model.encode_decode`` with its backbone, neck and decode head compiled, one graph each,
-    as ``tools/test.py --compile`` (``CompileInferenceHook``) runs them; the final resize of the
-    logits stays eager (on CPU inductor's bilinear kernel is slower than ATen's,
-    ``docs/history/benchmarks-2026-11.md``). ``fullgraph=True`` (a graph break is an error, not a
-    silent slowdown), ``dynamic=False`` (one graph for the shape of ``x``), inductor. The compiled
-    forwards are installed on the modules only during a call, so the eager twin stays eager.
-
-    Returns:
-        The zero-argument callable and the seconds its compiling call took.
+    Backbone, neck and decode head compile to one graph each (``fullgraph=True``,
+    ``dynamic=False``), as ``tools/test.py --compile`` runs them; the logits' final resize
+    stays eager (on CPU inductor's bilinear kernel is slower than ATen's). The compiled forwards
+    are installed only during a call, so the eager twin stays eager.
     """
     from ..models.compile import COMPILE_TARGETS
 
@@ -284,11 +241,10 @@ def compiled_forward_fn(model, target: str, x: torch.Tensor, dtype: str):
         if target == "segmentor" and getattr(model, name, None) is not None
     }
     metas = image_metas(x.shape[0], tuple(x.shape[2:]))
-    autocast = x.is_cuda and dtype != "float32"
+    context = _autocast(x, dtype)
 
     def run():
-        ctx = torch.autocast("cuda", DTYPES[dtype]) if autocast else contextlib.nullcontext()
-        with torch.inference_mode(), ctx:
+        with torch.inference_mode(), context():
             if target == "backbone":
                 return backbone(x)
             for name, fn in parts.items():
@@ -314,15 +270,10 @@ def patch_tokens(model, shape: tuple[int, int]) -> int:
 
 
 def memory_probe(spec: dict) -> dict:
-    """Peak memory of one forward of ``spec`` (run in a child process by :func:`run_memory_probe`).
-
-    Two measures: the peak RSS growth of the first forward (what the machine must have), and the
-    peak of live tensor bytes of a second, profiled forward (:func:`peak_tensor_bytes`: what the
-    model itself needs, like CUDA's ``max_memory_allocated``).
-
-    ``spec``: ``config`` (path), ``target``, ``shape`` ([H, W]), ``batch``, ``tiny`` (the
-    ``--quick`` model), ``threads``, ``seed`` and optionally ``keep_ratio``.
-    """
+    """Peak memory of one pass of ``spec`` (``config``, ``target``, ``shape``, ``batch``,
+    ``tiny``, ``threads``, ``seed``, ``keep_ratio``), in the child process: the peak RSS growth
+    of a first pass (what the machine must have) and the peak of live tensor bytes of a second,
+    profiled one (what the model needs, like CUDA's ``max_memory_allocated``)."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     model, _, norm = build_segmentor(spec["config"], spec["tiny"],
@@ -346,7 +297,7 @@ def run_memory_probe(spec: dict, timeout: float) -> dict:
     """Run :func:`memory_probe` on ``spec`` in a fresh child process; its result or an ``error``."""
     cmd = [sys.executable, "-m", "fatr_seg.analysis.benchmark_models", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
     except subprocess.TimeoutExpired:
         return dict(error=f"memory probe timed out after {timeout:.0f} s")
     for line in reversed(proc.stdout.splitlines()):

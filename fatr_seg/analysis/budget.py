@@ -23,16 +23,9 @@ __all__ = ["MatchedBudget", "ViTShape", "bisect_budget", "budget_key", "match_bu
 
 @dataclass(frozen=True)
 class ViTShape:
-    """What :func:`analytic_vit_macs` needs of a ViT and its input.
-
-    Attributes:
-        grid: Patch grid (H, W) of the input (padded to whole patches).
-        dim: Embedding dim C.
-        depth: Blocks.
-        patch_size: Patch size.
-        num_heads: Heads (the head dim of key similarities).
-        mlp_ratio: MLP hidden / C.
-    """
+    """What :func:`analytic_vit_macs` needs of a ViT and its input: the patch grid (H, W) of
+    the input padded to whole patches, embedding dim, blocks, patch size, heads (the head dim
+    of key similarities) and MLP ratio."""
 
     grid: tuple[int, int]
     dim: int
@@ -50,15 +43,8 @@ class ViTShape:
 
 @dataclass(frozen=True)
 class MatchedBudget:
-    """A method's reduction at a matched budget.
-
-    Attributes:
-        reduction: The reduction dict (the method's, with the budget set).
-        key: ``'keep_ratio'`` or ``'r'``.
-        value: The budget found.
-        macs: Its backbone MACs.
-        target: The reference's MACs.
-    """
+    """A method's ``reduction`` with the budget found (``key``: ``'keep_ratio'`` or ``'r'``,
+    ``value``), its backbone ``macs`` and the reference's (``target``)."""
 
     reduction: dict
     key: str
@@ -99,27 +85,13 @@ def bisect_budget(
     steps: int = 60,
     what: str = "budget",
 ) -> tuple[float | int, int]:
-    """The budget in ``[lo, hi]`` whose MACs are closest to ``target``, by bisection.
+    """``(budget, macs)``: the budget in ``[lo, hi]`` (``integer``: integers only, ToMe's
+    ``r``) whose MACs ``macs_of(budget)`` are closest to ``target``, by bisection.
 
     ``macs_of`` must be monotonic (either direction) and may be piecewise constant (token counts
-    are integers); the bisection keeps a bracket whose ends lie on either side of ``target`` and
-    returns the better end.
-
-    Args:
-        macs_of: Budget -> MACs.
-        target: The MACs to match.
-        lo, hi: The search interval.
-        integer: Search integers only (ToMe's ``r``).
-        tol: Largest accepted ``|macs / target - 1|``.
-        steps: Bisection steps for a real budget.
-        what: Names the budget in the error message.
-
-    Returns:
-        ``(budget, macs)``.
-
-    Raises:
-        ValueError: The target lies outside the MACs of the interval, or no budget comes within
-            ``tol`` (the message gives the closest one).
+    are integers): the bracket's ends stay on either side of ``target`` and the better end wins.
+    Raises ``ValueError`` (naming ``what``) when the target lies outside the interval's MACs or
+    no budget comes within ``tol`` (``|macs / target - 1|``; the message gives the closest).
     """
     if not lo < hi:
         raise ValueError(f"{what}: empty search interval [{lo}, {hi}]")
@@ -154,15 +126,9 @@ def bisect_budget(
 
 def match_budget(reduction: dict, target: int, shape: ViTShape, tol: float = 0.01) -> MatchedBudget:
     """``reduction`` with the budget whose backbone MACs on ``shape`` are within ``tol`` of
-    ``target``.
-
-    A keep ratio is searched in [0.5, 1] (ToMe's bipartite matching cannot merge more than half
-    the tokens of a layer; one ratio for every reduction layer), a token count ``r`` in
-    [0, tokens].
-
-    Raises:
-        ValueError: No budget in the interval is close enough (named in the message).
-    """
+    ``target``: one keep ratio for every reduction layer in [0.5, 1] (ToMe's bipartite
+    matching merges at most half the tokens of a layer), or a token count ``r`` in [0, tokens];
+    ``ValueError`` when none in the interval is close enough."""
     key = budget_key(reduction)
     method = reduction.get("method", "fatr")
 

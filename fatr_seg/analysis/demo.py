@@ -1,27 +1,15 @@
-"""The embedded default behind ``tools/demo.py`` (``make demo``): the product's workflow on a CPU,
-accuracy beside speed. Train a plain ViT segmentor, turn it into FATR, measure both.
+"""The steps of ``tools/demo.py`` (``make demo``): train a plain ViT segmentor, turn it into
+FATR, measure both, accuracy beside speed, on a CPU.
 
-:func:`run_demo` runs the steps, each through its tool in a subprocess from the repository root:
-
-1. generate the synthetic ADE20K-layout set if absent (``fatr_seg.datasets.write_dataset``);
-2. train the baseline (the ViT without reduction) with ``tools/train.py``, evaluate it with
-   ``tools/test.py`` (mIoU);
-3. evaluate FATR training-free: ``tools/test.py`` with the FATR config and the baseline's
-   checkpoint (the reduction's own parameters keep their identity init;
-   :class:`~fatr_seg.models.hooks.UnreducedCheckpointHook`);
-4. fine-tune FATR from the baseline by self-distillation (``tools/train.py`` with the demo's
-   distillation config, the baseline's checkpoint as teacher and starting point), evaluate it;
-5. measure the baseline and FATR configs: throughput (``tools/benchmark.py``) and MACs
-   (``tools/get_flops.py``) at the demo resolution (the two FATR rows share the architecture,
-   hence the cost);
-6. draw FATR's token maps with ``tools/visualize_tokens.py``;
-7. write ``WORK_DIR/summary.md`` (:func:`fatr_seg.analysis.demo_report.format_summary`).
-
-Before each tool starts, the CPU threads it gets are chosen from the load other processes put on
-the machine at that moment (:func:`fatr_seg.analysis.cpu_load.choose_threads`); the choice and
-its reason are printed and kept in the summary. Every tool's full output goes to
-``WORK_DIR/logs/STEP.log`` and only progress lines are echoed; a failing step raises
-:class:`~fatr_seg.analysis.demo_report.DemoError` naming the step and its log.
+:func:`run_demo` runs each step through its tool, in a subprocess from the repository root:
+the synthetic data (if absent); the baseline trained (``tools/train.py``) and evaluated
+(``tools/test.py``); FATR training-free (the FATR config on the baseline's checkpoint, the
+reduction's own parameters at their identity init); FATR fine-tuned by self-distillation from
+the baseline, evaluated; the cost of both configs (``tools/benchmark.py``, ``tools/get_flops.py``);
+FATR's token maps (``tools/visualize_tokens.py``); ``WORK_DIR/summary.md``. Each tool gets the
+CPU threads that other processes leave free at its start (:func:`.timing.choose_threads`; the
+choice is printed and kept in the summary), its output goes to ``WORK_DIR/logs/STEP.log`` with
+only progress lines echoed, and a failing step raises :class:`.demo_report.DemoError` naming it.
 """
 
 from __future__ import annotations
@@ -37,7 +25,6 @@ import sys
 import time
 
 from .. import REPO_ROOT
-from .cpu_load import choose_threads
 from .demo_report import (
     DemoError,
     format_summary,
@@ -47,18 +34,12 @@ from .demo_report import (
     read_train_speed,
 )
 from .store import write_json
+from .timing import choose_threads
 
-__all__ = [
-    "BASELINE_CONFIG",
-    "DISTILL_CONFIG",
-    "FATR_CONFIG",
-    "QUICK",
-    "last_checkpoint",
-    "run_demo",
-]
+__all__ = ["BASELINE_CONFIG", "DISTILL_CONFIG", "FATR_CONFIG", "QUICK", "last_checkpoint",
+           "run_demo"]  # fmt: skip
 
-# The checkout this package runs from: tools/ and configs/ are there.
-REPO = REPO_ROOT
+REPO = REPO_ROOT  # the checkout this package runs from: tools/ and configs/ are there
 FATR_CONFIG = "configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py"
 BASELINE_CONFIG = "configs/demo/segmenter_vit-t_fcn_1xb8-200_synthetic-192x192.py"
 DISTILL_CONFIG = "configs/demo/fatr_vit-t_fcn_distill-1xb8-100_synthetic-192x192.py"
@@ -83,14 +64,8 @@ def log(msg):
 
 
 def run_tool(cmd, log_path, verbose=False, env=None):
-    """Run ``cmd`` from the repo root, log everything to ``log_path``, echo progress lines.
-
-    Args:
-        env: Extra environment variables for the tool (e.g. its thread count).
-
-    Raises:
-        DemoError: naming the command and the log when it exits non-zero.
-    """
+    """Run ``cmd`` from the repo root with the extra environment ``env``, log everything to
+    ``log_path`` and echo progress lines; a non-zero exit raises :class:`DemoError`."""
     os.makedirs(osp.dirname(log_path), exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     env["PYTHONWARNINGS"] = env.get("PYTHONWARNINGS", "ignore::UserWarning")
@@ -119,12 +94,9 @@ def _max_iters(config):
 
 
 def _schedule_options(config, iters):
-    """``--cfg-options`` that make ``config``'s training ``iters`` long, schedule included.
-
-    The demo's schedules: the baseline's ``param_scheduler`` warms up linearly for a sixth of
-    the run (at most 50 iterations), then decays polynomially to the end; the distillation
-    config's one cosine decay runs over the whole run.
-    """
+    """``--cfg-options`` that make ``config``'s training ``iters`` long, its schedule too (the
+    baseline's warm-up over a sixth of the run, at most 50, then poly decay; the distillation's
+    one cosine decay over the whole run)."""
     from mmengine.config import Config
 
     opts = [f"train_cfg.max_iters={iters}", f"default_hooks.checkpoint.interval={iters}"]
@@ -141,15 +113,8 @@ def _schedule_options(config, iters):
 
 
 def cfg_options(args, train_config=None, iters=None):
-    """``--cfg-options`` for the tools: the data root, and for training its length.
-
-    Args:
-        train_config: The config being trained, or None for testing and visualising.
-        iters: Training iterations (None: the config's own).
-
-    Training skips mmengine's validation at the last iteration: the demo runs ``tools/test.py``
-    on the same images anyway.
-    """
+    """``--cfg-options`` for the tools: the data root, and for training ``train_config`` its
+    length ``iters`` (None: the config's) and no validation (``tools/test.py`` follows)."""
     if train_config:
         # The test loader stays configured (train.py's preflight checks its folder too).
         opts = [f"train_dataloader.dataset.data_root={args.data_root}",
@@ -172,9 +137,6 @@ def threads_for(args, results, step):
     results["threads"][step] = str(choice)
     log(f"{step}: {choice}")
     return choice
-
-
-# --------------------------------------------------------------------------------------- steps
 
 
 def step_data(args):
@@ -205,12 +167,8 @@ def last_checkpoint(work_dir):
 
 
 def step_train(args, config, name, results, iters=None, extra=()):
-    """Train ``config`` into ``WORK_DIR/name``; its last checkpoint.
-
-    Args:
-        iters: Training iterations (None: the config's own).
-        extra: More ``--cfg-options`` (e.g. the distillation teacher).
-    """
+    """Train ``config`` into ``WORK_DIR/name`` (``iters`` long, ``extra`` cfg-options); its
+    last checkpoint."""
     work_dir = osp.join(args.work_dir, name)
     if args.skip_train:
         ckpt = last_checkpoint(work_dir)
@@ -238,10 +196,8 @@ def step_test(args, config, ckpt, name, results):
 
 
 def step_benchmark(args, results):
-    """Images/s (``tools/benchmark.py``) and GMACs (``tools/get_flops.py``) of both configs.
-
-    A tool that is not there is reported and its numbers are left out of the summary.
-    """
+    """Images/s (``tools/benchmark.py``) and GMACs (``tools/get_flops.py``) of both configs;
+    a tool that is not there is reported and its numbers left out."""
     out = {}
     bench_dir = osp.join(args.work_dir, "benchmark")
     configs = [args.baseline_config, args.config]
@@ -314,16 +270,9 @@ class Steps:
 
 
 def run_demo(args, start=None):
-    """Run the demo with the settings of ``tools/demo.py``; the results (also in
-    ``WORK_DIR/summary.json``) after writing and printing ``WORK_DIR/summary.md``.
-
-    Args:
-        args: The parsed options of ``tools/demo.py``.
-        start: ``time.perf_counter()`` at the program's start (the total includes start-up).
-
-    Raises:
-        DemoError: A config or checkpoint is missing or a step failed (one line saying which).
-    """
+    """Run the demo with the parsed options of ``tools/demo.py``; the results (also in
+    ``WORK_DIR/summary.json``) after writing and printing ``WORK_DIR/summary.md``. ``start``:
+    ``time.perf_counter()`` at the program's start. Raises :class:`DemoError` (one line)."""
     start = time.perf_counter() if start is None else start
     os.chdir(REPO)
     configs = [args.baseline_config, args.config] + ([args.distill_config] if args.finetune else [])

@@ -14,15 +14,10 @@ import os.path as osp
 import re
 import statistics
 
-__all__ = [
-    "DemoError",
-    "format_summary",
-    "parse_per_class",
-    "read_gmacs",
-    "read_test_metrics",
-    "read_throughput",
-    "read_train_speed",
-]
+from .tables import markdown_table
+
+__all__ = ["DemoError", "format_summary", "parse_per_class", "read_gmacs", "read_test_metrics",
+           "read_throughput", "read_train_speed"]  # fmt: skip
 
 _ITER_TIME = re.compile(r"Iter\(train\)\s+\[\s*(\d+)/\d+\].*?\stime: ([0-9.]+)")
 
@@ -32,11 +27,8 @@ class DemoError(RuntimeError):
 
 
 def read_test_metrics(test_dir):
-    """mIoU, aAcc, mAcc (%) and per-class IoU from the newest run of ``tools/test.py``.
-
-    mmengine writes ``TEST_DIR/<timestamp>/<timestamp>.json`` (one line of metrics) and the
-    per-class table to ``<timestamp>.log``.
-    """
+    """mIoU, aAcc, mAcc (%) and per-class IoU of the newest run of ``tools/test.py`` (mmengine
+    writes ``TEST_DIR/<stamp>/<stamp>.json``, and the per-class table to ``<stamp>.log``)."""
     runs = sorted(glob.glob(osp.join(test_dir, "*", "*.json")), key=osp.getmtime)
     if not runs:
         raise DemoError(f"tools/test.py wrote no metrics under {test_dir}")
@@ -73,12 +65,8 @@ def parse_per_class(log_path):
 
 
 def read_train_speed(log_path, skip=1):
-    """Median seconds per training iteration in a ``tools/train.py`` log, or None.
-
-    mmengine logs ``time`` every ``default_hooks.logger.interval`` iterations (averaged over its
-    ``log_processor.window_size``); the first ``skip`` logged values (start-up) are left out when
-    more remain.
-    """
+    """Median seconds per training iteration of a ``tools/train.py`` log (mmengine's ``time``),
+    or None; the first ``skip`` logged values (start-up) are left out when more remain."""
     if not osp.isfile(log_path):
         return None
     with open(log_path) as f:
@@ -147,57 +135,45 @@ def _ratio(num, den, spec=".2f"):
 
 
 def format_summary(results):
-    """Markdown summary of the ``results`` dict of :func:`fatr_seg.analysis.demo.run_demo`.
-
-    One row per evaluated model (``results["models"]``: baseline, FATR training-free, FATR
-    fine-tuned), with its mIoU and its config's cost (the two FATR rows share the config).
-    """
-    base = results["baseline_config"]
-    miou = results.get("miou", {})
+    """Markdown summary of the ``results`` dict of :func:`fatr_seg.analysis.demo.run_demo`:
+    one row per evaluated model (baseline, FATR training-free, FATR fine-tuned) with its mIoU
+    and its config's cost (the two FATR rows share the config), then ratios, threads, pictures
+    and step times."""
+    base, fatr, size = results["baseline_config"], results["fatr_config"], results["size"]
+    miou, models = results.get("miou", {}), results.get("models", [])
     gmacs = results.get("bench", {}).get("gmacs", {})
     ips = results.get("bench", {}).get("throughput", {})
-    speed = results.get("train_speed", {})
-    size = results["size"]
-    models = results.get("models", [])
-    finetune = results.get("finetune_iters")
     how = {
         "baseline": f"trained from scratch, {results.get('max_iters', '?')} iterations",
         "fatr_training_free": "the baseline's weights, no training",
-        "fatr_finetuned": f"the baseline's weights + {finetune} iterations of self-distillation "
-        f"(`{results.get('distill_config')}`)",
+        "fatr_finetuned": f"the baseline's weights + {results.get('finetune_iters')} iterations "
+        f"of self-distillation (`{results.get('distill_config')}`)",
     }
+    rows = [[row["label"], f"`{row['config']}`", how.get(row["key"], ""),
+             _fmt(miou.get(row["key"], {}).get("mIoU"), ".2f"),
+             _fmt(gmacs.get(row["config"]), ".3f"), _fmt(ips.get(row["config"]), ".2f")]
+            for row in models]  # fmt: skip
     lines = [
-        "# fatr_seg demo summary",
-        "",
+        "# fatr_seg demo summary", "",
         f"Synthetic ADE20K-layout data ({results['num_train']} train / {results['num_val']} val, "
         f"{size}x{size}), ViT-T/16 with Segmenter's linear decoder, on {results['device']}. "
         "The baseline is trained, then turned into FATR: first training-free (its checkpoint in "
         "the FATR config), then fine-tuned by self-distillation from it.",
         f"mIoU on the {results['num_val']} validation images; cost and throughput: one "
-        f"{size}x{size} image (batch 1), whole segmentor.",
-        "",
-        "| model | config | weights | mIoU (%) | GMACs | images/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in models:
-        m = miou.get(row["key"], {}).get("mIoU")
-        cfg = row["config"]
-        lines.append(f"| {row['label']} | `{cfg}` | {how.get(row['key'], '')} "
-                     f"| {_fmt(m, '.2f')} | {_fmt(gmacs.get(cfg), '.3f')} "
-                     f"| {_fmt(ips.get(cfg), '.2f')} |")  # fmt: skip
-    fatr = results["fatr_config"]
-    lines += [
-        "",
+        f"{size}x{size} image (batch 1), whole segmentor.", "",
+        markdown_table(["model", "config", "weights", "mIoU (%)", "GMACs", "images/s"], rows,
+                       ["left"] * 3 + ["right"] * 3),
         f"- FATR / baseline GMACs: {_ratio(gmacs.get(fatr), gmacs.get(base))}",
         f"- FATR / baseline images/s: {_ratio(ips.get(fatr), ips.get(base))}",
-    ]
+    ]  # fmt: skip
     base_miou = miou.get("baseline", {}).get("mIoU")
     for row in models[1:]:
         m = miou.get(row["key"], {}).get("mIoU")
         if m is not None and base_miou is not None:
             lines.append(f"- {row['label']} - baseline mIoU: {m - base_miou:+.2f} points")
     labels = {"baseline": "baseline", "fatr_finetune": "FATR fine-tuning (student + teacher)"}
-    timed = [(labels.get(k, k), v) for k, v in speed.items() if v is not None]
+    timed = [(labels.get(k, k), v) for k, v in results.get("train_speed", {}).items()
+             if v is not None]  # fmt: skip
     if timed:
         lines.append("- training, median s/iteration: "
                      + ", ".join(f"{label} {v:.2f}" for label, v in timed))  # fmt: skip
@@ -213,8 +189,7 @@ def format_summary(results):
         lines += ["", "Token maps of the last FATR model (HF tokens kept vs patches aggregated "
                   "into other tokens):"]  # fmt: skip
         lines += [f"![{osp.basename(p)}]({osp.basename(p)})" for p in results["pictures"]]
-    lines += ["", "| step | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in results["timings"].items()]
     total = results.get("total_s", sum(results["timings"].values()))
-    lines.append(f"| **total (wall clock, start-up included)** | **{total:.1f}** |")
-    return "\n".join(lines) + "\n"
+    steps = [[k, f"{v:.1f}"] for k, v in results["timings"].items()]
+    steps.append(["**total (wall clock, start-up included)**", f"**{total:.1f}**"])
+    return "\n".join(lines + ["", markdown_table(["step", "seconds"], steps)])

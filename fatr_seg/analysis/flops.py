@@ -39,15 +39,8 @@ from ..layers.reducer import TokenReducer
 from ..ops.reduce import dc_window_ids
 from ..ops.windows import num_windows
 
-__all__ = [
-    "BlockTokens",
-    "MacReport",
-    "analytic_vit_macs",
-    "attention_flops",
-    "count_macs",
-    "flop_formulas",
-    "token_schedule",
-]
+__all__ = ["BlockTokens", "MacReport", "analytic_vit_macs", "attention_flops", "count_macs",
+           "flop_formulas", "token_schedule"]  # fmt: skip
 
 aten = torch.ops.aten
 
@@ -58,13 +51,8 @@ _BATCHED_MATMULS = ("aten.bmm", "aten.baddbmm", "aten.baddbmm_")
 
 
 def attention_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
-    """FLOPs of ``softmax(q kᵀ) v``: ``2 · B · h · n_q · n_k · (d + d_v)``.
-
-    Args:
-        q_shape: (B, h, n_q, d).
-        k_shape: (B, h_kv, n_k, d); ``h_kv`` may divide ``h`` (grouped-query attention).
-        v_shape: (B, h_kv, n_k, d_v).
-    """
+    """FLOPs of ``softmax(q kᵀ) v``, ``2 · B · h · n_q · n_k · (d + d_v)``, for q (B, h, n_q,
+    d), k (B, h_kv, n_k, d) and v (B, h_kv, n_k, d_v) (``h_kv`` may divide ``h``: grouped)."""
     b, h, n_q, d = q_shape
     n_k, d_v = k_shape[-2], v_shape[-1]
     if k_shape[-1] != d or v_shape[-2] != n_k:
@@ -97,26 +85,16 @@ def _mm_like(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> i
     return 2 * m * b_shape[-1] * k
 
 
-def _scatter_add_count(self_shape, dim, index_shape, src_shape, *args, out_shape=None, **kwargs):
-    # One addition per index entry.
-    return math.prod(index_shape)
-
-
-def _gather_count(self_shape, dim, index_shape, *args, out_shape=None, **kwargs) -> int:
-    # One moved element per output entry.
+def _index_count(self_shape, dim, index_shape, *args, out_shape=None, **kwargs) -> int:
+    # scatter_add: one addition per index entry; gather: one moved element per output entry.
     return math.prod(index_shape)
 
 
 def flop_formulas() -> dict[Any, Callable[..., int]]:
-    """Formulas that ``FlopCounterMode`` lacks, for its ``custom_mapping`` argument.
-
-    Covers the fused CPU attention kernel (forward and backward), the backend-agnostic
-    ``_scaled_dot_product_fused_attention_overrideable`` where this torch has it, in-place and
-    reduced batched matmuls (``baddbmm_``, ``addmm_``, ``addbmm``, ``addbmm_``), and the two
-    data-movement ops of the reduction (``scatter_add``: additions, ``gather``: moved elements),
-    which :class:`MacReport` keeps apart from the MACs. The CUDA attention kernels are already
-    in torch's registry.
-    """
+    """Formulas that ``FlopCounterMode`` lacks (its ``custom_mapping``): the fused CPU and the
+    backend-agnostic attention kernels (forward and backward), in-place and reduced batched
+    matmuls, and the reduction's data movement (``scatter_add``, ``gather``), which
+    :class:`MacReport` keeps apart from the MACs. torch knows the CUDA attention kernels."""
     mapping: dict[Any, Callable[..., int]] = {
         aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
@@ -124,8 +102,8 @@ def flop_formulas() -> dict[Any, Callable[..., int]]:
         aten.addbmm: _bmm_like,
         aten.addbmm_: _bmm_like,
         aten.addmm_: _mm_like,
-        aten.scatter_add: _scatter_add_count,
-        aten.gather: _gather_count,
+        aten.scatter_add: _index_count,
+        aten.gather: _index_count,
     }
     for name, formula in (
         ("_scaled_dot_product_fused_attention_overrideable", _sdpa_forward),
@@ -138,20 +116,11 @@ def flop_formulas() -> dict[Any, Callable[..., int]]:
 
 @dataclass(frozen=True)
 class MacReport:
-    """Result of :func:`count_macs`.
-
-    Attributes:
-        macs: Total multiply-accumulates of matmul-like ops (FLOPs / 2).
-        by_op: MACs per op name, e.g. ``{'aten.addmm': ..., 'aten.bmm': ...}``.
-        by_module: MACs per module path (``FlopCounterMode``'s attribution; parents include
-            their children).
-        scoring_macs: MACs spent inside :class:`TokenReducer` modules (scores, similarities).
-        dc_term_macs: MACs of batched matmuls inside fatr_seg :class:`Attention` modules: the
-            DC term ``A[:, DC] V[DC]`` of the reweighted attention (plain attention is one fused
-            op, counted under its own name).
-        dc_aggregation_adds: Additions of ``scatter_add`` (DC aggregation); not in ``macs``.
-        moved_elements: Elements moved by ``gather`` (selection, restoration); not in ``macs``.
-    """
+    """Result of :func:`count_macs`: ``macs`` of matmul-like ops (FLOPs / 2), per op name and
+    per module path (parents include their children); of them ``scoring_macs`` inside
+    :class:`TokenReducer` modules and ``dc_term_macs`` (batched matmuls inside
+    :class:`Attention`: the reweighted attention's ``A[:, DC] V[DC]``); apart from them the
+    additions of ``scatter_add`` and the elements moved by ``gather``."""
 
     macs: int
     by_op: dict[str, int] = field(default_factory=dict)
@@ -163,20 +132,14 @@ class MacReport:
 
     @property
     def gmacs(self) -> float:
-        """``macs / 1e9``."""
         return self.macs / 1e9
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (module attribution left out: it is long)."""
-        return dict(
-            macs=self.macs,
-            gmacs=self.gmacs,
-            by_op=dict(self.by_op),
-            scoring_macs=self.scoring_macs,
-            dc_term_macs=self.dc_term_macs,
-            dc_aggregation_adds=self.dc_aggregation_adds,
-            moved_elements=self.moved_elements,
-        )
+        return dict(macs=self.macs, gmacs=self.gmacs, by_op=dict(self.by_op),
+                    scoring_macs=self.scoring_macs, dc_term_macs=self.dc_term_macs,
+                    dc_aggregation_adds=self.dc_aggregation_adds,
+                    moved_elements=self.moved_elements)  # fmt: skip
 
 
 def _module_kinds(model: nn.Module) -> dict[str, str]:
@@ -205,23 +168,12 @@ def _kind(tracker_key: str, kinds: dict[str, str]) -> str | None:
 def count_macs(
     fn: Callable[..., Any], *inputs: Any, method: str | None = None, **kwargs: Any
 ) -> MacReport:
-    """Count the MACs of one call ``fn(*inputs, **kwargs)`` under ``torch.inference_mode``.
+    """The :class:`MacReport` of one call ``fn(*inputs, **kwargs)`` under inference mode.
 
-    Args:
-        fn: A module (called as ``fn(*inputs)``, or ``getattr(fn, method)(*inputs)``) or any
-            callable. For a module, MACs inside its :class:`TokenReducer` and
-            :class:`Attention` submodules are also reported as scoring and DC-term overhead.
-        *inputs: Positional arguments of the call.
-        method: Name of the module method to call instead of ``forward`` (e.g.
-            ``'encode_decode'`` of an mmseg segmentor).
-        **kwargs: Keyword arguments of the call.
-
-    Example:
-        >>> vit = FATRVisionTransformer(embed_dims=384, num_heads=6).eval()
-        >>> count_macs(vit, torch.zeros(1, 3, 224, 224)).gmacs  # doctest: +SKIP
-
-    Returns:
-        A :class:`MacReport`.
+    ``fn``: a module (its ``forward``, or the method named ``method``, e.g. an mmseg
+    segmentor's ``'encode_decode'``; MACs inside its :class:`TokenReducer` and
+    :class:`Attention` submodules are also reported as overhead) or any callable, e.g.
+    ``count_macs(vit, torch.zeros(1, 3, 224, 224)).gmacs``.
     """
     call = getattr(fn, method) if method else fn
     kinds = _module_kinds(fn) if isinstance(fn, nn.Module) else {}
@@ -258,14 +210,8 @@ def count_macs(
 
 @dataclass(frozen=True)
 class BlockTokens:
-    """Token counts seen by one block (all include CLS).
-
-    Attributes:
-        attn: Tokens entering the attention (patch + CLS + DC tokens present).
-        mlp: Tokens entering the MLP (after this block's reduction, if any).
-        dc: DC tokens entering the attention.
-        reduces: Whether this block reduces.
-    """
+    """Tokens (CLS included) entering one block's attention and MLP (after its reduction, if
+    any), the DC tokens entering the attention, and whether the block reduces."""
 
     attn: int
     mlp: int
@@ -276,21 +222,11 @@ class BlockTokens:
 def token_schedule(
     grid: tuple[int, int], depth: int, reduction: dict | ReductionConfig | None
 ) -> list[BlockTokens]:
-    """Tokens per block of a (possibly reduced) ViT; data-independent.
-
-    Follows :class:`~fatr_seg.layers.TokenReducer`: a reduction block keeps
-    :meth:`ReductionConfig.num_keep` of its M patch tokens; ``'dc'`` then holds one DC token per
-    window (empty windows are masked, not removed, so the count does not depend on the data),
-    ``'fuse'`` adds one fused token, ``'merge'`` adds none.
-
-    Args:
-        grid: The patch grid (H, W).
-        depth: Number of blocks.
-        reduction: Reduction config (dict or :class:`ReductionConfig`) or None.
-
-    Returns:
-        One :class:`BlockTokens` per block.
-    """
+    """One :class:`BlockTokens` per block of a ViT of ``depth`` blocks on a patch ``grid``,
+    reduced by ``reduction`` (or not); data-independent, as :class:`TokenReducer` runs: a
+    reduction block keeps :meth:`ReductionConfig.num_keep` of its M patch tokens, ``'dc'``
+    then holds one DC token per window (empty ones are masked, not removed), ``'fuse'`` adds
+    one fused token, ``'merge'`` none."""
     red = ReductionConfig.from_dict(reduction, depth=depth)
     M, D, dc_grid = grid[0] * grid[1], 0, None
     out = []
@@ -360,30 +296,12 @@ def analytic_vit_macs(
     ``+ 2 · mlp_ratio · m · C²`` (MLP); for a plain ViT with ratio 4 that is the familiar
     ``12 · n · C² + 2 · n² · C``. Plus the patch embedding ``N · p² · in_channels · C``.
 
-    Overheads, as counted on CPU (where the fused kernel returns the row log-sum-exp):
-
-    * scores: ``n² · C`` per exact HF score (``q kᵀ`` once more), ``n · C`` for the logit proxy
-      and the CLS attention, plus ``D · n · C`` for an HF score that sees D DC tokens (their
-      query logits, so that empty windows do not vote); similarities: one dot product (head
-      dim for keys, C for tokens) per compared pair (bipartite A×B, 2×2 windows, dropped ×
-      kept for nearest merging);
-    * DC term of the reweighted attention: ``2 · n · D · C`` in every block after the first
-      reduction that sees ``D > 0`` DC tokens (only if ``reduction.reweight`` is set).
-
-    Args:
-        grid: Patch grid (H, W).
-        dim: Embedding dim C.
-        depth: Number of blocks.
-        patch_size: Patch size p.
-        in_channels: Input channels.
-        mlp_ratio: MLP hidden / C.
-        reduction: Reduction config or None.
-        scoring: Include the scores and similarities (False: tokens only).
-        dc_term: Include the DC term of the reweighted attention.
-        num_heads: Attention heads (sets the head dim of key similarities).
-
-    Returns:
-        MACs as an integer.
+    Overheads as counted on CPU (where the fused kernel returns the row log-sum-exp), each left
+    out by ``scoring=False`` / ``dc_term=False``: scores (``n² · C`` per exact HF score,
+    ``n · C`` for the logit proxy and the CLS attention, ``D · n · C`` more for an HF score that
+    sees D DC tokens) and similarities (one dot product per compared pair, of the head dim for
+    keys); the reweighted attention's DC term ``2 · n · D · C`` in every block after the first
+    reduction that sees D > 0 DC tokens.
     """
     red = ReductionConfig.from_dict(reduction, depth=depth)
     N = grid[0] * grid[1]

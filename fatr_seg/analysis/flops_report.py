@@ -1,11 +1,10 @@
 """The logic of ``tools/get_flops.py``: MACs of configs side by side, and the paper's MAC table.
 
-:func:`compare` counts backbone and segmentor MACs of configs at one input size (the first is the
-reference of every ratio) and :func:`paper_table` counts the paper's classification ViTs with and
-without FATR next to the paper's numbers; :func:`format_compare` and :func:`format_paper_table`
-turn their results (the JSON the tool writes, schemas in ``tools/get_flops.py``) into markdown.
-Counting is :func:`fatr_seg.analysis.count_macs`; segmentors are built without weights by
-:func:`fatr_seg.analysis.benchmark_models.build_segmentor`, which imports mmseg when called.
+:func:`compare` counts backbone and segmentor MACs of configs at one input size (the first is
+the reference of every ratio), :func:`paper_table` the paper's classification ViTs with and
+without FATR beside the paper's numbers; :func:`format_compare` and :func:`format_paper_table`
+render their JSON (schemas in ``tools/get_flops.py``) with the one table helper. Segmentors are
+built without weights by :func:`.benchmark_models.build_segmentor` (mmseg imported then).
 """
 
 from __future__ import annotations
@@ -18,16 +17,10 @@ import torch
 from ..layers import FATRVisionTransformer
 from .benchmark_models import build_segmentor, image_metas, patch_tokens
 from .flops import analytic_vit_macs, count_macs
+from .tables import markdown_table
 
-__all__ = [
-    "PAPER_MACS",
-    "PAPER_REDUCTION",
-    "TOLERANCE",
-    "compare",
-    "format_compare",
-    "format_paper_table",
-    "paper_table",
-]
+__all__ = ["PAPER_MACS", "PAPER_REDUCTION", "TOLERANCE", "compare", "format_compare",
+           "format_paper_table", "paper_table"]  # fmt: skip
 
 # The paper's MAC table (Lee et al., NeurIPS 2025; see ../shared/paper.md, "Cost check"):
 # (name, input size, patch size, embed dim, heads, baseline GMACs, FATR GMACs).
@@ -40,16 +33,9 @@ PAPER_MACS = (
     ("ViT-B/8", 224, 8, 768, 12, 78.3, 50.0),
 )
 # The reduction of that table: layers 4/7/10, keep 0.7, DC windows (2, 1, 1).
-PAPER_REDUCTION = dict(
-    method="fatr",
-    layers=(4, 7, 10),
-    keep_ratio=0.7,
-    aggregate="dc",
-    windows=(2, 1, 1),
-    score="exact",
-    reweight="identity",
-    restore="dc",
-)
+PAPER_REDUCTION = dict(method="fatr", layers=(4, 7, 10), keep_ratio=0.7, aggregate="dc",
+                       windows=(2, 1, 1), score="exact", reweight="identity",
+                       restore="dc")  # fmt: skip
 TOLERANCE = 0.02  # the band within which our counts must reproduce the paper's table
 PAPER_DECIMALS = 1  # the paper prints GMACs with one decimal
 
@@ -58,13 +44,9 @@ def _count(model, path: str, shape: tuple[int, int]) -> dict:
     x = torch.zeros(1, 3, *shape)
     backbone = count_macs(model.backbone, x)
     segmentor = count_macs(model, x, image_metas(1, shape), method="encode_decode")
-    return dict(
-        config=path,
-        name=osp.splitext(osp.basename(path))[0],
-        backbone=backbone.to_dict(),
-        segmentor=segmentor.to_dict(),
-        decode_head_macs=segmentor.macs - backbone.macs,
-    )
+    return dict(config=path, name=osp.splitext(osp.basename(path))[0],
+                backbone=backbone.to_dict(), segmentor=segmentor.to_dict(),
+                decode_head_macs=segmentor.macs - backbone.macs)  # fmt: skip
 
 
 def compare(paths: list[str], shape: tuple[int, int], cfg_options: dict | None = None) -> dict:
@@ -77,44 +59,25 @@ def compare(paths: list[str], shape: tuple[int, int], cfg_options: dict | None =
         models.append(_count(model, path, shape))
     ref = models[0]
     for m in models:
-        m["ratio"] = {
-            t: m[t]["macs"] / ref[t]["macs"] if ref[t]["macs"] else float("nan")
-            for t in ("backbone", "segmentor")
-        }
-    return dict(
-        schema="fatr_seg.get_flops/1",
-        unit="MACs",
-        shape=list(shape),
-        tokens=tokens,
-        torch=torch.__version__,
-        date=datetime.date.today().isoformat(),
-        models=models,
-    )
+        m["ratio"] = {t: m[t]["macs"] / ref[t]["macs"] if ref[t]["macs"] else float("nan")
+                      for t in ("backbone", "segmentor")}  # fmt: skip
+    return dict(schema="fatr_seg.get_flops/1", unit="MACs", shape=list(shape), tokens=tokens,
+                torch=torch.__version__, date=datetime.date.today().isoformat(),
+                models=models)  # fmt: skip
 
 
 def format_compare(result: dict) -> str:
     """Markdown table of :func:`compare`'s result."""
     H, W = result["shape"]
-    lines = [
-        f"MACs for one {H}x{W} image ({result['tokens']} patch tokens), torch {result['torch']}",
-        "",
-        "| config | backbone GMACs | ratio | of which scoring | DC term | segmentor GMACs "
-        "| ratio | decode head GMACs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for m in result["models"]:
-        b, s = m["backbone"], m["segmentor"]
-        lines.append(
-            f"| {m['name']} | {b['gmacs']:.3f} | {m['ratio']['backbone']:.3f} "
-            f"| {b['scoring_macs'] / 1e9:.3f} | {b['dc_term_macs'] / 1e9:.4f} "
-            f"| {s['gmacs']:.3f} | {m['ratio']['segmentor']:.3f} "
-            f"| {m['decode_head_macs'] / 1e9:.3f} |"
-        )
-    return "\n".join(lines)
-
-
-def _rel(ours: float, paper: float) -> float:
-    return ours / paper - 1.0
+    header = ["config", "backbone GMACs", "ratio", "of which scoring", "DC term",
+              "segmentor GMACs", "ratio", "decode head GMACs"]  # fmt: skip
+    rows = [[m["name"], f"{m['backbone']['gmacs']:.3f}", f"{m['ratio']['backbone']:.3f}",
+             f"{m['backbone']['scoring_macs'] / 1e9:.3f}",
+             f"{m['backbone']['dc_term_macs'] / 1e9:.4f}", f"{m['segmentor']['gmacs']:.3f}",
+             f"{m['ratio']['segmentor']:.3f}", f"{m['decode_head_macs'] / 1e9:.3f}"]
+            for m in result["models"]]  # fmt: skip
+    return (f"MACs for one {H}x{W} image ({result['tokens']} patch tokens), torch "
+            f"{result['torch']}\n\n" + markdown_table(header, rows).rstrip())  # fmt: skip
 
 
 def _within_rounding(ours: float, paper: float) -> bool:
@@ -155,36 +118,19 @@ def paper_table(only: list[str] | None = None) -> dict:
         )
         if analytic != tokens_only:
             raise RuntimeError(f"{name}: counter {tokens_only} != closed form {analytic} MACs")
-        ours = dict(
-            baseline=counted["baseline"].macs / 1e9,
-            fatr_counted=fatr.macs / 1e9,
-            fatr_tokens_only=tokens_only / 1e9,
-        )
+        ours = dict(baseline=counted["baseline"].macs / 1e9, fatr_counted=fatr.macs / 1e9,
+                    fatr_tokens_only=tokens_only / 1e9)  # fmt: skip
         paper = dict(baseline=paper_base, fatr_counted=paper_fatr, fatr_tokens_only=paper_fatr)
-        rows.append(
-            dict(
-                model=name,
-                input=size,
-                patch=patch,
-                tokens=grid[0] * grid[1],
-                **ours,
-                scoring_overhead=fatr.scoring_macs / 1e9,
-                dc_term_overhead=fatr.dc_term_macs / 1e9,
-                paper_baseline=paper_base,
-                paper_fatr=paper_fatr,
-                rel_diff={k: _rel(v, paper[k]) for k, v in ours.items()},
-                within_rounding={k: _within_rounding(v, paper[k]) for k, v in ours.items()},
-            )
-        )
-    return dict(
-        schema="fatr_seg.get_flops.paper_table/1",
-        unit="GMACs",
-        tolerance=TOLERANCE,
-        reduction=PAPER_REDUCTION,
-        torch=torch.__version__,
-        date=datetime.date.today().isoformat(),
-        rows=rows,
-    )
+        rows.append(dict(
+            model=name, input=size, patch=patch, tokens=grid[0] * grid[1], **ours,
+            scoring_overhead=fatr.scoring_macs / 1e9, dc_term_overhead=fatr.dc_term_macs / 1e9,
+            paper_baseline=paper_base, paper_fatr=paper_fatr,
+            rel_diff={k: v / paper[k] - 1.0 for k, v in ours.items()},
+            within_rounding={k: _within_rounding(v, paper[k]) for k, v in ours.items()},
+        ))  # fmt: skip
+    return dict(schema="fatr_seg.get_flops.paper_table/1", unit="GMACs", tolerance=TOLERANCE,
+                reduction=PAPER_REDUCTION, torch=torch.__version__,
+                date=datetime.date.today().isoformat(), rows=rows)  # fmt: skip
 
 
 def format_paper_table(result: dict) -> str:
@@ -195,26 +141,17 @@ def format_paper_table(result: dict) -> str:
         flag = "" if abs(rel) <= TOLERANCE else (" (r)" if row["within_rounding"][key] else " !")
         return f"{row[key]:.3f} ({rel:+.1%}){flag}"
 
-    lines = [
-        "GMACs per image; FATR at layers 4/7/10, keep 0.7, windows (2, 1, 1). "
-        "Relative difference to the paper in brackets.",
-        "fatr counted = everything our counter sees, exact-score overhead included; "
-        "tokens only = minus the scoring and DC-term matmuls.",
-        "",
-        "| model | input | tokens | paper base | ours base | paper FATR | ours FATR tokens only "
-        "| ours FATR counted | scoring | DC term |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['model']} | {r['input']} | {r['tokens']} | {r['paper_baseline']:.1f} "
-            f"| {cell(r, 'baseline')} | {r['paper_fatr']:.1f} | {cell(r, 'fatr_tokens_only')} "
-            f"| {cell(r, 'fatr_counted')} | {r['scoring_overhead']:.3f} "
-            f"| {r['dc_term_overhead']:.4f} |"
-        )
-    lines += [
-        "",
-        f"(r): outside ±{TOLERANCE:.0%} but equal to the paper's value at its printed precision "
-        "(one decimal); !: outside both.",
-    ]
-    return "\n".join(lines)
+    header = ["model", "input", "tokens", "paper base", "ours base", "paper FATR",
+              "ours FATR tokens only", "ours FATR counted", "scoring", "DC term"]  # fmt: skip
+    rows = [[r["model"], r["input"], r["tokens"], f"{r['paper_baseline']:.1f}",
+             cell(r, "baseline"), f"{r['paper_fatr']:.1f}", cell(r, "fatr_tokens_only"),
+             cell(r, "fatr_counted"), f"{r['scoring_overhead']:.3f}",
+             f"{r['dc_term_overhead']:.4f}"] for r in result["rows"]]  # fmt: skip
+    return (
+        "GMACs per image; FATR at layers 4/7/10, keep 0.7, windows (2, 1, 1). Relative "
+        "difference to the paper in brackets.\nfatr counted = everything our counter sees, "
+        "exact-score overhead included; tokens only = minus the scoring and DC-term matmuls.\n\n"
+        + markdown_table(header, rows)
+        + f"\n(r): outside ±{TOLERANCE:.0%} but equal to the paper's value at its printed "
+        "precision (one decimal); !: outside both."
+    )

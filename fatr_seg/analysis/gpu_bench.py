@@ -1,36 +1,23 @@
 """The GPU benchmark behind ``tools/gpu_bench.sh``: ViT-S Segmenter, baseline vs FATR, on CUDA.
 
-Needs torch and timm only (no mmcv, mmseg or mmengine), so it runs on a bare GPU machine from a
-copy of the repository. The two models are those of ``configs/baseline_vit-s_ade20k.py`` and
-``configs/fatr_ade20k.py`` (ViT-S/16, Segmenter's mask head with 150 classes, FATR's default
-reduction with the head on the reduced token set), built from ``fatr_seg.layers``
-(``tests/test_tools/test_gpu_bench.py`` checks them against the configs). Random weights: speed
-does not depend on them.
-
-Per input size, target (``backbone``: the backbone's forward; ``segmentor``: backbone, head and
-the bilinear resize of the logits to the input size, i.e. mmseg's ``encode_decode``) and mode
-(``eager``; ``cudagraph``: the eager forward captured once in a CUDA graph and replayed, i.e.
-eager's kernels without the host's Python, dispatch and launch work, CUDA only; ``compiled``:
-backbone and head through ``torch.compile(fullgraph=True)``, one graph each, the final resize
-eager, as ``tools/test.py --compile`` runs them), the two models run in alternation under
-``torch.autocast`` (bf16 by default) with a synchronisation around every call. The peak memory
-of one call is ``torch.cuda.max_memory_allocated`` minus what was allocated before (on CPU: peak
-live tensor bytes; none for ``cudagraph``, whose memory is the pool taken at capture). The result
-is a markdown table and a JSON file; ``--profile`` adds one ``torch.profiler`` table per cell
-and model (ops by self time; on CUDA the kernels' device time) in ``profiles.txt``. Compiled
-cells compile each model's backbone and head once per input size (:func:`compiled_parts`).
-
-``--time-budget`` (default 420 s) bounds the run: cells that would start after it are listed as
-skipped; modes run in the order of ``--modes`` (eager, cudagraph, compiled), smallest size
-first. ``--dry-run`` runs the same logic on a tiny model at tiny sizes (``--device cpu
---dry-run`` tests it without a GPU).
+Needs torch and timm only (no mmcv, mmseg or mmengine), so it runs on a bare GPU machine. The
+models are those of ``configs/baseline_vit-s_ade20k.py`` and ``configs/fatr_ade20k.py`` built
+from ``fatr_seg.layers`` (a test checks them against the configs), with random weights. Per
+input size, target (``backbone``; ``segmentor``: backbone, head and the logits' resize, i.e.
+mmseg's ``encode_decode``) and mode (``eager``; ``cudagraph``: eager's kernels replayed from a
+CUDA graph, without the host's Python and launch work; ``compiled``: backbone and head through
+``torch.compile(fullgraph=True)``, the resize eager, as ``tools/test.py --compile``), the models
+run in alternation through the benchmark core (:func:`.benchmark.timed_cell`) under autocast,
+with the peak memory of one call. ``--profile`` adds a ``torch.profiler`` table per cell and
+model; ``--time-budget`` lists the cells that would start later as skipped; ``--dry-run`` runs
+the same logic on a tiny model (``--device cpu --dry-run`` tests it without a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import os.path as osp
 import sys
 import time
 import traceback
@@ -42,27 +29,13 @@ from torch import nn
 
 from ..layers import FATRVisionTransformer, MaskTransformerHead
 from ..layers.config import REDUCTION_DEFAULTS
-from .benchmark import Budget, result_header
+from .benchmark import Budget, result_header, timed_cell, write_files
 from .benchmark_models import DTYPES
-from .store import write_json
-from .timing import (
-    TimingStats,
-    cuda_peak_memory,
-    peak_tensor_bytes,
-    synchronize,
-    time_alternating,
-)
+from .tables import markdown_table
+from .timing import cuda_peak_memory, peak_tensor_bytes, synchronize
 
-__all__ = [
-    "MODELS",
-    "build_models",
-    "compiled_parts",
-    "main",
-    "profile_table",
-    "run",
-    "to_markdown",
-    "write",
-]
+__all__ = ["MODELS", "build_models", "compiled_parts", "main", "profile_table", "run",
+           "to_markdown", "write"]  # fmt: skip
 
 # ViT-S/16 Segmenter-Mask of the ADE20K configs: backbone kwargs, and the head's.
 VIT_S = dict(patch_size=16, embed_dims=384, num_layers=12, num_heads=6, mlp_ratio=4.0)
@@ -93,10 +66,8 @@ class Segmentor(nn.Module):
 
 
 def build_models(tiny: bool = False) -> dict[str, Segmentor]:
-    """The baseline and FATR segmentors, eval mode, same random weights where they share them.
-
-    The positional embedding is stored for the configs' 512² crops (64² for ``tiny``).
-    """
+    """The baseline and FATR segmentors, eval mode, same random weights where they share them;
+    the positional embedding stored for the configs' 512² crops (64² for ``tiny``)."""
     vit, head = (TINY, TINY_HEAD) if tiny else (VIT_S, HEAD_S)
     img_size = 64 if tiny else 512
     models = {}
@@ -109,11 +80,8 @@ def build_models(tiny: bool = False) -> dict[str, Segmentor]:
 
 
 def compiled_parts(model: Segmentor, backend: str) -> tuple[Callable, Callable]:
-    """Backbone and head through ``torch.compile(fullgraph=True, dynamic=False)``, one graph each.
-
-    Made once per model and reused by every cell: dynamo compiles each input size once, and the
-    segmentor cells reuse the backbone's graph compiled by the backbone cells.
-    """
+    """Backbone and head through ``torch.compile(fullgraph=True, dynamic=False)``, one graph
+    each; made once per model, so each input size compiles once for both targets."""
     options = dict(fullgraph=True, dynamic=False, backend=backend)
     return torch.compile(model.backbone, **options), torch.compile(model.head, **options)
 
@@ -140,12 +108,8 @@ def _callables(model: Segmentor, target: str, x, dtype, mode: str, backend: str,
 
 
 def _cuda_graph(call: Callable[[], object], device: torch.device) -> Callable[[], object]:
-    """``call`` captured once in a CUDA graph; the returned callable replays it.
-
-    The eager kernels, launched without any host work: set beside eager, it shows how much of
-    eager's time is the host's (Python, dispatch, launches). The input is the captured tensor
-    and the outputs are overwritten by every replay, as in the benchmark's loop.
-    """
+    """``call`` captured once in a CUDA graph; the returned callable replays it (eager's
+    kernels without host work; input and outputs are the captured tensors)."""
     if device.type != "cuda":
         raise RuntimeError("the cudagraph mode needs a CUDA device")
     side = torch.cuda.Stream(device)
@@ -172,12 +136,9 @@ def _memory(fn, device: torch.device) -> int:
 
 
 def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
-    """Measure every (shape, target, mode) cell; returns the JSON-ready result.
-
-    ``on_cell(result)`` is called after every cell (measured, failed or skipped), with
-    ``result["seconds"]`` the time so far: :func:`main` writes the files then, so that a run
-    stopped from outside (a device lease running out) still leaves every finished cell.
-    """
+    """Measure every (shape, target, mode) cell; returns the JSON-ready result. ``on_cell``
+    gets the result after every cell (``seconds``: the time so far), so that a run stopped from
+    outside still leaves every finished cell."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     start = time.perf_counter()
@@ -224,11 +185,8 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
 
 
 def profile_table(fn: Callable[[], object], device: torch.device, rows: int = 30) -> str:
-    """One call of ``fn`` under ``torch.profiler``: its ops by self time, device time on CUDA.
-
-    Where a model's time goes, kernel by kernel (on CUDA the table's device columns are the
-    kernels' time; the CPU columns are the host's launch work).
-    """
+    """One call of ``fn`` under ``torch.profiler``: its ops by self time (on CUDA the kernels'
+    device time; the CPU columns are then the host's launch work)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -242,32 +200,26 @@ def profile_table(fn: Callable[[], object], device: torch.device, rows: int = 30
 
 
 def _cell(models, target, x, dtype, mode, args, compiled=None, profiles=None) -> list[dict]:
-    fns, compile_s = {}, {}
+    fns, first_s = {}, {}
     for name, model in models.items():
         parts = compiled[name] if compiled else None
         fns[name] = _callables(model, target, x, dtype, mode, args.compile_backend, parts)
         t0 = time.perf_counter()
         fns[name]()  # compiles in compiled mode
         synchronize(x.device)
-        compile_s[name] = time.perf_counter() - t0
-    times = time_alternating(fns, args.iters, args.warmup, x.device)
-    if profiles is not None:
-        for name, fn in fns.items():
-            profiles.append(f"==== {mode} {target} {x.shape[2]}² batch {x.shape[0]} {name}\n"
-                            + profile_table(fn, x.device))  # fmt: skip
-    stats = {n: TimingStats.from_times(t) for n, t in times.items()}
-    rows = []
-    for name, s in stats.items():
-        rows.append(dict(
-            shape=x.shape[2], tokens=(x.shape[2] // 16) ** 2, target=target, mode=mode,
-            model=name, batch=x.shape[0], median_ms=s.median_s * 1e3, q1_ms=s.q1_s * 1e3,
-            q3_ms=s.q3_s * 1e3, images_per_s=x.shape[0] / s.median_s,
-            speedup=stats["baseline"].median_s / s.median_s,
-            # A graph's memory is its pool, taken at capture: a replay allocates nothing.
-            peak_mib=None if mode == "cudagraph" else _memory(fns[name], x.device) / 2**20,
-            first_call_s=compile_s[name],
-        ))  # fmt: skip
-    return rows
+        first_s[name] = time.perf_counter() - t0
+    cell = timed_cell(fns, "baseline", args.iters, args.warmup, x.device)
+    for name, fn in fns.items() if profiles is not None else ():
+        profiles.append(f"==== {mode} {target} {x.shape[2]}² batch {x.shape[0]} {name}\n"
+                        + profile_table(fn, x.device))  # fmt: skip
+    return [dict(
+        shape=x.shape[2], tokens=(x.shape[2] // 16) ** 2, target=target, mode=mode, model=name,
+        batch=x.shape[0], median_ms=c["stats"].median_s * 1e3, q1_ms=c["stats"].q1_s * 1e3,
+        q3_ms=c["stats"].q3_s * 1e3, images_per_s=x.shape[0] / c["stats"].median_s,
+        speedup=c["speedup"],
+        # A graph's memory is its pool, taken at capture: a replay allocates nothing.
+        peak_mib=None if mode == "cudagraph" else _memory(fns[name], x.device) / 2**20,
+        first_call_s=first_s[name]) for name, c in cell.items()]  # fmt: skip
 
 
 def _mib(value: float | None) -> str:
@@ -277,29 +229,21 @@ def _mib(value: float | None) -> str:
 def to_markdown(result: dict) -> str:
     """The result as a markdown table (one row per shape, target, mode and model)."""
     m, v, s = result["machine"], result["versions"], result["settings"]
-    lines = [
-        f"# GPU benchmark {result['date']}",
-        "",
-        f"- command: `{result['command']}`",
+    header = ["size", "tokens", "target", "mode", "model", "ms / batch (median [q1, q3])",
+              "images/s", "speed-up vs baseline", "peak MiB", "first call s"]  # fmt: skip
+    rows = [[f"{r['shape']}²", r["tokens"], r["target"], r["mode"], r["model"],
+             f"{r['median_ms']:.1f} [{r['q1_ms']:.1f}, {r['q3_ms']:.1f}]",
+             f"{r['images_per_s']:.1f}", f"{r['speedup']:.3f}", _mib(r["peak_mib"]),
+             f"{r['first_call_s']:.1f}"] for r in result["rows"]]  # fmt: skip
+    return "\n".join([
+        f"# GPU benchmark {result['date']}", "", f"- command: `{result['command']}`",
         f"- device: {m['device']}, torch {v['torch']}, CUDA {v['cuda']}, {m['platform']}",
         f"- {s['dtype']} (autocast on CUDA), batch {s['batch']}, {s['warmup']} warm-up + "
         f"{s['iters']} timed rounds, models alternating; compiled: torch.compile(fullgraph=True,"
         f" backend={s['compile_backend']!r}); dry run: {s['dry_run']}; {result['seconds']:.0f} s",
-        "",
-        "| size | tokens | target | mode | model | ms / batch (median [q1, q3]) | images/s "
-        "| speed-up vs baseline | peak MiB | first call s |",
-        "|---:|---:|---|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['shape']}² | {r['tokens']} | {r['target']} | {r['mode']} | {r['model']} "
-            f"| {r['median_ms']:.1f} [{r['q1_ms']:.1f}, {r['q3_ms']:.1f}] "
-            f"| {r['images_per_s']:.1f} | {r['speedup']:.3f} | {_mib(r['peak_mib'])} "
-            f"| {r['first_call_s']:.1f} |"
-        )
-    for r in result["skipped"]:
-        lines.append(f"\n- skipped {r['mode']} {r['target']} at {r['shape']}²: {r['reason']}")
-    return "\n".join(lines) + "\n"
+        "", markdown_table(header, rows, ["right", "right"] + ["left"] * 3 + ["right"] * 5),
+    ] + [f"- skipped {r['mode']} {r['target']} at {r['shape']}²: {r['reason']}"
+         for r in result["skipped"]]) + "\n"  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -347,14 +291,11 @@ def parse_args(argv=None):
 def write(result: dict, out_dir: str) -> str:
     """``gpu_bench.md``, ``gpu_bench.json`` (and ``profiles.txt``) in ``out_dir``; returns the
     markdown."""
-    os.makedirs(out_dir, exist_ok=True)
     markdown = to_markdown(result)
-    with open(os.path.join(out_dir, "gpu_bench.md"), "w") as f:
-        f.write(markdown)
-    write_json(os.path.join(out_dir, "gpu_bench.json"),
-               {k: v for k, v in result.items() if k != "profiles"}, indent=1)  # fmt: skip
+    write_files(out_dir, "gpu_bench", {k: v for k, v in result.items() if k != "profiles"},
+                markdown, indent=1)  # fmt: skip
     if result.get("profiles"):
-        with open(os.path.join(out_dir, "profiles.txt"), "w") as f:
+        with open(osp.join(out_dir, "profiles.txt"), "w") as f:
             f.write("\n".join(result["profiles"]))
     return markdown
 

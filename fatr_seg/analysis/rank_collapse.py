@@ -24,25 +24,13 @@ import torch.nn.functional as F
 
 from ..ops.restore import restore_tokens
 
-__all__ = [
-    "LayerDiagnostics",
-    "cosine_to_last",
-    "diagnostics",
-    "hf_amplitude",
-    "layer_diagnostics",
-    "restored_layer_tokens",
-]
+__all__ = ["LayerDiagnostics", "cosine_to_last", "diagnostics", "hf_amplitude",
+           "layer_diagnostics", "restored_layer_tokens"]  # fmt: skip
 
 
 def hf_amplitude(x: torch.Tensor) -> torch.Tensor:
-    """Relative high-frequency amplitude ``‖X − mean_tokens(X)‖_F / ‖X‖_F`` of each sequence.
-
-    Args:
-        x: (B, n, C) tokens (no CLS).
-
-    Returns:
-        (B,) float32 in [0, 1]; 0 when all tokens are equal (full rank collapse).
-    """
+    """(B,) relative high-frequency amplitude ``‖X − mean_tokens(X)‖_F / ‖X‖_F`` of tokens
+    (B, n, C) without CLS, in [0, 1]; 0 when all tokens are equal (full rank collapse)."""
     if x.dim() != 3:
         raise ValueError(f"expected tokens (B, n, C), got shape {tuple(x.shape)}")
     x = x.float()
@@ -51,14 +39,8 @@ def hf_amplitude(x: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_to_last(grids: list[torch.Tensor]) -> torch.Tensor:
-    """Mean cosine similarity of each layer's tokens to the last layer's, position by position.
-
-    Args:
-        grids: L tensors (B, N, C), one per layer, tokens of the same N grid positions.
-
-    Returns:
-        (L, B) float32; the last row is 1.
-    """
+    """(L, B) mean cosine similarity of each layer's tokens (L tensors (B, N, C) of the same
+    grid positions) to the last layer's, position by position; the last row is 1."""
     last = grids[-1].float()
     return torch.stack([F.cosine_similarity(g.float(), last, dim=-1).mean(dim=1) for g in grids])
 
@@ -66,16 +48,9 @@ def cosine_to_last(grids: list[torch.Tensor]) -> torch.Tensor:
 def restored_layer_tokens(
     model: torch.nn.Module, x: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every block's output, restored to the full grid and as the actual token set.
-
-    Args:
-        model: A :class:`fatr_seg.layers.FATRVisionTransformer` (final norm not applied, as in
-            its ``forward_tokens``).
-        x: Images (B, 3, H, W), normalised as for the model.
-
-    Returns:
-        One ``(restored (B, N, C), token_set (B, M + D, C))`` per block, in depth order.
-    """
+    """One ``(restored (B, N, C), token_set (B, M + D, C))`` per block of a
+    :class:`~fatr_seg.layers.FATRVisionTransformer` (``forward_tokens``: no final norm) on
+    images ``x``: its output restored to the full grid, and the actual token set."""
     outs = model.forward_tokens(x, out_indices=tuple(range(model.num_layers)))
     layers = []
     for tokens, state in outs:
@@ -85,14 +60,9 @@ def restored_layer_tokens(
 
 
 class LayerDiagnostics(NamedTuple):
-    """Per-layer diagnostics of one model on one batch, each (L,) averaged over the batch.
-
-    Attributes:
-        hf_restored: ``‖H_f[X]‖ / ‖X‖`` on the restored full grid (reported).
-        hf_tokens: The same on the actual token set (patch + DC tokens, CLS excluded).
-        cos_to_last: Cosine similarity to the last layer's restored tokens.
-        num_tokens: Patch + DC tokens present after each block (no CLS).
-    """
+    """Per-layer (L,) means over a batch: ``‖H_f[X]‖ / ‖X‖`` on the restored grid
+    (``hf_restored``) and on the token set (``hf_tokens``), cosine similarity to the last
+    layer's restored tokens, and the patch + DC tokens present after each block."""
 
     hf_restored: torch.Tensor
     hf_tokens: torch.Tensor

@@ -26,14 +26,11 @@ def write_json(path: str, data, indent: int = 2) -> None:
 
 
 class Store:
-    """``results.json``, written after every step; a key already present is not recomputed.
+    """``results.json`` at ``path``, written after every step; a key present is not recomputed.
 
-    Args:
-        path: The JSON file.
-        settings: What the results depend on. A file made with other settings is refused
-            with a ``ValueError`` naming the differences.
-        extendable: Settings that may differ from the file's (e.g. ``seeds``: a run can be
-            extended); the new values are recorded.
+    A file made with other ``settings`` (what the results depend on) is refused with a
+    ``ValueError`` naming the differences, but for the ``extendable`` ones (e.g. ``seeds``: a
+    run can be extended), whose new values are recorded.
     """
 
     def __init__(self, path: str, settings: dict, extendable: tuple[str, ...] = ()) -> None:

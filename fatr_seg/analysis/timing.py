@@ -1,13 +1,17 @@
-"""Timing and memory measurement helpers (pure torch; no mmseg).
+"""Timing, memory and thread-count helpers (pure torch; no mmseg).
 
 Runs of the models being compared alternate (A B A B ...) so that machine drift (thermal state,
 other processes) hits all of them alike; each call is synchronised on CUDA. Statistics are the
 median and the inter-quartile range, robust to the occasional slow outlier of a shared machine.
+On a small machine shared with other jobs, torch's default of one OpenMP thread per core is a
+trap (each parallel op waits for its slowest thread): :func:`choose_threads` gives a job the
+CPUs that other processes leave free, measured from ``/proc/stat`` (:func:`busy_cpus`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import statistics
@@ -26,18 +30,13 @@ from ..layers.vit import FATRVisionTransformer
 from ..ops.scoring import hf_scores, topk_agreement, triton_available
 from ..ops.select import num_keep
 
-__all__ = [
-    "TimingStats",
-    "attention_stats_at",
-    "cuda_peak_memory",
-    "current_rss_bytes",
-    "peak_rss_bytes",
-    "peak_tensor_bytes",
-    "reset_peak_rss",
-    "synchronize",
-    "time_alternating",
-    "time_scoring_paths",
-]
+__all__ = ["ThreadChoice", "TimingStats", "attention_stats_at", "busy_cpus", "choose_threads",
+           "cuda_peak_memory", "current_rss_bytes", "peak_rss_bytes", "peak_tensor_bytes",
+           "reset_peak_rss", "synchronize", "time_alternating", "time_scoring_paths"]  # fmt: skip
+
+# A CPU counts as free for a thread when at most this much of it is busy: two threads on two
+# cores are only worth it on a nearly idle machine, because the busier core paces every op.
+MAX_BUSY_PER_THREAD = 0.25
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -55,14 +54,7 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
 
 @dataclass(frozen=True)
 class TimingStats:
-    """Summary of repeated wall-clock times of one call.
-
-    Attributes:
-        times_s: Every timed iteration, seconds, in run order.
-        median_s: Median time.
-        q1_s: First quartile.
-        q3_s: Third quartile.
-    """
+    """Repeated times of one call (seconds, in run order), their median and quartiles."""
 
     times_s: tuple[float, ...]
     median_s: float
@@ -81,11 +73,8 @@ class TimingStats:
         return self.q3_s - self.q1_s
 
     def throughput(self, batch: int) -> dict[str, float]:
-        """Images/s of a batch of ``batch`` images: median, quartiles and IQR.
-
-        The quartiles of images/s are those of the per-iteration throughputs ``batch / t``
-        (so ``q1`` comes from the slow ``q3`` time).
-        """
+        """Images/s of ``batch`` images: median, quartiles and IQR of the per-iteration
+        throughputs ``batch / t`` (so ``q1`` comes from the slow ``q3`` time)."""
         ips = sorted(batch / t for t in self.times_s)
         q1, med, q3 = _quartiles(ips)
         return dict(median=med, q1=q1, q3=q3, iqr=q3 - q1)
@@ -110,23 +99,12 @@ def time_alternating(
     on_round: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Time several zero-argument callables in alternation.
+    """Name -> ``iters`` times (s) of zero-argument callables called in alternation.
 
-    Each round calls every function once, in the order given (A B A B ...). ``warmup`` rounds
-    run first and are not recorded. Each call is timed alone, between two synchronisations,
-    by ``clock`` (wall time; ``time.thread_time`` gives the calling thread's CPU time, which
-    other processes taking the core do not inflate: for one-thread CPU runs on a shared machine).
-
-    Args:
-        fns: Name -> callable.
-        iters: Timed rounds, >= 1.
-        warmup: Untimed rounds first, >= 0.
-        device: Device to synchronise.
-        on_round: Called after every round (warm-up included) with ``'warmup'`` or ``'timed'``
-            (e.g. to advance a progress bar).
-
-    Returns:
-        Name -> list of ``iters`` times in seconds.
+    Each round calls every function once, in order (A B A B ...), after ``warmup`` unrecorded
+    rounds; each call is timed alone between two synchronisations of ``device``, by ``clock``
+    (``time.thread_time``: the calling thread's CPU time, which other processes taking the core
+    do not inflate). ``on_round`` is called after every round with ``'warmup'`` or ``'timed'``.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
@@ -160,11 +138,8 @@ def current_rss_bytes() -> int:
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS mark (Linux ``/proc/self/clear_refs``); True if it worked.
-
-    After a reset, :func:`peak_rss_bytes` reports the peak since the reset, so a memory probe
-    measures the forward pass, not the model construction before it.
-    """
+    """Reset this process's peak-RSS mark (Linux ``/proc/self/clear_refs``), so that
+    :func:`peak_rss_bytes` measures the pass and not the model's construction; True if it did."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -194,12 +169,11 @@ def peak_rss_bytes() -> int:
 
 
 def peak_tensor_bytes(fn: Callable[[], Any]) -> int:
-    """Peak CPU tensor memory allocated during one call of ``fn``, above what was allocated before.
+    """Peak CPU tensor bytes allocated during one call of ``fn`` (above those before it).
 
-    The CPU counterpart of ``torch.cuda.max_memory_allocated``: the running total of live tensor
-    bytes from torch.profiler's allocation records (``profile_memory=True``), so unlike peak RSS
-    it does not include memory the C allocator keeps after a free, nor depend on fragmentation.
-    The profiler slows the call down; use it for memory, never for time.
+    The CPU counterpart of ``torch.cuda.max_memory_allocated``, from torch.profiler's allocation
+    records: unlike peak RSS it excludes what the C allocator keeps after a free. The profiler
+    slows the call: use it for memory, never for time.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -219,12 +193,8 @@ def peak_tensor_bytes(fn: Callable[[], Any]) -> int:
 
 
 def cuda_peak_memory(fn: Callable[[], Any], device: torch.device | str) -> dict[str, int]:
-    """Peak CUDA memory of one call of ``fn``.
-
-    Returns:
-        ``peak_bytes`` (``torch.cuda.max_memory_allocated`` during the call), ``before_bytes``
-        (allocated before it: weights, inputs) and ``forward_bytes`` (their difference).
-    """
+    """Peak CUDA memory of one call of ``fn``: ``peak_bytes`` (max_memory_allocated),
+    ``before_bytes`` (weights, inputs) and ``forward_bytes`` (their difference)."""
     synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -239,11 +209,8 @@ def cuda_peak_memory(fn: Callable[[], Any], device: torch.device | str) -> dict[
 def attention_stats_at(
     vit: FATRVisionTransformer, x: torch.Tensor, layer: int
 ) -> tuple[AttnStats, torch.Tensor]:
-    """Queries, keys and log-sum-exp of the attention of 1-indexed block ``layer`` on images ``x``.
-
-    Runs the trunk up to that block as its forward does (earlier reductions included) and
-    returns the block's :class:`AttnStats` and its value tensor, (B, h, n, d).
-    """
+    """The :class:`AttnStats` (q, k, lse) and values (B, h, n, d) of 1-indexed block ``layer``
+    on images ``x``, the trunk run up to it as its forward does (earlier reductions included)."""
     if not 1 <= layer <= len(vit.blocks):
         raise ValueError(f"layer must be in [1, {len(vit.blocks)}], got {layer}")
     tokens, state = vit.embed(x)
@@ -265,32 +232,17 @@ def time_scoring_paths(
     warmup: int,
     use_triton: bool | None = None,
 ) -> dict[str, Any]:
-    """Time the HF-scoring paths on one block's activations and compare their top-k.
+    """Time the HF-scoring paths of :func:`fatr_seg.ops.hf_scores` on one block's activations
+    and compare their top-k (k kept of the patch tokens at ``keep_ratio``, CLS excluded).
 
-    Paths (all through :func:`fatr_seg.ops.hf_scores`):
-
-    * ``exact_chunked_lse``: exact score reusing the fused kernel's row log-sum-exp (what the
-      model runs on CPU);
-    * ``exact_chunked``: exact score with its own row normalisation (what runs where the
-      kernel exposes no log-sum-exp);
-    * ``exact_triton``: the Triton kernel (CUDA, or ``use_triton=True`` under
-      ``TRITON_INTERPRET=1``);
-    * ``logit_proxy``: the paper's pre-softmax proxy.
-
-    The fused attention call itself (``attention``) is timed beside them for scale.
-
-    Args:
-        stats: Attention statistics of the block (q, k, scale, lse).
-        v: Values of the same attention, (B, h, n, d).
-        keep_ratio: Keep ratio of the reduction; sets k of the top-k agreement.
-        iters: Timed rounds.
-        warmup: Untimed rounds.
-        use_triton: Time the Triton path; None: only for CUDA tensors with Triton importable.
+    Paths: ``exact_chunked_lse`` (the exact score reusing the fused kernel's log-sum-exp: the
+    model on CPU), ``exact_chunked`` (its own row normalisation), ``exact_triton`` (the Triton
+    kernel; ``use_triton`` None: for CUDA tensors with Triton importable), ``logit_proxy`` (the
+    paper's pre-softmax proxy), and the fused attention call (``attention``) for scale.
 
     Returns:
         ``{'times': {path: TimingStats}, 'topk_agreement': {...}, 'k': int,
-        'num_patches': int, 'max_abs_diff': {path: float}}``. Scores are compared on patch
-        tokens only (CLS excluded), as the reducer uses them.
+        'num_patches': int, 'max_abs_diff': {path: float}}``.
     """
     q, k, scale, lse = stats.q, stats.k, stats.scale, stats.lse
     device = q.device
@@ -327,3 +279,93 @@ def time_scoring_paths(
         num_patches=M,
         max_abs_diff=diffs,
     )
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """``(total, idle)`` jiffies of all CPUs since boot, or None without ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    values = [int(v) for v in fields[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is already in user/nice).
+    values = values[:8]
+    return sum(values), values[3] + (values[4] if len(values) > 4 else 0)
+
+
+def busy_cpus(interval: float = 1.0) -> float | None:
+    """How many CPUs were busy (all processes together) over the next ``interval`` seconds
+    (0 to ``os.cpu_count()``), or None where ``/proc/stat`` cannot be read (not Linux)."""
+    start = _cpu_times()
+    if start is None:
+        return None
+    time.sleep(interval)
+    end = _cpu_times()
+    total = end[0] - start[0]
+    if total <= 0:
+        return None
+    idle = end[1] - start[1]
+    return max(0.0, (total - idle) / total) * (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """Intra-op ``threads`` for a job, the ``cpus`` it may run on, the CPUs ``busy`` with
+    other processes when measured (None: not measured) and the ``reason`` in one line."""
+
+    threads: int
+    cpus: int
+    busy: float | None
+    reason: str
+
+    def env(self) -> dict[str, str]:
+        """Environment that makes a child process's torch use :attr:`threads`; with several,
+        ``OMP_WAIT_POLICY=PASSIVE`` too, so a thread that finishes an op first sleeps instead of
+        spinning and load that appears meanwhile slows the job instead of stalling it."""
+        n = str(self.threads)
+        env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+        if self.threads > 1:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        return env
+
+    def __str__(self) -> str:
+        return f"{self.threads} thread{'s' if self.threads > 1 else ''} ({self.reason})"
+
+
+def choose_threads(
+    requested: int | None = None, busy: float | None = None, interval: float = 1.0
+) -> ThreadChoice:
+    """Threads for a CPU job started now: one per CPU that other processes leave free
+    (``floor(cpus - busy + MAX_BUSY_PER_THREAD)``), or one passive thread per CPU when none is:
+    they then get a fair share of every CPU (on the saturated 2-core machine the demo's training
+    step took 1.5 to 2.5 s so, 1.9 to 4.5 s with 1 thread, 11 to 25 s with torch's default;
+    ``docs/history/benchmarks-2026-11.md``, "Threads under load").
+
+    ``requested`` (``--threads``), else a set ``OMP_NUM_THREADS``, is taken as is; ``busy`` is
+    measured by :func:`busy_cpus` over ``interval`` s when None (call it while none of the
+    caller's own work runs).
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = max(1, cpus or 1)
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"threads must be >= 1, got {requested}")
+        return ThreadChoice(requested, cpus, busy, "asked for with --threads")
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return ThreadChoice(int(env), cpus, busy, "OMP_NUM_THREADS is set")
+    if busy is None:
+        busy = busy_cpus(interval)
+    if busy is None:
+        return ThreadChoice(cpus, cpus, None, "CPU load unknown (no /proc/stat): one per CPU")
+    free = min(cpus, math.floor(cpus - busy + MAX_BUSY_PER_THREAD))
+    reason = f"{busy:.1f} of {cpus} CPUs busy with other processes"
+    if free < 1:
+        reason += ": none free, one passive thread per CPU for a fair share"
+        return ThreadChoice(cpus, cpus, busy, reason)
+    if free < cpus:
+        reason += f": {free} on the free CPU{'s' if free > 1 else ''} only"
+    return ThreadChoice(free, cpus, busy, reason)

@@ -1,4 +1,4 @@
-"""``fatr_seg.analysis.cpu_load``: the load measure and the thread choice the demo makes with it."""
+"""The CPU load measure and the thread choice the demo makes with it (``analysis.timing``)."""
 
 import os
 import subprocess
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from fatr_seg.analysis import cpu_load
-from fatr_seg.analysis.cpu_load import busy_cpus, choose_threads
+from fatr_seg.analysis import timing as cpu_load
+from fatr_seg.analysis.timing import busy_cpus, choose_threads
 
 
 @pytest.fixture
