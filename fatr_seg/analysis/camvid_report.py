@@ -16,16 +16,8 @@ import numpy as np
 from ..datasets.camvid import CAMVID_CLASSES
 from ..layers.config import ReductionConfig
 
-__all__ = [
-    "CURVE_FAMILIES",
-    "at_speed",
-    "curve_key",
-    "curve_values",
-    "mean_std",
-    "plot",
-    "pm",
-    "write_report",
-]
+__all__ = ["CURVE_FAMILIES", "at_speed", "curve_key", "curve_values", "mean_std", "plot", "pm",
+           "write_report"]  # fmt: skip
 
 #: Budget-curve families: key in results.json -> label.
 CURVE_FAMILIES = {
@@ -54,6 +46,9 @@ def pm(values: list[float], digits: int = 1) -> str:
 
 
 def _ft(runs: dict, seeds, method: str, phase: str = "ft") -> list[dict]:
+    """A method's results of ``phase``: ``free`` (one, or none), else one per seed."""
+    if phase == "free":
+        return [runs[k] for k in [f"free/{method}"] if k in runs]
     return [runs[k] for s in seeds if (k := f"{phase}/{method}/s{s}") in runs]
 
 
@@ -209,7 +204,7 @@ def _class_table(runs: dict, methods, seeds) -> list[str]:
              "| method | phase | " + " | ".join(short) + " |",
              "|---|---|" + "---|" * len(short)]  # fmt: skip
     for m in methods:
-        for phase, results in (("free", [runs[k]] if (k := f"free/{m}") in runs else []),
+        for phase, results in (("free", _ft(runs, seeds, m, "free")),
                                ("fine-tuned", _ft(runs, seeds, m))):  # fmt: skip
             if results:
                 vals = _class_mean(results)
@@ -246,11 +241,8 @@ def curve_values(runs: dict, family: str) -> dict[float, list[float]]:
     out: dict[float, list[float]] = {}
     for key, v in runs.items():
         parts = key.split("/")
-        if (
-            parts[0] == "curve"
-            and parts[-2] == family
-            and (len(parts) == 3 or (len(parts) == 4 and parts[1][:1] == "s"))
-        ):
+        seeded = len(parts) == 3 or (len(parts) == 4 and parts[1][:1] == "s")
+        if parts[0] == "curve" and parts[-2] == family and seeded:
             out.setdefault(float(parts[-1]), []).append(v["mIoU"])
     return dict(sorted(out.items()))
 
@@ -321,14 +313,9 @@ def _curve_table(runs: dict, st: dict) -> list[str]:
                  for r in ratios]  # fmt: skip
         lines.append(f"| backbone GMACs {model} | " + " | ".join(_fmt(g, 3) for g in gmacs) + " |")
     if batches:
-        lines.append(
-            "| images/s none "
-            + " / ".join(batches)
-            + " | "
-            + " / ".join(_fmt(_speed(cost, "none", b), 2) for b in batches)
-            + " |"
-            + " |" * (len(ratios) - 1)
-        )
+        lines.append(f"| images/s none {' / '.join(batches)} | "
+                     + " / ".join(_fmt(_speed(cost, "none", b), 2) for b in batches)
+                     + " |" + " |" * (len(ratios) - 1))  # fmt: skip
     return lines + [""]
 
 
@@ -375,31 +362,15 @@ def plot(data: dict, work_dir: str) -> list[str]:
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.5 * len(methods) + 2))
     for ax, (phase, title) in zip(axes, (("free", "training-free"), ("ft", "fine-tuned"))):
-        rows = [
-            _class_mean(
-                [runs[k]]
-                if phase == "free" and (k := f"free/{m}") in runs
-                else _ft(runs, seeds, m)
-                if phase == "ft"
-                else []
-            )
-            for m in methods
-        ]
+        rows = [_class_mean(_ft(runs, seeds, m, phase)) for m in methods]
         im = ax.imshow(np.asarray(rows), vmin=0, vmax=100, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(CAMVID_CLASSES)), CAMVID_CLASSES, rotation=60, ha="right")
         ax.set_yticks(range(len(methods)), methods if phase == "free" else [])  # one set of names
         ax.set_title(f"per-class IoU (%), {title}")
         for (i, j), v in np.ndenumerate(np.asarray(rows)):
             if not math.isnan(v):
-                ax.text(
-                    j,
-                    i,
-                    f"{v:.0f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="k" if v > 60 else "w",
-                )
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                        color="k" if v > 60 else "w")  # fmt: skip
     fig.colorbar(im, ax=axes, shrink=0.8)
     paths.append(_save(fig, osp.join(work_dir, "per_class.png"), tight=False))
 
@@ -431,7 +402,7 @@ def plot(data: dict, work_dir: str) -> list[str]:
             ref = _speed(curve, "none", b)
             curve_seeds = st.get("curve_seeds") or seeds[:1]
             for results, marker, label in (
-                ([runs[k]] if (k := "free/none") in runs else [], "k*", "none (the baseline)"),
+                (_ft(runs, seeds, "none", "free"), "k*", "none (the baseline)"),
                 (_ft(runs, curve_seeds, "none"), "kX", "none fine-tuned"),
             ):
                 if results and ref:

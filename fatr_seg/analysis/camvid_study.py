@@ -1,34 +1,24 @@
 """The CamVid study behind ``tools/camvid_study.py``: every reducer on a real pretrained ViT-Ti.
 
-:func:`run_camvid_study` runs (or resumes) these steps, saving each result in ``results.json`` as
-soon as it exists (:class:`fatr_seg.analysis.store.Store`; a re-run skips what is done, so seeds,
-methods and budget ratios can be added later):
+:func:`run_camvid_study` runs (or resumes: each result is saved in ``results.json`` as soon as
+it exists, :class:`.store.Store`, so seeds, methods and ratios can be added later) these steps:
+(1) **budgets**: each method's reduction, with ``equal_macs`` each peer's keep ratio (ToMe's
+constant schedule: its ``r``) bisected until its backbone MACs at 368x480 are within ``mac_tol``
+of the FATR config's (:mod:`.budget`); (2) **baseline**: the unreduced Segmenter-Mask ViT-Ti/16
+trained from timm's ImageNet weights (or ``baseline_checkpoint``); (3) **training-free**: every
+method on the baseline's weights, mIoU and per-class IoU on CamVid val, whole 360x480 images;
+(4) **cost**: MACs (counted and closed form) and images/s of whole-image inference, batch sizes
+``bench_batches``, all methods alternating in one process; (5) **HF amplitude** per block (the
+paper's Fig. 1) on the restored grid and on the token set; (6) **fine-tuned**: every method
+(``none`` too) fine-tuned by self-distillation from the baseline per seed, evaluated the same
+way (EMA weights), and with ``finetune_as`` ``'unreduced'``/``'both'`` every method applied to
+the unreduced model's fine-tuned weights of the same seed (``deploy/...``); (7) **budget curve**
+(``budget_curve``): FATR fine-tuned with sampled budgets, at ``curve_fixed_ratio`` and at each
+ratio, evaluated at every ratio (``set_keep_ratio``), ToMe training-free and fine-tuned at each
+ratio, images/s per ratio; the fine-tuned families once per seed of ``curve_seeds``.
 
-1. **budgets**: each method's reduction; with ``equal_macs`` each peer's keep ratio (ToMe's
-   constant schedule: its ``r``) is bisected until its backbone MACs at the evaluation size
-   (368x480: 23x30 patches) are within ``mac_tol`` of the FATR config's
-   (:mod:`fatr_seg.analysis.budget`);
-2. **baseline**: the unreduced Segmenter-Mask ViT-Ti/16 trained from timm's ImageNet weights
-   (or ``baseline_checkpoint``);
-3. **training-free**: every method on the baseline's weights (reduction parameters at their
-   identity init), mIoU and per-class IoU on CamVid val, whole 360x480 images;
-4. **cost**: backbone and segmentor MACs at 368x480 (counted, and the closed form beside them),
-   images/s of whole-image inference at 360x480, batch sizes ``bench_batches``,
-   ``bench_threads`` threads, all methods alternating in one process;
-5. **HF amplitude** per block (the paper's Fig. 1): ``‖X − mean_tokens(X)‖_F / ‖X‖_F`` on the
-   restored grid and on the actual token set, on ``hf_images`` val images;
-6. **fine-tuned**: every method (``none`` too: the same iterations without reduction) fine-tuned
-   by self-distillation from the baseline, per seed, evaluated the same way (EMA weights); with
-   ``finetune_as`` ``'unreduced'`` or ``'both'`` also every method applied, without training
-   of its own, to the unreduced model's fine-tuned weights of the same seed (``deploy/...``);
-7. **budget curve** (with ``budget_curve`` ratios): FATR fine-tuned with sampled budgets, FATR
-   fine-tuned at ``curve_fixed_ratio``, FATR fine-tuned at each ratio, all evaluated at every
-   ratio (``set_keep_ratio``), ToMe training-free and fine-tuned at each ratio, and images/s per
-   ratio; the fine-tuned families once per seed of ``curve_seeds`` (default: the first seed).
-
-``args`` is the namespace of ``tools/camvid_study.py`` after :func:`resolve_args`. Configs, runs
-and measurements are :mod:`fatr_seg.analysis.camvid_runs`; the table and plots
-:mod:`fatr_seg.analysis.camvid_report`.
+``args`` is the namespace of ``tools/camvid_study.py`` after :func:`resolve_args`; configs, runs
+and measurements are :mod:`.camvid_runs`, the table and plots :mod:`.camvid_report`.
 """
 
 from __future__ import annotations
@@ -61,17 +51,8 @@ from .camvid_runs import (
 from .rank_collapse import diagnostics
 from .store import Store, cached, log
 
-__all__ = [
-    "CURVE_RATIOS",
-    "FINETUNE_AS",
-    "METHODS",
-    "PRESETS",
-    "SkipStudy",
-    "resolve_args",
-    "run_camvid_study",
-    "settings_of",
-    "shared_root",
-]
+__all__ = ["CURVE_RATIOS", "FINETUNE_AS", "METHODS", "PRESETS", "SkipStudy", "resolve_args",
+           "run_camvid_study", "settings_of", "shared_root"]  # fmt: skip
 
 #: Every method the study knows, in its default order; ``none`` is the unreduced model.
 METHODS = ("none", "fatr", "fatr_local", "fatr_paper", "tome", "tome_constant", "algm", "evit",
@@ -291,15 +272,11 @@ def _done(ctx: _Ctx, *keys: str) -> bool:
 
 
 def _train_reduction(ctx: _Ctx, reduction: dict | None) -> dict | None:
-    """The reduction to fine-tune with: ``reduction``, with a token count ``r`` scaled from the
-    evaluation grid to the training crop's (``scale_r``).
-
-    A keep ratio is a fraction, the same at any size; ToMe's constant ``r`` is a count. Matched
-    at 690 tokens (r = 36), it would leave 256² crops (256 tokens) 1 token after block 12; scaled
-    (r = 13), every block removes about the same fraction in training as in evaluation. The
-    model has no parameter that depends on ``r``, so the fine-tuned weights are evaluated at
-    the matched ``r``.
-    """
+    """The reduction to fine-tune with: ``reduction``, a token count ``r`` scaled from the
+    evaluation grid to the training crop's (``scale_r``): matched at 690 tokens (r = 36), ToMe's
+    count would leave 256² crops 1 token after block 12; scaled (r = 13), every block removes
+    the same fraction as in evaluation, where the weights (no parameter depends on ``r``) run at
+    the matched ``r``."""
     if reduction is None or "r" not in reduction or not ctx.args.scale_r:
         return reduction
     tokens = (ctx.args.crop_size // ctx.shape.patch_size) ** 2
