@@ -69,10 +69,10 @@ _FATR = dict(
     reweight="identity",
     restore="copy",
 )
-# The fast schedule: an early local stage, then two global stages.
+# The default configs' schedule: an early local stage, then two global stages (docs/study.md).
 _FATR_LOCAL = dict(
     layers=(2, 5, 8),
-    keep_ratio=(0.5, 0.6, 0.8),
+    keep_ratio=(0.55, 0.6, 0.8),
     score=("window_hf", "hf_bipartite", "hf_bipartite"),
     local_window=2,
     protect=0.2,

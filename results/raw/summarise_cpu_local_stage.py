@@ -1,7 +1,9 @@
 # ruff: noqa: E501  (provenance strings: commands as they ran)
-"""Summarise tools/benchmark.py's benchmark.json (default vs fatr_local) into a results/ table file.
+"""Summarise tools/benchmark.py's benchmark.json (models against the baseline) into a results/ file.
 
-A one-off provenance script for results/cpu_vit-s_local-stage.json; run from the repository root.
+The provenance script of results/cpu_vit-s_local-stage.json and results/cpu_vit-s_default.json;
+run from the repository root: ``RAW OUT COMMIT [NAMES_JSON TITLE]``, NAMES_JSON mapping each
+timed config name to ``[label, config path or null]`` (default: the local-stage file's).
 """
 
 import json
@@ -16,6 +18,9 @@ NAME = {
         "configs/fatr-local_vit-s_mask_8xb1-160k_ade20k-512x512.py",
     ),
 }
+TITLE = "the default and fatr_local against the unreduced model"
+if len(sys.argv) > 4:
+    NAME, TITLE = json.loads(sys.argv[4]), sys.argv[5]
 base = {(t["target"], t["batch"]): t for t in d["timing"] if t["config"] == "baseline_vit-s_ade20k"}
 rows = []
 for t in d["timing"]:
@@ -24,22 +29,22 @@ for t in d["timing"]:
     b = base[(t["target"], t["batch"])]
     name, config = NAME[t["config"]]
     rows.append(dict(
-        target=t["target"], batch=t["batch"], method=name, config=config,
+        target=t["target"], batch=t["batch"], method=name, **({"config": config} if config else {}),
         base_images_s=b["images_per_s"]["median"], images_s=t["images_per_s"]["median"],
         speedup=t["speedup"], speedup_paired=t["speedup_paired"],
         ideal=1.0 / t["macs_ratio"], of_ideal=t["speedup_per_ideal"],
     ))  # fmt: skip
 out = dict(
-    title="CPU speed, Segmenter-Mask ViT-S/16 at 512² (1024 tokens), fp32, 1 thread: the default and fatr_local against the unreduced model",
+    title=f"CPU speed, Segmenter-Mask ViT-S/16 at 512² (1024 tokens), fp32, 1 thread: {TITLE}",
     source=f"summarised from results/raw/{raw_path.split('/')[-1]} (tools/benchmark.py's benchmark.json) by the command's last line",
     date=d["date"],
     commit=commit,
     machine=f"the project's 2-core x86_64 CPU machine, no GPU; load average {d['machine']['load_avg']} (other test processes beside it: speed-ups are of models alternating in one process)",
     command=[
         d["command"],
-        "python results/raw/summarise_cpu_local_stage.py results/raw/cpu_vit-s_ade20k-512_local-stage_benchmark.json results/cpu_vit-s_local-stage.json COMMIT",
+        " ".join(["python", *sys.argv[:3], "COMMIT", *(repr(a) for a in sys.argv[4:])]),
     ],
-    protocol="random weights (speed does not depend on them), synthetic 512² inputs; the three configs alternate, 1 warm-up and 7 timed rounds, median; speed-up = baseline median time / model median time, paired = median of per-round ratios; ideal = the MACs ratio's inverse",
+    protocol="random weights (speed does not depend on them), synthetic 512² inputs; the configs alternate, 1 warm-up and 7 timed rounds, median; speed-up = baseline median time / model median time, paired = median of per-round ratios; ideal = the MACs ratio's inverse",
     columns={
         "method": {"label": "method", "align": "left", "format": "{method}", "link": "config"},
         "target": {"label": "timed", "align": "left", "format": "{target}"},

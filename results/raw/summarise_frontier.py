@@ -38,10 +38,16 @@ LABEL = {
         None,
         "0.6 / 0.7 / 0.8 at 2 (2×2 windows) / 5 / 8",
     ),
-    "fatr_local": (
+    "local@0.55": (
         "FATR",
         "FATR default (`fatr_local`)",
         DEFAULT,
+        "0.55 / 0.6 / 0.8 at 2 (2×2 windows) / 5 / 8",
+    ),
+    "fatr_local": (
+        "FATR",
+        "FATR, keep 0.5 at block 2",
+        None,
         "0.5 / 0.6 / 0.8 at 2 (2×2 windows) / 5 / 8",
     ),
     "local@0.5b": (
@@ -57,7 +63,7 @@ LABEL = {
     "tome@0.5": ("ToMe", "ToMe, keep 0.5", None, "0.5 at 4, 7, 10"),
     "algm@0.8": ("ALGM", "ALGM, keep 0.8", None, "0.8 at 1 (2×2 windows) and 5"),
     "algm@0.7": ("ALGM", "ALGM, keep 0.7", None, "0.7 at 1 (2×2 windows) and 5"),
-    "algm": ("ALGM", "ALGM, equal MACs to the default", None, "0.58 at 1 (2×2 windows) and 5"),
+    "algm": ("ALGM", "ALGM, keep 0.58", None, "0.58 at 1 (2×2 windows) and 5"),
     "algm@0.5": ("ALGM", "ALGM, keep 0.5", None, "0.5 at 1 (2×2 windows) and 5"),
 }
 cost = runs["cost"]
@@ -99,6 +105,7 @@ for key, (family, name, config, budget) in LABEL.items():
         row["config"] = config
     if key in (
         "none",
+        "local@0.55",
         "fatr_local",
         "local@0.6",
         "fatr_default",
@@ -108,7 +115,7 @@ for key, (family, name, config, budget) in LABEL.items():
         "algm",
     ):
         row["readme"] = "yes"
-    if key == "fatr_local":
+    if key == "local@0.55":
         row["bold"] = True
     rows.append(row)
 out = dict(
@@ -120,10 +127,12 @@ out = dict(
     command=[
         "python tools/camvid_study.py --data-root ../shared/data/camvid --pretrained ../shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors --work-dir work_dirs/cs_base --methods none --seeds 0 --base-iters 500 --threads 2   # the baseline (stopped after its checkpoint)",
         "pos_embed of iter_500.pth resampled (bicubic, fatr_seg.layers.embed.resample_pos_embed) from the 256 crop's 16x16 grid to the 352 crop's 22x22: baseline_500_352.pth",
-        'L=\'"score":["window_hf","hf_bipartite","hf_bipartite"],"prop_attn":true,"layers":[2,5,8]\'; python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_deploy --model-config configs/camvid/fatr-local_vit-t_camvid.py --methods none fatr_local algm --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants "local@0.8={$L,\\"keep_ratio\\":[0.8,0.8,0.9]}" "local@0.7={$L,\\"keep_ratio\\":[0.7,0.7,0.8]}" "local@0.6={$L,\\"keep_ratio\\":[0.6,0.7,0.8]}" "local@0.5b={$L,\\"keep_ratio\\":[0.5,0.5,0.7]}" \'fatr_default={"method":"fatr"}\' \'tome@0.8={"method":"tome","keep_ratio":0.8}\' \'tome@0.7={"method":"tome","keep_ratio":0.7}\' \'tome@0.6={"method":"tome","keep_ratio":0.6}\' \'tome@0.5={"method":"tome","keep_ratio":0.5}\' \'algm@0.8={"method":"algm","keep_ratio":0.8}\' \'algm@0.7={"method":"algm","keep_ratio":0.7}\' \'algm@0.5={"method":"algm","keep_ratio":0.5}\'   # configs/camvid/fatr-local_vit-t_camvid.py was then the fatr_local config (now configs/camvid/fatr_vit-t_camvid.py); ft_none_s0 copied from the local-stage study (same settings)',
+        'L=\'"score":["window_hf","hf_bipartite","hf_bipartite"],"prop_attn":true,"layers":[2,5,8]\'; python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_deploy --model-config configs/camvid/fatr-local_vit-t_camvid.py --methods none fatr_local algm --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants "local@0.8={$L,\\"keep_ratio\\":[0.8,0.8,0.9]}" "local@0.7={$L,\\"keep_ratio\\":[0.7,0.7,0.8]}" "local@0.6={$L,\\"keep_ratio\\":[0.6,0.7,0.8]}" "local@0.5b={$L,\\"keep_ratio\\":[0.5,0.5,0.7]}" \'fatr_default={"method":"fatr"}\' \'tome@0.8={"method":"tome","keep_ratio":0.8}\' \'tome@0.7={"method":"tome","keep_ratio":0.7}\' \'tome@0.6={"method":"tome","keep_ratio":0.6}\' \'tome@0.5={"method":"tome","keep_ratio":0.5}\' \'algm@0.8={"method":"algm","keep_ratio":0.8}\' \'algm@0.7={"method":"algm","keep_ratio":0.7}\' \'algm@0.5={"method":"algm","keep_ratio":0.5}\'   # configs/camvid/fatr-local_vit-t_camvid.py was then the fatr_local config (now configs/camvid/fatr_vit-t_camvid.py); ft_none_s0 copied from the local-stage study (same settings); fatr_local was then keep 0.5 / 0.6 / 0.8 (the row "FATR, keep 0.5 at block 2")',
+        "python tools/camvid_study.py ... (the same options) --methods none fatr_local --finetune-as both   # fatr_local fine-tuned with its reduction in the loop, seeds 1 and 2 (seed 0: the local-stage study's run, same settings, copied)",
+        'python tools/camvid_study.py ... (the first command\'s options) --variants ... "local@0.55={$L,\\"keep_ratio\\":[0.55,0.6,0.8]}" ...   # adds the keep 0.55 schedule (now the fatr_local preset) and times all 16 models again, alternating (the cost of every row)',
         "python results/raw/summarise_frontier.py results/raw/camvid_vit-t_frontier_study.json results/camvid_vit-t_frontier.json COMMIT docs/img/camvid_frontier.png",
     ],
-    protocol="baseline: 500 iterations from the timm ViT-Ti at 256² crops (free mIoU 50.2); the unreduced model fine-tuned from it with the study's self-distillation recipe (100 iterations, batch 8, 352² crops, EMA momentum 0.1) once per seed; every reduction applied to those weights without training of its own (what reduce_in_training=False trains); Δ: mean over seeds of (method − unreduced, same seed) ± its standard error; evaluated on the 101 val images at 360x480 (368x480 padded, 690 tokens); speed: whole segmentor, 1 thread, batch 1 and 8, all 15 models alternating, 5 rounds, median",
+    protocol="baseline: 500 iterations from the timm ViT-Ti at 256² crops (free mIoU 50.2); the unreduced model fine-tuned from it with the study's self-distillation recipe (100 iterations, batch 8, 352² crops, EMA momentum 0.1) once per seed; every reduction applied to those weights without training of its own (what reduce_in_training=False trains); Δ: mean over seeds of (method − unreduced, same seed) ± its standard error; evaluated on the 101 val images at 360x480 (368x480 padded, 690 tokens); speed: whole segmentor, 1 thread, batch 1 and 8, all 16 models alternating, 5 rounds, median",
     columns={
         "method": {"label": "method", "align": "left", "format": "{method}", "link": "config"},
         "budget": {"label": "keep ratio at blocks", "align": "left", "format": "{budget}"},
@@ -185,7 +194,7 @@ if png:
                 capsize=3,
                 label=fam if fam != "FATR" else "FATR (early local stage)",
             )
-        d = next(r for r in rows if r["key"] == "fatr_local")
+        d = next(r for r in rows if r["key"] == "local@0.55")
         ax.annotate(
             "default",
             (d[f"speedup_{b}"], d["delta"]),

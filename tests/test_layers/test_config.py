@@ -22,7 +22,7 @@ def test_default_is_the_fatr_preset():
     assert cfg.index(3) == 0 and cfg.index(6) == 1 and cfg.index(0) is None
     # the early local stage (block 2: whole 2x2 windows by HF priority), two global stages
     local = ReductionConfig.from_dict(dict(method="fatr_local"))
-    assert local.layers == (2, 5, 8) and local.keep_ratio == (0.5, 0.6, 0.8)
+    assert local.layers == (2, 5, 8) and local.keep_ratio == (0.55, 0.6, 0.8)
     assert local.score == ("window_hf", "hf_bipartite", "hf_bipartite")
     assert local.local_window == 2 and local.prop_attn and local.protect == 0.2
 
