@@ -25,31 +25,21 @@ test_pipeline = [
     dict(type='PackSegInputs'),
 ]
 
+# The fields every split shares; each loader below adds its folders and pipeline.
+camvid_dataset = dict(type='CamVidDataset', data_root=data_root, _delete_=True)
 train_dataloader = dict(
     batch_size=8,
-    dataset=dict(
-        type='CamVidDataset',
-        data_root=data_root,
-        data_prefix=dict(img_path='images/train', seg_map_path='labels/train'),
-        pipeline=train_pipeline,
-        _delete_=True))
+    dataset=dict(camvid_dataset, pipeline=train_pipeline,
+                 data_prefix=dict(img_path='images/train', seg_map_path='labels/train')))
 val_dataloader = dict(
     batch_size=1,
-    dataset=dict(
-        type='CamVidDataset',
-        data_root=data_root,
-        data_prefix=dict(img_path='images/val', seg_map_path='labels/val'),
-        pipeline=test_pipeline,
-        _delete_=True))
+    dataset=dict(camvid_dataset, pipeline=test_pipeline,
+                 data_prefix=dict(img_path='images/val', seg_map_path='labels/val')))
 # CamVid's published numbers are on its test split (233 images).
 test_dataloader = dict(
     batch_size=1,
-    dataset=dict(
-        type='CamVidDataset',
-        data_root=data_root,
-        data_prefix=dict(img_path='images/test', seg_map_path='labels/test'),
-        pipeline=test_pipeline,
-        _delete_=True))
+    dataset=dict(camvid_dataset, pipeline=test_pipeline,
+                 data_prefix=dict(img_path='images/test', seg_map_path='labels/test')))
 
 model = dict(
     # Test images are padded to 368x480 (23x30 = 690 tokens); the logits are cropped back to

@@ -27,35 +27,24 @@ test_pipeline = [
     dict(type='LoadAnnotations', reduce_zero_label=True),
     dict(type='PackSegInputs'),
 ]
+# The fields both splits share; each loader below adds its folders and pipeline.
+synthetic_dataset = dict(type='BaseSegDataset', data_root=data_root, metainfo=metainfo,
+                         img_suffix='.jpg', seg_map_suffix='.png', reduce_zero_label=True,
+                         _delete_=True)
 train_dataloader = dict(
     batch_size=8,
     num_workers=1,
     persistent_workers=False,
     sampler=dict(type='InfiniteSampler', shuffle=True),
-    dataset=dict(
-        type='BaseSegDataset',
-        data_root=data_root,
-        metainfo=metainfo,
-        img_suffix='.jpg',
-        seg_map_suffix='.png',
-        reduce_zero_label=True,
-        data_prefix=dict(img_path='images/training', seg_map_path='annotations/training'),
-        pipeline=train_pipeline,
-        _delete_=True))
+    dataset=dict(synthetic_dataset, pipeline=train_pipeline,
+                 data_prefix=dict(img_path='images/training', seg_map_path='annotations/training')))
 val_dataloader = dict(
     batch_size=1,
     num_workers=1,
     persistent_workers=False,
-    dataset=dict(
-        type='BaseSegDataset',
-        data_root=data_root,
-        metainfo=metainfo,
-        img_suffix='.jpg',
-        seg_map_suffix='.png',
-        reduce_zero_label=True,
-        data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation'),
-        pipeline=test_pipeline,
-        _delete_=True))
+    dataset=dict(synthetic_dataset, pipeline=test_pipeline,
+                 data_prefix=dict(img_path='images/validation',
+                                  seg_map_path='annotations/validation')))
 test_dataloader = val_dataloader
 
 # Segmenter's linear decoder (mmseg's FCNHead with num_convs=0, as in segmenter_vit-s_fcn) instead
