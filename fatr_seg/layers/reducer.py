@@ -22,13 +22,14 @@ from ..ops import (
     partner_plan,
     protected_bipartite_scores,
     select_topk,
+    window_fold_plan,
     window_fold_scores,
     window_hf_priority,
     window_members,
     window_scores,
 )
 from .attention import AttnStats
-from .config import ReductionConfig
+from .config import WHOLE_WINDOW_SCORES, ReductionConfig
 
 __all__ = ["TokenReducer"]
 
@@ -167,9 +168,10 @@ class TokenReducer(nn.Module):
             empty = state.patch_idx[:, :0]
             scores = torch.zeros(state.patch_idx.shape, device=x.device)
             return x, state, ReductionRecord(state.patch_idx, scores, empty, empty, state.source)
-        if self.score in _PAIR_SCORES:
+        if self.score in _PAIR_SCORES or self.score in WHOLE_WINDOW_SCORES:
+            make = self.pair_plan if self.score in _PAIR_SCORES else self.window_plan
             with torch.no_grad():
-                plan = self.pair_plan(x, stats, state, key_bias, keep)
+                plan = make(x, stats, state, key_bias, keep)
             return merge_planned(x, state, plan, self.cfg.restore == "residual",
                                  self.cfg.prop_attn)  # fmt: skip
         scores, partner, weights = self.scores(x, stats, state, key_bias)
@@ -207,6 +209,20 @@ class TokenReducer(nn.Module):
         elif protect:
             priority = self.hf_score(stats, state, key_bias)
         return bipartite_plan(self.metric(x, stats, M), priority, protect, keep)
+
+    def window_plan(
+        self, x: torch.Tensor, stats: AttnStats, state: TokenState,
+        key_bias: torch.Tensor | None, keep: int,
+    ) -> MergePlan:  # fmt: skip
+        """The whole-window scores' folds as a :class:`MergePlan` (the same as :meth:`scores`,
+        :func:`select_topk` and :func:`partner_plan`, in few kernels)."""
+        M = state.num_patches
+        win = window_members(state.hw_shape, self.cfg.local_window, x.device)
+        if self.score == "window_random":
+            priority = torch.rand(x.shape[0], win.shape[0], device=x.device)
+        else:
+            priority = window_hf_priority(self.hf_score(stats, state, key_bias), win)
+        return window_fold_plan(priority, win, M, M - keep)
 
     def hf_score(
         self, stats: AttnStats, state: TokenState, key_bias: torch.Tensor | None,

@@ -34,6 +34,7 @@ from .select import (
 from .state import TokenState, init_state
 from .windows import (
     num_windows,
+    window_fold_plan,
     window_fold_scores,
     window_hf_priority,
     window_members,
@@ -73,6 +74,7 @@ __all__ = [
     "reweighted_attention",
     "select_topk",
     "topk_agreement",
+    "window_fold_plan",
     "window_fold_scores",
     "window_hf_priority",
     "window_ids",

@@ -5,9 +5,10 @@ A ``w × w`` window of low-frequency patches is folded into one token, the mean 
 window score (lower folds first); how many is a fixed count, so every image of a batch keeps the
 same number of tokens and shapes stay static (no host read, CUDA graphs and compile work).
 
-The fold is expressed as a score and a proposed partner per token, so the merge every partner
-score uses (:mod:`fatr_seg.ops.merge`: ``partner_plan``, then ``merge_planned``) carries it out: a
-folded window's members join its last (bottom-right) member, as their size-weighted mean.
+The fold is expressed as a score and a proposed partner per token (:func:`window_fold_scores`),
+and as the :class:`fatr_seg.ops.MergePlan` that a top-k of those scores gives
+(:func:`window_fold_plan`, in few kernels): a folded window's members join its last
+(bottom-right) member, as their size-weighted mean (``merge_planned``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .merge import MergePlan
 from .precision import float32_matmul
 
 __all__ = [
     "num_windows",
+    "window_fold_plan",
     "window_fold_scores",
     "window_hf_priority",
     "window_members",
@@ -100,6 +103,38 @@ def window_fold_scores(
         1, order, torch.arange(G, device=priority.device).expand(B, G)
     )  # (B, G)
     return _member_scores(rank.float(), win, num_tokens)
+
+
+@torch.no_grad()
+def window_fold_plan(
+    priority: torch.Tensor, win: torch.Tensor, num_tokens: int, num_drop: int
+) -> MergePlan:
+    """The merges of :func:`window_fold_scores` followed by a top-k that drops ``num_drop``
+    tokens, as a :class:`MergePlan`: the same split, partners and order, in few kernels (one
+    sort ranks the windows, one orders the kept tokens, one inverts that order).
+
+    Args:
+        priority: (B, G) window priority (the lowest fold first, ties to the lower window).
+        win: (G, s) window members, s ≥ 2.
+        num_tokens: N, the patch tokens in grid order.
+        num_drop: Tokens removed, a whole number of windows: ``F · (s - 1)``, F ≤ G.
+    """
+    B, G = priority.shape
+    per = win.shape[1] - 1
+    folds = num_drop // per if per else 0
+    if per < 1 or folds * per != num_drop or folds > G:
+        raise ValueError(f"{num_drop} tokens are no whole number of the {G} windows of "
+                         f"{per + 1} tokens")  # fmt: skip
+    folded = torch.sort(priority.float(), dim=1, stable=True).indices[:, :folds]  # (B, F)
+    drop = win[:, :-1][folded].reshape(B, num_drop)  # every member but the last
+    last = win[:, -1:].expand(-1, per)[folded].reshape(B, num_drop)  # the one each joins
+    key = torch.zeros(B, num_tokens, dtype=torch.int8, device=priority.device)
+    key.scatter_(1, drop, 1)
+    perm = key.sort(dim=1, stable=True).indices  # kept ascending, then the dropped ascending
+    old_to_new = perm.argsort(dim=1)
+    old_to_new.scatter_(1, drop, old_to_new.gather(1, last))
+    scores = lambda: window_fold_scores(priority, win, num_tokens)[0]  # noqa: E731
+    return MergePlan(perm, old_to_new, num_tokens - num_drop, scores)
 
 
 def _member_scores(

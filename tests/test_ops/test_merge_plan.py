@@ -100,3 +100,36 @@ def test_record_is_built_only_when_read():
     kept, kept_scores, folded, folded_window, source = record
     assert kept_scores.shape == (1, 8) and folded.shape == folded_window.shape == (1, 4)
     assert record[1] is kept_scores and len(record) == 5
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize(("hw", "window", "folds"), [((4, 6), 2, 3), ((5, 7), 2, 6), ((6, 6), 3, 2),
+                                                    ((4, 4), 2, 4), ((4, 4), 2, 0)])  # fmt: skip
+def test_window_plan_equals_scores_topk_and_partners(hw, window, folds, ties):
+    from fatr_seg.ops import window_fold_plan, window_fold_scores, window_members
+    from fatr_seg.ops.merge import partner_plan
+
+    N = hw[0] * hw[1]
+    win = window_members(hw, window)
+    drop = folds * (window * window - 1)
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        priority = torch.randn(3, win.shape[0], generator=gen)
+        if ties:
+            priority = priority.round()
+        scores, partner = window_fold_scores(priority, win, N)
+        keep_pos, drop_pos = select_topk(scores, N - drop)
+        want = partner_plan(keep_pos, drop_pos, partner, scores)
+        plan = window_fold_plan(priority, win, N, drop)
+        assert plan.num_keep == want.num_keep == N - drop
+        assert torch.equal(plan.perm, want.perm)
+        assert torch.equal(plan.old_to_new, want.old_to_new)
+        assert torch.equal(plan.scores(), scores)
+
+
+def test_window_plan_refuses_part_of_a_window():
+    from fatr_seg.ops import window_fold_plan, window_members
+
+    win = window_members((4, 4), 2)
+    with pytest.raises(ValueError, match="5 tokens are no whole number of the 4 windows of 4"):
+        window_fold_plan(torch.zeros(1, 4), win, 16, 5)
