@@ -52,3 +52,33 @@ def write_camvid(root, counts, size=(36, 48), suffix=".png", seed=0):
         dirs = root / "images" / split, root / "labels" / split
         out[split] = write_split(*dirs, n, rng, size, suffix, prefix=f"{split}_")
     return out
+
+
+def fatr_vit(checkpoint, reduction=None, **kwargs):
+    """FATRViT with timm's ViT-Ti/16 settings, loaded through ``init_cfg`` (strict), eval mode."""
+    from mmseg.registry import MODELS
+
+    import fatr_seg.models  # noqa: F401  (registers FATRViT)
+
+    # timm's settings (FATRViT's own defaults are mmseg's: no patch bias, no final norm, eps 1e-5)
+    timm = dict(img_size=224, patch_size=16, embed_dims=192, num_layers=12, num_heads=3,
+                patch_bias=True, final_norm=True, norm_cfg=dict(type="LN", eps=1e-6))  # fmt: skip
+    kwargs = timm | kwargs
+    init_cfg = dict(type="Pretrained", checkpoint=str(checkpoint))
+    model = MODELS.build(dict(type="FATRViT", reduction=reduction, init_cfg=init_cfg, **kwargs))
+    model.init_weights()
+    return model.eval()
+
+
+def load_real_vit_ti(cfg):
+    """``(backbone state, file tensors)``: the model of ``cfg`` (whose init_cfg names the ViT-Ti
+    file) built and initialised from the real file, and the file without its classifier."""
+    from mmseg.registry import MODELS
+    from safetensors.torch import load_file
+
+    assert cfg.model.backbone.init_cfg.checkpoint.endswith(REAL_VIT_TI.name)
+    cfg.model.backbone.init_cfg.checkpoint = str(REAL_VIT_TI)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    file = {k: v for k, v in load_file(str(REAL_VIT_TI)).items() if not k.startswith("head.")}
+    return model.backbone.state_dict(), file

@@ -1,12 +1,11 @@
 """Every config parses and builds; bad reduction keys fail at build time; preflight path checks."""
 
-import copy
 from pathlib import Path
 
 import pytest
-from mmengine.config import Config
 from mmseg.registry import MODELS
 from mmseg.utils import register_all_modules
+from tiny_configs import load_config
 
 from fatr_seg.layers import REDUCTION_DEFAULTS, ReductionConfig
 from fatr_seg.models import FATRViT, TimmFATRViT
@@ -16,14 +15,10 @@ register_all_modules()
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(p for p in CONFIGS.rglob("*.py") if "_base_" not in p.parts)
 MAIN_REDUCTION = dict(method="fatr_local", reduce_in_training=False)
-_cache: dict[str, Config] = {}
 
 
 def load(name):
-    """A fresh copy of a parsed config (parsing resolves mmseg's bases: slow, so done once)."""
-    if name not in _cache:
-        _cache[name] = Config.fromfile(str(CONFIGS / name))
-    return copy.deepcopy(_cache[name])
+    return load_config(CONFIGS / name)
 
 
 def build(cfg):

@@ -6,11 +6,25 @@ they use the template's ``crop_size``. Also how those tests run
 a tool: :func:`loader_options` and :func:`run_tool`.
 """
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+_PARSED: dict = {}
+
+
+def load_config(path):
+    """A fresh copy of a parsed config; parsing resolves mmseg's bases (slow), so each file is
+    parsed once for all the tests."""
+    from mmengine.config import Config
+
+    if str(path) not in _PARSED:
+        _PARSED[str(path)] = Config.fromfile(str(path))
+    return copy.deepcopy(_PARSED[str(path)])
 
 
 def loader_options(data_root) -> list[str]:
@@ -25,6 +39,23 @@ def run_tool(args, cwd=REPO) -> subprocess.CompletedProcess:
     """``python ARGS...`` in the repository, as a user runs a tool; output captured."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
+
+
+def write_tiny(tmp, text: str):
+    """The synthetic data (8 + 4 images of 64²) and the config ``text`` as ``tiny_fatr.py``
+    under ``tmp``; returns ``(data_root, config_path, unreduced)``, the last the config with
+    its backbone unreduced, full-grid and without weights (a teacher's or a checkpoint's)."""
+    from mmengine.config import Config
+
+    from fatr_seg.datasets import write_dataset
+
+    data = tmp / "data"
+    write_dataset(data, num_train=8, num_val=4, size=64, seed=0, progress=False)
+    config = tmp / "tiny_fatr.py"
+    config.write_text(text)
+    cfg = Config.fromfile(str(config))
+    cfg.model.backbone.update(reduction=None, compact_output=False, init_cfg=None)
+    return data, config, cfg
 
 
 def tiny_overrides(embed: int, heads: int, depth: int, patch: int, num_classes: int) -> dict:
@@ -58,11 +89,35 @@ TINY_MODEL = """model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(
         img_size=crop_size, embed_dims=32, num_layers=4, num_heads=2, drop_path_rate=0.0,
-        reduction=dict(layers=(2, 3), aggregate='dc', windows=(2, 1)), compact_output=True),
+        reduction=dict(_delete_=True, method='fatr', layers=(2, 3), aggregate='dc',
+                       windows=(2, 1)), compact_output=True),
     # The main configs' head (Segmenter mask transformer on the reduced tokens), not the demo's
     # linear decoder, so training, testing and resuming cover the compact path.
     decode_head=dict(
         _delete_=True, type='FATRSegmenterHead', in_channels=32, channels=32, num_heads=2,
         embed_dims=32, num_layers=1, num_classes=9, dropout_ratio=0.0,
         loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)))
+"""
+
+# The ADE20K-layout pipelines at ``crop_size`` (random crops, whole images in test), and the
+# loaders on ``root`` without workers, two iterations: a ``str.format`` template.
+SMALL_DATA = """crop_size = ({crop}, {crop})
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='RandomCrop', crop_size=crop_size),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(batch_size={batch}, num_workers=0, persistent_workers=False,
+                        dataset=dict(data_root={root!r}, pipeline=train_pipeline))
+val_dataloader = dict(num_workers=0, persistent_workers=False,
+                      dataset=dict(data_root={root!r}, pipeline=test_pipeline))
+test_dataloader = val_dataloader
+train_cfg = dict(max_iters=2, val_interval=2)
+default_hooks = dict(checkpoint=dict(interval=2), logger=dict(interval=1))
 """

@@ -38,19 +38,23 @@ def distill_cfg(teacher_checkpoint, reduction="default", backbone=None, **kwargs
                 **segmentor_cfg(reduction, **(backbone or {})), **kwargs)  # fmt: skip
 
 
-def randomize_(model: nn.Module, seed: int) -> nn.Module:
-    """Deterministic weights far from any init, so that loading or not loading shows."""
+def randomize_(model: nn.Module, seed: int, other: float = 0.1) -> nn.Module:
+    """Deterministic weights far from any init, so that loading or not loading shows: peaked
+    attention, non-trivial norms and embeddings (``other``: the scale of the remaining 1-d
+    parameters, e.g. biases and FATR's ω)."""
     gen = torch.Generator().manual_seed(seed)
-    norms = {id(m.weight) for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             if id(p) in norms:
-                p.copy_(1.0 + 0.2 * noise)
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
+            elif name.endswith(("cls_token", "pos_embed", "dc_pos")):
+                p.copy_(0.5 * noise)
             elif p.dim() >= 2:
                 p.copy_(1.5 * noise / math.sqrt(p[0].numel()))
             else:
-                p.copy_(0.1 * noise)
+                p.copy_(other * noise)
     return model
 
 

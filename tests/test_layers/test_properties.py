@@ -23,6 +23,10 @@ def windows_pair(draw):
     return w1, w1 // k
 
 
+# Grids, batches and two DC window sides of successive folds.
+FOLDS = dict(H=st.integers(1, 12), W=st.integers(1, 12), B=st.integers(1, 3), ws=windows_pair())
+
+
 def check_invariants(x, state, dc_pos):
     """The invariants of a state after any number of folds (x: (B, 1 + M + D, C))."""
     B, N = state.source.shape
@@ -50,10 +54,7 @@ def check_invariants(x, state, dc_pos):
 
 @SETTINGS
 @given(
-    H=st.integers(1, 12),
-    W=st.integers(1, 12),
-    B=st.integers(1, 3),
-    ws=windows_pair(),
+    **FOLDS,
     r1=st.floats(0.05, 1.0),
     r2=st.floats(0.05, 1.0),
     seed=st.integers(0, 2**16),
@@ -93,10 +94,7 @@ def test_fold_restore_invariants_and_reference(H, W, B, ws, r1, r2, seed):
 
 @SETTINGS
 @given(
-    H=st.integers(1, 12),
-    W=st.integers(1, 12),
-    B=st.integers(1, 3),
-    ws=windows_pair(),
+    **FOLDS,
     ratios=st.tuples(st.floats(0.05, 1.0), st.floats(0.05, 1.0), st.floats(0.05, 1.0)),
     restore=st.sampled_from(["copy", "residual"]),
     reweight=st.sampled_from(["identity", "paper", None]),

@@ -11,7 +11,7 @@ from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 from mmseg.utils import register_all_modules
 from tiny_configs import tiny_overrides
-from torch import nn
+from tiny_segmentors import randomize_
 from torch.testing import assert_close
 
 from fatr_seg.models import FATRViT
@@ -35,22 +35,6 @@ def tiny_config(name="fatr_ade20k.py", **options):
     return cfg
 
 
-def randomize_(model, seed):
-    """Deterministic weights far from init, including ω and the DC positional terms."""
-    gen = torch.Generator().manual_seed(seed)
-    norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if id(p) in norms:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
-            elif p.dim() >= 2 and not name.endswith(("cls_token", "pos_embed", "dc_pos")):
-                p.copy_(1.5 * noise / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(0.5 * noise)
-    return model.eval()
-
-
 def build(restore="dc", out_indices=(0, 2, 4, DEPTH - 1), seed=0, **reduction):
     reduction = dict(layers=LAYERS, keep_ratio=RATIOS, windows=WINDOWS, restore=restore,
                      **reduction)  # fmt: skip
@@ -58,7 +42,7 @@ def build(restore="dc", out_indices=(0, 2, 4, DEPTH - 1), seed=0, **reduction):
                               num_layers=DEPTH, num_heads=HEADS, out_indices=out_indices,
                               reduction=reduction))  # fmt: skip
     assert isinstance(model, FATRViT)
-    return randomize_(model, seed)
+    return randomize_(model, seed, other=0.5).eval()
 
 
 def images(B, size, seed=0):
@@ -169,7 +153,7 @@ def test_keep_all_equals_the_baseline_config(restore, score):
     reduced = MODELS.build(tiny_config(**out, **reduction).model.backbone).eval()
     base = tiny_config("baseline_vit-s_ade20k.py", **out).model.backbone
     assert base.reduction is None
-    base = randomize_(MODELS.build(base), seed=3)
+    base = randomize_(MODELS.build(base), seed=3, other=0.5).eval()
     result = reduced.load_state_dict(base.state_dict(), strict=False)
     assert not result.unexpected_keys
     assert result.missing_keys and all(

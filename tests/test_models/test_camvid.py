@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from camvid_data import REAL_CAMVID, REAL_VIT_TI, REPO, SHARED_HINT, write_camvid
-from mmengine.config import Config
 from mmseg.evaluation import IoUMetric
 from mmseg.registry import DATASETS, MODELS
 from mmseg.utils import register_all_modules
 from PIL import Image
+from tiny_configs import load_config
 from torch.testing import assert_close
 
 from fatr_seg.layers import REDUCTION_DEFAULTS, ReductionConfig
@@ -38,13 +38,10 @@ TEST_PIPELINE = [
     dict(type="LoadCamVidAnnotations"),
     dict(type="PackSegInputs"),
 ]
-_configs: dict[str, Config] = {}
 
 
 def load(name):
-    if name not in _configs:
-        _configs[name] = Config.fromfile(str(CONFIGS / name))
-    return copy.deepcopy(_configs[name])
+    return load_config(CONFIGS / name)
 
 
 def void_to_ignore(label):

@@ -6,7 +6,6 @@ converts it with ``tools/convert_weights.py``, loads it through the backbone's
 """
 
 import importlib.util
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from mmseg.registry import MODELS
 from mmseg.utils import register_all_modules
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as TimmViT
-from torch import nn
+from tiny_segmentors import randomize_ as randomize_weights
 from torch.testing import assert_close
 
 from fatr_seg.models import CheckpointError, FATRViT
@@ -47,22 +46,8 @@ tool = load_tool()
 
 
 def randomize_(model, seed):
-    """Deterministic weights far from init: peaked attention, non-trivial norms and embeddings."""
-    gen = torch.Generator().manual_seed(seed)
-    norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if id(p) in norms:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
-            elif name.endswith(("cls_token", "pos_embed")):
-                p.copy_(0.5 * noise)
-            elif p.dim() >= 2:
-                p.copy_(1.5 * noise / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(0.1 * noise)
     model.eval()  # mmseg's VisionTransformer.train() returns None
-    return model
+    return randomize_weights(model, seed)
 
 
 def timm_vit(img_size=IMG, seed=0):

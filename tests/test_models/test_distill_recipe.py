@@ -14,6 +14,7 @@ from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 from mmseg.registry import MODELS
 from mmseg.utils import register_all_modules
+from tiny_configs import load_config
 from torch.testing import assert_close
 
 from fatr_seg.layers.attention import Attention
@@ -28,15 +29,12 @@ ADE = "fatr_vit-s_mask_distill-8xb1-16k_ade20k-512x512.py"
 CAMVID = "camvid/fatr_vit-t_camvid_distill.py"
 DEMO = "demo/fatr_vit-t_fcn_distill-1xb8-100_synthetic-192x192.py"
 PAIRS = {ADE: "fatr_ade20k.py", CAMVID: "camvid/fatr_vit-t_camvid.py"}
-_cache: dict[str, Config] = {}
 
 
 def load(name):
     if not (CONFIGS / PAIRS.get(name, name)).is_file():
         pytest.skip(f"configs/{PAIRS[name]} (the model this config fine-tunes) is not here yet")
-    if name not in _cache:
-        _cache[name] = Config.fromfile(str(CONFIGS / name))
-    return copy.deepcopy(_cache[name])
+    return load_config(CONFIGS / name)
 
 
 def shrink(cfg, paper=False):

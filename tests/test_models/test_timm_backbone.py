@@ -11,7 +11,7 @@ import json
 import pytest
 import timm
 import torch
-from camvid_data import REAL_VIT_TI, REPO, SHARED_HINT
+from camvid_data import REAL_VIT_TI, REPO, SHARED_HINT, fatr_vit, load_real_vit_ti
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 from mmseg.registry import MODELS
@@ -19,7 +19,7 @@ from mmseg.utils import register_all_modules
 from safetensors.torch import load_file, save_file
 from seg_batch import seg_batch
 from test_checkpoint_sources import server  # noqa: F401 (a fixture: files served over http)
-from tiny_configs import run_tool
+from tiny_configs import SMALL_DATA, run_tool
 from torch.testing import assert_close
 
 from fatr_seg.analysis.flops import count_macs
@@ -169,26 +169,12 @@ def test_real_vit_ti_without_antialias_is_fatrvit_at_camvids_sizes(method):
     FATRViT does, so it keeps the same tokens and gives the same features."""
     red = dict(method=method)
     ckpt = str(REAL_VIT_TI)
-    fatr = MODELS.build(
-        dict(
-            type="FATRViT",
-            img_size=352,
-            embed_dims=192,
-            num_heads=3,
-            patch_bias=True,
-            final_norm=True,
-            norm_cfg=dict(type="LN", eps=1e-6),
-            reduction=red,
-            init_cfg=dict(type="Pretrained", checkpoint=ckpt),
-        )
-    )
-    fatr.init_weights()
+    fatr = fatr_vit(ckpt, red, img_size=352)
     ours = build(model_name="vit_tiny_patch16_224", model_kwargs=dict(img_size=352),
                  antialias=False, reduction=red, checkpoint=ckpt)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     x = torch.nn.functional.interpolate(torch.randn(1, 3, 23, 30, generator=gen), (360, 480),
                                         mode="bilinear")  # fmt: skip
-    fatr.eval()
     for a, b in zip(ours.reduction_trace(x), fatr.reduction_trace(x), strict=True):
         assert torch.equal(a.kept, b.kept)
     assert_close(ours(x)[0], fatr(x)[0], rtol=1e-4, atol=1e-4)
@@ -237,7 +223,7 @@ def test_timm_configs_build(path):
 
 def test_camvid_timm_configs_mirror_the_fatrvit_ones():
     ours = load(CONFIGS / "fatr_timm-vit-t_camvid.py")
-    theirs = load(REPO / "configs" / "camvid" / "fatr_vit-t_camvid.py")
+    theirs = load(REPO / "configs" / "camvid" / "fatr-late_vit-t_camvid.py")  # the same schedule
     assert ours.model.backbone.reduction == theirs.model.backbone.reduction
     assert ours.model.backbone.init_cfg == theirs.model.backbone.init_cfg
     ours.model.pop("backbone"), theirs.model.pop("backbone")
@@ -254,13 +240,7 @@ def test_camvid_timm_configs_mirror_the_fatrvit_ones():
 
 @pytest.mark.skipif(not REAL_VIT_TI.is_file(), reason=NO_VIT)
 def test_camvid_timm_config_loads_the_real_file_strictly():
-    cfg = load(CONFIGS / "fatr_timm-vit-t_camvid.py")
-    assert cfg.model.backbone.init_cfg.checkpoint.endswith(REAL_VIT_TI.name)
-    cfg.model.backbone.init_cfg.checkpoint = str(REAL_VIT_TI)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    ours = model.backbone.state_dict()
-    file = {k: v for k, v in load_file(str(REAL_VIT_TI)).items() if not k.startswith("head.")}
+    ours, file = load_real_vit_ti(load(CONFIGS / "fatr_timm-vit-t_camvid.py"))
     assert ours["pos_embed"].shape == (1, 1 + 22 * 22, 192)  # resized by timm's filter
     file.pop("pos_embed")
     assert_close({k: ours[k] for k in file}, file, rtol=0, atol=0)
@@ -323,32 +303,13 @@ def test_the_timm_distillation_config_distils_from_a_fatrvit_baseline(tmp_path):
 # ---------------------------------------------------------------------------------------------
 SMALL = """
 _base_ = [{base!r}]
-crop_size = (56, 56)
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='RandomCrop', crop_size=crop_size),
-    dict(type='PackSegInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='PackSegInputs'),
-]
-train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
-                        dataset=dict(data_root={root!r}, pipeline=train_pipeline))
-val_dataloader = dict(num_workers=0, persistent_workers=False,
-                      dataset=dict(data_root={root!r}, pipeline=test_pipeline))
-test_dataloader = val_dataloader
-model = dict(
+{data}model = dict(
     data_preprocessor=dict(size=crop_size),
     # 12 blocks of width 48: the config's own reduction (whatever its preset's layers).
     backbone=dict(model_kwargs=dict(img_size=(112, 112), depth=12, embed_dim=48, num_heads=3),
                   init_cfg=dict(type='Pretrained', checkpoint={checkpoint!r})),
     decode_head=dict(in_channels=48, channels=48, num_heads=3, embed_dims=48, num_layers=1),
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(42, 42)))
-train_cfg = dict(max_iters=2, val_interval=2)
-default_hooks = dict(checkpoint=dict(interval=2), logger=dict(interval=1))
 """
 FAMILY_CONFIGS = {
     "dinov2": ("fatr_dinov2-s-reg4_mask_8xb1-160k_ade20k-518x518.py",
@@ -375,8 +336,8 @@ def test_segmenter_config_trains_and_tests(tmp_path, data_root, family):
     ckpt = tmp_path / f"{model_name}.safetensors"
     save_file(timm_model(model_name, **dict(TINY, depth=12), img_size=56).state_dict(), str(ckpt))
     config = tmp_path / "small.py"
-    config.write_text(SMALL.format(base=str(CONFIGS / name), root=str(data_root),
-                                   checkpoint=str(ckpt)))  # fmt: skip
+    data = SMALL_DATA.format(crop=56, batch=2, root=str(data_root))
+    config.write_text(SMALL.format(base=str(CONFIGS / name), data=data, checkpoint=str(ckpt)))
     work = tmp_path / "work"
     train = run_tool(["tools/train.py", config, "--work-dir", work])
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]

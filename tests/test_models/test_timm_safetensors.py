@@ -13,9 +13,8 @@ import sys
 import pytest
 import timm
 import torch
-from camvid_data import REAL_VIT_TI, REPO, SHARED_HINT
+from camvid_data import REAL_VIT_TI, REPO, SHARED_HINT, fatr_vit, load_real_vit_ti
 from mmengine.config import Config
-from mmseg.registry import MODELS
 from mmseg.utils import register_all_modules
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
@@ -32,28 +31,6 @@ _spec.loader.exec_module(tool)
 
 NO_VIT = f"real ViT-Ti weights not found at {REAL_VIT_TI} ({SHARED_HINT})"
 needs_real_vit = pytest.mark.skipif(not REAL_VIT_TI.is_file(), reason=NO_VIT)
-
-
-def fatr_vit(checkpoint, **kwargs):
-    """FATRViT without reduction, loaded through ``init_cfg`` (strict)."""
-    # timm's settings (FATRViT's own defaults are mmseg's: no patch bias, no final norm, eps 1e-5)
-    kwargs = (
-        dict(
-            img_size=224,
-            patch_size=16,
-            embed_dims=192,
-            num_layers=12,
-            num_heads=3,
-            patch_bias=True,
-            final_norm=True,
-            norm_cfg=dict(type="LN", eps=1e-6),
-        )
-        | kwargs
-    )
-    init_cfg = dict(type="Pretrained", checkpoint=str(checkpoint))
-    model = MODELS.build(dict(type="FATRViT", reduction=None, init_cfg=init_cfg, **kwargs))
-    model.init_weights()
-    return model.eval()
 
 
 def patch_tokens(feature_map):
@@ -101,12 +78,7 @@ def test_real_vit_ti_converted_loads_to_the_same_weights(timm_reference, tmp_pat
 def test_camvid_config_loads_the_real_file_strictly():
     """The CamVid config's init_cfg: every tensor of the file, pos_embed resized to 22x22."""
     cfg = Config.fromfile(str(REPO / "configs" / "camvid" / "fatr_vit-t_camvid.py"))
-    assert cfg.model.backbone.init_cfg.checkpoint.endswith(REAL_VIT_TI.name)
-    cfg.model.backbone.init_cfg.checkpoint = str(REAL_VIT_TI)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    ours = model.backbone.state_dict()
-    file = {k: v for k, v in load_file(str(REAL_VIT_TI)).items() if not k.startswith("head.")}
+    ours, file = load_real_vit_ti(cfg)
     pos = file.pop("pos_embed")
     assert_close(ours["pos_embed"], resize_pos_embed(pos, (22, 22)), rtol=0, atol=0)
     assert_close({k: ours[k] for k in file}, file, rtol=0, atol=0)

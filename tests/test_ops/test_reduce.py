@@ -20,7 +20,6 @@ from fatr_seg.ops import (
     window_ids,
 )
 
-NEG_INF = float("-inf")
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 

@@ -17,9 +17,8 @@ import torch
 from mmengine.config import Config
 from mmseg.registry import MODELS
 from mmseg.utils import register_all_modules
-from tiny_configs import TINY_MODEL, loader_options, run_tool
+from tiny_configs import TINY_MODEL, loader_options, run_tool, write_tiny
 
-from fatr_seg.datasets import write_dataset
 from fatr_seg.models.distill import draw_keep_ratio
 from fatr_seg.models.safe_globals import mmengine_safe_globals
 
@@ -58,12 +57,7 @@ param_scheduler = []
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distill_train")
-    data_root = tmp / "data"
-    write_dataset(data_root, num_train=8, num_val=4, size=64, seed=0, progress=False)
-    plain = tmp / "tiny_fatr.py"
-    plain.write_text(PLAIN)
-    cfg = Config.fromfile(str(plain))
-    cfg.model.backbone.update(reduction=None, compact_output=False, init_cfg=None)
+    data_root, plain, cfg = write_tiny(tmp, PLAIN)
     torch.manual_seed(0)
     teacher_model = MODELS.build(cfg.model)
     teacher = tmp / "teacher" / "iter_7.pth"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from mmseg.models.backbones import VisionTransformer
+from tiny_configs import SMALL_DATA
 
 from fatr_seg.datasets import write_dataset
 
@@ -22,27 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "fatr_segmenter_vit-s_mask_8xb1-160k_ade20k-512x512.py"
 SMALL = """
 _base_ = [{base!r}]
-crop_size = (64, 64)
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='RandomCrop', crop_size=crop_size),
-    dict(type='PackSegInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='PackSegInputs'),
-]
-train_dataloader = dict(num_workers=0, persistent_workers=False,
-                        dataset=dict(data_root={root!r}, pipeline=train_pipeline))
-val_dataloader = dict(num_workers=0, persistent_workers=False,
-                      dataset=dict(data_root={root!r}, pipeline=test_pipeline))
-test_dataloader = val_dataloader
-model = dict(data_preprocessor=dict(size=crop_size), pretrained={pretrained!r},
+{data}model = dict(data_preprocessor=dict(size=crop_size), pretrained={pretrained!r},
              test_cfg=dict(mode='slide', crop_size=crop_size, stride=(48, 48)))
-train_cfg = dict(max_iters=2, val_interval=2)
-default_hooks = dict(checkpoint=dict(interval=2), logger=dict(interval=1))
 """
 
 
@@ -55,7 +37,8 @@ def data_root(tmp_path_factory):
 
 def train(tmp_path, data_root, pretrained):
     config = tmp_path / "small.py"
-    config.write_text(SMALL.format(base=str(CONFIG), root=str(data_root), pretrained=pretrained))
+    data = SMALL_DATA.format(crop=64, batch=1, root=str(data_root))
+    config.write_text(SMALL.format(base=str(CONFIG), data=data, pretrained=pretrained))
     return subprocess.run(
         [sys.executable, "tools/train.py", str(config), "--work-dir", str(tmp_path / "work")],
         cwd=REPO, capture_output=True, text=True, timeout=600,
