@@ -207,61 +207,56 @@ def test_bad_arguments_are_named(capsys):
     assert args.batch_sizes == [1, 8] and args.dtypes == ["float32"] and args.iters >= 10
 
 
-@pytest.mark.slow
-def test_quick_mode_writes_json_markdown_and_plot(tmp_path):
-    out = tmp_path / "bench"
-    cmd = [
-        sys.executable,
-        str(REPO / "tools" / "benchmark.py"),
-        "--quick",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--out-dir",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+BASE, FATR = "configs/baseline_vit-s_ade20k.py", "configs/fatr_ade20k.py"
+NAMES = ["baseline_vit-s_ade20k", "fatr_ade20k@keep0.5", "fatr_ade20k@keep0.9,0.8,0.7"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One ``tools/benchmark.py --quick`` run as a user starts it, timing and probing every
+    target (the training step too) of the baseline and FATR at two budgets (``--keep-ratio``)."""
+    out = tmp_path_factory.mktemp("bench") / "bench"
+    cmd = [sys.executable, str(REPO / "tools" / "benchmark.py"), BASE, FATR, "--quick",
+           "--device", "cpu", "--no-progress", "--targets", "backbone", "segmentor", "train",
+           "--memory-targets", "backbone", "train", "--keep-ratio", "0.5", "0.9,0.8,0.7",
+           "--out-dir", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((out / "benchmark.json").read_text())
+    return json.loads((out / "benchmark.json").read_text()), out
+
+
+@pytest.mark.slow
+def test_quick_mode_writes_json_markdown_and_plot(quick_run):
+    result, out = quick_run
     assert result["schema"] == "fatr_seg.benchmark/1"
     settings = result["settings"]
     assert settings["max_cell_seconds"] == 240.0 and settings["time_budget"] == 1500.0
-    names = [c["name"] for c in result["configs"]]
-    assert names == ["baseline_vit-s_ade20k", "fatr_ade20k"] and result["reference"] == names[0]
-    assert result["configs"][0]["reduction"] is None
-    assert result["configs"][1]["reduction"]["layers"] == [4, 7, 10]
+    assert [c["name"] for c in result["configs"]] == NAMES and result["reference"] == NAMES[0]
     assert result["skipped"] == []
 
     cells = {(r["config"], r["target"], tuple(r["shape"]), r["batch"]) for r in result["timing"]}
-    want = {
-        (n, t, (s, s), b)
-        for n in names
-        for t in ("backbone", "segmentor")
-        for s in (64, 128)
-        for b in (1, 2)
-    }
-    assert cells == want
+    assert cells == {(n, t, (s, s), b) for n in NAMES for t in ("backbone", "segmentor", "train")
+                     for s in (64, 128) for b in (1, 2)}  # fmt: skip
     for r in result["timing"]:
         assert r["iters"] == 2 and len(r["times_s"]) == 2 and len(r["warmup_s"]) == 1
         assert all(t > 0 for t in r["times_s"])
         assert r["images_per_s"]["q1"] <= r["images_per_s"]["median"] <= r["images_per_s"]["q3"]
-        ref_row = next(
-            q
-            for q in result["timing"]
-            if q["config"] == names[0]
-            and (q["target"], q["shape"], q["batch"]) == (r["target"], r["shape"], r["batch"])
-        )
+        ref_row = next(q for q in result["timing"] if q["config"] == NAMES[0]
+                       and (q["target"], q["shape"], q["batch"]) == (r["target"], r["shape"],
+                                                                     r["batch"]))  # fmt: skip
         assert r["speedup"] == pytest.approx(ref_row["median_s"] / r["median_s"], rel=1e-12)
         assert r["tokens"] == (r["shape"][0] // 16) ** 2
-        assert 0 < r["macs_ratio"] <= 1.0
+        if r["target"] == "train":  # no MACs are counted for a training step
+            assert r["macs_ratio"] is None and r["speedup_per_ideal"] is None
+        else:
+            assert 0 < r["macs_ratio"] <= 1.0
 
     macs = {(r["config"], r["shape"][0]): r for r in result["macs"]}
-    assert macs[(names[1], 128)]["backbone"] < macs[(names[0], 128)]["backbone"]
-    assert macs[(names[1], 128)]["scoring"] > 0 and macs[(names[0], 128)]["scoring"] == 0
+    assert macs[(NAMES[1], 128)]["backbone"] < macs[(NAMES[0], 128)]["backbone"]
+    assert macs[(NAMES[1], 128)]["scoring"] > 0 and macs[(NAMES[0], 128)]["scoring"] == 0
 
     assert {(r["config"], r["target"]) for r in result["memory"]} == {
-        (n, "backbone") for n in names
-    }
+        (n, t) for n in NAMES for t in ("backbone", "train")}  # fmt: skip
     for r in result["memory"]:
         assert r["error"] is None, r["error"]
         assert r["peak_bytes"] >= r["before_bytes"] > 0 and r["forward_bytes"] >= 0
@@ -276,6 +271,24 @@ def test_quick_mode_writes_json_markdown_and_plot(tmp_path):
     markdown = (out / "benchmark.md").read_text()
     assert "## Throughput" in markdown and "## Peak memory" in markdown
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_quick_run_times_one_model_per_budget(quick_run):
+    """``--keep-ratio``: one row per budget, each with the MACs of its model."""
+    from fatr_seg.analysis.benchmark_models import build_segmentor
+    from fatr_seg.analysis.flops import count_macs
+
+    result, _ = quick_run
+    assert [c["reduction"] and c["reduction"]["keep_ratio"] for c in result["configs"]] == [
+        None, [0.5, 0.5, 0.5], [0.9, 0.8, 0.7]]  # fmt: skip
+    macs = {r["config"]: r["backbone"] for r in result["macs"] if r["shape"] == [64, 64]}
+    x = torch.zeros(1, 3, 64, 64)
+    for name, ratio in ((NAMES[1], 0.5), (NAMES[2], (0.9, 0.8, 0.7))):
+        model, _, _ = build_segmentor(FATR, tiny=True)
+        model.backbone.set_keep_ratio(ratio)
+        assert macs[name] == count_macs(model.backbone, x).macs
+    assert macs[NAMES[1]] < macs[NAMES[2]] < macs[NAMES[0]]
 
 
 @pytest.mark.slow
