@@ -2,8 +2,9 @@
 
 torch's ``weights_only`` allow-list is process-wide, so it is installed only on request: by
 ``allow_mmengine_checkpoints()`` (our tools call it) or by ``AllowMMEngineCheckpointsHook`` in a
-config's ``custom_hooks``. Each check runs in a fresh interpreter, where no other test has
-installed anything yet.
+config's ``custom_hooks``. The checks run in one fresh interpreter, where no other test has
+installed anything yet: the import's snapshot first, then the resume (which the snapshot's
+check, that importing installs nothing, leaves as fresh).
 """
 
 import json
@@ -63,9 +64,16 @@ def run_python(code: str) -> str:
     return proc.stdout
 
 
+@pytest.fixture(scope="module")
+def fresh_process(tmp_path_factory):
+    """The output of the snapshot, then the resume, in one fresh interpreter."""
+    work = tmp_path_factory.mktemp("resume")
+    return run_python(SNAPSHOT + RESUME.replace("sys.argv[1]", repr(str(work))))
+
+
 @pytest.mark.slow
-def test_import_registers_our_names_and_changes_nothing_else():
-    out = run_python(SNAPSHOT)
+def test_import_registers_our_names_and_changes_nothing_else(fresh_process):
+    out = fresh_process
     line = next(s for s in out.splitlines() if s.startswith("STATE "))
     state = json.loads(line[len("STATE ") :])
     before, after = state["before"], state["after"]
@@ -143,7 +151,7 @@ RESUME = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_resume_needs_the_hook_and_works_with_it(tmp_path):
-    out = run_python(RESUME.replace("sys.argv[1]", repr(str(tmp_path))))
+def test_resume_needs_the_hook_and_works_with_it(fresh_process):
+    out = fresh_process
     assert "REFUSED WITHOUT HOOK" in out
     assert "RESUMED WITH HOOK AT 4" in out
