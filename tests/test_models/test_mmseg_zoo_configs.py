@@ -141,8 +141,8 @@ def test_repo_config_is_the_zoo_config_swapped():
     """configs/fatr_segmenter_vit-s_mask_...py is the README's swap, nothing else."""
     ours = Config.fromfile(REPO_CONFIG)
     expected = Config.fromfile(os.path.join(ZOO, CONFIGS[1]))
-    expected.merge_from_dict(dict(model=dict(backbone=dict(
-        type="FATRViT", reduction=dict(method="fatr")))))  # fmt: skip
+    swap = dict(type="FATRViT", reduction=dict(method="fatr_local", reduce_in_training=False))
+    expected.merge_from_dict(dict(model=dict(backbone=swap)))
     got = without_scope(ours.to_dict())
     assert got.pop("custom_imports") == dict(imports=["fatr_seg.models"],
                                              allow_failed_imports=False)  # fmt: skip

@@ -184,7 +184,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # (96-px images enlarged to 320-px panels); the overview has every layer and both.
     from PIL import Image
 
-    for name, panels in (("tokens_block4", 3), ("tokens_block7", 3), ("tokens_block10", 3),
+    for name, panels in (("tokens_block2", 3), ("tokens_block5", 3), ("tokens_block8", 3),
                          ("tokens_overview", 5)):  # fmt: skip
         with Image.open(work / f"{name}.png") as png:
             png.verify()

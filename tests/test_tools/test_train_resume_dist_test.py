@@ -42,7 +42,8 @@ val_cfg = None
 model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(img_size=crop_size, embed_dims=32, num_layers=4, num_heads=2,
-                  reduction=dict(layers=(2, 3))),
+                  reduction=dict(layers=(2, 3), keep_ratio=(0.55, 0.6),
+                                 score=('window_hf', 'hf_bipartite'))),
     decode_head=dict(in_channels=32, channels=32))
 train_cfg = dict(max_iters={total}, val_interval=1000)
 param_scheduler = [dict(type='PolyLR', power=1.0, eta_min=1e-5, by_epoch=False, begin=0,
