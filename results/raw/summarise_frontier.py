@@ -13,6 +13,7 @@ import sys
 
 raw_path, out_path, commit = sys.argv[1:4]
 png = sys.argv[4] if len(sys.argv) > 4 else None
+extra_path = sys.argv[5] if len(sys.argv) > 5 else None  # ToMe's constant schedule, its own run
 data = json.load(open(raw_path))
 runs, seeds = data["runs"], data["settings"]["seeds"]
 DEFAULT = "configs/camvid/fatr_vit-t_camvid.py"
@@ -66,58 +67,67 @@ LABEL = {
     "algm": ("ALGM", "ALGM, keep 0.58", None, "0.58 at 1 (2×2 windows) and 5"),
     "algm@0.5": ("ALGM", "ALGM, keep 0.5", None, "0.5 at 1 (2×2 windows) and 5"),
 }
-cost = runs["cost"]
-base = {b: cost["images_per_s"][b]["none"]["median"] for b in ("b1", "b8")}
+EXTRA_LABEL = {
+    f"tomec@{r}": ("ToMe constant", f"ToMe, constant r = {r}", None, f"r = {r} at 1 … 12")
+    for r in (30, 36, 42, 52)
+}
+sources = [(runs, LABEL)]
+if extra_path:
+    sources.append((json.load(open(extra_path))["runs"], EXTRA_LABEL))
 rows = []
-for key, (family, name, config, budget) in LABEL.items():
-    res = runs[f"budget/{key}"]["resolved"]
-    values = [
-        runs[f"ft/none/s{s}" if key == "none" else f"deploy/{key}/s{s}"]["mIoU"] for s in seeds
-    ]
-    row = dict(
-        family=family,
-        method=name,
-        key=key,
-        budget=budget,
-        backbone_gmacs=cost["macs"][key]["backbone"] / 1e9,
-        speedup_b1=cost["images_per_s"]["b1"][key]["median"] / base["b1"],
-        speedup_b8=cost["images_per_s"]["b8"][key]["median"] / base["b8"],
-        miou_free=runs[f"free/{key}"]["mIoU"],
-        miou_ft=statistics.fmean(values),
-        miou_ft_std=statistics.stdev(values) if len(values) > 1 else None,
-        miou_ft_per_seed=values,
-        seeds=len(values),
-        reduction=json.dumps(res) if res else None,
-    )
-    if key != "none":
-        diffs = [v - runs[f"ft/none/s{s}"]["mIoU"] for v, s in zip(values, seeds)]
-        row["delta"] = statistics.fmean(diffs)
-        row["delta_se"] = (
-            statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+for runs, labels in sources:
+    cost = runs["cost"]
+    base = {b: cost["images_per_s"][b]["none"]["median"] for b in ("b1", "b8")}
+    for key, (family, name, config, budget) in labels.items():
+        res = runs[f"budget/{key}"]["resolved"]
+        values = [
+            runs[f"ft/none/s{s}" if key == "none" else f"deploy/{key}/s{s}"]["mIoU"] for s in seeds
+        ]
+        row = dict(
+            family=family,
+            method=name,
+            key=key,
+            budget=budget,
+            backbone_gmacs=cost["macs"][key]["backbone"] / 1e9,
+            speedup_b1=cost["images_per_s"]["b1"][key]["median"] / base["b1"],
+            speedup_b8=cost["images_per_s"]["b8"][key]["median"] / base["b8"],
+            miou_free=runs[f"free/{key}"]["mIoU"],
+            miou_ft=statistics.fmean(values),
+            miou_ft_std=statistics.stdev(values) if len(values) > 1 else None,
+            miou_ft_per_seed=values,
+            seeds=len(values),
+            reduction=json.dumps(res) if res else None,
         )
-    own = [runs.get(f"ft/{key}/s{s}", {}).get("mIoU") for s in seeds]
-    if key != "none" and None not in own:  # also fine-tuned with its reduction in the loop
-        row["miou_own_ft"] = statistics.fmean(own)
-        diffs = [v - runs[f"ft/none/s{s}"]["mIoU"] for v, s in zip(own, seeds)]
-        row["delta_own"] = statistics.fmean(diffs)
-        row["delta_own_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    if config:
-        row["config"] = config
-    if key in (
-        "none",
-        "local@0.55",
-        "fatr_local",
-        "local@0.6",
-        "fatr_default",
-        "tome@0.6",
-        "tome@0.5",
-        "algm@0.7",
-        "algm",
-    ):
-        row["readme"] = "yes"
-    if key == "local@0.55":
-        row["bold"] = True
-    rows.append(row)
+        if key != "none":
+            diffs = [v - runs[f"ft/none/s{s}"]["mIoU"] for v, s in zip(values, seeds)]
+            row["delta"] = statistics.fmean(diffs)
+            row["delta_se"] = (
+                statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+            )
+        own = [runs.get(f"ft/{key}/s{s}", {}).get("mIoU") for s in seeds]
+        if key != "none" and None not in own:  # also fine-tuned with its reduction in the loop
+            row["miou_own_ft"] = statistics.fmean(own)
+            diffs = [v - runs[f"ft/none/s{s}"]["mIoU"] for v, s in zip(own, seeds)]
+            row["delta_own"] = statistics.fmean(diffs)
+            row["delta_own_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        if config:
+            row["config"] = config
+        if key in (
+            "none",
+            "local@0.55",
+            "fatr_local",
+            "local@0.6",
+            "fatr_default",
+            "tome@0.6",
+            "tome@0.5",
+            "algm@0.7",
+            "algm",
+            "tomec@52",
+        ):
+            row["readme"] = "yes"
+        if key == "local@0.55":
+            row["bold"] = True
+        rows.append(row)
 out = dict(
     title="CamVid val, Segmenter-Mask ViT-Ti/16: FATR, ToMe and ALGM at several budgets, each applied to the same fine-tuned unreduced model (3 paired seeds), against measured CPU speed",
     source=f"summarised from results/raw/{raw_path.split('/')[-1]} (tools/camvid_study.py's results.json) by the command's last line",
@@ -130,7 +140,8 @@ out = dict(
         'L=\'"score":["window_hf","hf_bipartite","hf_bipartite"],"prop_attn":true,"layers":[2,5,8]\'; python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_deploy --model-config configs/camvid/fatr-local_vit-t_camvid.py --methods none fatr_local algm --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants "local@0.8={$L,\\"keep_ratio\\":[0.8,0.8,0.9]}" "local@0.7={$L,\\"keep_ratio\\":[0.7,0.7,0.8]}" "local@0.6={$L,\\"keep_ratio\\":[0.6,0.7,0.8]}" "local@0.5b={$L,\\"keep_ratio\\":[0.5,0.5,0.7]}" \'fatr_default={"method":"fatr"}\' \'tome@0.8={"method":"tome","keep_ratio":0.8}\' \'tome@0.7={"method":"tome","keep_ratio":0.7}\' \'tome@0.6={"method":"tome","keep_ratio":0.6}\' \'tome@0.5={"method":"tome","keep_ratio":0.5}\' \'algm@0.8={"method":"algm","keep_ratio":0.8}\' \'algm@0.7={"method":"algm","keep_ratio":0.7}\' \'algm@0.5={"method":"algm","keep_ratio":0.5}\'   # configs/camvid/fatr-local_vit-t_camvid.py was then the fatr_local config (now configs/camvid/fatr_vit-t_camvid.py); ft_none_s0 copied from the local-stage study (same settings); fatr_local was then keep 0.5 / 0.6 / 0.8 (the row "FATR, keep 0.5 at block 2")',
         "python tools/camvid_study.py ... (the same options) --methods none fatr_local --finetune-as both   # fatr_local fine-tuned with its reduction in the loop, seeds 1 and 2 (seed 0: the local-stage study's run, same settings, copied)",
         'python tools/camvid_study.py ... (the first command\'s options) --variants ... "local@0.55={$L,\\"keep_ratio\\":[0.55,0.6,0.8]}" ...   # adds the keep 0.55 schedule (now the fatr_local preset) and times all 16 models again, alternating (the cost of every row)',
-        "python results/raw/summarise_frontier.py results/raw/camvid_vit-t_frontier_study.json results/camvid_vit-t_frontier.json COMMIT docs/img/camvid_frontier.png",
+        'python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_tc --model-config configs/camvid/fatr_vit-t_camvid.py --methods none fatr_local --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants \'tomec@30={"method":"tome_constant","r":30}\' ... (r = 36, 42, 52)   # ToMe\'s constant schedule, its own run (the same ft_none checkpoints copied): its rows\' speed-ups are against none of that run',
+        "python results/raw/summarise_frontier.py results/raw/camvid_vit-t_frontier_study.json results/camvid_vit-t_frontier.json COMMIT docs/img/camvid_frontier.png results/raw/camvid_vit-t_frontier_tome-constant_study.json",
     ],
     protocol="baseline: 500 iterations from the timm ViT-Ti at 256² crops (free mIoU 50.2); the unreduced model fine-tuned from it with the study's self-distillation recipe (100 iterations, batch 8, 352² crops, EMA momentum 0.1) once per seed; every reduction applied to those weights without training of its own (what reduce_in_training=False trains); Δ: mean over seeds of (method − unreduced, same seed) ± its standard error; evaluated on the 101 val images at 360x480 (368x480 padded, 690 tokens); speed: whole segmentor, 1 thread, batch 1 and 8, all 16 models alternating, 5 rounds, median",
     columns={
@@ -174,6 +185,7 @@ if png:
         "FATR late": ("tab:orange", "s"),
         "ToMe": ("tab:blue", "^"),
         "ALGM": ("tab:green", "D"),
+        "ToMe constant": ("tab:purple", "v"),
     }
     for ax, b in zip(axes, ("b1", "b8")):
         ax.axhline(0, color="0.5", lw=1, ls="--")
