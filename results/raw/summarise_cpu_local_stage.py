@@ -39,7 +39,7 @@ out = dict(
     source=f"summarised from results/raw/{raw_path.split('/')[-1]} (tools/benchmark.py's benchmark.json) by the command's last line",
     date=d["date"],
     commit=commit,
-    machine=f"the project's 2-core x86_64 CPU machine, no GPU; load average {d['machine']['load_avg']} (other test processes beside it: speed-ups are of models alternating in one process)",
+    machine=f"the project's 2-core x86_64 CPU machine, no GPU; load average {d['machine']['load_avg']} (speed-ups are of models alternating in one process)",
     command=[
         d["command"],
         " ".join(["python", *sys.argv[:3], "COMMIT", *(repr(a) for a in sys.argv[4:])]),
