@@ -39,7 +39,7 @@ REDUCTIONS = {
     "none": None,
     "local06": LOCAL06,
     "local07": dict(LOCAL06, keep_ratio=[0.7, 0.7, 0.8]),
-    "fatr_local": {"method": "fatr_local"},
+    "fatr_local": dict(LOCAL06, keep_ratio=[0.5, 0.6, 0.8]),  # the preset when it ran
     "late07": {"method": "fatr", "keep_ratio": 0.7},
     "algm": {"method": "algm", "keep_ratio": 0.5797},
 }
@@ -51,8 +51,13 @@ WEIGHTS = {
     "ft_late07": f"{RUNS}/ft_fatr_late@0.7_s0/iter_100.pth",
 }
 
-for spec in sys.argv[1].split(","):
-    weights, reduction, *mods = spec.split(":")
+
+def main(specs: str) -> None:
+    for spec in specs.split(","):
+        cross_eval(*spec.split(":"))
+
+
+def cross_eval(weights: str, reduction: str, *mods: str) -> None:
     cfg = cr.model_cfg(ARGS, REDUCTIONS[reduction])
     model = MODELS.build(cfg.model)
     state = load_checkpoint_file(WEIGHTS[weights])
@@ -61,5 +66,9 @@ for spec in sys.argv[1].split(","):
     # Reduction parameters absent from a checkpoint keep their identity init.
     model.load_state_dict(state, strict=False)
     miou = cr.evaluate(model.eval(), cr.val_dataset(cfg))["mIoU"]
-    row = dict(weights=weights, reduction=reduction, mods=mods, mIoU=round(miou, 2))
+    row = dict(weights=weights, reduction=reduction, mods=list(mods), mIoU=round(miou, 2))
     print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -11,26 +11,19 @@ import types
 
 import torch
 import torch.nn.functional as F
+from diagnose_cross_eval import ARGS as EVAL_ARGS  # same folder: the shared settings
+from diagnose_cross_eval import LOCAL06
+from diagnose_cross_eval import REDUCTIONS as EVAL_REDUCTIONS
 from mmengine.dataset import pseudo_collate
 from mmseg.registry import DATASETS
-from mmseg.utils import register_all_modules
 
-import fatr_seg.models  # noqa: F401  (registers FATRViT and the CamVid dataset)
 from fatr_seg.analysis import camvid_runs as cr
 
 torch.set_num_threads(1)
-register_all_modules(init_default_scope=True)
 BASELINE = "work_dirs/baseline_500_352.pth"
 ARGS = types.SimpleNamespace(
-    baseline_config="configs/camvid/segmenter_vit-t_camvid.py",
-    model_config="configs/camvid/fatr_vit-t_camvid.py",
+    **vars(EVAL_ARGS),
     distill_config="configs/camvid/fatr_vit-t_camvid_distill.py",
-    data_root="../shared/data/camvid",
-    crop_size=352,
-    batch_size=8,
-    train_images=0,
-    val_images=0,
-    workers=1,
     ft_lr=1e-4,
     ft_iters=100,
     temperature=1.0,
@@ -38,17 +31,11 @@ ARGS = types.SimpleNamespace(
     ema=False,
     ema_momentum=0.1,
 )
-LOCAL06 = {
-    "layers": [2, 5, 8],
-    "keep_ratio": [0.6, 0.7, 0.8],
-    "score": ["window_hf", "hf_bipartite", "hf_bipartite"],
-    "prop_attn": True,
-}
 REDUCTIONS = {
     "none": None,
     "local06": LOCAL06,
     "local06_noprop": dict(LOCAL06, prop_attn=False),
-    "late07": {"method": "fatr", "keep_ratio": 0.7},
+    "late07": EVAL_REDUCTIONS["late07"],
 }
 
 
