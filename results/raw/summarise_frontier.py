@@ -13,7 +13,7 @@ import sys
 
 raw_path, out_path, commit = sys.argv[1:4]
 png = sys.argv[4] if len(sys.argv) > 4 else None
-extra_path = sys.argv[5] if len(sys.argv) > 5 else None  # ToMe's constant schedule, its own run
+extra_paths = sys.argv[5:]  # runs of their own on the same weights (ToMe constant, late schedule)
 data = json.load(open(raw_path))
 runs, seeds = data["runs"], data["settings"]["seeds"]
 DEFAULT = "configs/camvid/fatr_vit-t_camvid.py"
@@ -71,9 +71,14 @@ EXTRA_LABEL = {
     f"tomec@{r}": ("ToMe constant", f"ToMe, constant r = {r}", None, f"r = {r} at 1 … 12")
     for r in (30, 36, 42, 52)
 }
+EXTRA_LABEL.update({
+    f"late@{k}": ("FATR late", f"FATR late schedule, keep {k}", None, f"{k} at 4, 7, 10")
+    for k in ("0.8", "0.6", "0.5")
+})  # fmt: skip
 sources = [(runs, LABEL)]
-if extra_path:
-    sources.append((json.load(open(extra_path))["runs"], EXTRA_LABEL))
+for path in extra_paths:
+    extra = json.load(open(path))["runs"]
+    sources.append((extra, {k: v for k, v in EXTRA_LABEL.items() if f"budget/{k}" in extra}))
 rows = []
 for runs, labels in sources:
     cost = runs["cost"]
@@ -141,7 +146,8 @@ out = dict(
         "python tools/camvid_study.py ... (the same options) --methods none fatr_local --finetune-as both   # fatr_local fine-tuned with its reduction in the loop, seeds 1 and 2 (seed 0: the local-stage study's run, same settings, copied)",
         'python tools/camvid_study.py ... (the first command\'s options) --variants ... "local@0.55={$L,\\"keep_ratio\\":[0.55,0.6,0.8]}" ...   # adds the keep 0.55 schedule (now the fatr_local preset) and times all 16 models again, alternating (the cost of every row)',
         'python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_tc --model-config configs/camvid/fatr_vit-t_camvid.py --methods none fatr_local --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants \'tomec@30={"method":"tome_constant","r":30}\' ... (r = 36, 42, 52)   # ToMe\'s constant schedule, its own run (the same ft_none checkpoints copied): its rows\' speed-ups are against none of that run',
-        "python results/raw/summarise_frontier.py results/raw/camvid_vit-t_frontier_study.json results/camvid_vit-t_frontier.json COMMIT docs/img/camvid_frontier.png results/raw/camvid_vit-t_frontier_tome-constant_study.json",
+        'python tools/camvid_study.py ... (as the line above, --work-dir work_dirs/cs_late) --variants \'late@0.8={"method":"fatr","keep_ratio":0.8}\' ... (0.6, 0.5)   # the late schedule at three more budgets, its own run (speed-ups against none of that run)',
+        "python results/raw/summarise_frontier.py results/raw/camvid_vit-t_frontier_study.json results/camvid_vit-t_frontier.json COMMIT docs/img/camvid_frontier.png results/raw/camvid_vit-t_frontier_tome-constant_study.json results/raw/camvid_vit-t_frontier_late_study.json",
     ],
     protocol="baseline: 500 iterations from the timm ViT-Ti at 256² crops (free mIoU 50.2); the unreduced model fine-tuned from it with the study's self-distillation recipe (100 iterations, batch 8, 352² crops, EMA momentum 0.1) once per seed; every reduction applied to those weights without training of its own (what reduce_in_training=False trains); Δ: mean over seeds of (method − unreduced, same seed) ± its standard error; evaluated on the 101 val images at 360x480 (368x480 padded, 690 tokens); speed: whole segmentor, 1 thread, batch 1 and 8, all 16 models alternating, 5 rounds, median",
     columns={
