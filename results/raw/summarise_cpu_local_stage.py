@@ -9,7 +9,9 @@ timed config name to ``[label, config path or null]`` (default: the local-stage 
 import json
 import sys
 
-raw_path, out_path, commit = sys.argv[1:4]
+from _common import MACHINE, argv, columns, text, write
+
+raw_path, out_path, commit = argv()
 d = json.load(open(raw_path))
 NAME = {
     "fatr_ade20k": ("FATR default (`fatr`)", "configs/fatr_ade20k.py"),
@@ -34,34 +36,28 @@ for t in d["timing"]:
         speedup=t["speedup"], speedup_paired=t["speedup_paired"],
         ideal=1.0 / t["macs_ratio"], of_ideal=t["speedup_per_ideal"],
     ))  # fmt: skip
-out = dict(
+write(
     title=f"CPU speed, Segmenter-Mask ViT-S/16 at 512² (1024 tokens), fp32, 1 thread: {TITLE}",
-    source=f"summarised from results/raw/{raw_path.split('/')[-1]} (tools/benchmark.py's benchmark.json) by the command's last line",
+    how=" (tools/benchmark.py's benchmark.json)",
     date=d["date"],
-    commit=commit,
-    machine=f"the project's 2-core x86_64 CPU machine, no GPU; load average {d['machine']['load_avg']} (speed-ups are of models alternating in one process)",
+    machine=f"{MACHINE}; load average {d['machine']['load_avg']} (speed-ups are of models alternating in one process)",
     command=[
         d["command"],
-        " ".join(["python", *sys.argv[:3], "COMMIT", *(repr(a) for a in sys.argv[4:])]),
     ],
     protocol="random weights (speed does not depend on them), synthetic 512² inputs; the configs alternate, 1 warm-up and 7 timed rounds, median; speed-up = baseline median time / model median time, paired = median of per-round ratios; ideal = the MACs ratio's inverse",
-    columns={
-        "method": {"label": "method", "align": "left", "format": "{method}", "link": "config"},
-        "target": {"label": "timed", "align": "left", "format": "{target}"},
-        "batch": {"label": "batch", "format": "{batch}"},
-        "images_s": {
+    columns=columns(
+        "method target batch images_s speedup ideal",
+        target=text("timed", "target"),
+        batch=text("batch", "batch", left=False),
+        images_s={
             "label": "images/s, baseline → model",
             "format": "{base_images_s:.3f} → {images_s:.3f}",
         },
-        "speedup": {
-            "label": "speed-up (paired)",
-            "format": "{speedup:.2f}× ({speedup_paired:.2f}×)",
-        },
-        "ideal": {"label": "MACs ideal", "format": "{ideal:.2f}×"},
-    },
+        speedup={"label": "speed-up (paired)", "format": "{speedup:.2f}× ({speedup_paired:.2f}×)"},
+        ideal={"label": "MACs ideal", "format": "{ideal:.2f}×"},
+    ),
     rows=rows,
 )
-json.dump(out, open(out_path, "w"), indent=1, ensure_ascii=False)
 for r in rows:
     print(
         r["target"], r["batch"], r["method"], round(r["speedup"], 3), round(r["speedup_paired"], 3)

@@ -7,11 +7,12 @@ A one-off provenance script; run from the repository root:
 """
 
 import json
-import math
 import statistics
 import sys
 
-raw_path, out_path, commit = sys.argv[1:4]
+from _common import MACHINE, argv, columns, paired, speedups, text, write
+
+raw_path, out_path, commit = argv()
 png = sys.argv[4] if len(sys.argv) > 4 else None
 extra_paths = sys.argv[5:]  # runs of their own on the same weights (ToMe constant, late schedule)
 data = json.load(open(raw_path))
@@ -82,7 +83,6 @@ for path in extra_paths:
 rows = []
 for runs, labels in sources:
     cost = runs["cost"]
-    base = {b: cost["images_per_s"][b]["none"]["median"] for b in ("b1", "b8")}
     for key, (family, name, config, budget) in labels.items():
         res = runs[f"budget/{key}"]["resolved"]
         values = [
@@ -94,8 +94,7 @@ for runs, labels in sources:
             key=key,
             budget=budget,
             backbone_gmacs=cost["macs"][key]["backbone"] / 1e9,
-            speedup_b1=cost["images_per_s"]["b1"][key]["median"] / base["b1"],
-            speedup_b8=cost["images_per_s"]["b8"][key]["median"] / base["b8"],
+            **speedups(cost, key),
             miou_free=runs[f"free/{key}"]["mIoU"],
             miou_ft=statistics.fmean(values),
             miou_ft_std=statistics.stdev(values) if len(values) > 1 else None,
@@ -105,16 +104,12 @@ for runs, labels in sources:
         )
         if key != "none":
             diffs = [v - runs[f"ft/none/s{s}"]["mIoU"] for v, s in zip(values, seeds)]
-            row["delta"] = statistics.fmean(diffs)
-            row["delta_se"] = (
-                statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-            )
+            row["delta"], row["delta_se"] = paired(diffs)
         own = [runs.get(f"ft/{key}/s{s}", {}).get("mIoU") for s in seeds]
         if key != "none" and None not in own:  # also fine-tuned with its reduction in the loop
             row["miou_own_ft"] = statistics.fmean(own)
             diffs = [v - runs[f"ft/none/s{s}"]["mIoU"] for v, s in zip(own, seeds)]
-            row["delta_own"] = statistics.fmean(diffs)
-            row["delta_own_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
+            row["delta_own"], row["delta_own_se"] = paired(diffs)
         if config:
             row["config"] = config
         if key in (
@@ -133,12 +128,11 @@ for runs, labels in sources:
         if key == "local@0.55":
             row["bold"] = True
         rows.append(row)
-out = dict(
+write(
     title="CamVid val, Segmenter-Mask ViT-Ti/16: FATR, ToMe and ALGM at several budgets, each applied to the same fine-tuned unreduced model (3 paired seeds), against measured CPU speed",
-    source=f"summarised from results/raw/{raw_path.split('/')[-1]} (tools/camvid_study.py's results.json) by the command's last line",
+    how=" (tools/camvid_study.py's results.json)",
     date="2026-12-07",
-    commit=commit,
-    machine="the project's 2-core x86_64 CPU machine, no GPU; Python 3.11.7, torch 2.14.1, mmsegmentation 1.2.2; other processes ran beside the timing (speed-ups: all models alternating in one process)",
+    machine=f"{MACHINE}; Python 3.11.7, torch 2.14.1, mmsegmentation 1.2.2; other processes ran beside the timing (speed-ups: all models alternating in one process)",
     command=[
         "python tools/camvid_study.py --data-root ../shared/data/camvid --pretrained ../shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors --work-dir work_dirs/cs_base --methods none --seeds 0 --base-iters 500 --threads 2   # the baseline (stopped after its checkpoint)",
         "pos_embed of iter_500.pth resampled (bicubic, fatr_seg.layers.embed.resample_pos_embed) from the 256 crop's 16x16 grid to the 352 crop's 22x22: baseline_500_352.pth",
@@ -147,33 +141,28 @@ out = dict(
         'python tools/camvid_study.py ... (the first command\'s options) --variants ... "local@0.55={$L,\\"keep_ratio\\":[0.55,0.6,0.8]}" ...   # adds the keep 0.55 schedule (now the fatr_local preset) and times all 16 models again, alternating (the cost of every row)',
         'python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_tc --model-config configs/camvid/fatr_vit-t_camvid.py --methods none fatr_local --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants \'tomec@30={"method":"tome_constant","r":30}\' ... (r = 36, 42, 52)   # ToMe\'s constant schedule, its own run (the same ft_none checkpoints copied): its rows\' speed-ups are against none of that run',
         'python tools/camvid_study.py ... (as the line above, --work-dir work_dirs/cs_late) --variants \'late@0.8={"method":"fatr","keep_ratio":0.8}\' ... (0.6, 0.5)   # the late schedule at three more budgets, its own run (speed-ups against none of that run)',
-        "python results/raw/summarise_frontier.py results/raw/camvid_vit-t_frontier_study.json results/camvid_vit-t_frontier.json COMMIT docs/img/camvid_frontier.png results/raw/camvid_vit-t_frontier_tome-constant_study.json results/raw/camvid_vit-t_frontier_late_study.json",
     ],
     protocol="baseline: 500 iterations from the timm ViT-Ti at 256² crops (free mIoU 50.2); the unreduced model fine-tuned from it with the study's self-distillation recipe (100 iterations, batch 8, 352² crops, EMA momentum 0.1) once per seed; every reduction applied to those weights without training of its own (what reduce_in_training=False trains); Δ: mean over seeds of (method − unreduced, same seed) ± its standard error; evaluated on the 101 val images at 360x480 (368x480 padded, 690 tokens); speed: whole segmentor, 1 thread, batch 1 and 8, all 16 models alternating, 5 rounds, median",
-    columns={
-        "method": {"label": "method", "align": "left", "format": "{method}", "link": "config"},
-        "budget": {"label": "keep ratio at blocks", "align": "left", "format": "{budget}"},
-        "backbone_gmacs": {"label": "backbone GMACs", "format": "{backbone_gmacs:.3f}"},
-        "speedup": {"label": "speed-up b1 / b8", "format": "{speedup_b1:.2f}× / {speedup_b8:.2f}×"},
-        "miou_free": {"label": "mIoU training-free", "format": "{miou_free:.2f}"},
-        "miou_ft": {
+    columns=columns(
+        "method budget backbone_gmacs speedup miou_free miou_ft delta delta_own",
+        budget=text("keep ratio at blocks", "budget"),
+        miou_ft={
             "label": "mIoU fine-tuned",
             "format": ["{miou_ft:.2f} ± {miou_ft_std:.2f}", "{miou_ft:.2f}"],
         },
-        "delta": {
+        delta={
             "label": "Δ vs none (paired)",
             "format": ["{delta:+.2f} ± {delta_se:.2f}", "{delta:+.2f}"],
             "empty": "—",
         },
-        "delta_own": {
+        delta_own={
             "label": "Δ if fine-tuned reduced (paired)",
             "format": "{delta_own:+.2f} ± {delta_own_se:.2f}",
             "empty": "—",
         },
-    },
+    ),
     rows=rows,
 )
-json.dump(out, open(out_path, "w"), indent=1, ensure_ascii=False)
 for r in rows:
     print(
         f"{r['key']:14s} {r['speedup_b1']:.2f} {r['speedup_b8']:.2f} {r['miou_free']:.2f} {r['miou_ft']:.2f} {r.get('delta', 0):+.2f} ± {r.get('delta_se') or 0:.2f}"

@@ -6,9 +6,10 @@ repository root.
 """
 
 import json
-import sys
 
-raw_path, out_path, commit = sys.argv[1:4]
+from _common import MACHINE, argv, columns, speedups, text, write
+
+raw_path, out_path, commit = argv()
 runs = json.load(open(raw_path))["runs"]
 WHAT = {
     "none": ("none (the baseline)", "—", "—", "—"),
@@ -20,35 +21,30 @@ WHAT = {
     "hf@2-noprop": ("HF priority", "2", "no", "proportional attention"),
 }
 cost = runs["cost"]
-base = cost["images_per_s"]["b1"]["none"]["median"]
 rows = []
 for key, (rank, block, prop, axis) in WHAT.items():
     rows.append(dict(
         key=key, ranking=rank, block=block, prop_attn=prop, varies=axis,
         miou_free=runs[f"free/{key}"]["mIoU"], backbone_gmacs=cost["macs"][key]["backbone"] / 1e9,
-        speedup_b1=cost["images_per_s"]["b1"][key]["median"] / base,
+        **speedups(cost, key, ("b1",)),
         reduction=json.dumps(runs[f"budget/{key}"]["resolved"]),
     ))  # fmt: skip
-out = dict(
+write(
     title="CamVid val, Segmenter-Mask ViT-Ti/16, training-free: which windows the early local stage folds, at which block, with and without proportional attention",
-    source=f"summarised from results/raw/{raw_path.split('/')[-1]} (tools/camvid_study.py --no-finetune) by the command's last line",
+    how=" (tools/camvid_study.py --no-finetune)",
     date="2026-12-07",
-    commit=commit,
-    machine="the project's 2-core x86_64 CPU machine, no GPU; Python 3.11.7, torch 2.14.1, mmsegmentation 1.2.2; loaded (other processes beside it)",
+    machine=f"{MACHINE}; Python 3.11.7, torch 2.14.1, mmsegmentation 1.2.2; loaded (other processes beside it)",
     command=[
         'python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint work_dirs/baseline_500.pth --work-dir work_dirs/cs_screen --methods none --no-finetune --seeds 0 --base-iters 500 --ft-iters 100 --threads 2 --variants \'hf@2={"layers":[2,6],"keep_ratio":[0.5,0.7],"score":["window_hf","hf_bipartite"],"prop_attn":true}\' \'sim@2={... "window" ...}\' \'random@2={... "window_random" ...}\' \'hf@1={"layers":[1,6],...}\' \'hf@3={"layers":[3,6],...}\' \'hf@2-noprop={... "prop_attn":false}\'   # each variant\'s resolved reduction is in the raw file',
-        "python results/raw/summarise_local_screen.py results/raw/camvid_vit-t_local-stage_screen.json results/camvid_vit-t_local-stage_screen.json COMMIT",
     ],
     protocol="the 500-iteration baseline (256² crops) of results/camvid_vit-t_local-stage.json; every variant: a local stage (keep 0.5: 2 of 3 windows folded) then hf_bipartite keep 0.7 at block 6, on the baseline's weights, no training; CamVid val, 101 images at 360x480 (690 tokens)",
-    columns={
-        "ranking": {"label": "windows folded by", "align": "left", "format": "{ranking}"},
-        "block": {"label": "block", "format": "{block}"},
-        "prop_attn": {"label": "proportional attention", "format": "{prop_attn}"},
-        "backbone_gmacs": {"label": "backbone GMACs", "format": "{backbone_gmacs:.3f}"},
-        "miou_free": {"label": "mIoU training-free", "format": "{miou_free:.2f}"},
-    },
+    columns=columns(
+        "ranking block prop_attn backbone_gmacs miou_free",
+        ranking=text("windows folded by", "ranking"),
+        block=text("block", "block", left=False),
+        prop_attn=text("proportional attention", "prop_attn", left=False),
+    ),
     rows=rows,
 )
-json.dump(out, open(out_path, "w"), indent=1, ensure_ascii=False)
 for r in rows:
     print(r["key"], round(r["miou_free"], 2))
