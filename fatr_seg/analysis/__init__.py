@@ -1,28 +1,19 @@
 """Measurement: an importable API, and the back-ends of the command-line experiments.
 
-**The measurement API** is what this package exports; it is pure torch (like ``fatr_seg.ops``
-and ``fatr_seg.layers``: no mmseg, mmengine or mmcv), so a trunk can be measured anywhere:
+**The measurement API**, exported here, is pure torch (like ``fatr_seg.ops`` and
+``fatr_seg.layers``), so a trunk can be measured anywhere: MACs that see fused attention and the
+reducers' gathers (:mod:`.flops`); time, memory and thread counts (:mod:`.timing`); rank collapse
+per block (:mod:`.rank_collapse`); reducers at equal MACs (:mod:`.budget`); the results store
+(:mod:`.store`) and the one table helper, which also renders README/docs tables from
+``results/`` (:mod:`.tables`).
 
-* MACs that see fused attention and the reducers' gathers: :mod:`.flops` (:func:`count_macs`,
-  the closed form :func:`analytic_vit_macs`, :func:`token_schedule`);
-* time, memory and thread counts: :mod:`.timing` (:func:`time_alternating`,
-  :class:`TimingStats`, peak memory on CPU and CUDA, the HF scorer's paths,
-  :func:`choose_threads`);
-* rank collapse per block: :mod:`.rank_collapse` (:func:`layer_diagnostics`);
-* reducers compared at equal MACs: :mod:`.budget` (:class:`ViTShape`, :func:`match_budget`);
-* the one results store of the experiments: :mod:`.store` (:class:`Store`, :func:`write_json`);
-* the one table helper, and the README/docs tables rendered from ``results/``: :mod:`.tables`.
-
-**The experiments' back-ends** are the logic of the tools. They are not exported: each tool
-imports its own by name, and they import mmseg and mmengine only inside the functions that build
-or run segmentors:
-
-* :mod:`.benchmark` (the benchmark core of the CPU and GPU benchmarks: timed cells, time
-  budget, result header, files), :mod:`.benchmark_models`, :mod:`.benchmark_report`:
-  ``tools/benchmark.py``; :mod:`.gpu_bench`: ``tools/gpu_bench.sh`` (mmseg-free models);
-* :mod:`.flops_report`: ``tools/get_flops.py``;
-* :mod:`.demo`, :mod:`.demo_report`: ``tools/demo.py``;
-* :mod:`.camvid_study`, :mod:`.camvid_runs`, :mod:`.camvid_report`: ``tools/camvid_study.py``.
+**The experiments' back-ends** are the logic of the tools, not exported (each tool imports its
+own; mmseg and mmengine only inside the functions that build or run segmentors):
+:mod:`.benchmark` (the benchmark core of the CPU and GPU benchmarks, and ``tools/benchmark.py``)
+with :mod:`.benchmark_models` and :mod:`.benchmark_report`; :mod:`.gpu_bench`
+(``tools/gpu_bench.sh``); :mod:`.flops_report` (``tools/get_flops.py``); :mod:`.demo`,
+:mod:`.demo_report` (``tools/demo.py``); :mod:`.camvid_study`, :mod:`.camvid_runs`,
+:mod:`.camvid_report` (``tools/camvid_study.py``).
 """
 
 from .budget import MatchedBudget, ViTShape, match_budget

@@ -1,13 +1,7 @@
-"""The benchmark core shared by ``tools/benchmark.py`` (mmseg configs, CPU or CUDA) and
-``tools/gpu_bench.sh`` (:mod:`.gpu_bench`): result header, time limits, timed cells, files.
-
-:func:`timed_cell` times models in alternation and gives each its statistics and speed-up
-against a reference; :class:`Budget` skips (and lists) cells that would run too long;
-:func:`result_header` says where and with what a result was measured; :func:`write_files`
-writes a result's JSON and markdown. :func:`benchmark` is the run of ``tools/benchmark.py``
-(schema ``fatr_seg.benchmark/1``, documented there): MACs, then cell by cell, smallest first,
-throughput, HF-scoring paths and peak memory. Segmentors, inputs and forward passes are in
-:mod:`.benchmark_models`, the report in :mod:`.benchmark_report`.
+"""The benchmark core shared by ``tools/benchmark.py`` and ``tools/gpu_bench.sh``
+(:func:`result_header`, :func:`timed_cell`, :class:`Budget`, :func:`write_files`), and the run of
+``tools/benchmark.py`` (:class:`Bench`; schema ``fatr_seg.benchmark/1``, documented there);
+its report is :mod:`.benchmark_report`.
 """
 
 from __future__ import annotations
@@ -82,9 +76,8 @@ def result_header(schema: str, args, device: torch.device, keys) -> dict:
 
 def timed_cell(fns: dict, ref: str, iters: int, warmup: int, device,
                on_round=None, clock=time.perf_counter) -> dict[str, dict]:  # fmt: skip
-    """Time ``fns`` (name -> zero-argument call) in alternation; per name its
-    :class:`TimingStats` (``stats``), ``speedup`` (``ref``'s median / its median) and
-    ``speedup_paired`` (median of the per-round ratios, robust to drift between rounds)."""
+    """Time ``fns`` in alternation; per name its ``stats``, ``speedup`` against ``ref`` and
+    ``speedup_paired`` (median of per-round ratios, robust to drift between rounds)."""
     times = time_alternating(fns, iters, warmup, device, on_round=on_round, clock=clock)
     stats = {n: TimingStats.from_times(t) for n, t in times.items()}
     return {n: dict(stats=s, speedup=stats[ref].median_s / s.median_s,
@@ -103,13 +96,9 @@ def write_files(out_dir: str, stem: str, result: dict, markdown: str, indent: in
 
 
 class Budget:
-    """Per-cell and whole-run time limits, with per-image time estimates.
-
-    A cell is skipped (and listed) when its estimated time exceeds ``cell_s``, or when it would
-    end after ``total_s`` seconds since the start. Estimates come from the same
-    (dtype, target, shape) at a smaller batch, else from a smaller shape scaled by MACs, else
-    from the warm-up.
-    """
+    """Per-cell and whole-run time limits: a cell is skipped (and listed) when its estimated time
+    exceeds ``cell_s`` or would end after ``total_s`` since the start. Estimates: the same (dtype,
+    target, shape) at a smaller batch, else a smaller shape scaled by MACs, else the warm-up."""
 
     def __init__(self, cell_s: float, total_s: float) -> None:
         self.cell_s, self.total_s = cell_s or math.inf, total_s or math.inf
@@ -146,13 +135,8 @@ class Budget:
 
 
 class Bench:
-    """One run of ``tools/benchmark.py``: the models, the settings and the result being filled.
-
-    ``args`` holds the tool's settings after its defaults are applied (``configs``,
-    ``targets``, ``shapes`` [(H, W)], ``batch_sizes``, ``iters``, ``warmup``, ``device``,
-    ``dtypes``, the time limits, the memory options, ``keep_ratio``, ``compile``, ``cpu_time``
-    and the ``no_*`` switches; see its ``--help``).
-    """
+    """One run of ``tools/benchmark.py`` (``args``: its settings, defaults applied): the models,
+    and the result being filled."""
 
     def __init__(self, args) -> None:
         from tqdm import tqdm

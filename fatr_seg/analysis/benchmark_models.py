@@ -1,11 +1,6 @@
-"""Segmentors, inputs and forward passes of ``tools/benchmark.py``, and its CPU memory probe.
-
-:func:`build_segmentor` builds an mmseg segmentor from a config without pretrained weights
-(speed and MACs do not depend on them), :func:`make_images` synthetic ADE20K-like inputs
-normalised like the config's data preprocessor, :func:`forward_fn` the zero-argument pass that
-is timed. mmseg and mmengine are imported inside the functions that need them. CPU peak memory
-is measured in a fresh child process per cell (:func:`run_memory_probe` runs ``python -m
-fatr_seg.analysis.benchmark_models SPEC``), so memory the parent holds cannot hide the pass's.
+"""Segmentors, inputs and forward passes of ``tools/benchmark.py``, and its CPU memory probe (a
+fresh child process per cell, ``python -m fatr_seg.analysis.benchmark_models SPEC``, so memory the
+parent holds cannot hide the pass's). mmseg and mmengine are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -50,9 +45,8 @@ def _shrink(cfg) -> None:
 def build_segmentor(path: str, tiny: bool = False, cfg_options: dict | None = None,
                     keep_ratio=None):  # fmt: skip
     """``(model, cfg, (mean, std))``: the segmentor of config ``path`` without pretrained
-    weights, in eval mode on CPU, and its data preprocessor's normalisation. ``tiny``: width 64
-    (``--quick``); ``cfg_options``: merged first; ``keep_ratio``: the reduction's budget (one
-    ratio, or one per layer), None: the config's."""
+    weights, eval mode, on CPU, and its normalisation. ``tiny``: width 64 (``--quick``);
+    ``cfg_options`` merged first; ``keep_ratio``: the reduction's budget (None: the config's)."""
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS
@@ -84,13 +78,9 @@ def config_names(paths: list[str]) -> list[str]:
 
 
 def config_variants(paths: list[str], keep_ratios=None) -> list[tuple[str, str, tuple | None]]:
-    """The models a benchmark runs, in order: ``(name, config path, keep ratio or None)``.
-
-    One per config (named by :func:`config_names`); with ``keep_ratios`` (each a ratio or one
-    per reduction layer) every config with a reduction gives one model per budget, named
-    ``NAME@keepR`` (``fatr_ade20k@keep0.5,0.6,0.7``). Raises ``KeepRatioError`` when a budget
-    does not fit a config or no config has a reduction.
-    """
+    """The models a benchmark runs: ``(name, config path, keep ratio or None)``, one per config,
+    or with ``keep_ratios`` one per budget of every config with a reduction (``NAME@keepR``).
+    Raises ``KeepRatioError`` when a budget does not fit a config or no config has a reduction."""
     names = config_names(paths)
     if not keep_ratios:
         return [(n, p, None) for n, p in zip(names, paths)]
@@ -142,8 +132,8 @@ def make_images(batch: int, shape: tuple[int, int], norm, seed: int) -> torch.Te
 
 
 def make_labels(batch: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
-    """Label maps (B, H, W) of :func:`make_images`'s images, as mmseg's ADE20K pipeline loads
-    them (``reduce_zero_label``: 0 becomes 255, the classes 1..8 become 0..7)."""
+    """Label maps (B, H, W) of :func:`make_images`'s images as mmseg's ADE20K pipeline loads them
+    (``reduce_zero_label``)."""
     labels = torch.stack(
         [torch.from_numpy(lab.astype(np.int64)) for _, lab in _samples(batch, shape, seed)]
     )
@@ -170,13 +160,9 @@ def train_samples(labels: torch.Tensor) -> list:
 
 
 def forward_fn(model, target: str, x: torch.Tensor, dtype: str, labels=None):
-    """Zero-argument callable running one pass of ``target``.
-
-    ``backbone`` and ``segmentor`` (``encode_decode``): one forward in inference mode.
-    ``train``: one training step without the optimizer update (train mode, ``model.loss`` on
-    ``labels``, the backward of mmengine's ``parse_losses`` total, gradients freed before the
-    next call), the model put back in the mode it had.
-    """
+    """Zero-argument callable running one pass of ``target``: ``backbone`` or ``segmentor``
+    (``encode_decode``), one forward in inference mode; ``train``, one training step without the
+    optimizer update (``model.loss`` on ``labels`` and its backward, in train mode)."""
     metas = image_metas(x.shape[0], tuple(x.shape[2:]))
     context = _autocast(x, dtype)
 
@@ -219,14 +205,10 @@ def _autocast(x: torch.Tensor, dtype: str):
 
 
 def compiled_forward_fn(model, target: str, x: torch.Tensor, dtype: str):
-    """:func:`forward_fn` of ``target`` through ``torch.compile`` and the seconds of its first
-    (compiling) call.
-
-    Backbone, neck and decode head compile to one graph each (``fullgraph=True``,
-    ``dynamic=False``), as ``tools/test.py --compile`` runs them; the logits' final resize
-    stays eager (on CPU inductor's bilinear kernel is slower than ATen's). The compiled forwards
-    are installed only during a call, so the eager twin stays eager.
-    """
+    """:func:`forward_fn` through ``torch.compile`` and the seconds of its first (compiling)
+    call: backbone, neck and decode head one graph each, as ``tools/test.py --compile`` runs them
+    (the final resize eager: on CPU inductor's bilinear kernel is slower). The compiled forwards are
+    installed only during a call, so the eager twin stays eager."""
     from ..models.compile import COMPILE_TARGETS
 
     if target not in ("backbone", "segmentor"):
@@ -270,10 +252,9 @@ def patch_tokens(model, shape: tuple[int, int]) -> int:
 
 
 def memory_probe(spec: dict) -> dict:
-    """Peak memory of one pass of ``spec`` (``config``, ``target``, ``shape``, ``batch``,
-    ``tiny``, ``threads``, ``seed``, ``keep_ratio``), in the child process: the peak RSS growth
-    of a first pass (what the machine must have) and the peak of live tensor bytes of a second,
-    profiled one (what the model needs, like CUDA's ``max_memory_allocated``)."""
+    """Peak memory of one pass of ``spec``, in the child process: the peak RSS growth of a
+    first pass (what the machine must have) and the peak of live tensor bytes of a second,
+    profiled one (what the model needs)."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     model, _, norm = build_segmentor(spec["config"], spec["tiny"],

@@ -1,6 +1,6 @@
 """Reports of a ``tools/benchmark.py`` result: ``benchmark.json``, ``benchmark.md``
-(:func:`to_markdown`, tables by :func:`fatr_seg.analysis.tables.markdown_table`) and
-``speedup.png`` (:func:`plot_speedup`). matplotlib is imported only to plot.
+(:func:`to_markdown`) and ``speedup.png`` (:func:`plot_speedup`). matplotlib is imported only to
+plot.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ def _section(title: str, note: str, header: list, rows: list, left: int = 1) -> 
 
 
 def to_markdown(result: dict) -> str:
-    """The result as markdown: settings, then one table per measurement (MACs, throughput,
-    skipped cells, peak memory, scoring paths); tables without rows are left out."""
+    """The result as markdown: settings, then a table per measurement that has rows."""
     s, m = result["settings"], result["machine"]
     lines = [
         f"# Benchmark {result['date']}", "",
@@ -135,8 +134,8 @@ def plot_speedup(result: dict, path: str) -> None:
 
 
 def write_outputs(result: dict, out_dir: str) -> tuple[dict[str, str], str]:
-    """Write ``benchmark.json``, ``benchmark.md`` and ``speedup.png`` under ``out_dir``;
-    returns the paths (keys ``json``, ``md``, ``png``) and the markdown."""
+    """Write ``benchmark.{json,md}`` and ``speedup.png`` under ``out_dir``; their paths (keys
+    ``json``, ``md``, ``png``) and the markdown."""
     markdown = to_markdown(result)
     paths = write_files(out_dir, "benchmark", result, markdown + "\n")
     paths["png"] = osp.join(out_dir, "speedup.png")

@@ -1,11 +1,8 @@
 """Token budgets at equal MACs: the keep ratio (or ToMe's ``r``) that gives a reference's MACs.
 
-Comparing reducers at the same ``keep_ratio`` does not compare them at the same cost: FATR pays
-for its exact HF score (``n² · C`` per reduction layer), EViT adds a fused token, the paper's DC
-aggregation adds DC tokens, ToMe's constant schedule reduces in every block. :func:`match_budget`
-bisects one method's budget until its backbone MACs (:func:`analytic_vit_macs`, which equals
-:func:`fatr_seg.analysis.count_macs` on the model; ``tests/test_tools/test_flops.py``) are
-within a tolerance of a reference's. Pure torch: no mmseg.
+Reducers at one ``keep_ratio`` do not cost the same (FATR's exact HF score, EViT's fused token,
+DC tokens, ToMe's per-block schedule): :func:`match_budget` bisects a method's budget until its
+closed-form backbone MACs (:func:`.flops.analytic_vit_macs`) match. Pure torch: no mmseg.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""Table and plots of the CamVid study (:mod:`fatr_seg.analysis.camvid_study`).
-
-:func:`write_report` writes ``table.md``; :func:`plot` writes ``miou.png`` (training-free and
-fine-tuned mIoU per method, with its MACs), ``per_class.png``, ``hf_amplitude.png`` and, with a
-budget curve, ``budget_curve.png``. matplotlib is imported only to plot.
+"""Table (``table.md``) and plots (``miou.png``, ``per_class.png``, ``hf_amplitude.png``,
+``budget_curve.png``) of the CamVid study's ``results.json``. matplotlib is imported only to plot.
 """
 
 from __future__ import annotations

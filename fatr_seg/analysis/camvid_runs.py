@@ -1,22 +1,8 @@
-"""Configs, training runs, models and measurements of the CamVid study (``tools/camvid_study.py``).
+"""Configs, training runs, models and measurements of the CamVid study.
 
 Every model comes from the repository's CamVid configs, changed only where the study says so
-(data location, crop, batch, schedule, reduction, iterations), and every training run is
-mmengine's ``Runner``, as ``tools/train.py`` runs it:
-
-* :func:`baseline_cfg`: ``configs/camvid/segmenter_vit-t_camvid.py`` (unreduced Segmenter-Mask
-  ViT-Ti/16 from timm's ImageNet weights) with AdamW, the decode head at a larger lr, a linear
-  warm-up and poly decay;
-* :func:`finetune_cfg`: ``configs/camvid/fatr_vit-t_camvid_distill.py`` (``DistillEncoderDecoder``:
-  CE + self-distillation from the baseline, EMA) with another reduction, or none;
-* :func:`model_cfg`: the model to evaluate, ``configs/camvid/fatr_vit-t_camvid.py`` with the
-  reduction (``segmenter_vit-t_camvid.py`` without one).
-
-:func:`evaluate` is ``Runner.test()``'s loop (the config's dataset and test pipeline, the model's
-``test_step`` in whole-image mode, mmseg's ``IoUMetric``) on the validation split, keeping the
-per-class IoU that ``IoUMetric.compute_metrics`` only prints. :func:`cost` counts MACs and
-times whole-image inference of several models alternating. mmseg and mmengine are imported
-inside the functions.
+(data, crop, batch, schedule, reduction, iterations); every training run is mmengine's
+``Runner``, as ``tools/train.py`` runs it. mmseg and mmengine are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -51,7 +37,7 @@ class StudyError(RuntimeError):
 
 
 def load_cfg(path: str):
-    """An mmengine ``Config`` from ``path``, with a one-line error if it is missing."""
+    """An mmengine ``Config`` from ``path``; a missing file is a :class:`StudyError`."""
     from mmengine.config import Config
 
     if not osp.isfile(path):
@@ -91,14 +77,10 @@ def _apply_data(cfg, args, train: bool) -> None:
 
 def apply_schedule(cfg, iters: int, seed: int, work_dir: str, load_from: str | None = None,
                    log_level: str = "WARNING") -> None:  # fmt: skip
-    """Make ``cfg`` one Runner training of ``iters`` iterations in ``work_dir``.
-
-    No validation during training (the studies evaluate themselves), one checkpoint at the end
-    (``iter_{iters}.pth``, without optimizer state), about 20 log lines, ``seed`` for every
-    random stream, ``load_from`` loaded before training. The experiment and its visualizer get
-    names of their own: mmengine keeps one instance per name for the whole process, so without
-    them every later run would log into the first run's folder.
-    """
+    """Make ``cfg`` one Runner training of ``iters`` iterations in ``work_dir``: no validation,
+    one checkpoint at the end without optimizer state, ``seed`` for every random stream. The
+    experiment and its visualizer get names of their own: mmengine keeps one instance per name for
+    the whole process, and every later run would log into the first run's folder."""
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters + 1)
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=iters,
                                         max_keep_ckpts=1, save_optimizer=False,
@@ -117,12 +99,8 @@ def apply_schedule(cfg, iters: int, seed: int, work_dir: str, load_from: str | N
 
 
 def baseline_cfg(args, seed: int, work_dir: str):
-    """The baseline's training config: the unreduced Segmenter from the ImageNet ViT-Ti.
-
-    AdamW (lr ``base_lr``, weight decay ``weight_decay``), the decode head at
-    ``head_lr_mult`` × lr, a linear warm-up over ``warmup_iters`` from 1 % of the lr, then linear
-    (poly, power 1) decay to 0 at ``base_iters``; batch ``batch_size`` of ``crop_size``² crops.
-    """
+    """The baseline's training config: the unreduced Segmenter from the ImageNet ViT-Ti, AdamW,
+    the decode head at ``head_lr_mult`` × lr, linear warm-up from 1 % then poly decay."""
     cfg = load_cfg(args.baseline_config)
     _apply_data(cfg, args, train=True)
     if args.pretrained:
@@ -145,15 +123,9 @@ def baseline_cfg(args, seed: int, work_dir: str):
 def finetune_cfg(args, reduction: dict | None, seed: int, work_dir: str, teacher: str,
                  budget_range: tuple[float, float] | None = None,
                  budget_anchors: tuple[float, ...] = ()):  # fmt: skip
-    """A fine-tuning config: the distillation recipe from the baseline, with ``reduction``.
-
-    ``DistillEncoderDecoder`` with the baseline as teacher and starting point; AdamW at
-    ``ft_lr`` with cosine decay over ``ft_iters`` (the recipe's; no warm-up); distillation at
-    ``temperature`` with weight ``distill_weight``; EMA of the student with ``ema_momentum``
-    (mmengine's weight of the new value), or none; ``budget_range``: a keep ratio drawn per
-    iteration (seeded by ``seed``), and ``budget_anchors`` beside it at every iteration.
-    ``reduction=None`` fine-tunes the unreduced model the same way.
-    """
+    """A fine-tuning config with ``reduction`` (None: unreduced): the distillation recipe from
+    the baseline (teacher and starting point), AdamW with cosine decay, EMA; ``budget_range``: a
+    keep ratio drawn per iteration, ``budget_anchors`` beside it at every iteration."""
     cfg = load_cfg(args.distill_config)
     _apply_data(cfg, args, train=True)
     model = cfg.model
@@ -176,7 +148,7 @@ def finetune_cfg(args, reduction: dict | None, seed: int, work_dir: str, teacher
 
 
 def model_cfg(args, reduction: dict | None):
-    """The config of a model to evaluate: the plain segmentor with ``reduction`` (no weights)."""
+    """The config of a model to evaluate: the plain segmentor with ``reduction``, no weights."""
     cfg = load_cfg(args.baseline_config if reduction is None else args.model_config)
     _apply_data(cfg, args, train=False)
     if reduction is not None:
@@ -186,13 +158,9 @@ def model_cfg(args, reduction: dict | None):
 
 
 def train(cfg, log=print) -> tuple[str, dict | None]:
-    """Train ``cfg`` with mmengine's Runner unless its final checkpoint exists.
-
-    Returns:
-        The final checkpoint's path, and ``seconds`` (wall time, Runner start included),
-        ``iters`` and ``s_per_iter`` (the median of the Runner's logged per-iteration times,
-        the first left out) of the training; None if the checkpoint existed.
-    """
+    """Train ``cfg`` with mmengine's Runner unless its final checkpoint exists; returns the
+    checkpoint's path and ``seconds``, ``iters`` and ``s_per_iter`` of the training (None if the
+    checkpoint existed)."""
     from mmengine.runner import Runner
 
     from ..models.preflight import PreflightError, check_config
@@ -219,8 +187,7 @@ def train(cfg, log=print) -> tuple[str, dict | None]:
 
 
 def _iteration_time(scalars: str) -> float | None:
-    """Median ``time`` of the logged iterations in a Runner's ``scalars.json`` (first left out:
-    it includes the start-up)."""
+    """Median logged ``time`` of a Runner's ``scalars.json``, the first (start-up) left out."""
     if not osp.isfile(scalars):
         return None
     with open(scalars) as f:
@@ -230,12 +197,8 @@ def _iteration_time(scalars: str) -> float | None:
 
 
 def build_model(cfg, checkpoint: str | None):
-    """The segmentor of ``cfg`` in eval mode, with ``checkpoint``'s weights loaded strictly.
-
-    Only the reduction's own parameters (``omega1``, ``omega2``, ``dc_pos``) may be missing from
-    the checkpoint (a baseline's); they keep the init that makes the model the baseline with
-    tokens removed.
-    """
+    """The segmentor of ``cfg`` in eval mode, ``checkpoint`` loaded strictly but for the
+    reduction's own parameters (a baseline's checkpoint lacks them; their init is the identity)."""
     from mmseg.registry import MODELS
 
     from ..models.convert import FATR_ONLY, CheckpointError, load_checkpoint_file, load_state_strict
@@ -259,12 +222,8 @@ def val_dataset(cfg):
 
 @torch.no_grad()
 def evaluate(model, dataset) -> dict:
-    """mIoU, per-class IoU and pixel accuracy of ``model`` on ``dataset`` (mmseg's IoUMetric).
-
-    Returns:
-        ``mIoU`` and ``aAcc`` in %, ``IoU``: one value per class in % (None for a class absent
-        from both labels and predictions), ``images``.
-    """
+    """mIoU and aAcc (%), per-class ``IoU`` (None for a class absent from labels and
+    predictions) and ``images`` of ``model`` on ``dataset``, with mmseg's IoUMetric."""
     from mmengine.dataset import pseudo_collate
     from mmseg.evaluation import IoUMetric
 
@@ -287,11 +246,8 @@ def evaluate(model, dataset) -> dict:
 
 @torch.no_grad()
 def val_inputs(cfg, count: int) -> torch.Tensor:
-    """The first ``count`` validation images as the model sees them at test time.
-
-    The config's test pipeline and data preprocessor: normalised, padded to a multiple of the
-    patch (360x480 -> 368x480), (count, 3, H, W). Images repeat if the split has fewer.
-    """
+    """The first ``count`` validation images (repeated if fewer) as the model sees them at test
+    time: normalised and padded to whole patches (360x480 -> 368x480), (count, 3, H, W)."""
     from mmengine.dataset import pseudo_collate
     from mmseg.registry import MODELS
 
@@ -302,20 +258,10 @@ def val_inputs(cfg, count: int) -> torch.Tensor:
 
 
 def cost(models: dict, inputs: torch.Tensor, img_shape, args) -> dict:
-    """MACs at the padded evaluation size and images/s at the image size, per model.
-
-    Args:
-        models: Name -> segmentor (eval mode).
-        inputs: Preprocessed images (B, 3, 368, 480), as the test pipeline pads them.
-        img_shape: The images' own size (360, 480): the timed forward reads that crop (the
-            backbone pads to whole patches itself, with the same zeros).
-        args: ``bench_batches``, ``bench_rounds``, ``bench_threads``.
-
-    Returns:
-        ``models``: the names; ``macs``: name -> counted ``backbone`` and ``segmentor`` MACs
-        (:func:`fatr_seg.analysis.flops.count_macs`); ``images_per_s``: ``b{batch}`` -> name
-        -> median, q1, q3 and IQR over ``bench_rounds`` rounds.
-    """
+    """Backbone and segmentor MACs (one padded image) and images/s at the images' own size
+    ``img_shape`` of ``models`` (name -> segmentor), batches ``args.bench_batches``, all
+    alternating, ``args.bench_rounds`` rounds on ``args.bench_threads`` threads: ``models``,
+    ``macs``, ``images_per_s`` (``b{batch}`` -> name -> median, quartiles and IQR)."""
     from .benchmark_models import forward_fn, image_metas
     from .flops import count_macs
     from .timing import TimingStats, time_alternating

@@ -1,24 +1,11 @@
 """The CamVid study behind ``tools/camvid_study.py``: every reducer on a real pretrained ViT-Ti.
 
-:func:`run_camvid_study` runs (or resumes: each result is saved in ``results.json`` as soon as
-it exists, :class:`.store.Store`, so seeds, methods and ratios can be added later) these steps:
-(1) **budgets**: each method's reduction, with ``equal_macs`` each peer's keep ratio (ToMe's
-constant schedule: its ``r``) bisected until its backbone MACs at 368x480 are within ``mac_tol``
-of the FATR config's (:mod:`.budget`); (2) **baseline**: the unreduced Segmenter-Mask ViT-Ti/16
-trained from timm's ImageNet weights (or ``baseline_checkpoint``); (3) **training-free**: every
-method on the baseline's weights, mIoU and per-class IoU on CamVid val, whole 360x480 images;
-(4) **cost**: MACs (counted and closed form) and images/s of whole-image inference, batch sizes
-``bench_batches``, all methods alternating in one process; (5) **HF amplitude** per block (the
-paper's Fig. 1) on the restored grid and on the token set; (6) **fine-tuned**: every method
-(``none`` too) fine-tuned by self-distillation from the baseline per seed, evaluated the same
-way (EMA weights), and with ``finetune_as`` ``'unreduced'``/``'both'`` every method applied to
-the unreduced model's fine-tuned weights of the same seed (``deploy/...``); (7) **budget curve**
-(``budget_curve``): FATR fine-tuned with sampled budgets, at ``curve_fixed_ratio`` and at each
-ratio, evaluated at every ratio (``set_keep_ratio``), ToMe training-free and fine-tuned at each
-ratio, images/s per ratio; the fine-tuned families once per seed of ``curve_seeds``.
-
-``args`` is the namespace of ``tools/camvid_study.py`` after :func:`resolve_args`; configs, runs
-and measurements are :mod:`.camvid_runs`, the table and plots :mod:`.camvid_report`.
+:func:`run_camvid_study` runs, or resumes (every result is saved in ``results.json`` as soon as
+it exists), these steps: (1) each method's budget, matched to the reference's backbone MACs at
+368x480; (2) the unreduced baseline trained from ImageNet weights; (3) every method training-free
+on its weights; (4) MACs and images/s of whole-image inference, all methods alternating; (5) the
+HF amplitude per block; (6) every method fine-tuned by self-distillation per seed, and/or applied
+to the unreduced model's fine-tuned weights; (7) the optional budget curve. See docs/study.md.
 """
 
 from __future__ import annotations
@@ -87,18 +74,15 @@ class SkipStudy(StudyError):
 
 
 def shared_root() -> str:
-    """The shared real data and weights (read-only, never part of the repository): the folder
-    ``$FATR_SHARED``, else ``../shared`` next to the repository."""
+    """The shared real data and weights: ``$FATR_SHARED``, else ``../shared`` beside the
+    repository."""
     repo = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
     return os.environ.get("FATR_SHARED", osp.join(osp.dirname(repo), "shared"))
 
 
 def resolve_args(args):
-    """Fill ``args``'s unset options from the preset, check them; returns ``args``.
-
-    Raises:
-        StudyError: An option out of range, or a path that does not exist (named).
-    """
+    """Fill ``args``'s unset options from the preset and check them (a :class:`StudyError`
+    names a wrong option or missing path); returns ``args``."""
     preset = PRESETS["quick" if args.quick else "default"]
     for key, value in preset.items():
         if getattr(args, key, None) is None:
@@ -152,12 +136,8 @@ def resolve_args(args):
 
 
 def parse_variants(specs: list[str]) -> dict[str, dict]:
-    """``NAME=JSON`` reduction dicts (a schedule to compare, at its own budget) by name.
-
-    Raises:
-        StudyError: A spec without ``=``, a name that is a method, invalid JSON or an invalid
-            reduction (the message names the variant and the key).
-    """
+    """``NAME=JSON`` reduction dicts by name (:class:`StudyError`: no ``=``, a taken name,
+    invalid JSON or reduction)."""
     out = {}
     for spec in specs:
         name, sep, text = spec.partition("=")
@@ -175,7 +155,7 @@ def parse_variants(specs: list[str]) -> dict[str, dict]:
 
 def settings_of(args) -> dict:
     """What the results depend on: every option but the extendable and cosmetic ones
-    (``budget_anchors`` only when given, so work dirs from before the option stay valid)."""
+    (``budget_anchors`` only when given, so older work dirs stay valid)."""
     return {k: v for k, v in vars(args).items()
             if k not in _NOT_SETTINGS and not (k == "budget_anchors" and not v)}  # fmt: skip
 
@@ -272,11 +252,9 @@ def _done(ctx: _Ctx, *keys: str) -> bool:
 
 
 def _train_reduction(ctx: _Ctx, reduction: dict | None) -> dict | None:
-    """The reduction to fine-tune with: ``reduction``, a token count ``r`` scaled from the
-    evaluation grid to the training crop's (``scale_r``): matched at 690 tokens (r = 36), ToMe's
-    count would leave 256² crops 1 token after block 12; scaled (r = 13), every block removes
-    the same fraction as in evaluation, where the weights (no parameter depends on ``r``) run at
-    the matched ``r``."""
+    """The reduction to fine-tune with: a token count ``r`` scaled from the evaluation grid to
+    the training crop's (``scale_r``), so every block removes the same fraction as in evaluation
+    (matched at 690 tokens, r = 36 would leave 256² crops one token after block 12)."""
     if reduction is None or "r" not in reduction or not ctx.args.scale_r:
         return reduction
     tokens = (ctx.args.crop_size // ctx.shape.patch_size) ** 2
@@ -285,8 +263,7 @@ def _train_reduction(ctx: _Ctx, reduction: dict | None) -> dict | None:
 
 
 def _finetuned(ctx: _Ctx, label: str, reduction, seed: int, budget: dict | None = None) -> str:
-    """The checkpoint of run ``ft_{label}_s{seed}``, trained now unless it exists; ``budget``:
-    ``budget_range`` and ``budget_anchors`` of a sampled-budget fine-tuning."""
+    """The checkpoint of run ``ft_{label}_s{seed}``, trained unless it exists."""
     name = f"ft_{label}_s{seed}"
     cfg = finetune_cfg(ctx.args, reduction, seed, osp.join(ctx.runs_dir, name), ctx.baseline,
                        **(budget or {}))  # fmt: skip
@@ -311,8 +288,7 @@ def _models(ctx: _Ctx, reductions: dict, ckpt: str | None) -> dict:
 
 
 def _cost_stale(ctx: _Ctx, key: str, names) -> bool:
-    """Whether the cost under ``key`` is missing or lacks one of ``names`` (they are timed
-    together, so adding one times them all again; a run over fewer methods keeps it)."""
+    """Whether the cost under ``key`` is missing or lacks one of ``names`` (timed together)."""
     old = ctx.store.get(key)
     return old is None or not set(names) <= set(old["models"])
 

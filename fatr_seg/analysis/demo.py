@@ -1,15 +1,15 @@
-"""The steps of ``tools/demo.py`` (``make demo``): train a plain ViT segmentor, turn it into
-FATR, measure both, accuracy beside speed, on a CPU.
+"""``tools/demo.py`` (``make demo``): train a plain ViT segmentor, turn it into FATR, measure
+both, accuracy beside speed, on a CPU.
 
-:func:`run_demo` runs each step through its tool, in a subprocess from the repository root:
-the synthetic data (if absent); the baseline trained (``tools/train.py``) and evaluated
-(``tools/test.py``); FATR training-free (the FATR config on the baseline's checkpoint, the
-reduction's own parameters at their identity init); FATR fine-tuned by self-distillation from
-the baseline, evaluated; the cost of both configs (``tools/benchmark.py``, ``tools/get_flops.py``);
-FATR's token maps (``tools/visualize_tokens.py``); ``WORK_DIR/summary.md``. Each tool gets the
-CPU threads that other processes leave free at its start (:func:`.timing.choose_threads`; the
-choice is printed and kept in the summary), its output goes to ``WORK_DIR/logs/STEP.log`` with
-only progress lines echoed, and a failing step raises :class:`.demo_report.DemoError` naming it.
+:func:`run_demo` runs each step through its tool, in a subprocess from the repository root: the
+synthetic data (if absent); the baseline trained (``tools/train.py``) and evaluated
+(``tools/test.py``); FATR training-free (the FATR config on the baseline's checkpoint); FATR
+fine-tuned by self-distillation from the baseline, evaluated; the cost of both configs
+(``tools/benchmark.py``, ``tools/get_flops.py``); FATR's token maps; ``WORK_DIR/summary.md``.
+Each tool gets the CPU threads other processes leave free at its start
+(:func:`.timing.choose_threads`), logs to ``WORK_DIR/logs/STEP.log`` with progress lines
+echoed; its results are read back from the files it writes (a file that does not hold what is
+expected, or a failing step, raises :class:`.demo_report.DemoError` naming it).
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ PROGRESS = re.compile(
 )
 QUICK = dict(num_train=8, num_val=4, size=96, max_iters=4, finetune_iters=2, bench_iters=2,
              bench_warmup=1)  # fmt: skip
-# --quick also trains with batch 2, logs every iteration and loads data in the main process
-# (fast start-up).
+# --quick also trains with batch 2, logs every iteration and loads data in the main process.
 QUICK_OPTIONS = ["train_dataloader.batch_size=2", "default_hooks.logger.interval=1"] + [
     f"{loader}.num_workers=0"
     for loader in ("train_dataloader", "val_dataloader", "test_dataloader")
@@ -85,12 +84,6 @@ def run_tool(cmd, log_path, verbose=False, env=None):
         raise DemoError(f"{osp.basename(cmd[1])} exited with {code}: {reason[:200]} "
                         f"(full log: {log_path})")  # fmt: skip
     return log_path
-
-
-def _max_iters(config):
-    from mmengine.config import Config
-
-    return Config.fromfile(config).train_cfg.max_iters
 
 
 def _schedule_options(config, iters):
@@ -132,7 +125,7 @@ def cfg_options(args, train_config=None, iters=None):
 
 
 def threads_for(args, results, step):
-    """Choose the threads of ``step`` now, print and record the choice; its environment."""
+    """Choose the threads of ``step`` now, print and record the choice."""
     choice = choose_threads(args.threads)
     results["threads"][step] = str(choice)
     log(f"{step}: {choice}")
@@ -142,14 +135,13 @@ def threads_for(args, results, step):
 def step_data(args):
     from ..datasets.synthetic import is_complete, write_dataset
 
-    settings = dict(num_train=args.num_train, num_val=args.num_val, size=args.size, seed=0)
-    size = (args.size, args.size)
-    if is_complete(args.data_root, **dict(settings, size=size)):
+    settings = dict(num_train=args.num_train, num_val=args.num_val, size=(args.size,) * 2, seed=0)
+    if is_complete(args.data_root, **settings):
         log(f"data: {args.data_root} already holds {args.num_train} + {args.num_val} images")
         return
     log(f"data: generating {args.num_train} + {args.num_val} images of {args.size}x{args.size} "
         f"into {args.data_root}")  # fmt: skip
-    write_dataset(args.data_root, progress=True, force=True, **dict(settings, size=size))
+    write_dataset(args.data_root, progress=True, force=True, **settings)
 
 
 def last_checkpoint(work_dir):
@@ -196,33 +188,23 @@ def step_test(args, config, ckpt, name, results):
 
 
 def step_benchmark(args, results):
-    """Images/s (``tools/benchmark.py``) and GMACs (``tools/get_flops.py``) of both configs;
-    a tool that is not there is reported and its numbers left out."""
-    out = {}
-    bench_dir = osp.join(args.work_dir, "benchmark")
-    configs = [args.baseline_config, args.config]
+    """GMACs (``tools/get_flops.py``) and images/s (``tools/benchmark.py``) of both configs."""
+    bench_dir, configs = osp.join(args.work_dir, "benchmark"), [args.baseline_config, args.config]
     threads = threads_for(args, results, "benchmark")
-    if osp.isfile(osp.join(REPO, "tools/get_flops.py")):
-        path = osp.join(bench_dir, "flops.json")
-        cmd = [sys.executable, "tools/get_flops.py", *configs,
-               "--shape", str(args.size), str(args.size), "--json", path]  # fmt: skip
-        run_tool(cmd, osp.join(args.work_dir, "logs", "flops.log"), args.verbose, threads.env())
-        out["gmacs"] = read_gmacs(path, configs)
-    else:
-        log("benchmark: tools/get_flops.py is missing: GMACs left out")
-    if osp.isfile(osp.join(REPO, "tools/benchmark.py")):
-        # Throughput only: MACs come from get_flops, memory probes and scoring paths are
-        # separate studies (see docs) that would double this step's time.
-        cmd = [sys.executable, "tools/benchmark.py", *configs, "--shapes", str(args.size),
-               "--batch-sizes", "1", "--iters", str(args.bench_iters),
-               "--warmup", str(args.bench_warmup), "--targets", "segmentor", "--device", "cpu",
-               "--threads", str(threads.threads), "--no-memory", "--no-scoring", "--no-macs",
-               "--no-progress", "--out-dir", bench_dir]  # fmt: skip
-        run_tool(cmd, osp.join(args.work_dir, "logs", "benchmark.log"), args.verbose,
-                 threads.env())  # fmt: skip
-        out["throughput"] = read_throughput(osp.join(bench_dir, "benchmark.json"), configs)
-    else:
-        log("benchmark: tools/benchmark.py is missing: images/s left out")
+    path = osp.join(bench_dir, "flops.json")
+    cmd = [sys.executable, "tools/get_flops.py", *configs,
+           "--shape", str(args.size), str(args.size), "--json", path]  # fmt: skip
+    run_tool(cmd, osp.join(args.work_dir, "logs", "flops.log"), args.verbose, threads.env())
+    out = dict(gmacs=read_gmacs(path, configs))
+    # Throughput only: MACs come from get_flops; memory probes and scoring paths would double
+    # this step's time.
+    cmd = [sys.executable, "tools/benchmark.py", *configs, "--shapes", str(args.size),
+           "--batch-sizes", "1", "--iters", str(args.bench_iters),
+           "--warmup", str(args.bench_warmup), "--targets", "segmentor", "--device", "cpu",
+           "--threads", str(threads.threads), "--no-memory", "--no-scoring", "--no-macs",
+           "--no-progress", "--out-dir", bench_dir]  # fmt: skip
+    run_tool(cmd, osp.join(args.work_dir, "logs", "benchmark.log"), args.verbose, threads.env())
+    out["throughput"] = read_throughput(osp.join(bench_dir, "benchmark.json"), configs)
     return out
 
 
@@ -250,29 +232,10 @@ def device_string():
     return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
-class Steps:
-    """Numbered, timed steps: ``with steps("train"):`` logs the start, the end and the time."""
-
-    def __init__(self, total, timings):
-        self.total, self.timings, self.index = total, timings, 0
-        self.start = time.perf_counter()
-
-    @contextlib.contextmanager
-    def __call__(self, title):
-        self.index += 1
-        tag = f"step {self.index}/{self.total}: {title}"
-        log(f"{tag} ...")
-        t0 = time.perf_counter()
-        yield
-        self.timings[title] = time.perf_counter() - t0
-        log(f"{tag} done in {self.timings[title]:.1f}s "
-            f"(total {time.perf_counter() - self.start:.1f}s)")  # fmt: skip
-
-
 def run_demo(args, start=None):
-    """Run the demo with the parsed options of ``tools/demo.py``; the results (also in
-    ``WORK_DIR/summary.json``) after writing and printing ``WORK_DIR/summary.md``. ``start``:
-    ``time.perf_counter()`` at the program's start. Raises :class:`DemoError` (one line)."""
+    """Run the demo with the parsed options of ``tools/demo.py``; writes and prints
+    ``WORK_DIR/summary.md``, and returns the results (also in ``WORK_DIR/summary.json``).
+    ``start``: ``time.perf_counter()`` at the program's start."""
     start = time.perf_counter() if start is None else start
     os.chdir(REPO)
     configs = [args.baseline_config, args.config] + ([args.distill_config] if args.finetune else [])
@@ -284,11 +247,23 @@ def run_demo(args, start=None):
                    distill_config=args.distill_config if args.finetune else None,
                    num_train=args.num_train, num_val=args.num_val, size=args.size,
                    timings={}, miou={}, threads={}, train_speed={}, models=[])  # fmt: skip
-    results["max_iters"] = args.max_iters or _max_iters(args.baseline_config)
-    if args.finetune:
-        results["finetune_iters"] = args.finetune_iters or _max_iters(args.distill_config)
+    from mmengine.config import Config
+
+    length = [args.max_iters, args.finetune_iters]  # None: the config's
+    for key, given, config in zip(("max_iters", "finetune_iters"), length, configs[::2]):
+        results[key] = given or Config.fromfile(config).train_cfg.max_iters
     results["device"] = device_string()
-    steps = Steps(6 + 2 * args.finetune, results["timings"])
+    total = 6 + 2 * args.finetune
+
+    @contextlib.contextmanager
+    def steps(title):  # numbered and timed: logs the start, the end and the time
+        tag = f"step {len(results['timings']) + 1}/{total}: {title}"
+        log(f"{tag} ...")
+        t0 = time.perf_counter()
+        yield
+        results["timings"][title] = time.perf_counter() - t0
+        log(f"{tag} done in {results['timings'][title]:.1f}s "
+            f"(total {time.perf_counter() - start:.1f}s)")  # fmt: skip
 
     def evaluate(key, label, config, ckpt):
         with steps(f"test {key}"):

@@ -1,9 +1,8 @@
 """What the demo reads back from its tools, and the summary it writes (``tools/demo.py``).
 
 The readers follow the tools' own outputs: mmengine's metrics JSON and mmseg's per-class table
-from ``tools/test.py``, the JSON of ``tools/get_flops.py`` (schema ``fatr_seg.get_flops/1``) and
-of ``tools/benchmark.py`` (``fatr_seg.benchmark/1``), mmengine's training log. A file that does
-not hold what is expected raises :class:`DemoError` naming the file and what is missing.
+from ``tools/test.py``, the JSON of ``tools/get_flops.py`` and ``tools/benchmark.py``, mmengine's
+training log. A file that does not hold what is expected raises :class:`DemoError` naming it.
 """
 
 from __future__ import annotations
@@ -19,16 +18,17 @@ from .tables import markdown_table
 __all__ = ["DemoError", "format_summary", "parse_per_class", "read_gmacs", "read_test_metrics",
            "read_throughput", "read_train_speed"]  # fmt: skip
 
-_ITER_TIME = re.compile(r"Iter\(train\)\s+\[\s*(\d+)/\d+\].*?\stime: ([0-9.]+)")
-
 
 class DemoError(RuntimeError):
     """A step failed; the message is the one line shown to the user."""
 
 
+_ITER_TIME = re.compile(r"Iter\(train\)\s+\[\s*(\d+)/\d+\].*?\stime: ([0-9.]+)")
+
+
 def read_test_metrics(test_dir):
-    """mIoU, aAcc, mAcc (%) and per-class IoU of the newest run of ``tools/test.py`` (mmengine
-    writes ``TEST_DIR/<stamp>/<stamp>.json``, and the per-class table to ``<stamp>.log``)."""
+    """mIoU, aAcc, mAcc (%) and per-class IoU of the newest run of ``tools/test.py``
+    (``TEST_DIR/<stamp>/<stamp>.json``, the per-class table in ``<stamp>.log``)."""
     runs = sorted(glob.glob(osp.join(test_dir, "*", "*.json")), key=osp.getmtime)
     if not runs:
         raise DemoError(f"tools/test.py wrote no metrics under {test_dir}")
@@ -66,7 +66,7 @@ def parse_per_class(log_path):
 
 def read_train_speed(log_path, skip=1):
     """Median seconds per training iteration of a ``tools/train.py`` log (mmengine's ``time``),
-    or None; the first ``skip`` logged values (start-up) are left out when more remain."""
+    or None, the first ``skip`` (start-up) left out when more remain."""
     if not osp.isfile(log_path):
         return None
     with open(log_path) as f:
@@ -79,7 +79,7 @@ def _schema_error(path, what):
     return DemoError(f"{path} does not hold {what} (has its tool's JSON schema changed?)")
 
 
-def _check_found(path, configs, found, what, note=""):
+def _all_found(path, configs, found, what, note=""):
     missing = [c for c in configs if c not in found]
     if missing:
         raise _schema_error(path, f"{what} of {', '.join(missing)}{note}")
@@ -87,8 +87,7 @@ def _check_found(path, configs, found, what, note=""):
 
 
 def read_gmacs(path, configs):
-    """``{config: segmentor GMACs}`` from ``tools/get_flops.py --json`` (schema
-    ``fatr_seg.get_flops/1``: ``models[i].config``, ``models[i].segmentor.gmacs``)."""
+    """``{config: segmentor GMACs}`` from ``tools/get_flops.py --json``."""
     with open(path) as f:
         data = json.load(f)
     found = {}
@@ -99,13 +98,11 @@ def read_gmacs(path, configs):
                     found[cfg] = float(model["segmentor"]["gmacs"])
                 except (KeyError, TypeError, ValueError):
                     raise _schema_error(path, f"segmentor.gmacs for {cfg}") from None
-    return _check_found(path, configs, found, "MACs")
+    return _all_found(path, configs, found, "MACs")
 
 
 def read_throughput(path, configs):
-    """``{config: images/s}`` (median, segmentor, batch 1) from ``tools/benchmark.py``'s JSON
-    (schema ``fatr_seg.benchmark/1``: ``configs[i].name/path``, ``timing[j].config``,
-    ``timing[j].images_per_s.median``)."""
+    """``{config: images/s}`` (median, segmentor, batch 1) from ``tools/benchmark.py``'s JSON."""
     if not osp.isfile(path):
         raise DemoError(f"tools/benchmark.py wrote no {path}")
     with open(path) as f:
@@ -123,22 +120,20 @@ def read_throughput(path, configs):
                 break
     skipped = "; ".join(str(s.get("reason")) for s in data.get("skipped", []))
     note = f" (skipped: {skipped})" if skipped else ""
-    return _check_found(path, configs, found, "a segmentor timing", note)
+    return _all_found(path, configs, found, "a segmentor timing", note)
 
 
 def _fmt(value, spec):
     return "n/a" if value is None else format(value, spec)
 
 
-def _ratio(num, den, spec=".2f"):
-    return "n/a" if num is None or den in (None, 0) else format(num / den, spec) + "x"
+def _ratio(num, den):
+    return "n/a" if num is None or den in (None, 0) else f"{num / den:.2f}x"
 
 
 def format_summary(results):
-    """Markdown summary of the ``results`` dict of :func:`fatr_seg.analysis.demo.run_demo`:
-    one row per evaluated model (baseline, FATR training-free, FATR fine-tuned) with its mIoU
-    and its config's cost (the two FATR rows share the config), then ratios, threads, pictures
-    and step times."""
+    """Markdown summary of :func:`run_demo`'s ``results``: one row per evaluated model with its
+    mIoU and its config's cost, then ratios, threads, pictures and step times."""
     base, fatr, size = results["baseline_config"], results["fatr_config"], results["size"]
     miou, models = results.get("miou", {}), results.get("models", [])
     gmacs = results.get("bench", {}).get("gmacs", {})

@@ -1,25 +1,17 @@
 """MAC counting that sees fused attention and the reduction's own overhead.
 
-``torch.utils.flop_counter.FlopCounterMode`` counts shape-based FLOPs of the ops it knows. It
-knows the CUDA attention kernels (flash, memory-efficient, cuDNN) but not the fused CPU kernel
-``aten._scaled_dot_product_flash_attention_for_cpu`` that ``F.scaled_dot_product_attention`` runs on
-CPU, nor in-place matmuls such as ``baddbmm_``: without help, attention on CPU counts zero.
-:func:`flop_formulas` adds the missing formulas and :func:`count_macs` runs the counter with them.
+``torch.utils.flop_counter.FlopCounterMode`` knows the CUDA attention kernels but not the fused
+CPU kernel that ``F.scaled_dot_product_attention`` runs on CPU, nor in-place matmuls such as
+``baddbmm_``: without help, attention on CPU counts zero. :func:`flop_formulas` adds them and
+:func:`count_macs` runs the counter with them.
 
-Counting conventions (those of the paper and of fvcore/mmengine):
-
-* MACs = FLOPs / 2, counted for matmul-like ops only (linear, matmul/bmm, convolution, attention).
-  Softmax, LayerNorm, GELU and other elementwise ops count zero.
-* Attention ``softmax(q kᵀ) v`` costs ``n_q · n_k · (d + d_v)`` MACs per head.
-* The reduction's overhead is counted where it happens: the exact HF score recomputes
-  ``q kᵀ`` (``n² · C`` MACs per reduction layer); the logit proxy and the CLS attention cost
-  ``n · C``; similarities for merging cost one dot product per compared pair; the DC term of
-  the reweighted attention (``A[:, DC] V[DC]``) costs ``2 · n · D · C`` (D = DC tokens).
-  Aggregation (``scatter_add``) and restoration (``gather``) do no multiplications; they are
-  reported apart as additions and moved elements, never mixed into the MACs.
-
-The count does not depend on the device, so the tools count on CPU, where the exact score runs
-as torch ops (a Triton kernel launch is invisible to a dispatch mode).
+Conventions (the paper's, fvcore's and mmengine's): MACs = FLOPs / 2 of matmul-like ops only
+(linear, matmul, convolution, attention: ``n_q · n_k · (d + d_v)`` per head); elementwise ops
+count zero. The reduction's overhead is counted where it happens (the exact HF score's
+``n² · C``, the proxies' ``n · C``, one dot product per compared pair, the DC term's
+``2 · n · D · C``); its ``scatter_add`` and ``gather`` move data and are reported apart. The
+count does not depend on the device, so the tools count on CPU (a Triton launch is invisible to
+a dispatch mode).
 """
 
 from __future__ import annotations
@@ -91,10 +83,9 @@ def _index_count(self_shape, dim, index_shape, *args, out_shape=None, **kwargs) 
 
 
 def flop_formulas() -> dict[Any, Callable[..., int]]:
-    """Formulas that ``FlopCounterMode`` lacks (its ``custom_mapping``): the fused CPU and the
-    backend-agnostic attention kernels (forward and backward), in-place and reduced batched
-    matmuls, and the reduction's data movement (``scatter_add``, ``gather``), which
-    :class:`MacReport` keeps apart from the MACs. torch knows the CUDA attention kernels."""
+    """Formulas ``FlopCounterMode`` lacks (its ``custom_mapping``): the fused CPU and
+    backend-agnostic attention kernels (forward, backward), in-place and reduced batched
+    matmuls, and ``scatter_add``/``gather``, which :class:`MacReport` keeps apart from the MACs."""
     mapping: dict[Any, Callable[..., int]] = {
         aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
@@ -116,11 +107,10 @@ def flop_formulas() -> dict[Any, Callable[..., int]]:
 
 @dataclass(frozen=True)
 class MacReport:
-    """Result of :func:`count_macs`: ``macs`` of matmul-like ops (FLOPs / 2), per op name and
-    per module path (parents include their children); of them ``scoring_macs`` inside
-    :class:`TokenReducer` modules and ``dc_term_macs`` (batched matmuls inside
-    :class:`Attention`: the reweighted attention's ``A[:, DC] V[DC]``); apart from them the
-    additions of ``scatter_add`` and the elements moved by ``gather``."""
+    """:func:`count_macs`'s result: ``macs`` of matmul-like ops, per op and per module path; of
+    them ``scoring_macs`` inside :class:`TokenReducer` modules and ``dc_term_macs`` (batched matmuls
+    inside :class:`Attention`); apart, the additions of ``scatter_add`` and the elements ``gather``
+    moves."""
 
     macs: int
     by_op: dict[str, int] = field(default_factory=dict)
@@ -168,13 +158,9 @@ def _kind(tracker_key: str, kinds: dict[str, str]) -> str | None:
 def count_macs(
     fn: Callable[..., Any], *inputs: Any, method: str | None = None, **kwargs: Any
 ) -> MacReport:
-    """The :class:`MacReport` of one call ``fn(*inputs, **kwargs)`` under inference mode.
-
-    ``fn``: a module (its ``forward``, or the method named ``method``, e.g. an mmseg
-    segmentor's ``'encode_decode'``; MACs inside its :class:`TokenReducer` and
-    :class:`Attention` submodules are also reported as overhead) or any callable, e.g.
-    ``count_macs(vit, torch.zeros(1, 3, 224, 224)).gmacs``.
-    """
+    """The :class:`MacReport` of one call ``fn(*inputs, **kwargs)`` under inference mode;
+    ``fn``: a module (its ``forward``, or its ``method``, e.g. ``'encode_decode'``), or any
+    callable."""
     call = getattr(fn, method) if method else fn
     kinds = _module_kinds(fn) if isinstance(fn, nn.Module) else {}
     counter = FlopCounterMode(display=False, custom_mapping=flop_formulas())
@@ -222,11 +208,8 @@ class BlockTokens:
 def token_schedule(
     grid: tuple[int, int], depth: int, reduction: dict | ReductionConfig | None
 ) -> list[BlockTokens]:
-    """One :class:`BlockTokens` per block of a ViT of ``depth`` blocks on a patch ``grid``,
-    reduced by ``reduction`` (or not); data-independent, as :class:`TokenReducer` runs: a
-    reduction block keeps :meth:`ReductionConfig.num_keep` of its M patch tokens, ``'dc'``
-    then holds one DC token per window (empty ones are masked, not removed), ``'fuse'`` adds
-    one fused token, ``'merge'`` none."""
+    """One :class:`BlockTokens` per block of a ViT of ``depth`` blocks on a patch ``grid`` reduced
+    by ``reduction``, as :class:`TokenReducer` runs (data-independent)."""
     red = ReductionConfig.from_dict(reduction, depth=depth)
     M, D, dc_grid = grid[0] * grid[1], 0, None
     out = []
@@ -291,18 +274,10 @@ def analytic_vit_macs(
 ) -> int:
     """Closed-form MACs of :class:`fatr_seg.layers.FATRVisionTransformer` (one image, no head).
 
-    Per block on ``n`` attention tokens and ``m`` MLP tokens:
-    ``4 · n · C²`` (qkv, proj) ``+ 2 · n² · C`` (the two attention matmuls)
-    ``+ 2 · mlp_ratio · m · C²`` (MLP); for a plain ViT with ratio 4 that is the familiar
-    ``12 · n · C² + 2 · n² · C``. Plus the patch embedding ``N · p² · in_channels · C``.
-
-    Overheads as counted on CPU (where the fused kernel returns the row log-sum-exp), each left
-    out by ``scoring=False`` / ``dc_term=False``: scores (``n² · C`` per exact HF score,
-    ``n · C`` for the logit proxy and the CLS attention, ``D · n · C`` more for an HF score that
-    sees D DC tokens) and similarities (one dot product per compared pair, of the head dim for
-    keys); the reweighted attention's DC term ``2 · n · D · C`` in every block after the first
-    reduction that sees D > 0 DC tokens.
-    """
+    Per block on ``n`` attention and ``m`` MLP tokens: ``4 · n · C² + 2 · n² · C + 2 · mlp_ratio ·
+    m · C²`` (``12 · n · C² + 2 · n² · C`` for a plain ViT), plus the patch embedding. The
+    reduction's scores and similarities (``scoring``) and the DC term (``dc_term``) as counted on
+    CPU, where the fused kernel returns the row log-sum-exp."""
     red = ReductionConfig.from_dict(reduction, depth=depth)
     N = grid[0] * grid[1]
     hidden = int(dim * mlp_ratio)

@@ -1,10 +1,5 @@
-"""The logic of ``tools/get_flops.py``: MACs of configs side by side, and the paper's MAC table.
-
-:func:`compare` counts backbone and segmentor MACs of configs at one input size (the first is
-the reference of every ratio), :func:`paper_table` the paper's classification ViTs with and
-without FATR beside the paper's numbers; :func:`format_compare` and :func:`format_paper_table`
-render their JSON (schemas in ``tools/get_flops.py``) with the one table helper. Segmentors are
-built without weights by :func:`.benchmark_models.build_segmentor` (mmseg imported then).
+"""The back-end of ``tools/get_flops.py``: MACs of configs side by side (:func:`compare`), and the
+paper's MAC table counted on its classification ViTs (:func:`paper_table`); schemas in the tool.
 """
 
 from __future__ import annotations

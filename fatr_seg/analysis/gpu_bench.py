@@ -1,16 +1,11 @@
 """The GPU benchmark behind ``tools/gpu_bench.sh``: ViT-S Segmenter, baseline vs FATR, on CUDA.
 
-Needs torch and timm only (no mmcv, mmseg or mmengine), so it runs on a bare GPU machine. The
-models are those of ``configs/baseline_vit-s_ade20k.py`` and ``configs/fatr_ade20k.py`` built
-from ``fatr_seg.layers`` (a test checks them against the configs), with random weights. Per
-input size, target (``backbone``; ``segmentor``: backbone, head and the logits' resize, i.e.
-mmseg's ``encode_decode``) and mode (``eager``; ``cudagraph``: eager's kernels replayed from a
-CUDA graph, without the host's Python and launch work; ``compiled``: backbone and head through
-``torch.compile(fullgraph=True)``, the resize eager, as ``tools/test.py --compile``), the models
-run in alternation through the benchmark core (:func:`.benchmark.timed_cell`) under autocast,
-with the peak memory of one call. ``--profile`` adds a ``torch.profiler`` table per cell and
-model; ``--time-budget`` lists the cells that would start later as skipped; ``--dry-run`` runs
-the same logic on a tiny model (``--device cpu --dry-run`` tests it without a GPU).
+torch and timm only (no mmcv, mmseg or mmengine), so it runs on a bare GPU machine: the models of
+``configs/baseline_vit-s_ade20k.py`` and ``configs/fatr_ade20k.py`` built from
+``fatr_seg.layers`` (a test checks them against the configs). Per size, target and mode
+(``eager``; ``cudagraph``: eager's kernels replayed; ``compiled``: as ``tools/test.py
+--compile``) the models run in alternation through the benchmark core, under autocast.
+``--dry-run`` runs the same logic on a tiny model (``--device cpu --dry-run``: without a GPU).
 """
 
 from __future__ import annotations
@@ -108,8 +103,7 @@ def _callables(model: Segmentor, target: str, x, dtype, mode: str, backend: str,
 
 
 def _cuda_graph(call: Callable[[], object], device: torch.device) -> Callable[[], object]:
-    """``call`` captured once in a CUDA graph; the returned callable replays it (eager's
-    kernels without host work; input and outputs are the captured tensors)."""
+    """``call`` captured once in a CUDA graph; the returned callable replays it."""
     if device.type != "cuda":
         raise RuntimeError("the cudagraph mode needs a CUDA device")
     side = torch.cuda.Stream(device)
@@ -136,9 +130,8 @@ def _memory(fn, device: torch.device) -> int:
 
 
 def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
-    """Measure every (shape, target, mode) cell; returns the JSON-ready result. ``on_cell``
-    gets the result after every cell (``seconds``: the time so far), so that a run stopped from
-    outside still leaves every finished cell."""
+    """Measure every (mode, shape, target) cell; the JSON-ready result. ``on_cell`` gets the
+    result after every cell, so that a run stopped from outside leaves every finished cell."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     start = time.perf_counter()
@@ -151,8 +144,7 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
         rows=[],
         skipped=[],
     )
-    modes = [m for m in args.modes if not (args.no_compile and m == "compiled")]
-    for mode in modes:
+    for mode in args.modes:
         for size in args.shapes:
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(args.batch, 3, size, size, generator=gen).to(device)
@@ -185,8 +177,7 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
 
 
 def profile_table(fn: Callable[[], object], device: torch.device, rows: int = 30) -> str:
-    """One call of ``fn`` under ``torch.profiler``: its ops by self time (on CUDA the kernels'
-    device time; the CPU columns are then the host's launch work)."""
+    """One call of ``fn`` under ``torch.profiler``: its ops by self time (the kernels' on CUDA)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -259,7 +250,6 @@ def parse_args(argv=None):
                    default=["backbone", "segmentor"])  # fmt: skip
     p.add_argument("--iters", type=int, default=None, help="timed rounds (default 20)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 3)")
-    p.add_argument("--no-compile", action="store_true", help="eager only")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                    help="modes to run, in this order (cudagraph: the eager forward captured in a "
                    "CUDA graph and replayed; CUDA only)")  # fmt: skip

@@ -1,18 +1,9 @@
 """Per-layer rank-collapse diagnostics on (possibly reduced) token sequences; pure torch.
 
-The paper (figures 1 and 4) tracks how fast a ViT's tokens collapse toward their mean: the
-relative amplitude of the high-frequency part ``‖H_f[X]‖_F / ‖X‖_F`` with
-``H_f[X] = X − mean_tokens(X)``, and the cosine similarity of each layer's tokens to the last
-layer's. Reduced sequences are measured two ways:
-
-* **restored grid** (the number the CamVid study reports): the sequence restored to one token per
-  original patch through the source map (:func:`fatr_seg.ops.restore_tokens`), i.e. what a decode
-  head would see if it read that layer. A DC (or merged) token is counted once per patch it
-  stands for, so every method is measured on the same N positions;
-* **token set**: the patch and DC tokens actually present in the sequence (CLS excluded), each
-  counted once.
-
-Nothing here imports mmseg, mmengine or mmcv.
+The paper's figures 1 and 4: the relative high-frequency amplitude ``‖X − mean(X)‖ / ‖X‖`` of
+each block's tokens, measured on the **restored grid** (one token per patch through the source
+map, as a decode head would read it: every method on the same N positions) and on the **token
+set** actually present; and each layer's cosine similarity to the last layer's.
 """
 
 from __future__ import annotations

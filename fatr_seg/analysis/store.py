@@ -1,9 +1,6 @@
-"""The results store of the experiments: one JSON file, written atomically after every step.
-
-:class:`Store` holds the CamVid study's ``results.json`` (settings, and a result per key);
-:func:`cached` computes a key only when the store lacks it, so a stopped run resumes where it
-stopped. :func:`write_json` is the same atomic write for the one-shot results of the benchmarks
-(``benchmark.json``, ``gpu_bench.json``), the demo and ``tools/get_flops.py``.
+"""The results store of the experiments: one JSON file, written atomically after every step
+(:class:`Store`, :func:`cached`: a stopped run resumes where it stopped), and :func:`write_json`
+for the one-shot results of the benchmarks, the demo and ``tools/get_flops.py``.
 """
 
 from __future__ import annotations

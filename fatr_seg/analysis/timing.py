@@ -1,11 +1,9 @@
 """Timing, memory and thread-count helpers (pure torch; no mmseg).
 
-Runs of the models being compared alternate (A B A B ...) so that machine drift (thermal state,
-other processes) hits all of them alike; each call is synchronised on CUDA. Statistics are the
-median and the inter-quartile range, robust to the occasional slow outlier of a shared machine.
-On a small machine shared with other jobs, torch's default of one OpenMP thread per core is a
-trap (each parallel op waits for its slowest thread): :func:`choose_threads` gives a job the
-CPUs that other processes leave free, measured from ``/proc/stat`` (:func:`busy_cpus`).
+Models compared run in alternation (A B A B ...) so that machine drift hits all alike;
+statistics are the median and quartiles. :func:`choose_threads` gives a job the CPUs that other
+processes leave free: on a small shared machine torch's one thread per core is a trap (each
+parallel op waits for its slowest thread).
 """
 
 from __future__ import annotations
@@ -73,8 +71,7 @@ class TimingStats:
         return self.q3_s - self.q1_s
 
     def throughput(self, batch: int) -> dict[str, float]:
-        """Images/s of ``batch`` images: median, quartiles and IQR of the per-iteration
-        throughputs ``batch / t`` (so ``q1`` comes from the slow ``q3`` time)."""
+        """Images/s of ``batch`` images: median, quartiles and IQR of ``batch / t``."""
         ips = sorted(batch / t for t in self.times_s)
         q1, med, q3 = _quartiles(ips)
         return dict(median=med, q1=q1, q3=q3, iqr=q3 - q1)
@@ -99,13 +96,10 @@ def time_alternating(
     on_round: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Name -> ``iters`` times (s) of zero-argument callables called in alternation.
-
-    Each round calls every function once, in order (A B A B ...), after ``warmup`` unrecorded
-    rounds; each call is timed alone between two synchronisations of ``device``, by ``clock``
-    (``time.thread_time``: the calling thread's CPU time, which other processes taking the core
-    do not inflate). ``on_round`` is called after every round with ``'warmup'`` or ``'timed'``.
-    """
+    """Name -> ``iters`` times (s) of zero-argument callables called in alternation (A B A B
+    ...) after ``warmup`` unrecorded rounds, each call timed alone between two synchronisations of
+    ``device`` by ``clock`` (``time.thread_time``: CPU time, which other processes do not inflate).
+    ``on_round`` is called after every round with ``'warmup'`` or ``'timed'``."""
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     if warmup < 0:
@@ -138,8 +132,8 @@ def current_rss_bytes() -> int:
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS mark (Linux ``/proc/self/clear_refs``), so that
-    :func:`peak_rss_bytes` measures the pass and not the model's construction; True if it did."""
+    """Reset this process's peak-RSS mark (Linux), so that :func:`peak_rss_bytes` measures the
+    pass and not the model's construction; True if it did."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -169,12 +163,9 @@ def peak_rss_bytes() -> int:
 
 
 def peak_tensor_bytes(fn: Callable[[], Any]) -> int:
-    """Peak CPU tensor bytes allocated during one call of ``fn`` (above those before it).
-
-    The CPU counterpart of ``torch.cuda.max_memory_allocated``, from torch.profiler's allocation
-    records: unlike peak RSS it excludes what the C allocator keeps after a free. The profiler
-    slows the call: use it for memory, never for time.
-    """
+    """Peak CPU tensor bytes allocated during one call of ``fn``, from torch.profiler's
+    allocation records (CUDA's ``max_memory_allocated`` on CPU; unlike peak RSS it excludes what the
+    C allocator keeps). The profiler slows the call: use it for memory, never for time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -209,8 +200,8 @@ def cuda_peak_memory(fn: Callable[[], Any], device: torch.device | str) -> dict[
 def attention_stats_at(
     vit: FATRVisionTransformer, x: torch.Tensor, layer: int
 ) -> tuple[AttnStats, torch.Tensor]:
-    """The :class:`AttnStats` (q, k, lse) and values (B, h, n, d) of 1-indexed block ``layer``
-    on images ``x``, the trunk run up to it as its forward does (earlier reductions included)."""
+    """The :class:`AttnStats` and values (B, h, n, d) of 1-indexed block ``layer`` on images
+    ``x``, the trunk run up to it as its forward does."""
     if not 1 <= layer <= len(vit.blocks):
         raise ValueError(f"layer must be in [1, {len(vit.blocks)}], got {layer}")
     tokens, state = vit.embed(x)
@@ -233,17 +224,10 @@ def time_scoring_paths(
     use_triton: bool | None = None,
 ) -> dict[str, Any]:
     """Time the HF-scoring paths of :func:`fatr_seg.ops.hf_scores` on one block's activations
-    and compare their top-k (k kept of the patch tokens at ``keep_ratio``, CLS excluded).
-
-    Paths: ``exact_chunked_lse`` (the exact score reusing the fused kernel's log-sum-exp: the
-    model on CPU), ``exact_chunked`` (its own row normalisation), ``exact_triton`` (the Triton
-    kernel; ``use_triton`` None: for CUDA tensors with Triton importable), ``logit_proxy`` (the
-    paper's pre-softmax proxy), and the fused attention call (``attention``) for scale.
-
-    Returns:
-        ``{'times': {path: TimingStats}, 'topk_agreement': {...}, 'k': int,
-        'num_patches': int, 'max_abs_diff': {path: float}}``.
-    """
+    (``exact_chunked_lse``: reusing the fused kernel's log-sum-exp, the model on CPU;
+    ``exact_chunked``; ``exact_triton`` on CUDA with Triton; ``logit_proxy``; the fused
+    ``attention`` for scale), and their top-k agreement with the exact score (k kept at
+    ``keep_ratio``): ``times``, ``topk_agreement``, ``k``, ``num_patches``, ``max_abs_diff``."""
     q, k, scale, lse = stats.q, stats.k, stats.scale, stats.lse
     device = q.device
     if use_triton is None:
@@ -322,9 +306,8 @@ class ThreadChoice:
     reason: str
 
     def env(self) -> dict[str, str]:
-        """Environment that makes a child process's torch use :attr:`threads`; with several,
-        ``OMP_WAIT_POLICY=PASSIVE`` too, so a thread that finishes an op first sleeps instead of
-        spinning and load that appears meanwhile slows the job instead of stalling it."""
+        """Environment that makes a child's torch use :attr:`threads`; with several, passive
+        waiting too, so that load appearing meanwhile slows the job instead of stalling it."""
         n = str(self.threads)
         env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
         if self.threads > 1:
@@ -338,16 +321,11 @@ class ThreadChoice:
 def choose_threads(
     requested: int | None = None, busy: float | None = None, interval: float = 1.0
 ) -> ThreadChoice:
-    """Threads for a CPU job started now: one per CPU that other processes leave free
-    (``floor(cpus - busy + MAX_BUSY_PER_THREAD)``), or one passive thread per CPU when none is:
-    they then get a fair share of every CPU (on the saturated 2-core machine the demo's training
-    step took 1.5 to 2.5 s so, 1.9 to 4.5 s with 1 thread, 11 to 25 s with torch's default;
-    ``docs/history/benchmarks-2026-11.md``, "Threads under load").
-
+    """Threads for a CPU job started now: one per CPU that other processes leave free, or one
+    passive thread per CPU when none is (a fair share of every CPU: on a saturated 2-core machine
+    the demo's training step took 1.5-2.5 s so, 11-25 s with torch's default).
     ``requested`` (``--threads``), else a set ``OMP_NUM_THREADS``, is taken as is; ``busy`` is
-    measured by :func:`busy_cpus` over ``interval`` s when None (call it while none of the
-    caller's own work runs).
-    """
+    measured over ``interval`` s when None."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cpus = max(1, cpus or 1)
     if requested is not None:
