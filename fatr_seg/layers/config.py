@@ -71,16 +71,12 @@ _FATR = dict(
 )
 # The default configs' schedule: an early local stage, then two global stages (docs/study.md).
 _FATR_LOCAL = dict(
+    _FATR,
     layers=(2, 5, 8),
     keep_ratio=(0.55, 0.6, 0.8),
     score=("window_hf", "hf_bipartite", "hf_bipartite"),
     local_window=2,
-    protect=0.2,
-    aggregate="merge",
-    metric="keys",
     prop_attn=True,
-    reweight="identity",
-    restore="copy",
 )
 # ToMe's reduction, whatever its schedule: bipartite matching on the keys, size-weighted merging
 # with its proportional attention, no reweighting.
