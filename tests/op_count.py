@@ -68,3 +68,25 @@ def ops_per_reduction_layer(reduction: dict, size: int = 256, **kwargs) -> float
     layers = len(ReductionConfig.from_dict(reduction).layers)
     extra = vit_ops(reduction, size, **kwargs).total - vit_ops(None, size, **kwargs).total
     return extra / layers
+
+
+def by_op(reduction: dict, size: int = 256) -> dict[str, float]:
+    """Extra ops per reduction layer, per ATen overload (most first)."""
+    from fatr_seg.layers import ReductionConfig
+
+    layers = len(ReductionConfig.from_dict(reduction).layers)
+    extra = vit_ops(reduction, size).ops
+    extra.subtract(vit_ops(None, size).ops)
+    return {op: round(n / layers, 2) for op, n in extra.most_common() if n}
+
+
+if __name__ == "__main__":  # python tests/op_count.py: the counts of results/op_counts.json
+    import json
+
+    from fatr_seg.layers import PRESETS
+
+    rows = {m: {s: round(ops_per_reduction_layer(dict(method=m), s), 2) for s in (256, 512)}
+            for m in sorted(PRESETS)}  # fmt: skip
+    print(
+        json.dumps(dict(per_layer=rows, default_by_op=by_op(dict(method="fatr_local"))), indent=1)
+    )

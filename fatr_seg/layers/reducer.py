@@ -19,6 +19,7 @@ from ..ops import (
     merge_planned,
     merge_tokens,
     nearest_kept,
+    num_windows,
     partner_plan,
     protected_bipartite_scores,
     select_topk,
@@ -116,8 +117,10 @@ class TokenReducer(nn.Module):
         method = "logit_proxy" if self.score == "hf_proxy" else "exact"  # hf, window_hf too
         s = self.hf_score(stats, state, key_bias, method)
         if self.score == "window_hf":
-            win = window_members(state.hw_shape, self.cfg.local_window, x.device)
-            return (*window_fold_scores(window_hf_priority(s, win), win, M), None)
+            window = self.cfg.local_window
+            win = window_members(state.hw_shape, window, x.device)
+            priority = window_hf_priority(s, state.hw_shape, window)
+            return (*window_fold_scores(priority, win, M), None)
         if self.score == "hf_bipartite":
             return (*protected_bipartite_scores(self.metric(x, stats, M), s, protect), None)
         return s, None, None
@@ -216,13 +219,12 @@ class TokenReducer(nn.Module):
     ) -> MergePlan:  # fmt: skip
         """The whole-window scores' folds as a :class:`MergePlan` (the same as :meth:`scores`,
         :func:`select_topk` and :func:`partner_plan`, in few kernels)."""
-        M = state.num_patches
-        win = window_members(state.hw_shape, self.cfg.local_window, x.device)
+        M, hw, window = state.num_patches, state.hw_shape, self.cfg.local_window
         if self.score == "window_random":
-            priority = torch.rand(x.shape[0], win.shape[0], device=x.device)
+            priority = torch.rand(x.shape[0], num_windows(hw, window), device=x.device)
         else:
-            priority = window_hf_priority(self.hf_score(stats, state, key_bias), win)
-        return window_fold_plan(priority, win, M, M - keep)
+            priority = window_hf_priority(self.hf_score(stats, state, key_bias), hw, window)
+        return window_fold_plan(priority, hw, window, M - keep)
 
     def hf_score(
         self, stats: AttnStats, state: TokenState, key_bias: torch.Tensor | None,
@@ -232,6 +234,16 @@ class TokenReducer(nn.Module):
         strided query rows (:func:`fatr_seg.ops.query_rows`), or the logit proxy."""
         M = state.num_patches
         queries = getattr(self.cfg, "score_queries", None) if method == "exact" else None
+        sizes = None
+        if (
+            key_bias is not None
+            and not state.num_dc
+            and stats.lse is not None
+            and method == "exact"
+        ):
+            # The bias is log(size): exp(l + log s - lse) = s · exp(l - lse), so the sizes scale
+            # the column means instead of a pass over every logit.
+            sizes, key_bias = state.patch_size, None
         if queries is not None and state.num_dc:
             # The estimate's rows come from CLS and the patches, so no empty DC window votes.
             lse = None if stats.lse is None else stats.lse[:, :, : 1 + M]
@@ -240,7 +252,7 @@ class TokenReducer(nn.Module):
                       queries=queries)  # fmt: skip
         if state.num_dc and queries is None:
             s = self.without_empty_queries(s, stats, key_bias, state.num_dc)
-        return s[:, 1 : 1 + M]
+        return s[:, 1 : 1 + M] if sizes is None else s[:, 1 : 1 + M] * sizes
 
     @torch.no_grad()
     def peer_order(

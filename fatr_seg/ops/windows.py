@@ -62,7 +62,7 @@ def window_similarity(metric: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def window_hf_priority(hf: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
+def window_hf_priority(hf: torch.Tensor, hw_shape: tuple[int, int], window: int) -> torch.Tensor:
     """(B, G) a window's HF priority: the highest HF score among its tokens.
 
     A window folds only when all its tokens are low-frequency: one HF token (an edge, a pole,
@@ -70,9 +70,19 @@ def window_hf_priority(hf: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
 
     Args:
         hf: (B, N) HF scores of the patch tokens in grid order.
-        win: (G, s) window members.
+        hw_shape: The patch grid (H, W), ``N = H · W``.
+        window: Window side in patches.
     """
-    return hf[:, win].amax(dim=-1)
+    # One reduction over a (B, gh, w, gw, w) view of the grid: no gather of the members.
+    return _window_view(hf, hw_shape, window).amax(dim=(2, 4)).flatten(1)
+
+
+def _window_view(t: torch.Tensor, hw_shape: tuple[int, int], window: int) -> torch.Tensor:
+    """The whole windows of a (B, H·W) grid-ordered tensor as a (B, gh, w, gw, w) view."""
+    H, W = hw_shape
+    gh, gw = H // window, W // window
+    grid = t.unflatten(1, (H, W))[:, : gh * window, : gw * window]
+    return grid.unflatten(2, (gw, window)).unflatten(1, (gh, window))
 
 
 @torch.no_grad()
@@ -107,34 +117,69 @@ def window_fold_scores(
 
 @torch.no_grad()
 def window_fold_plan(
-    priority: torch.Tensor, win: torch.Tensor, num_tokens: int, num_drop: int
+    priority: torch.Tensor, hw_shape: tuple[int, int], window: int, num_drop: int
 ) -> MergePlan:
     """The merges of :func:`window_fold_scores` followed by a top-k that drops ``num_drop``
-    tokens, as a :class:`MergePlan`: the same split, partners and order, in few kernels (one
-    sort ranks the windows, one orders the kept tokens, one inverts that order).
+    tokens, as a :class:`MergePlan`: the same split, partners and order, in seven kernels on a
+    grid the windows tile (nine otherwise): one sort ranks the windows, one orders the kept
+    tokens, one inverts that order, and the members' masks and partners are elementwise ops on
+    a (B, gh, w, gw, w) view of the grid, so no member index is gathered.
 
     Args:
         priority: (B, G) window priority (the lowest fold first, ties to the lower window).
-        win: (G, s) window members, s ≥ 2.
-        num_tokens: N, the patch tokens in grid order.
-        num_drop: Tokens removed, a whole number of windows: ``F · (s - 1)``, F ≤ G.
+        hw_shape: The patch grid (H, W); the tokens are its ``N = H · W`` patches in grid order.
+        window: Window side w ≥ 2 in patches.
+        num_drop: Tokens removed, a whole number of windows: ``F · (w² - 1)``, F ≤ G.
     """
     B, G = priority.shape
-    per = win.shape[1] - 1
+    H, W = hw_shape
+    per = window * window - 1
     folds = num_drop // per if per else 0
     if per < 1 or folds * per != num_drop or folds > G:
         raise ValueError(f"{num_drop} tokens are no whole number of the {G} windows of "
                          f"{per + 1} tokens")  # fmt: skip
     folded = torch.sort(priority.float(), dim=1, stable=True).indices[:, :folds]  # (B, F)
-    drop = win[:, :-1][folded].reshape(B, num_drop)  # every member but the last
-    last = win[:, -1:].expand(-1, per)[folded].reshape(B, num_drop)  # the one each joins
-    key = torch.zeros(B, num_tokens, dtype=torch.int8, device=priority.device)
-    key.scatter_(1, drop, 1)
+    fold = torch.zeros(B, G, dtype=torch.bool, device=priority.device).scatter_(1, folded, True)
+    gh, gw = H // window, W // window
+    member = _leaving_members(window, priority.device)[:, None]  # (w, 1, w)
+    fold = fold.view(B, gh, 1, gw, 1)
+    tiled = gh * window == H and gw * window == W
+    if tiled:  # the mask of the windows' members is the whole key
+        key = torch.logical_and(fold, member).view(B, H * W)
+    else:  # tokens in no window stay
+        key = torch.zeros(B, H * W, dtype=torch.bool, device=priority.device)
+        torch.logical_and(fold, member, out=_window_view(key, hw_shape, window))
     perm = key.sort(dim=1, stable=True).indices  # kept ascending, then the dropped ascending
     old_to_new = perm.argsort(dim=1)
-    old_to_new.scatter_(1, drop, old_to_new.gather(1, last))
-    scores = lambda: window_fold_scores(priority, win, num_tokens)[0]  # noqa: E731
-    return MergePlan(perm, old_to_new, num_tokens - num_drop, scores)
+    # A leaving member takes the new position of its window's last member.
+    pos = _window_view(old_to_new, hw_shape, window)
+    joined = torch.where(_window_view(key, hw_shape, window), pos[:, :, -1:, :, -1:], pos)
+    if tiled:
+        old_to_new = joined.view(B, H * W)
+    else:
+        pos.copy_(joined)
+
+    def scores() -> torch.Tensor:
+        return window_fold_scores(priority, window_members(hw_shape, window, priority.device),
+                                  H * W)[0]  # fmt: skip
+
+    return MergePlan(perm, old_to_new, H * W - num_drop, scores)
+
+
+def _leaving_members(window: int, device: torch.device) -> torch.Tensor:
+    """(w, w) bool: every member of a window but its last (bottom-right), which the others join.
+    Built once per window size and device (a constant each reduction would rebuild)."""
+    key = (window, torch.device(device))
+    mask = _LEAVING.get(key)
+    if mask is None or torch.compiler.is_compiling():
+        mask = torch.ones(window, window, dtype=torch.bool, device=device)
+        mask[-1, -1] = False
+        if not torch.compiler.is_compiling():
+            _LEAVING[key] = mask
+    return mask
+
+
+_LEAVING: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _member_scores(

@@ -120,16 +120,25 @@ def test_window_plan_equals_scores_topk_and_partners(hw, window, folds, ties):
         scores, partner = window_fold_scores(priority, win, N)
         keep_pos, drop_pos = select_topk(scores, N - drop)
         want = partner_plan(keep_pos, drop_pos, partner, scores)
-        plan = window_fold_plan(priority, win, N, drop)
+        plan = window_fold_plan(priority, hw, window, drop)
         assert plan.num_keep == want.num_keep == N - drop
         assert torch.equal(plan.perm, want.perm)
         assert torch.equal(plan.old_to_new, want.old_to_new)
         assert torch.equal(plan.scores(), scores)
 
 
-def test_window_plan_refuses_part_of_a_window():
-    from fatr_seg.ops import window_fold_plan, window_members
+@pytest.mark.parametrize(("hw", "window"), [((4, 6), 2), ((5, 7), 2), ((7, 6), 3), ((1, 6), 2)])
+def test_window_priority_is_the_members_max(hw, window):
+    from fatr_seg.ops import window_hf_priority, window_members
 
-    win = window_members((4, 4), 2)
+    hf = torch.rand(2, hw[0] * hw[1], generator=torch.Generator().manual_seed(hw[1]))
+    win = window_members(hw, window)
+    want = hf[:, win].amax(-1) if win.shape[0] else hf[:, :0]
+    assert torch.equal(window_hf_priority(hf, hw, window), want)
+
+
+def test_window_plan_refuses_part_of_a_window():
+    from fatr_seg.ops import window_fold_plan
+
     with pytest.raises(ValueError, match="5 tokens are no whole number of the 4 windows of 4"):
-        window_fold_plan(torch.zeros(1, 4), win, 16, 5)
+        window_fold_plan(torch.zeros(1, 4), (4, 4), 2, 5)
