@@ -63,6 +63,22 @@ def test_cls_attention_is_the_explicit_softmax_row():
     assert_close(got.sum(1), torch.ones(2), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("lse", [True, False])
+def test_hf_score_of_merged_tokens_weighs_their_sizes(lse):
+    """With proportional attention a token's HF score is its column mean of
+    softmax(q·kᵀ·scale + log size), whether the sizes enter as the bias or scale the means."""
+    _, stats, state = make_inputs(2, (3, 4), seed=5)
+    size = torch.randint(1, 5, (2, 12), generator=torch.Generator().manual_seed(5)).double()
+    state = state.replace(patch_size=size)
+    bias = state.key_bias(torch.float64)
+    A = ref.attention_matrix(stats.q, stats.k, SCALE, bias)  # (B, h, n, n)
+    if lse:
+        logits = stats.q @ stats.k.transpose(-2, -1) * SCALE + bias[:, None, None, :]
+        stats = stats._replace(lse=logits.logsumexp(-1))
+    got = reducer("fatr", layers=(1,)).hf_score(stats, state, bias)
+    assert_close(got.double(), A.mean(dim=(1, 2))[:, 1:], atol=1e-9, rtol=1e-6)  # float32 scores
+
+
 @pytest.mark.parametrize("M", [1, 2, 7, 30])
 def test_bipartite_scores_follow_tomes_split(M):
     metric = torch.randn(3, M, 5, generator=torch.Generator().manual_seed(M), dtype=ref.DT)
