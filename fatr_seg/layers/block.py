@@ -78,15 +78,15 @@ class Block(nn.Module):
         ``coef_hp``: the reweighting's ``1 + omega1`` if the caller computed it.
         """
         key_bias = state.key_bias(torch.float32)
-        y, stats = self.attn(self.norm1(x), key_bias, state.num_dc, self.reducer is not None,
-                             coef_hp)  # fmt: skip
+        reduces = self.reducer is not None and self.reducer.active
+        y, stats = self.attn(self.norm1(x), key_bias, state.num_dc, reduces, coef_hp)
         x = x + self.drop_path1(self.ls1(y))
         # Release the attention output and the scoring statistics (q and k, i.e. the qkv buffer)
         # before the MLP: otherwise they are alive at the MLP's peak and FATR's peak memory at
         # 4096 tokens exceeds the baseline's (docs/benchmarks.md, "Memory").
         del y
         record = None
-        if self.reducer is not None:
+        if reduces:
             x, state, record = self.reducer(x, stats, state, key_bias)
         del stats
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -67,6 +67,12 @@ class TokenReducer(nn.Module):
             self.dc_pos = nn.Parameter(torch.zeros(num, dim))
 
     @property
+    def active(self) -> bool:
+        """Whether this layer reduces now: always in eval mode, in training mode only with
+        ``reduce_in_training`` (its block then skips the scoring statistics too)."""
+        return not self.training or self.cfg.reduce_in_training
+
+    @property
     def score(self) -> str:
         return self.cfg.score[self.j]
 
@@ -165,8 +171,9 @@ class TokenReducer(nn.Module):
         M = state.num_patches
         keep = self.cfg.num_keep(self.j, M, state.hw_shape)
         grid = self.cfg.dc_grid(self.j)
-        idle = self.training and not self.cfg.reduce_in_training
-        if idle or (keep == M and (grid is None or state.num_dc == 0 or state.dc_grid == grid)):
+        if not self.active or (
+            keep == M and (grid is None or state.num_dc == 0 or state.dc_grid == grid)
+        ):
             # Nothing to aggregate and no DC grid to change: leave the sequence exactly as it is.
             empty = state.patch_idx[:, :0]
             scores = torch.zeros(state.patch_idx.shape, device=x.device)

@@ -270,12 +270,13 @@ class TimmBlock(nn.Module):
     ) -> tuple[torch.Tensor, TimmTokenState, ReductionRecord | None]:
         """Run the block on ``x`` (B, P + M + D, C); returns the (possibly reduced) sequence."""
         key_bias = state.key_bias(torch.float32)
-        y, stats = self.attn(self.norm1(x), key_bias, state.num_dc, self.reducer is not None,
-                             coef_hp, state.token_rope(), state.num_prefix)  # fmt: skip
+        reduces = self.reducer is not None and self.reducer.active
+        y, stats = self.attn(self.norm1(x), key_bias, state.num_dc, reduces, coef_hp,
+                             state.token_rope(), state.num_prefix)  # fmt: skip
         x = x + self.drop_path1(self.scale(y, 1))
         del y  # free the attention output and q, k before the MLP (see Block)
         record = None
-        if self.reducer is not None:
+        if reduces:
             x, state, record = reduce_with_prefix(self.reducer, x, stats, state, key_bias)
         del stats
         x = x + self.drop_path2(self.scale(self.mlp(self.norm2(x)), 2))

@@ -437,8 +437,12 @@ def test_reduce_in_training_false_trains_the_plain_vit_and_reduces_in_eval(metho
         want_eval, want_train = reduced(x)[0], plain(x)[0]
         assert not torch.allclose(want_eval, want_train, atol=1e-3)  # the reduction changes it
         assert torch.equal(model(x)[0], want_eval)
+        asks = []  # whether each block asks its attention for the scoring statistics
+        for blk in model.blocks:
+            blk.attn.register_forward_pre_hook(lambda m, args: asks.append(args[3]))
         model.train()
         assert_close(model(x)[0], want_train, atol=1e-6, rtol=1e-5)
+        assert asks == [False] * len(model.blocks)  # an idle reduction computes no statistics
         reduced.train()  # reduce_in_training=True (every preset's default) reduces in training
         assert torch.equal(reduced(x)[0], want_eval)
 
