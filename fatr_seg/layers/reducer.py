@@ -240,7 +240,7 @@ class TokenReducer(nn.Module):
         """(B, M) HF scores of the patch tokens: exact, or estimated from ``score_queries``
         strided query rows (:func:`fatr_seg.ops.query_rows`), or the logit proxy."""
         M = state.num_patches
-        queries = getattr(self.cfg, "score_queries", None) if method == "exact" else None
+        queries = self.cfg.score_queries if method == "exact" else None
         sizes = None
         if (
             key_bias is not None
