@@ -14,7 +14,7 @@ from _common import MACHINE, argv, columns, paired, speedups, text, write
 
 raw_path, out_path, commit = argv()
 png = sys.argv[4] if len(sys.argv) > 4 else None
-extra_paths = sys.argv[5:]  # runs of their own on the same weights (ToMe constant, late schedule)
+extra_paths = sys.argv[5:]  # runs on the same weights (ToMe constant, ...) and the timing run
 data = json.load(open(raw_path))
 runs, seeds = data["runs"], data["settings"]["seeds"]
 DEFAULT = "configs/camvid/fatr_vit-t_camvid.py"
@@ -42,8 +42,8 @@ LABEL = {
     ),
     "local@0.55": (
         "FATR",
-        "FATR default (`fatr_local`)",
-        DEFAULT,
+        "FATR, keep 0.55 at block 2, exact HF score",
+        None,
         "0.55 / 0.6 / 0.8 at 2 (2×2 windows) / 5 / 8",
     ),
     "fatr_local": (
@@ -72,14 +72,33 @@ EXTRA_LABEL = {
     f"tomec@{r}": ("ToMe constant", f"ToMe, constant r = {r}", None, f"r = {r} at 1 … 12")
     for r in (30, 36, 42, 52)
 }
+# The default: the keep-0.55 schedule with its HF score from 256 strided query rows.
+EXTRA_LABEL["q256"] = ("FATR default", "FATR default (`fatr_local`)", DEFAULT,
+                       "0.55 / 0.6 / 0.8 at 2 (2×2 windows) / 5 / 8")  # fmt: skip
 EXTRA_LABEL.update({
     f"late@{k}": ("FATR late", f"FATR late schedule, keep {k}", None, f"{k} at 4, 7, 10")
     for k in ("0.8", "0.6", "0.5")
 })  # fmt: skip
 sources = [(runs, LABEL)]
+timing = None  # tools/benchmark.py's benchmark.json: every row's speed from one alternating run
 for path in extra_paths:
-    extra = json.load(open(path))["runs"]
+    extra = json.load(open(path))
+    if extra.get("schema", "").startswith("fatr_seg.benchmark/"):
+        timing = extra
+        continue
+    extra = extra["runs"]
     sources.append((extra, {k: v for k, v in EXTRA_LABEL.items() if f"budget/{k}" in extra}))
+
+
+def speed(cost: dict, key: str) -> dict[str, float]:
+    if timing is None:
+        return speedups(cost, key)
+    # the timing run's configs are named after the keys (none: the plain Segmenter config)
+    name = "segmenter_vit-t_camvid" if key == "none" else key.replace("@", "-at-").replace(".", "p")
+    cells = [t for t in timing["timing"] if t["config"] == name and t["target"] == "segmentor"]
+    return {f"speedup_b{t['batch']}": t["speedup"] for t in cells}
+
+
 rows = []
 for runs, labels in sources:
     cost = runs["cost"]
@@ -94,7 +113,7 @@ for runs, labels in sources:
             key=key,
             budget=budget,
             backbone_gmacs=cost["macs"][key]["backbone"] / 1e9,
-            **speedups(cost, key),
+            **speed(cost, key),
             miou_free=runs[f"free/{key}"]["mIoU"],
             miou_ft=statistics.fmean(values),
             miou_ft_std=statistics.stdev(values) if len(values) > 1 else None,
@@ -123,11 +142,17 @@ for runs, labels in sources:
             "algm@0.7",
             "algm",
             "tomec@52",
+            "q256",
         ):
             row["readme"] = "yes"
-        if key == "local@0.55":
+        if key == "q256":
             row["bold"] = True
         rows.append(row)
+# The default's row next to its exact-score form (its accuracy came from a run of its own).
+default = next((r for r in rows if r["key"] == "q256"), None)
+if default:
+    rows.remove(default)
+    rows.insert(next(i for i, r in enumerate(rows) if r["key"] == "local@0.55"), default)
 write(
     title="CamVid val, Segmenter-Mask ViT-Ti/16: FATR, ToMe and ALGM at several budgets, each applied to the same fine-tuned unreduced model (3 paired seeds), against measured CPU speed",
     how=" (tools/camvid_study.py's results.json)",
@@ -138,11 +163,13 @@ write(
         "pos_embed of iter_500.pth resampled (bicubic, fatr_seg.layers.embed.resample_pos_embed) from the 256 crop's 16x16 grid to the 352 crop's 22x22: baseline_500_352.pth",
         'L=\'"score":["window_hf","hf_bipartite","hf_bipartite"],"prop_attn":true,"layers":[2,5,8]\'; python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_deploy --model-config configs/camvid/fatr-local_vit-t_camvid.py --methods none fatr_local algm --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants "local@0.8={$L,\\"keep_ratio\\":[0.8,0.8,0.9]}" "local@0.7={$L,\\"keep_ratio\\":[0.7,0.7,0.8]}" "local@0.6={$L,\\"keep_ratio\\":[0.6,0.7,0.8]}" "local@0.5b={$L,\\"keep_ratio\\":[0.5,0.5,0.7]}" \'fatr_default={"method":"fatr"}\' \'tome@0.8={"method":"tome","keep_ratio":0.8}\' \'tome@0.7={"method":"tome","keep_ratio":0.7}\' \'tome@0.6={"method":"tome","keep_ratio":0.6}\' \'tome@0.5={"method":"tome","keep_ratio":0.5}\' \'algm@0.8={"method":"algm","keep_ratio":0.8}\' \'algm@0.7={"method":"algm","keep_ratio":0.7}\' \'algm@0.5={"method":"algm","keep_ratio":0.5}\'   # configs/camvid/fatr-local_vit-t_camvid.py was then the fatr_local config (now configs/camvid/fatr_vit-t_camvid.py); ft_none_s0 copied from the local-stage study (same settings); fatr_local was then keep 0.5 / 0.6 / 0.8 (the row "FATR, keep 0.5 at block 2")',
         "python tools/camvid_study.py ... (the same options) --methods none fatr_local --finetune-as both   # fatr_local fine-tuned with its reduction in the loop, seeds 1 and 2 (seed 0: the local-stage study's run, same settings, copied)",
-        'python tools/camvid_study.py ... (the first command\'s options) --variants ... "local@0.55={$L,\\"keep_ratio\\":[0.55,0.6,0.8]}" ...   # adds the keep 0.55 schedule (now the fatr_local preset) and times all 16 models again, alternating (the cost of every row)',
-        'python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_tc --model-config configs/camvid/fatr_vit-t_camvid.py --methods none fatr_local --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants \'tomec@30={"method":"tome_constant","r":30}\' ... (r = 36, 42, 52)   # ToMe\'s constant schedule, its own run (the same ft_none checkpoints copied): its rows\' speed-ups are against none of that run',
-        'python tools/camvid_study.py ... (as the line above, --work-dir work_dirs/cs_late) --variants \'late@0.8={"method":"fatr","keep_ratio":0.8}\' ... (0.6, 0.5)   # the late schedule at three more budgets, its own run (speed-ups against none of that run)',
+        'python tools/camvid_study.py ... (the first command\'s options) --variants ... "local@0.55={$L,\\"keep_ratio\\":[0.55,0.6,0.8]}" ...   # adds the keep 0.55 schedule (now the fatr_local preset) and times all 16 models again, alternating (superseded by the timing run below)',
+        'python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_tc --model-config configs/camvid/fatr_vit-t_camvid.py --methods none fatr_local --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants \'tomec@30={"method":"tome_constant","r":30}\' ... (r = 36, 42, 52)   # ToMe\'s constant schedule, its own run (the same ft_none checkpoints copied; speed from the timing run below)',
+        'python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_sq --model-config configs/camvid/fatr_vit-t_camvid.py --methods none fatr_local --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants \'q256={"method":"fatr_local","score_queries":256}\' ... (Q = 64, 128)   # at 373aff5: the default with its HF score from 256 query rows (now the fatr_local preset), its own run (the same ft_none checkpoints copied; speed from the timing run below)',
+        'python tools/camvid_study.py ... (as the line above, --work-dir work_dirs/cs_late) --variants \'late@0.8={"method":"fatr","keep_ratio":0.8}\' ... (0.6, 0.5)   # the late schedule at three more budgets, its own run (speed from the timing run below)',
+        "python tools/benchmark.py configs/camvid/segmenter_vit-t_camvid.py work_dirs/frontier_cfgs/*.py --targets segmentor --shapes 368x480 --batch-sizes 1 8 --iters 7 --threads 1 --cpu-time --no-memory --no-scoring --no-macs --time-budget 0 --max-cell-seconds 0 --out-dir work_dirs/bench_frontier   # at 76240be (the q256 config gives score_queries=256 itself): every row's speed, one run (the 23 configs: configs/camvid/fatr_vit-t_camvid.py with reduction=dict(_delete_=True, **the row's resolved reduction)); results/raw/camvid_vit-t_frontier_timing_benchmark.json",
     ],
-    protocol="baseline: 500 iterations from the timm ViT-Ti at 256² crops (free mIoU 50.2); the unreduced model fine-tuned from it with the study's self-distillation recipe (100 iterations, batch 8, 352² crops, EMA momentum 0.1) once per seed; every reduction applied to those weights without training of its own (what reduce_in_training=False trains); Δ: mean over seeds of (method − unreduced, same seed) ± its standard error; evaluated on the 101 val images at 360x480 (368x480 padded, 690 tokens); speed: whole segmentor, 1 thread, batch 1 and 8, all 16 models alternating, 5 rounds, median",
+    protocol="baseline: 500 iterations from the timm ViT-Ti at 256² crops (free mIoU 50.2); the unreduced model fine-tuned from it with the study's self-distillation recipe (100 iterations, batch 8, 352² crops, EMA momentum 0.1) once per seed; every reduction applied to those weights without training of its own (what reduce_in_training=False trains); Δ: mean over seeds of (method − unreduced, same seed) ± its standard error; evaluated on the 101 val images at 360x480 (368x480 padded, 690 tokens); speed: whole segmentor at 368x480 (690 tokens), 1 thread, batch 1 and 8, all 24 models alternating in one process (tools/benchmark.py, random weights: the token counts and so the speed do not depend on them), 7 rounds, median, each call timed by its thread's CPU time so that other processes on the machine do not count",
     columns=columns(
         "method budget backbone_gmacs speedup miou_free miou_ft delta delta_own",
         budget=text("keep ratio at blocks", "budget"),
@@ -177,6 +204,7 @@ if png:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     style = {
         "FATR": ("tab:red", "o"),
+        "FATR default": ("tab:red", "*"),
         "FATR late": ("tab:orange", "s"),
         "ToMe": ("tab:blue", "^"),
         "ALGM": ("tab:green", "D"),
@@ -199,9 +227,12 @@ if png:
                 color=color,
                 marker=marker,
                 capsize=3,
-                label=fam if fam != "FATR" else "FATR (early local stage)",
+                label=fam if fam != "FATR" else "FATR (early local stage, exact score)",
+                markersize=14 if marker == "*" else 6,
+                markeredgecolor="black" if marker == "*" else color,
+                zorder=5 if marker == "*" else 2,
             )
-        d = next(r for r in rows if r["key"] == "local@0.55")
+        d = next(r for r in rows if r["key"] == "q256")
         ax.annotate(
             "default",
             (d[f"speedup_{b}"], d["delta"]),
