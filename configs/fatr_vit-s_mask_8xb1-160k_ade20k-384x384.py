@@ -2,21 +2,12 @@
 _base_ = ['./fatr_ade20k.py']
 crop_size = (384, 384)
 data_preprocessor = dict(size=crop_size)
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='RandomResize', scale=(1536, 384), ratio_range=(0.5, 2.0), keep_ratio=True),
-    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PhotoMetricDistortion'),
-    dict(type='PackSegInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(1536, 384), keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='PackSegInputs'),
-]
+# The base's pipelines at this crop: a short side of 384 (x0.5..x2 in training), crops of 384.
+train_pipeline = [dict(t) for t in _base_.train_pipeline]  # copies: the base's stay as they are
+train_pipeline[2].update(scale=(1536, 384))  # RandomResize
+train_pipeline[3].update(crop_size=crop_size)  # RandomCrop
+test_pipeline = [dict(t) for t in _base_.test_pipeline]
+test_pipeline[1].update(scale=(1536, 384))  # Resize
 model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(img_size=crop_size),

@@ -13,9 +13,7 @@ recipe = _base_.pop('distill_recipe')
 # Download it from mmseg's model zoo page for Segmenter (mmseg's key names are converted).
 teacher_checkpoint = 'pretrain/segmenter_vit-s_mask_8x1_512x512_160k_ade20k_20220105_151706-511bb103.pth'  # noqa
 model = dict(teacher_checkpoint=teacher_checkpoint, **recipe.model)
-# The top-level `optimizer` replaces the base's SGD for readers of the dumped config; the Runner
-# reads optim_wrapper.
-optimizer = dict(recipe.optim_wrapper.optimizer, _delete_=True)
+optimizer = recipe.optimizer  # replaces the base's SGD for readers of the dumped config
 optim_wrapper = recipe.optim_wrapper
 custom_hooks = recipe.custom_hooks  # the EMAHook; replaces the base's list
 
@@ -23,10 +21,7 @@ custom_hooks = recipe.custom_hooks  # the EMAHook; replaces the base's list
 # per iteration in total as the teacher (8 processes x 1; on one device set
 # train_dataloader.batch_size=8). Cosine decay from the first iteration: no warm-up.
 max_iters = 16000
-param_scheduler = [
-    dict(type='CosineAnnealingLR', T_max=max_iters, eta_min=1e-6, by_epoch=False, begin=0,
-         end=max_iters)
-]
+param_scheduler = [dict(recipe.cosine_decay, T_max=max_iters, end=max_iters)]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=2000)
 default_hooks = dict(checkpoint=dict(by_epoch=False, interval=2000))
 del recipe  # used; not a key of the resolved config

@@ -46,4 +46,10 @@ distill_recipe = dict(
     # value, ema = (1 - momentum) * ema + momentum * student. Validation runs on the EMA weights
     # (the hook swaps them in), and each checkpoint's state_dict holds the EMA weights (the raw
     # ones are in its ema_state_dict), so tools/test.py evaluates the EMA model.
-    custom_hooks=[dict(type='EMAHook', ema_type='ExponentialMovingAverage', momentum=0.0002)])
+    custom_hooks=[dict(type='EMAHook', ema_type='ExponentialMovingAverage', momentum=0.0002)],
+    # One cosine decay over the whole run from the first iteration, no warm-up: a config gives it
+    # its length, param_scheduler = [dict(recipe.cosine_decay, T_max=max_iters, end=max_iters)].
+    cosine_decay=dict(type='CosineAnnealingLR', eta_min=1e-6, by_epoch=False, begin=0))
+# The top-level `optimizer`, which replaces the fine-tuned config's SGD for readers of a dumped
+# config (the Runner reads optim_wrapper).
+distill_recipe['optimizer'] = dict(distill_recipe['optim_wrapper']['optimizer'], _delete_=True)

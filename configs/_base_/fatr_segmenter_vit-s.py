@@ -10,6 +10,24 @@ custom_imports = dict(imports=['fatr_seg.models'], allow_failed_imports=False)
 custom_hooks = [dict(type='AllowMMEngineCheckpointsHook')]
 
 crop_size = (512, 512)
+# mmseg's ADE20K pipelines, written here so that a config at another crop adapts them (as plain
+# dicts: see fatr_vit-s_mask_8xb1-160k_ade20k-384x384.py): scale jitter around a short side of
+# 512 (x0.5..x2), crops, flips, colour jitter; evaluation at a short side of 512.
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='RandomResize', scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True),
+    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PhotoMetricDistortion'),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(2048, 512), keep_ratio=True),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='PackSegInputs'),
+]
 # timm ViT-S/16 (augreg, 384) converted with tools/convert_weights.py: see docs/usage.md, "Pretrained weights".
 pretrained = 'pretrain/vit_small_patch16_384.pth'
 data_preprocessor = dict(

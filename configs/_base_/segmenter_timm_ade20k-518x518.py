@@ -3,21 +3,12 @@
 # (model_name, weights, normalisation) and the reduction. See docs/timm.md.
 _base_ = ['./fatr_segmenter_vit-s.py']
 crop_size = (518, 518)  # 37 patches of 14 pixels: no padding inside a crop
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='RandomResize', scale=(2072, 518), ratio_range=(0.5, 2.0), keep_ratio=True),
-    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PhotoMetricDistortion'),
-    dict(type='PackSegInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(2072, 518), keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='PackSegInputs'),
-]
+# The base's pipelines at this crop: a short side of 518 (x0.5..x2 in training), crops of 518.
+train_pipeline = [dict(t) for t in _base_.train_pipeline]  # copies: the base's stay as they are
+train_pipeline[2].update(scale=(2072, 518))  # RandomResize
+train_pipeline[3].update(crop_size=crop_size)  # RandomCrop
+test_pipeline = [dict(t) for t in _base_.test_pipeline]
+test_pipeline[1].update(scale=(2072, 518))  # Resize
 model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(

@@ -13,19 +13,14 @@ recipe = _base_.pop('distill_recipe')
 # The baseline's last checkpoint; override with --cfg-options model.teacher_checkpoint=PATH.
 teacher_checkpoint = 'work_dirs/segmenter_vit-t_camvid/iter_10000.pth'
 model = dict(teacher_checkpoint=teacher_checkpoint, **recipe.model)
-# The top-level `optimizer` replaces the base's SGD for readers of the dumped config; the Runner
-# reads optim_wrapper.
-optimizer = dict(recipe.optim_wrapper.optimizer, _delete_=True)
+optimizer = recipe.optimizer  # replaces the base's SGD for readers of the dumped config
 optim_wrapper = recipe.optim_wrapper
 custom_hooks = recipe.custom_hooks  # the EMAHook; replaces the base's list
 
 # A fifth of the baseline's 10k iterations at its batch of 8. Cosine decay from the first
 # iteration: no warm-up.
 max_iters = 2000
-param_scheduler = [
-    dict(type='CosineAnnealingLR', T_max=max_iters, eta_min=1e-6, by_epoch=False, begin=0,
-         end=max_iters)
-]
+param_scheduler = [dict(recipe.cosine_decay, T_max=max_iters, end=max_iters)]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=500)
 default_hooks = dict(checkpoint=dict(by_epoch=False, interval=500))
 del recipe  # used; not a key of the resolved config

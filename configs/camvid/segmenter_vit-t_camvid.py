@@ -8,16 +8,12 @@ crop_size = (352, 352)  # 22x22 = 484 tokens; 352 is the largest multiple of 16 
 # positional embedding is resized to the crop's 22x22 grid at load).
 pretrained = 'pretrain/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors'
 
-# Scale jitter around the native 480x360 (x0.5..x2), crops, flips, colour jitter.
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadCamVidAnnotations'),  # void (11) -> 255, ignored in loss and mIoU
-    dict(type='RandomResize', scale=(480, 360), ratio_range=(0.5, 2.0), keep_ratio=True),
-    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PhotoMetricDistortion'),
-    dict(type='PackSegInputs'),
-]
+# The base's training pipeline with CamVid's labels: scale jitter around the native 480x360
+# (x0.5..x2), crops, flips, colour jitter.
+train_pipeline = [dict(t) for t in _base_.train_pipeline]  # copies: the base's stay as they are
+train_pipeline[1] = dict(type='LoadCamVidAnnotations')  # void (11) -> 255, ignored in loss and mIoU
+train_pipeline[2].update(scale=(480, 360))  # RandomResize
+train_pipeline[3].update(crop_size=crop_size)  # RandomCrop
 # Evaluation on the whole native image (no resize).
 test_pipeline = [
     dict(type='LoadImageFromFile'),

@@ -28,10 +28,7 @@ custom_hooks = [dict(type='AllowMMEngineCheckpointsHook')]
 # Half the baseline's 200 iterations, batch 8 as the baseline; cosine decay from the first
 # iteration. Each iteration also runs the teacher's forward; docs/history/benchmarks-2026-11.md, "Demo".
 max_iters = 100
-param_scheduler = [
-    dict(type='CosineAnnealingLR', T_max=max_iters, eta_min=1e-6, by_epoch=False, begin=0,
-         end=max_iters)
-]
+param_scheduler = [dict(recipe.cosine_decay, T_max=max_iters, end=max_iters)]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=False),
