@@ -2,8 +2,8 @@
 """Summarise tools/benchmark.py's benchmark.json (models against the baseline) into a results/ file.
 
 The provenance script of results/cpu_vit-s_local-stage.json and results/cpu_vit-s_default.json;
-run from the repository root: ``RAW OUT COMMIT [NAMES_JSON TITLE]``, NAMES_JSON mapping each
-timed config name to ``[label, config path or null]`` (default: the local-stage file's).
+run from the repository root: ``RAW OUT COMMIT [NAMES_JSON TITLE [NOTE]]``, NAMES_JSON mapping each
+timed config name to ``[label, config path or null, in README (optional)]`` (default: the local-stage file's).
 """
 
 import json
@@ -29,9 +29,10 @@ for t in d["timing"]:
     if t["config"] not in NAME:
         continue
     b = base[(t["target"], t["batch"])]
-    name, config = NAME[t["config"]]
+    name, config, *readme = NAME[t["config"]]  # a third item: the row is in README's table
     rows.append(dict(
         target=t["target"], batch=t["batch"], method=name, **({"config": config} if config else {}),
+        **({"readme": "yes"} if readme and readme[0] else {}),
         base_images_s=b["images_per_s"]["median"], images_s=t["images_per_s"]["median"],
         speedup=t["speedup"], speedup_paired=t["speedup_paired"],
         ideal=1.0 / t["macs_ratio"], of_ideal=t["speedup_per_ideal"],
@@ -44,7 +45,13 @@ write(
     command=[
         d["command"],
     ],
-    protocol="random weights (speed does not depend on them), synthetic 512² inputs; the configs alternate, 1 warm-up and 7 timed rounds, median; speed-up = baseline median time / model median time, paired = median of per-round ratios; ideal = the MACs ratio's inverse",
+    protocol="random weights (speed does not depend on them), synthetic 512² inputs; the configs alternate, 1 warm-up and 7 timed rounds, median"
+    + (
+        "; each call timed by its thread's CPU time (--cpu-time), so other processes do not count"
+        if d["settings"].get("cpu_time")
+        else ""
+    )
+    + "; speed-up = baseline median time / model median time, paired = median of per-round ratios; ideal = the MACs ratio's inverse",
     columns=columns(
         "method target batch images_s speedup ideal",
         target=text("timed", "target"),
@@ -57,6 +64,7 @@ write(
         ideal={"label": "MACs ideal", "format": "{ideal:.2f}×"},
     ),
     rows=rows,
+    **({"commit_note": sys.argv[6]} if len(sys.argv) > 6 else {}),
 )
 for r in rows:
     print(
