@@ -8,7 +8,7 @@ from __future__ import annotations
 import os.path as osp
 
 from .benchmark import write_files
-from .tables import markdown_table
+from .tables import markdown_section
 
 __all__ = ["plot_speedup", "to_markdown", "write_outputs"]
 
@@ -29,12 +29,6 @@ def _cell(r: dict) -> list:
     return [r["target"], r["dtype"], shape, r["tokens"], r["batch"], r["config"]]
 
 
-def _section(title: str, note: str, header: list, rows: list, left: int = 1) -> list[str]:
-    align = ["left"] * left + ["right"] * (len(header) - left)
-    return [f"## {title}", ""] + ([note, ""] if note else []) + [
-        markdown_table(header, rows, align)]  # fmt: skip
-
-
 def to_markdown(result: dict) -> str:
     """The result as markdown: settings, then a table per measurement that has rows."""
     s, m = result["settings"], result["machine"]
@@ -53,8 +47,9 @@ def to_markdown(result: dict) -> str:
                  f"{r['backbone'] / 1e9:.2f}", f"{r['scoring'] / 1e9:.3f}",
                  _f(r.get("segmentor") and r["segmentor"] / 1e9, ".2f")]
                 for r in result["macs"]]  # fmt: skip
-        lines += _section("MACs (one image)", "", ["config", "shape", "tokens", "backbone GMACs",
-                          "of which scoring", "segmentor GMACs"], rows, 2)  # fmt: skip
+        lines += markdown_section("MACs (one image)", ["config", "shape", "tokens",
+                                  "backbone GMACs", "of which scoring", "segmentor GMACs"], rows,
+                                  left=2)  # fmt: skip
     if result["timing"]:
         compiled = any(r.get("compiled") for r in result["timing"])
         note = (
@@ -74,7 +69,7 @@ def to_markdown(result: dict) -> str:
                 f"{r['speedup_paired']:.3f}", _f(1 / ratio if ratio else None),
                 _f(r["speedup_per_ideal"])]
                 + ([f"{r['speedup_same_mode']:.3f}"] if compiled else []))  # fmt: skip
-        lines += _section("Throughput", note, header, rows, 3)
+        lines += markdown_section("Throughput", header, rows, note, 3)
     if result["skipped"]:
         lines += ["## Skipped", ""] + [
             f"- {r['kind']} {r['target']} {r['dtype']} {r['shape'][0]}x{r['shape'][1]} "
@@ -88,8 +83,8 @@ def to_markdown(result: dict) -> str:
         rows = [_cell(r) + ([f"error: {r['error']}", "", "", ""] if r.get("error") else [
                 _mib(r["peak_bytes"]), _mib(r["before_bytes"]), _mib(r["forward_bytes"]),
                 _mib(r.get("tensor_peak_bytes"))]) for r in result["memory"]]  # fmt: skip
-        lines += _section("Peak memory (MiB)", note, _CELL + ["peak", "before", "forward",
-                          "tensors"], rows, 3)  # fmt: skip
+        lines += markdown_section("Peak memory (MiB)", _CELL + ["peak", "before", "forward",
+                                  "tensors"], rows, note, 3)  # fmt: skip
     if result["scoring"]:
         paths = ("attention", "exact_chunked_lse", "exact_chunked", "exact_triton", "logit_proxy")
         rows = [[r["dtype"], f"{r['shape'][0]}x{r['shape'][1]}", r["tokens"], r["batch"]]
@@ -97,11 +92,11 @@ def to_markdown(result: dict) -> str:
                    for p in paths]
                 + [f"{r['topk_agreement']['logit_proxy']:.3f}"]
                 for r in result["scoring"]]  # fmt: skip
-        lines += _section("HF scoring paths", "Median ms per call on the activations of the "
-                          "first reduction layer; top-k agreement with the exact score (k = "
-                          "kept tokens).", ["dtype", "shape", "tokens", "batch", "attention",
-                          "exact (lse)", "exact", "triton", "logit proxy",
-                          "proxy top-k agreement"], rows, 2)  # fmt: skip
+        lines += markdown_section("HF scoring paths", ["dtype", "shape", "tokens", "batch",
+                                  "attention", "exact (lse)", "exact", "triton", "logit proxy",
+                                  "proxy top-k agreement"], rows, "Median ms per call on the "
+                                  "activations of the first reduction layer; top-k agreement "
+                                  "with the exact score (k = kept tokens).", 2)  # fmt: skip
     return "\n".join(lines)
 
 

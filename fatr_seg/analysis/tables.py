@@ -1,8 +1,9 @@
 """Markdown tables: one helper to write them, and the README/docs tables rendered from results/.
 
-:func:`markdown_table` writes a table from a header and rows of cells; the report writers can
-all use it. The rest keeps the tables of README.md and docs/ equal to the result files they
-show. A result file (``results/*.json``, see ``results/README.md``) holds one measurement::
+:func:`markdown_table` writes a table from a header and rows of cells, :func:`markdown_section`
+one under a heading; the report writers all use them. The rest keeps the tables of README.md and
+docs/ equal to the result files they show. A result file (``results/*.json``, see
+``results/README.md``) holds one measurement::
 
     {"title": ..., "source": ..., "machine": ..., "command": ..., "commit": ..., "date": ...,
      "columns": {"miou": {"label": "mIoU", "format": "{miou:.2f}"}, ...},
@@ -40,6 +41,7 @@ import sys
 
 __all__ = [
     "DEFAULT_FILES",
+    "markdown_section",
     "markdown_table",
     "presets_result",
     "render",
@@ -60,6 +62,14 @@ def markdown_table(header, rows, align=None) -> str:
     rule = ["---:" if a == "right" else "---" for a in align]
     lines = [header, rule] + [[str(c) for c in r] for r in rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
+
+
+def markdown_section(title: str, header, rows, note: str = "", left: int = 1) -> list[str]:
+    """Lines of a ``## title`` section: ``note`` (if any), then the table, its first ``left``
+    columns left-aligned."""
+    align = ["left"] * left + ["right"] * (len(header) - left)
+    return [f"## {title}", ""] + ([note, ""] if note else []) + [
+        markdown_table(header, rows, align)]  # fmt: skip
 
 
 def _cell(row: dict, key: str, col: dict, link_base: str) -> str:
