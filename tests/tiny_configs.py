@@ -41,6 +41,24 @@ def run_tool(args, cwd=REPO) -> subprocess.CompletedProcess:
                           text=True, timeout=600)  # fmt: skip
 
 
+def run_tool_here(monkeypatch, args) -> SystemExit | None:
+    """``python ARGS...`` in this process (torch and mmseg are imported already): the tool's
+    ``main`` with ``sys.argv`` set; returns the ``SystemExit`` it raised (its one-line message),
+    or None. For the tools' error exits: each tool's command line runs in a subprocess too."""
+    import importlib.util
+
+    path = REPO / str(args[0])
+    spec = importlib.util.spec_from_file_location(f"tool_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [str(path), *map(str, args[1:])])
+    try:
+        module.main()
+    except SystemExit as exit_:
+        return exit_
+    return None
+
+
 def write_tiny(tmp, text: str):
     """The synthetic data (8 + 4 images of 64²) and the config ``text`` as ``tiny_fatr.py``
     under ``tmp``; returns ``(data_root, config_path, unreduced)``, the last the config with
