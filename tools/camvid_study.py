@@ -1,18 +1,20 @@
 """Every token reducer on a real pretrained Segmenter ViT-Ti/16 on CamVid, side by side.
 
 ``python tools/camvid_study.py --data-root DATA --pretrained VIT_TI [--baseline-checkpoint CKPT]
-[--work-dir work_dirs/camvid_study] [--methods ...] [--seeds 0 1 2] [--budget-curve] [--quick]``
+[--work-dir work_dirs/camvid_study] [--methods ...] [--seeds 0 1 2] [--finetune-as unreduced]
+[--quick]``
 
 Trains the unreduced Segmenter-Mask ViT-Ti/16 on CamVid from timm's ImageNet weights (or takes
 ``--baseline-checkpoint``), gives every method the budget that matches FATR's backbone MACs at
 368x480, and measures per method: mIoU and per-class IoU on CamVid val (whole 360x480 images)
 training-free on the baseline's weights and after self-distillation fine-tuning (``none`` gets
 the same fine-tuning), MACs, images/s (1 thread, methods alternating), and the relative HF
-amplitude per block. ``--budget-curve`` adds mIoU against measured images/s over keep ratios.
-All training runs are mmengine Runner runs of the configs in ``configs/camvid``.
+amplitude per block. ``--finetune-as unreduced`` with several ``--variants`` gives mIoU at many
+measured speeds (the frontier of docs/study.md). All training runs are mmengine Runner runs of
+the configs in ``configs/camvid``.
 
 Writes ``results.json`` (after every step; a re-run with the same options skips what is done,
-and may add seeds, methods or ratios), ``table.md`` and plots under ``--work-dir``.
+and may add seeds or methods), ``table.md`` and plots under ``--work-dir``.
 ``--quick``: a smoke test on a few real images of the shared folder (``$FATR_SHARED`` or
 ``../shared``), skipped with a message where it is absent. See docs/study.md.
 
@@ -37,7 +39,6 @@ from fatr_seg import REPO_ROOT  # noqa: E402
 from fatr_seg.analysis.camvid_report import plot, write_report  # noqa: E402
 from fatr_seg.analysis.camvid_runs import StudyError  # noqa: E402
 from fatr_seg.analysis.camvid_study import (  # noqa: E402
-    CURVE_RATIOS,
     FINETUNE_AS,
     METHODS,
     PRESETS,
@@ -149,41 +150,6 @@ def parse_args(argv=None):
     g.add_argument("--bench-rounds", type=int, help="timed rounds, median (default 5)")
     g.add_argument("--bench-threads", type=int, default=1)
     g.add_argument("--threads", type=int, help="torch threads of training and evaluation")
-    g = p.add_argument_group("budget curve")
-    g.add_argument(
-        "--budget-curve",
-        nargs="*",
-        type=float,
-        help=f"keep ratios (no value: {' '.join(map(str, CURVE_RATIOS))})",
-    )
-    g.add_argument(
-        "--budget-range",
-        nargs=2,
-        type=float,
-        default=[0.5, 0.9],
-        help="sampled-budget fine-tuning range (default 0.5 0.9)",
-    )
-    g.add_argument(
-        "--budget-anchors",
-        nargs="*",
-        type=float,
-        default=[],
-        help="keep ratios the sampled-budget fine-tuning also trains at every iteration "
-        "(e.g. 0.9: the sandwich rule's top budget; default none)",
-    )
-    g.add_argument(
-        "--curve-fixed-ratio",
-        type=float,
-        default=0.7,
-        help="the one-budget FATR fine-tuning evaluated at every ratio",
-    )
-    g.add_argument(
-        "--curve-seeds",
-        nargs="+",
-        type=int,
-        help="fine-tuning seeds of the curve's trained families (default: the first of --seeds); "
-        "the table shows their mean ± std",
-    )
     return p.parse_args(argv)
 
 

@@ -1,5 +1,5 @@
-"""Table (``table.md``) and plots (``miou.png``, ``per_class.png``, ``hf_amplitude.png``,
-``budget_curve.png``) of the CamVid study's ``results.json``. matplotlib is imported only to plot.
+"""Table (``table.md``) and plots (``miou.png``, ``per_class.png``, ``hf_amplitude.png``) of
+the CamVid study's ``results.json``. matplotlib is imported only to plot.
 """
 
 from __future__ import annotations
@@ -12,19 +12,9 @@ import numpy as np
 
 from ..datasets.camvid import CAMVID_CLASSES
 from ..layers.config import ReductionConfig
+from .tables import markdown_section, markdown_table
 
-__all__ = ["CURVE_FAMILIES", "at_speed", "curve_key", "curve_values", "mean_std", "plot", "pm",
-           "write_report"]  # fmt: skip
-
-#: Budget-curve families: key in results.json -> label.
-CURVE_FAMILIES = {
-    "fatr_free": "FATR training-free",
-    "fatr_sampled": "FATR fine-tuned, sampled budgets",
-    "fatr_fixed": "FATR fine-tuned at one budget",
-    "fatr_each": "FATR fine-tuned at each budget",
-    "tome_free": "ToMe training-free",
-    "tome_each": "ToMe fine-tuned at each budget",
-}
+__all__ = ["mean_std", "paired_delta", "plot", "pm", "write_report"]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -40,6 +30,11 @@ def pm(values: list[float], digits: int = 1) -> str:
     if math.isnan(m):
         return "n/a"
     return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _pm_n(values: list[float]) -> str:
+    """:func:`pm` with the number of values, for the columns whose seeds may differ."""
+    return pm(values, 2) + (f" (n={len(values)})" if values else "")
 
 
 def _ft(runs: dict, seeds, method: str, phase: str = "ft") -> list[dict]:
@@ -117,53 +112,44 @@ def write_report(data: dict, work_dir: str) -> str:
     """Write ``table.md`` under ``work_dir``; returns its text."""
     st, runs = data["settings"], data["runs"]
     methods, seeds = st["methods"], st["seeds"]
-    cost = runs.get("cost")
-    batches = list((cost or {}).get("images_per_s", {}))
+    cost = runs.get("cost") or {}
+    batches = list(cost.get("images_per_s", {}))
     deploy = "unreduced" in st.get("finetune_as", ("own",))
-    extra = " mIoU on none's fine-tuning | Δ paired |" if deploy else ""
-    lines = [
-        "# CamVid study: token reducers on a real pretrained Segmenter-Mask ViT-Ti/16",
-        "",
-        _protocol(st, _images(runs)),
-        "",
-        "| method | budget | mIoU training-free | mIoU fine-tuned | Δ paired |"
-        + extra
-        + " backbone GMACs | segmentor GMACs | "
-        + " | ".join(f"images/s {b} | speed-up {b}" for b in batches)
-        + " |",
-        "|---|---|---|---|---|---|---|" + "---|---|" * (len(batches) + deploy),
-    ]
+    header = ["method", "budget", "mIoU training-free", "mIoU fine-tuned", "Δ paired"]
+    header += ["mIoU on none's fine-tuning", "Δ paired"] if deploy else []
+    header += ["backbone GMACs", "segmentor GMACs"]
+    header += [f"{what} {b}" for b in batches for what in ("images/s", "speed-up")]
+    rows = []
     for m in methods:
         free = runs.get(f"free/{m}")
-        ft = [r["mIoU"] for r in _ft(runs, seeds, m)]
-        macs = (cost or {}).get("macs", {}).get(m, {})
+        macs = cost.get("macs", {}).get(m, {})
         cells = [m, _budget_text(runs[f"budget/{m}"]), _fmt(free and free["mIoU"], 2),
-                 pm(ft, 2) + (f" (n={len(ft)})" if ft else ""),
+                 _pm_n([r["mIoU"] for r in _ft(runs, seeds, m)]),
                  "—" if m == "none" else _delta_text(runs, seeds, m)]  # fmt: skip
         if deploy:
-            dep = [r["mIoU"] for r in _ft(runs, seeds, m, "deploy")]
             cells += ["—", "—"] if m == "none" else [
-                pm(dep, 2) + (f" (n={len(dep)})" if dep else ""),
+                _pm_n([r["mIoU"] for r in _ft(runs, seeds, m, "deploy")]),
                 _delta_text(runs, seeds, m, "deploy")]  # fmt: skip
         cells += [_fmt(macs.get("backbone", math.nan) / 1e9, 3),
-                 _fmt(macs.get("segmentor", math.nan) / 1e9, 3)]  # fmt: skip
+                  _fmt(macs.get("segmentor", math.nan) / 1e9, 3)]  # fmt: skip
         for b in batches:
             ips, ref = _speed(cost, m, b), _speed(cost, "none", b)
             cells += [_fmt(ips, 2), f"{ips / ref:.2f}x" if ips and ref else "n/a"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
+        rows.append(cells)
+    align = ["left"] * 2 + ["right"] * (len(header) - 2)
+    lines = [
+        "# CamVid study: token reducers on a real pretrained Segmenter-Mask ViT-Ti/16", "",
+        _protocol(st, _images(runs)), "", markdown_table(header, rows, align),
         "mIoU in %; fine-tuned: mean ± std over seeds. `none` fine-tuned is the baseline given "
         "the same fine-tuning; Δ paired: the mean over seeds of the method minus `none` with the "
         "same seed and data order, ± its standard error. On none's fine-tuning: the method "
         "applied, without training of its own, to the weights of `none` fine-tuned. images/s: "
         "whole-image inference (`encode_decode`) at 360x480, median over the timed rounds, "
         f"{st['bench_threads']} thread(s), all methods alternating in one process; batch b1 / "
-        "b8 = 1 / 8 images.",
-        "",
-    ]
+        "b8 = 1 / 8 images.", "",
+    ]  # fmt: skip
     lines += _budget_table(runs, methods) + _class_table(runs, methods, seeds)
-    lines += _hf_table(runs, methods) + _curve_table(runs, st) + _train_table(runs)
+    lines += _hf_table(runs, methods) + _train_table(runs)
     text = "\n".join(lines) + "\n"
     with open(osp.join(work_dir, "table.md"), "w") as f:
         f.write(text)
@@ -177,156 +163,54 @@ def _images(runs: dict) -> str:
 
 def _budget_table(runs: dict, methods) -> list[str]:
     cost = runs.get("cost") or {}
-    lines = ["## Budgets", "",
-             "| method | reduction | backbone GMACs (closed form) | counted | vs FATR |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    rows = []
     for m in methods:
         b = runs[f"budget/{m}"]
         counted = cost.get("macs", {}).get(m, {}).get("backbone")
-        rel = f"{100 * (b['macs'] / b['target'] - 1):+.2f} %"
         red = "None" if b["reduction"] is None else ", ".join(
             f"{k}={v}" for k, v in b["reduction"].items())  # fmt: skip
         red = f"`{red}`"
         if "train_reduction" in b:  # a token count, scaled to the training crop
             red += f" (fine-tuned with `r={b['train_reduction']['r']}`)"
-        lines.append(f"| {m} | {red} | {b['macs'] / 1e9:.4f} | "
-                     f"{_fmt(counted and counted / 1e9, 4)} | {rel} |")  # fmt: skip
-    return lines + ["", "Closed form: `analytic_vit_macs`; counted: `count_macs` on the "
-                    "model's backbone (one 368x480 image).", ""]  # fmt: skip
+        rows.append([m, red, f"{b['macs'] / 1e9:.4f}", _fmt(counted and counted / 1e9, 4),
+                     f"{100 * (b['macs'] / b['target'] - 1):+.2f} %"])  # fmt: skip
+    header = ["method", "reduction", "backbone GMACs (closed form)", "counted", "vs FATR"]
+    return markdown_section("Budgets", header, rows, left=2) + [
+        "Closed form: `analytic_vit_macs`; counted: `count_macs` on the model's backbone (one "
+        "368x480 image).", ""]  # fmt: skip
 
 
 def _class_table(runs: dict, methods, seeds) -> list[str]:
-    short = list(CAMVID_CLASSES)
-    lines = ["## Per-class IoU (%)", "",
-             "| method | phase | " + " | ".join(short) + " |",
-             "|---|---|" + "---|" * len(short)]  # fmt: skip
-    for m in methods:
-        for phase, results in (("free", _ft(runs, seeds, m, "free")),
-                               ("fine-tuned", _ft(runs, seeds, m))):  # fmt: skip
-            if results:
-                vals = _class_mean(results)
-                lines.append(f"| {m} | {phase} | " + " | ".join(_fmt(v) for v in vals) + " |")
-    return lines + [""]
+    rows = [[m, phase] + [_fmt(v) for v in _class_mean(results)] for m in methods
+            for phase, results in (("free", _ft(runs, seeds, m, "free")),
+                                   ("fine-tuned", _ft(runs, seeds, m))) if results]  # fmt: skip
+    return markdown_section("Per-class IoU (%)", ["method", "phase", *CAMVID_CLASSES], rows,
+                            left=2)  # fmt: skip
 
 
 def _hf_table(runs: dict, methods) -> list[str]:
     lines = []
     for phase, title in (("free", "training-free"), ("ft", "fine-tuned, first seed")):
-        rows = [(m, runs[k]) for m in methods if (k := f"hf/{phase}/{m}") in runs]
-        if not rows:
+        found = [(m, runs[k]) for m in methods if (k := f"hf/{phase}/{m}") in runs]
+        if not found:
             continue
-        depth = len(rows[0][1]["hf_restored"])
-        lines += [f"## Relative HF amplitude ‖X − mean(X)‖/‖X‖ per block ({title})", "",
-                  "| method | measured on | " + " | ".join(map(str, range(1, depth + 1))) + " |",
-                  "|---|---|" + "---|" * depth]  # fmt: skip
-        for m, d in rows:
-            for key, label in (("hf_restored", "restored grid"), ("hf_tokens", "token set")):
-                lines.append(f"| {m} | {label} | " + " | ".join(f"{v:.3f}" for v in d[key]) + " |")
-        lines.append("")
+        blocks = [str(i + 1) for i in range(len(found[0][1]["hf_restored"]))]
+        rows = [
+            [m, label] + [f"{v:.3f}" for v in d[key]]
+            for m, d in found
+            for key, label in (("hf_restored", "restored grid"), ("hf_tokens", "token set"))
+        ]
+        title = f"Relative HF amplitude ‖X − mean(X)‖/‖X‖ per block ({title})"
+        lines += markdown_section(title, ["method", "measured on", *blocks], rows, left=2)
     return lines
 
 
-def curve_key(family: str, ratio: float, seed: int = 0) -> str:
-    """Key of one budget-curve point in ``results.json``: ``curve/{family}/{ratio}`` for seed 0
-    (and for the training-free families, which have no seed), ``curve/s{seed}/{family}/{ratio}``
-    for the other seeds."""
-    return f"curve/{family}/{ratio:.2f}" if seed == 0 else f"curve/s{seed}/{family}/{ratio:.2f}"
-
-
-def curve_values(runs: dict, family: str) -> dict[float, list[float]]:
-    """mIoU of a budget-curve family by ratio, one value per seed that has it."""
-    out: dict[float, list[float]] = {}
-    for key, v in runs.items():
-        parts = key.split("/")
-        seeded = len(parts) == 3 or (len(parts) == 4 and parts[1][:1] == "s")
-        if parts[0] == "curve" and parts[-2] == family and seeded:
-            out.setdefault(float(parts[-1]), []).append(v["mIoU"])
-    return dict(sorted(out.items()))
-
-
-def curve_points(runs: dict, family: str, batch: str) -> list[tuple[float, float, float | None]]:
-    """``(ratio, mean mIoU over seeds, images/s)`` of a budget-curve family, by ratio (speed of
-    the model that family runs at that ratio: FATR's or ToMe's)."""
-    cost = runs.get("curve/cost")
-    model = "tome" if family.startswith("tome") else "fatr"
-    return [(r, mean_std(v)[0], _speed(cost, f"{model}@{r:.2f}", batch))
-            for r, v in curve_values(runs, family).items()]  # fmt: skip
-
-
-def at_speed(points, speed: float) -> float | None:
-    """``points`` ``(images/s, mIoU)`` interpolated linearly at ``speed``; None outside them."""
-    pts = sorted(p for p in points if p[0])
-    for (s0, m0), (s1, m1) in zip(pts, pts[1:]):
-        if s0 <= speed <= s1:
-            return m0 if s1 == s0 else m0 + (m1 - m0) * (speed - s0) / (s1 - s0)
-    return None
-
-
-def _curve_table(runs: dict, st: dict) -> list[str]:
-    if not any(k.startswith("curve/") for k in runs):
-        return []
-    cost = runs.get("curve/cost") or {}
-    batches = list(cost.get("images_per_s", {}))
-    ratios = sorted({float(k.rsplit("/", 1)[1]) for k in runs
-                     if k.startswith("curve/") and k != "curve/cost"})  # fmt: skip
-    seeds = st.get("curve_seeds") or st["seeds"][:1]
-    lines = [f"## Budget curve (mIoU %, fine-tuned: mean ± std over seeds {seeds})", "",
-             f"Sampled budgets: keep ratio uniform in {tuple(st['budget_range'])} per iteration"
-             + (f", and {tuple(st['budget_anchors'])} at every iteration (sandwich)"
-                if st.get("budget_anchors") else "") + "; "
-             f"one budget: {st['curve_fixed_ratio']}. Every fine-tuned FATR model is evaluated "
-             "at each ratio with `set_keep_ratio` (no rebuild).", "",
-             "| family | " + " | ".join(f"{r:.2f}" for r in ratios) + " |",
-             "|---|" + "---|" * len(ratios)]  # fmt: skip
-    values = {f: curve_values(runs, f) for f in CURVE_FAMILIES}
-    for family, label in CURVE_FAMILIES.items():
-        if values[family]:
-            lines.append(f"| {label} | " + " | ".join(
-                pm(values[family][r], 2) if r in values[family] else "n/a" for r in ratios)
-                + " |")  # fmt: skip
-    # The targets: sampled against each-ratio fine-tuning, and against ToMe at equal speed.
-    sampled = {r: mean_std(v)[0] for r, v in values["fatr_sampled"].items()}
-    each = {r: mean_std(v)[0] for r, v in values["fatr_each"].items()}
-    if sampled and each:
-        lines.append("| sampled − each-ratio FATR | " + " | ".join(
-            f"{sampled[r] - each[r]:+.2f}" if r in sampled and r in each else "n/a"
-            for r in ratios) + " |")  # fmt: skip
-    for b in batches:
-        tome = [(s, m) for _, m, s in curve_points(runs, "tome_each", b)]
-        cells = []
-        for r in ratios:
-            speed = _speed(cost, f"fatr@{r:.2f}", b)
-            ref = at_speed(tome, speed) if speed and r in sampled else None
-            cells.append("n/a" if ref is None else f"{sampled[r] - ref:+.2f}")
-        if sampled and tome:
-            lines.append(f"| sampled − ToMe fine-tuned at the same images/s {b} | "
-                         + " | ".join(cells) + " |")  # fmt: skip
-    for b in batches:
-        for model in ("fatr", "tome"):
-            lines.append(f"| images/s {model} {b} | " + " | ".join(
-                _fmt(_speed(cost, f"{model}@{r:.2f}", b), 2) for r in ratios) + " |")  # fmt: skip
-    for model in ("fatr", "tome"):
-        gmacs = [cost.get("macs", {}).get(f"{model}@{r:.2f}", {}).get("backbone", math.nan) / 1e9
-                 for r in ratios]  # fmt: skip
-        lines.append(f"| backbone GMACs {model} | " + " | ".join(_fmt(g, 3) for g in gmacs) + " |")
-    if batches:
-        lines.append(f"| images/s none {' / '.join(batches)} | "
-                     + " / ".join(_fmt(_speed(cost, "none", b), 2) for b in batches)
-                     + " |" + " |" * (len(ratios) - 1))  # fmt: skip
-    return lines + [""]
-
-
 def _train_table(runs: dict) -> list[str]:
-    rows = sorted((k[len("train/") :], v) for k, v in runs.items() if k.startswith("train/"))
-    if not rows:
-        return []
-    lines = ["## Training runs of this machine", "",
-             "| run | iterations | s / iteration (median) | wall time incl. start (min) |",
-             "|---|---|---|---|"]  # fmt: skip
-    for name, v in rows:
-        lines.append(f"| {name} | {v['iters']} | {_fmt(v.get('s_per_iter'), 2)} | "
-                     f"{v['seconds'] / 60:.1f} |")  # fmt: skip
-    return lines + [""]
+    rows = [[k[len("train/") :], v["iters"], _fmt(v.get("s_per_iter"), 2),
+             f"{v['seconds'] / 60:.1f}"] for k, v in sorted(runs.items())
+            if k.startswith("train/")]  # fmt: skip
+    header = ["run", "iterations", "s / iteration (median)", "wall time incl. start (min)"]
+    return markdown_section("Training runs of this machine", header, rows) if rows else []
 
 
 def plot(data: dict, work_dir: str) -> list[str]:
@@ -385,30 +269,6 @@ def plot(data: dict, work_dir: str) -> list[str]:
             ax.set_xlabel("block")
     axes[0, 0].legend(fontsize=8)
     paths.append(_save(fig, osp.join(work_dir, "hf_amplitude.png")))
-
-    curve = runs.get("curve/cost")
-    if curve:
-        batches = list(curve["images_per_s"])
-        fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 4.5), squeeze=False)
-        for ax, b in zip(axes[0], batches):
-            for family, label in CURVE_FAMILIES.items():
-                pts = [(s, m) for _, m, s in curve_points(runs, family, b) if s]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=label,
-                            ls="--" if family.endswith("free") else "-")  # fmt: skip
-            ref = _speed(curve, "none", b)
-            curve_seeds = st.get("curve_seeds") or seeds[:1]
-            for results, marker, label in (
-                (_ft(runs, seeds, "none", "free"), "k*", "none (the baseline)"),
-                (_ft(runs, curve_seeds, "none"), "kX", "none fine-tuned"),
-            ):
-                if results and ref:
-                    miou = mean_std([r["mIoU"] for r in results])[0]
-                    ax.plot([ref], [miou], marker, ms=11, label=label)
-            ax.set_xlabel(f"images/s, 360x480, batch {b[1:]}")
-            ax.set_ylabel("mIoU (%)")
-        axes[0, 0].legend(fontsize=8)
-        paths.append(_save(fig, osp.join(work_dir, "budget_curve.png")))
     return paths
 
 

@@ -120,12 +120,9 @@ def baseline_cfg(args, seed: int, work_dir: str):
     return cfg
 
 
-def finetune_cfg(args, reduction: dict | None, seed: int, work_dir: str, teacher: str,
-                 budget_range: tuple[float, float] | None = None,
-                 budget_anchors: tuple[float, ...] = ()):  # fmt: skip
+def finetune_cfg(args, reduction: dict | None, seed: int, work_dir: str, teacher: str):
     """A fine-tuning config with ``reduction`` (None: unreduced): the distillation recipe from
-    the baseline (teacher and starting point), AdamW with cosine decay, EMA; ``budget_range``: a
-    keep ratio drawn per iteration, ``budget_anchors`` beside it at every iteration."""
+    the baseline (teacher and starting point), AdamW with cosine decay, EMA."""
     cfg = load_cfg(args.distill_config)
     _apply_data(cfg, args, train=True)
     model = cfg.model
@@ -133,9 +130,6 @@ def finetune_cfg(args, reduction: dict | None, seed: int, work_dir: str, teacher
     model.teacher_checkpoint = teacher
     model.distill_temperature = args.temperature
     model.distill_weight = args.distill_weight
-    model.budget_range = tuple(budget_range) if budget_range else None
-    model.budget_seed = seed
-    model.budget_anchors = tuple(budget_anchors)
     cfg.optim_wrapper.optimizer.lr = args.ft_lr
     iters = args.ft_iters
     cfg.param_scheduler = [dict(type="CosineAnnealingLR", T_max=iters, eta_min=args.ft_lr * 0.01,

@@ -5,7 +5,7 @@ it exists), these steps: (1) each method's budget, matched to the reference's ba
 368x480; (2) the unreduced baseline trained from ImageNet weights; (3) every method training-free
 on its weights; (4) MACs and images/s of whole-image inference, all methods alternating; (5) the
 HF amplitude per block; (6) every method fine-tuned by self-distillation per seed, and/or applied
-to the unreduced model's fine-tuned weights; (7) the optional budget curve. See docs/study.md.
+to the unreduced model's fine-tuned weights. See docs/study.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 from ..layers.config import PRESETS as REDUCTION_PRESETS
 from ..layers.config import ReductionConfig
 from .budget import ViTShape, match_budget, with_budget
-from .camvid_report import curve_key
 from .camvid_runs import (
     StudyError,
     baseline_cfg,
@@ -38,14 +37,13 @@ from .camvid_runs import (
 from .rank_collapse import diagnostics
 from .store import Store, cached, log
 
-__all__ = ["CURVE_RATIOS", "FINETUNE_AS", "METHODS", "PRESETS", "SkipStudy", "resolve_args",
-           "run_camvid_study", "settings_of", "shared_root"]  # fmt: skip
+__all__ = ["FINETUNE_AS", "METHODS", "PRESETS", "SkipStudy", "resolve_args", "run_camvid_study",
+           "settings_of", "shared_root"]  # fmt: skip
 
 #: Every method the study knows, in its default order; ``none`` is the unreduced model.
 METHODS = ("none", "fatr", "fatr_local", "fatr_paper", "tome", "tome_constant", "algm", "evit",
            "random")  # fmt: skip
 assert set(METHODS[1:]) == set(REDUCTION_PRESETS), "a reduction preset is missing from METHODS"
-CURVE_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 #: ``--finetune-as``: which fine-tunings step 6 runs (see :func:`run_camvid_study`).
 FINETUNE_AS = {"own": ("own",), "unreduced": ("unreduced",), "both": ("own", "unreduced")}
 EVAL_SIZE = (368, 480)  # CamVid's 360x480 padded to whole 16-pixel patches: 23x30 tokens
@@ -64,9 +62,11 @@ PRESETS = {
     ),
 }  # fmt: skip
 QUICK_WEIGHTS = "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
-# Options that do not change any result: a re-run may change them.
-_NOT_SETTINGS = ("work_dir", "seeds", "methods", "variants", "finetune", "finetune_as",
-                 "budget_curve", "curve_seeds", "threads", "quick")  # fmt: skip
+# Options that do not change any result: a re-run may change them. The last five are the retired
+# budget curve's, which results.json files written before it still hold.
+_NOT_SETTINGS = ("work_dir", "seeds", "methods", "variants", "finetune", "finetune_as", "threads",
+                 "quick", "budget_curve", "curve_seeds", "budget_range", "budget_anchors",
+                 "curve_fixed_ratio")  # fmt: skip
 
 
 class SkipStudy(StudyError):
@@ -112,21 +112,6 @@ def resolve_args(args):
     args.variants = parse_variants(getattr(args, "variants", None) or [])
     args.methods += list(args.variants)
     args.seeds = sorted(set(args.seeds))
-    args.curve_seeds = sorted(set(getattr(args, "curve_seeds", None) or args.seeds[:1]))
-    if args.budget_curve is not None:
-        args.budget_curve = sorted(set(args.budget_curve or CURVE_RATIOS))
-        bad = [r for r in args.budget_curve if not 0.5 <= r <= 1.0]
-        if bad:
-            raise StudyError(f"--budget-curve {bad}: ratios must lie in [0.5, 1] (ToMe merges "
-                             "at most half the tokens of a layer)")  # fmt: skip
-    low, high = args.budget_range
-    if not 0 < low <= high <= 1:
-        raise StudyError(f"--budget-range {low} {high}: give 0 < LOW <= HIGH <= 1")
-    args.budget_anchors = sorted(set(getattr(args, "budget_anchors", None) or ()))
-    if not all(0 < a <= 1 for a in args.budget_anchors):
-        raise StudyError(f"--budget-anchors {args.budget_anchors}: ratios must lie in (0, 1]")
-    if not 0 < args.curve_fixed_ratio <= 1:
-        raise StudyError(f"--curve-fixed-ratio {args.curve_fixed_ratio}: must lie in (0, 1]")
     if not osp.isdir(args.data_root):
         raise StudyError(f"CamVid data root (--data-root) not found: {args.data_root} (see "
                          "docs/usage.md, section 'CamVid')")  # fmt: skip
@@ -154,10 +139,8 @@ def parse_variants(specs: list[str]) -> dict[str, dict]:
 
 
 def settings_of(args) -> dict:
-    """What the results depend on: every option but the extendable and cosmetic ones
-    (``budget_anchors`` only when given, so older work dirs stay valid)."""
-    return {k: v for k, v in vars(args).items()
-            if k not in _NOT_SETTINGS and not (k == "budget_anchors" and not v)}  # fmt: skip
+    """What the results depend on: every option but the extendable and cosmetic ones."""
+    return {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
 
 
 @dataclasses.dataclass
@@ -167,15 +150,10 @@ class _Ctx:
     runs_dir: str
     baseline: str = ""
     dataset: object = None
-    reference: dict | None = None
     shape: ViTShape | None = None
 
     def key(self, *parts) -> str:
         return "/".join(str(p) for p in parts)
-
-
-def _ratio(r: float) -> str:
-    return f"{r:.2f}"
 
 
 def _plain(cfg) -> dict | None:
@@ -213,7 +191,7 @@ def budgets(ctx: _Ctx) -> dict:
     if ref is None or ReductionConfig.from_dict(ref).keep_ratio is None:
         raise StudyError(f"{args.model_config}: the reference needs a keep_ratio reduction")
     shape = _vit_shape(cfg)
-    ctx.reference, ctx.shape = ref, shape
+    ctx.shape = shape
     target = shape.macs(ref)
     out = {}
     for m in args.methods:
@@ -262,42 +240,27 @@ def _train_reduction(ctx: _Ctx, reduction: dict | None) -> dict | None:
     return with_budget(reduction, "r", r)
 
 
-def _finetuned(ctx: _Ctx, label: str, reduction, seed: int, budget: dict | None = None) -> str:
+def _finetuned(ctx: _Ctx, label: str, reduction, seed: int) -> str:
     """The checkpoint of run ``ft_{label}_s{seed}``, trained unless it exists."""
     name = f"ft_{label}_s{seed}"
-    cfg = finetune_cfg(ctx.args, reduction, seed, osp.join(ctx.runs_dir, name), ctx.baseline,
-                       **(budget or {}))  # fmt: skip
+    cfg = finetune_cfg(ctx.args, reduction, seed, osp.join(ctx.runs_dir, name), ctx.baseline)
     ckpt, info = train(cfg, log)
     if info:
         ctx.store.put(ctx.key("train", name), info)
     return ckpt
 
 
-def _evaluated(ctx: _Ctx, key: str, reduction, ckpt: str, keep_ratio=None) -> dict:
+def _evaluated(ctx: _Ctx, key: str, reduction, ckpt: str) -> dict:
     def run():
-        model = build_model(model_cfg(ctx.args, reduction), ckpt)
-        if keep_ratio is not None:
-            model.backbone.set_keep_ratio(keep_ratio)
-        return evaluate(model, ctx.dataset)
+        return evaluate(build_model(model_cfg(ctx.args, reduction), ckpt), ctx.dataset)
 
     return cached(ctx.store, key, run)
-
-
-def _models(ctx: _Ctx, reductions: dict, ckpt: str | None) -> dict:
-    return {n: build_model(model_cfg(ctx.args, r), ckpt) for n, r in reductions.items()}
 
 
 def _cost_stale(ctx: _Ctx, key: str, names) -> bool:
     """Whether the cost under ``key`` is missing or lacks one of ``names`` (timed together)."""
     old = ctx.store.get(key)
     return old is None or not set(names) <= set(old["models"])
-
-
-def _cached_cost(ctx: _Ctx, key: str, models: dict, inputs, img_shape) -> dict:
-    """:func:`cost` of ``models``, unless the stored one covers the same models."""
-    if _cost_stale(ctx, key, models):
-        ctx.store.data["runs"].pop(key, None)
-    return cached(ctx.store, key, lambda: cost(models, inputs, img_shape, ctx.args))
 
 
 def run_camvid_study(args) -> dict:
@@ -335,10 +298,12 @@ def run_camvid_study(args) -> dict:
     x_hf = inputs[: args.hf_images]
     keys = [ctx.key(step, m) for m in args.methods for step in ("free", "hf/free")]
     if not _done(ctx, *keys) or _cost_stale(ctx, "cost", reductions):
-        free = _models(ctx, reductions, ctx.baseline)
+        free = {m: build_model(model_cfg(args, r), ctx.baseline) for m, r in reductions.items()}
         for m, model in free.items():
             cached(store, ctx.key("free", m), lambda model=model: evaluate(model, ctx.dataset))
-        _cached_cost(ctx, "cost", free, inputs, img_shape)
+        if _cost_stale(ctx, "cost", free):  # the stored cost lacks a method: time all again
+            store.data["runs"].pop("cost", None)
+        cached(store, "cost", lambda: cost(free, inputs, img_shape, args))
         for m, model in free.items():
             cached(store, ctx.key("hf/free", m), lambda model=model: diagnostics(model, x_hf))
         del free
@@ -363,66 +328,8 @@ def run_camvid_study(args) -> dict:
                 model = build_model(model_cfg(args, reductions[m]), ckpt)
                 cached(store, hf_key, lambda model=model: diagnostics(model, x_hf))
 
-    # 7. The budget curve.
-    if args.budget_curve:
-        budget_curve(ctx, inputs, img_shape)
     # What this run covered (the report's rows); a later run may cover more.
     seeds = args.seeds if getattr(args, "finetune", True) else []
-    store.data["settings"].update(seeds=seeds, methods=args.methods, finetune_as=modes,
-                                  budget_curve=args.budget_curve,
-                                  curve_seeds=args.curve_seeds)  # fmt: skip
+    store.data["settings"].update(seeds=seeds, methods=args.methods, finetune_as=modes)
     store.save()
     return store.data
-
-
-def budget_curve(ctx: _Ctx, inputs, img_shape) -> None:
-    """Step 7: mIoU and images/s of FATR and ToMe at every ratio of ``budget_curve``."""
-    args, ref = ctx.args, ctx.reference
-    ratios = args.budget_curve
-    fatr_at = {r: with_budget(ref, "keep_ratio", r) for r in ratios}
-    tome_at = {r: dict(method="tome", keep_ratio=r) for r in ratios}
-
-    def label(red: dict, prefix: str, r: float) -> str:
-        # The fine-tuning of the main table when the reduction is the same one.
-        same = ReductionConfig.from_dict(red) == ReductionConfig.from_dict(ref)
-        return ref.get("method", "fatr") if same else f"{prefix}@{_ratio(r)}"
-
-    for r in ratios:
-        _evaluated(ctx, curve_key("fatr_free", r), fatr_at[r], ctx.baseline)
-        _evaluated(ctx, curve_key("tome_free", r), tome_at[r], ctx.baseline)
-    # (a) sampled budgets and (b) one budget, each evaluated at every ratio of one model.
-    fixed_red = with_budget(ref, "keep_ratio", args.curve_fixed_ratio)
-    runs = {
-        "fatr_sampled": (
-            "fatr_sampled",
-            ref,
-            dict(budget_range=tuple(args.budget_range), budget_anchors=tuple(args.budget_anchors)),
-        ),
-        "fatr_fixed": (label(fixed_red, "fatr", args.curve_fixed_ratio), fixed_red, None),
-    }
-    for seed in args.curve_seeds:
-        for family, (name, red, budget) in runs.items():
-            keys = {r: curve_key(family, r, seed) for r in ratios}
-            if _done(ctx, *keys.values()):
-                continue
-            ckpt = _finetuned(ctx, name, red, seed, budget)
-            for r in ratios:
-                _evaluated(ctx, keys[r], ref, ckpt, keep_ratio=r)
-        # (c) FATR and (d) ToMe fine-tuned at each ratio. ToMe at 1 removes nothing and has no
-        # parameters of its own: its model and fine-tuning are the unreduced ones (run ft_none).
-        for r in ratios:
-            key = curve_key("fatr_each", r, seed)
-            if not _done(ctx, key):
-                ckpt = _finetuned(ctx, label(fatr_at[r], "fatr", r), fatr_at[r], seed)
-                _evaluated(ctx, key, fatr_at[r], ckpt)
-            key = curve_key("tome_each", r, seed)
-            if not _done(ctx, key):
-                tome_label = "none" if r == 1.0 else f"tome@{_ratio(r)}"
-                ckpt = _finetuned(ctx, tome_label, None if r == 1.0 else tome_at[r], seed)
-                _evaluated(ctx, key, tome_at[r], ckpt)
-    # Speed per ratio (weights do not change the cost; the baseline's give real selections).
-    reds = {"none": None}
-    reds.update({f"fatr@{_ratio(r)}": fatr_at[r] for r in ratios})
-    reds.update({f"tome@{_ratio(r)}": tome_at[r] for r in ratios})
-    if _cost_stale(ctx, "curve/cost", reds):
-        _cached_cost(ctx, "curve/cost", _models(ctx, reds, ctx.baseline), inputs, img_shape)

@@ -65,26 +65,6 @@ def test_tome_constant_fine_tunes_with_r_scaled_to_the_crop():
     assert _train_reduction(ctx, red) == red
 
 
-def test_budget_anchors_reach_the_sampled_fine_tuning_and_the_settings(tmp_path):
-    from fatr_seg.analysis.camvid_runs import finetune_cfg
-    from fatr_seg.analysis.camvid_study import resolve_args, settings_of
-
-    tool = load_tool()
-    argv = ["--data-root", str(tmp_path), "--work-dir", str(tmp_path / "w")]
-    plain = resolve_args(tool.parse_args(argv))
-    sandwich = resolve_args(tool.parse_args(argv + ["--budget-anchors", "0.9"]))
-    # No anchors: the settings are those of a work dir from before the option (it stays valid).
-    assert "budget_anchors" not in settings_of(plain)
-    assert settings_of(sandwich) == {**settings_of(plain), "budget_anchors": [0.9]}
-    red = dict(method="fatr", keep_ratio=0.7)
-    cfg = finetune_cfg(sandwich, red, 3, str(tmp_path / "run"), "teacher.pth", (0.5, 0.9),
-                       tuple(sandwich.budget_anchors))  # fmt: skip
-    model = cfg.model
-    assert (model.budget_range, model.budget_anchors, model.budget_seed) == ((0.5, 0.9), (0.9,), 3)
-    cfg = finetune_cfg(plain, red, 3, str(tmp_path / "run"), "teacher.pth")
-    assert cfg.model.budget_anchors == ()
-
-
 def run_tool(*args, env=None, timeout=1200):
     return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
@@ -112,12 +92,7 @@ def test_quick_without_shared_folder_is_skipped_with_a_message(tmp_path, monkeyp
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--budget-curve", "0.4"], "--budget-curve [0.4]: ratios must lie in [0.5, 1] (ToMe "
-         "merges at most half the tokens of a layer)"),
-        (["--budget-range", "0.9", "0.5"], "--budget-range 0.9 0.5: give 0 < LOW <= HIGH <= 1"),
         (["--ema-momentum", "1.5"], "--ema-momentum 1.5: must lie in (0, 1)"),
-        (["--budget-anchors", "0.9", "1.5"], "--budget-anchors [0.9, 1.5]: ratios must lie in "
-         "(0, 1]"),
         (["--ft-iters", "0"], "--ft-iters must be >= 1"),
         (["--baseline-checkpoint", "no/such.pth"], "--baseline-checkpoint not found: no/such.pth"),
         (["--data-root", "no/camvid"], "CamVid data root (--data-root) not found: no/camvid "
@@ -186,12 +161,12 @@ def test_quick_study_end_to_end_then_resume(tmp_path, monkeypatch):
     if not (REAL_CAMVID.is_dir() and REAL_VIT_TI.is_file()):
         pytest.skip(f"real CamVid and ViT-Ti not found under {SHARED} ({SHARED_HINT})")
     work = tmp_path / "study"
-    proc = _quick(work, "--budget-curve", "0.7", "1.0")
+    proc = _quick(work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((work / "results.json").read_text())
     st, runs = data["settings"], data["runs"]
     methods = ["none", "fatr", "tome"]
-    assert st["methods"] == methods and st["seeds"] == [0] and st["budget_curve"] == [0.7, 1.0]
+    assert st["methods"] == methods and st["seeds"] == [0]
 
     # Equal MACs: ToMe's ratio was raised to FATR's cost; the counter agrees with the closed form.
     budget = {m: runs[f"budget/{m}"] for m in methods}
@@ -211,7 +186,7 @@ def test_quick_study_end_to_end_then_resume(tmp_path, monkeypatch):
         assert r["mIoU"] == pytest.approx(
             sum(v for v in r["IoU"] if v is not None) / sum(v is not None for v in r["IoU"])
         )
-    # Training-free, nothing changes before the first reduction (block 4) ...
+    # Training-free, nothing changes before the first reduction (block 4).
     for phase in ("free", "ft"):
         for m in methods:
             hf = runs[f"hf/{phase}/{m}"]
@@ -221,50 +196,27 @@ def test_quick_study_end_to_end_then_resume(tmp_path, monkeypatch):
         for key in ("hf_restored", "hf_tokens"):
             assert runs[f"hf/free/{m}"][key][:3] == pytest.approx(ref[key][:3], rel=1e-5)
         assert runs[f"hf/free/{m}"]["num_tokens"][3] < ref["num_tokens"][3] == 690
-    # ... and at keep ratio 1 a training-free FATR or ToMe is the baseline, exactly.
-    for family in ("fatr_free", "tome_free"):
-        assert runs[f"curve/{family}/1.00"]["mIoU"] == runs["free/none"]["mIoU"]
-    # ToMe at 1 is the unreduced model: its fine-tuning is none's (the same run).
-    assert runs["curve/tome_each/1.00"]["mIoU"] == runs["ft/none/s0"]["mIoU"]
-    # FATR at the config's 0.7 is the main table's fine-tuned FATR (the same run).
-    for family in ("fatr_each", "fatr_fixed"):
-        assert runs[f"curve/{family}/0.70"]["mIoU"] == runs["ft/fatr/s0"]["mIoU"]
-    for family in ("fatr_sampled", "fatr_fixed", "fatr_each", "tome_each"):
-        for r in ("0.70", "1.00"):
-            assert 0 <= runs[f"curve/{family}/{r}"]["mIoU"] <= 100
-    curve_ips = runs["curve/cost"]["images_per_s"]["b1"]
-    assert set(curve_ips) == {"none", "fatr@0.70", "fatr@1.00", "tome@0.70", "tome@1.00"}
 
-    # Trained: the baseline, each method's fine-tuning, and of the curve only what the main
-    # table lacks (FATR at 0.7 and one budget at 0.7 are ft_fatr, ToMe at 1 is ft_none).
-    assert _trained(runs) == {"baseline_s0", "ft_fatr_sampled_s0", "ft_fatr@1.00_s0",
-                              "ft_tome@0.70_s0"} | {f"ft_{m}_s0" for m in methods}  # fmt: skip
+    # Trained: the baseline and each method's fine-tuning.
+    assert _trained(runs) == {"baseline_s0"} | {f"ft_{m}_s0" for m in methods}
     for name in _trained(runs):
         assert runs[f"train/{name}"]["s_per_iter"] > 0
     table = (work / "table.md").read_text()
     for m in methods:
         assert f"| {m} |" in table
-    assert "## Budget curve" in table and "Bicyclist" in table
-    for png in ("miou.png", "per_class.png", "hf_amplitude.png", "budget_curve.png"):
+    assert "Bicyclist" in table
+    for png in ("miou.png", "per_class.png", "hf_amplitude.png"):
         assert (work / png).stat().st_size > 5000
 
-    # A re-run (in this process: the command line ran above) with one more seed, for the curve
-    # too (at ratio 1 only: seed 0 ran 0.7's code above), trains only that seed's fine-tunings
-    # (the curve's reuse the main table's where the reduction is the same) and keeps the rest.
-    _quick_here(monkeypatch, work, "--budget-curve", "1.0", "--seeds", "0", "1",
-                "--curve-seeds", "0", "1", "--finetune-as", "both")  # fmt: skip
+    # A re-run (in this process: the command line ran above) with one more seed trains only
+    # that seed's fine-tunings and keeps the rest.
+    _quick_here(monkeypatch, work, "--seeds", "0", "1", "--finetune-as", "both")
     new = json.loads((work / "results.json").read_text())
-    assert _trained(new["runs"]) - _trained(runs) == {f"ft_{m}_s1" for m in methods} | {
-        "ft_fatr_sampled_s1", "ft_fatr@1.00_s1"}  # fmt: skip
+    assert _trained(new["runs"]) - _trained(runs) == {f"ft_{m}_s1" for m in methods}
     assert {k: v for k, v in new["runs"].items() if k in runs} == runs
     assert all(f"ft/{m}/s1" in new["runs"] for m in methods)
-    assert new["settings"]["curve_seeds"] == [0, 1]
-    for family in ("fatr_sampled", "fatr_fixed", "fatr_each", "tome_each"):
-        assert 0 <= new["runs"][f"curve/s1/{family}/1.00"]["mIoU"] <= 100
-    assert new["runs"]["curve/s1/tome_each/1.00"]["mIoU"] == new["runs"]["ft/none/s1"]["mIoU"]
-    assert "curve/s1/fatr_free/1.00" not in new["runs"]  # training-free: no seed
     text = (work / "table.md").read_text()
-    assert "(n=2)" in text and "seeds [0, 1])" in text and "| sampled − each-ratio FATR |" in text
+    assert "(n=2)" in text
     # --finetune-as both: every method also on none's fine-tuned weights, no extra training.
     assert {k for k in new["runs"] if k.startswith("deploy/")} == {
         f"deploy/{m}/s{s}" for m in ("fatr", "tome") for s in (0, 1)
@@ -293,7 +245,7 @@ def test_cost_is_kept_for_fewer_methods_and_measured_again_for_more():
     assert not _cost_stale(ctx, "cost", ["fatr", "none"])
     assert not _cost_stale(ctx, "cost", ["none", "fatr", "tome"])
     assert _cost_stale(ctx, "cost", ["none", "fatr", "algm"])
-    assert _cost_stale(ctx, "curve/cost", ["none"])
+    assert _cost_stale(SimpleNamespace(store=SimpleNamespace(get={}.get)), "cost", ["none"])
 
 
 def test_mean_and_std_cells_of_the_reports():
@@ -324,58 +276,3 @@ def test_paired_difference_and_its_standard_error():
     assert _delta_text(runs, [0, 1, 2, 3], "x", "deploy") == "-0.25 ± 0.75"
     assert _delta_text(runs, [0, 1, 2], "x") == "-1.00"  # one pair: no spread to show
     assert _delta_text(runs, [0, 1], "x") == "n/a"
-
-
-def _point(miou: float) -> dict:
-    return {"mIoU": miou}
-
-
-def test_budget_curve_over_seeds_and_the_targets_rows():
-    """Curve points of several seeds are averaged (seed 0 keeps the key without a seed, as
-    results written before seeds existed); the target rows are computed from them: sampled minus
-    each-ratio FATR, and sampled minus ToMe interpolated at FATR's measured images/s."""
-    from fatr_seg.analysis.camvid_report import _curve_table, at_speed, curve_key, curve_values
-
-    assert curve_key("fatr_each", 0.7) == "curve/fatr_each/0.70"
-    assert curve_key("fatr_each", 0.7, 2) == "curve/s2/fatr_each/0.70"
-    runs = {
-        curve_key("fatr_sampled", 0.5, 0): _point(50.0),
-        curve_key("fatr_sampled", 0.5, 1): _point(51.0),
-        curve_key("fatr_sampled", 1.0, 0): _point(60.0),
-        curve_key("fatr_sampled", 1.0, 1): _point(62.0),
-        curve_key("fatr_each", 0.5, 0): _point(49.0),
-        curve_key("fatr_each", 0.5, 1): _point(50.0),
-        curve_key("fatr_each", 1.0, 0): _point(61.0),
-        curve_key("tome_each", 0.5, 0): _point(40.0),
-        curve_key("tome_each", 1.0, 0): _point(60.0),
-        curve_key("fatr_free", 0.5): _point(45.0),
-        "curve/cost": {
-            "images_per_s": {
-                "b1": {
-                    "none": {"median": 10.0},
-                    "fatr@0.50": {"median": 15.0},
-                    "fatr@1.00": {"median": 10.0},
-                    "tome@0.50": {"median": 20.0},
-                    "tome@1.00": {"median": 10.0},
-                }
-            },  # fmt: skip
-            "macs": {},
-        },
-        "ft/fatr/s0": _point(1.0),  # not a curve point
-    }
-    assert curve_values(runs, "fatr_sampled") == {0.5: [50.0, 51.0], 1.0: [60.0, 62.0]}
-    assert curve_values(runs, "fatr_free") == {0.5: [45.0]}
-    assert curve_values(runs, "tome_free") == {}
-    # ToMe (10 -> 60, 20 -> 40) at 15 images/s: 50; outside its measured speeds: none.
-    assert at_speed([(20.0, 40.0), (10.0, 60.0)], 15.0) == pytest.approx(50.0)
-    assert at_speed([(20.0, 40.0), (10.0, 60.0)], 25.0) is None
-
-    st = {"seeds": [0, 1], "curve_seeds": [0, 1], "budget_range": [0.5, 0.9],
-          "curve_fixed_ratio": 0.7}  # fmt: skip
-    table = "\n".join(_curve_table(runs, st))
-    assert "seeds [0, 1]" in table
-    assert "| FATR fine-tuned, sampled budgets | 50.50 ± 0.71 | 61.00 ± 1.41 |" in table
-    # 50.5 - 49.5 at 0.5; 61.0 - 61.0 at 1.0.
-    assert "| sampled − each-ratio FATR | +1.00 | +0.00 |" in table
-    # FATR at 0.5 runs 15 images/s, where ToMe's curve reads 50: +0.50; at 1.0 both run 10: +1.00.
-    assert "| sampled − ToMe fine-tuned at the same images/s b1 | +0.50 | +1.00 |" in table
