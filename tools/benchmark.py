@@ -101,7 +101,7 @@ JSON schema (``benchmark.json``)::
                   "tokens": int, "batch": int, "k": int, "num_patches": int,
                   "paths": {path: {"median_s": float, "q1_s": float, "q3_s": float,
                                    "iqr_s": float}},
-                  "topk_agreement": {path: float}, "max_abs_diff": {path: float}}]}
+                  "topk_agreement": {path: float}}]}
 """
 
 import argparse

@@ -296,8 +296,8 @@ class Bench:
         self.result["scoring"].append(dict(
             config=self.fatr_name, layer=layer, device=str(x.device), dtype=dtype,
             shape=list(shape), tokens=stats.q.shape[2] - 1, batch=batch, k=out["k"],
-            num_patches=out["num_patches"], paths=paths, topk_agreement=out["topk_agreement"],
-            max_abs_diff=out["max_abs_diff"]))  # fmt: skip
+            num_patches=out["num_patches"], paths=paths,
+            topk_agreement=out["topk_agreement"]))  # fmt: skip
         self.progress.update()
 
     def memory(self) -> None:

@@ -215,54 +215,32 @@ def attention_stats_at(
     return stats, v
 
 
-def time_scoring_paths(
-    stats: AttnStats,
-    v: torch.Tensor,
-    keep_ratio: float,
-    iters: int,
-    warmup: int,
-    use_triton: bool | None = None,
-) -> dict[str, Any]:
-    """Time the HF-scoring paths of :func:`fatr_seg.ops.hf_scores` on one block's activations
-    (``exact_chunked_lse``: reusing the fused kernel's log-sum-exp, the model on CPU;
-    ``exact_chunked``; ``exact_triton`` on CUDA with Triton; ``logit_proxy``; the fused
-    ``attention`` for scale), and their top-k agreement with the exact score (k kept at
-    ``keep_ratio``): ``times``, ``topk_agreement``, ``k``, ``num_patches``, ``max_abs_diff``."""
+def time_scoring_paths(stats: AttnStats, v: torch.Tensor, keep_ratio: float, iters: int,
+                       warmup: int) -> dict[str, Any]:  # fmt: skip
+    """Time the HF score's paths (:func:`fatr_seg.ops.hf_scores`) on one block's activations, in
+    alternation with the fused ``attention`` for scale: ``exact_chunked``, ``exact_chunked_lse``
+    (reusing the kernel's log-sum-exp, as the model on CPU), ``exact_triton`` (CUDA with Triton),
+    ``logit_proxy``. Returns ``times``, each path's ``topk_agreement`` with the exact score,
+    ``k`` (the tokens kept at ``keep_ratio``) and ``num_patches``."""
     q, k, scale, lse = stats.q, stats.k, stats.scale, stats.lse
-    device = q.device
-    if use_triton is None:
-        use_triton = q.is_cuda and triton_available()
-    M = q.shape[2] - 1  # patch tokens at the first reduction: all but CLS
     paths: dict[str, Callable[[], torch.Tensor]] = {
         "attention": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale),
-        "exact_chunked": lambda: hf_scores(q, k, scale, "exact", backend="chunked"),
+        "exact_chunked": lambda: hf_scores(q, k, scale, backend="chunked"),
         "logit_proxy": lambda: hf_scores(q, k, scale, "logit_proxy"),
     }
     if lse is not None:
-        paths["exact_chunked_lse"] = lambda: hf_scores(
-            q, k, scale, "exact", backend="chunked", lse=lse
-        )
-    if use_triton:
-        paths["exact_triton"] = lambda: hf_scores(q, k, scale, "exact", backend="triton")
+        paths["exact_chunked_lse"] = lambda: hf_scores(q, k, scale, backend="chunked", lse=lse)
+    if q.is_cuda and triton_available():
+        paths["exact_triton"] = lambda: hf_scores(q, k, scale, backend="triton")
+    M = q.shape[2] - 1  # patch tokens at the first reduction: all but CLS
+    keep = num_keep(keep_ratio, M)
     with torch.inference_mode():
-        times = time_alternating(paths, iters, warmup, device)
-        ref = hf_scores(q, k, scale, "exact", backend="chunked")[:, 1 : 1 + M]
-        keep = num_keep(keep_ratio, M)
-        agreement, diffs = {}, {}
-        for name, fn in paths.items():
-            if name == "attention":
-                continue
-            s = fn()[:, 1 : 1 + M]
-            agreement[name] = topk_agreement(ref, s, keep)
-            if name != "logit_proxy":
-                diffs[name] = (s - ref).abs().max().item()
-    return dict(
-        times={name: TimingStats.from_times(t) for name, t in times.items()},
-        topk_agreement=agreement,
-        k=keep,
-        num_patches=M,
-        max_abs_diff=diffs,
-    )
+        times = time_alternating(paths, iters, warmup, q.device)
+        exact = paths["exact_chunked"]()[:, 1 : 1 + M]
+        agreement = {name: topk_agreement(exact, fn()[:, 1 : 1 + M], keep)
+                     for name, fn in paths.items() if name != "attention"}  # fmt: skip
+    return dict(times={name: TimingStats.from_times(t) for name, t in times.items()},
+                topk_agreement=agreement, k=keep, num_patches=M)  # fmt: skip
 
 
 def _cpu_times() -> tuple[int, int] | None:

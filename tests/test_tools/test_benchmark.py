@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -35,13 +34,6 @@ _spec = importlib.util.spec_from_file_location(
 )
 benchmark_tool = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(benchmark_tool)
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
 
 
 def test_time_alternating_alternates_and_times_every_call():
@@ -144,52 +136,13 @@ def test_time_scoring_paths_reports_all_cpu_paths():
     vit = tiny_fatr()
     with torch.inference_mode():
         stats, v = attention_stats_at(vit, torch.randn(2, 3, 64, 64), layer=2)
-    out = time_scoring_paths(stats, v, keep_ratio=0.7, iters=2, warmup=1, use_triton=False)
+    out = time_scoring_paths(stats, v, keep_ratio=0.7, iters=2, warmup=1)
     assert set(out["times"]) == {"attention", "exact_chunked", "exact_chunked_lse", "logit_proxy"}
     assert all(len(t.times_s) == 2 for t in out["times"].values())
     assert out["num_patches"] == 16 and out["k"] == 12
-    # Both exact paths compute the same score: full agreement, tiny difference.
+    # Both exact paths compute the same score: full agreement.
     assert out["topk_agreement"]["exact_chunked_lse"] == 1.0
-    assert out["max_abs_diff"]["exact_chunked_lse"] < 1e-6
     assert 0.0 <= out["topk_agreement"]["logit_proxy"] <= 1.0
-
-
-SCORING_TRITON_SCRIPT = textwrap.dedent(
-    """
-    import torch
-    from fatr_seg.analysis import attention_stats_at, time_scoring_paths
-    from fatr_seg.layers import FATRVisionTransformer
-
-    torch.manual_seed(0)
-    red = dict(layers=(2, 3), aggregate='dc', windows=(2, 1))
-    vit = FATRVisionTransformer(img_size=64, embed_dims=32, num_layers=4, num_heads=2,
-                                reduction=red).eval()
-    with torch.inference_mode():
-        stats, v = attention_stats_at(vit, torch.randn(1, 3, 64, 64), layer=2)
-    out = time_scoring_paths(stats, v, 0.7, iters=1, warmup=0, use_triton=True)
-    assert "exact_triton" in out["times"], out["times"].keys()
-    assert out["topk_agreement"]["exact_triton"] == 1.0, out
-    assert out["max_abs_diff"]["exact_triton"] < 1e-6, out
-    print("ok")
-    """
-)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_time_scoring_paths_triton_under_interpreter():
-    # The CUDA-only Triton path, exercised on CPU; TRITON_INTERPRET is read at triton import.
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", SCORING_TRITON_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.strip().endswith("ok")
 
 
 def test_bad_arguments_are_named(capsys):
