@@ -121,7 +121,7 @@ def window_fold_plan(
 ) -> MergePlan:
     """The merges of :func:`window_fold_scores` followed by a top-k that drops ``num_drop``
     tokens, as a :class:`MergePlan`: the same split, partners and order, in seven kernels on a
-    grid the windows tile (nine otherwise): one sort ranks the windows, one orders the kept
+    grid the windows tile (ten otherwise): one sort ranks the windows, one orders the kept
     tokens, one inverts that order, and the members' masks and partners are elementwise ops on
     a (B, gh, w, gw, w) view of the grid, so no member index is gathered.
 
@@ -148,7 +148,7 @@ def window_fold_plan(
         key = torch.logical_and(fold, member).view(B, H * W)
     else:  # tokens in no window stay
         key = torch.zeros(B, H * W, dtype=torch.bool, device=priority.device)
-        torch.logical_and(fold, member, out=_window_view(key, hw_shape, window))
+        _window_view(key, hw_shape, window).copy_(torch.logical_and(fold, member))
     perm = key.sort(dim=1, stable=True).indices  # kept ascending, then the dropped ascending
     old_to_new = perm.argsort(dim=1)
     # A leaving member takes the new position of its window's last member.

@@ -91,6 +91,16 @@ def test_backbone_compiles_to_one_graph_and_matches_eager(method):
     assert counter.frame_count == 1 and counter.op_count > 0
 
 
+def test_local_stage_on_a_grid_its_windows_do_not_tile():
+    """A 7x9 grid: its last row and column are in no 2x2 window (the plan's other path)."""
+    model = build(tiny_reduction("fatr_local"))
+    fn, counter = compiled(model, "aot_eager")
+    x = torch.randn(2, 3, 56, 72, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_same_compact(model(x), fn(x))
+    assert counter.frame_count == 1
+
+
 def test_restored_residual_output_matches_eager():
     """Full-grid output with ``restore='residual'`` (the restorer's other path), odd image size."""
     red = dict(method="fatr_paper", layers=(1, 2, 3), restore="residual")
