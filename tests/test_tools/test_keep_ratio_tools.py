@@ -92,14 +92,23 @@ def test_test_tool_runs_fatr_training_free_and_at_other_budgets(tiny):
     for stem, pred in preds.items():
         np.testing.assert_array_equal(pred, reference[stem])
 
-    for extra, ratio in ((["--keep-ratio", "0.25"], 0.25),
-                         (["--keep-ratio", "0.25", "0.9"], (0.25, 0.9))):  # fmt: skip
-        _, at_budget = _test(tiny, "keep" + "_".join(extra[1:]), *extra)
-        expected = _reference(tiny, ratio)
-        for stem, pred in at_budget.items():
-            np.testing.assert_array_equal(pred, expected[stem])
-        # The budget changed the predictions (else this test could not fail).
-        assert any((at_budget[s] != preds[s]).any() for s in preds)
+    # One ratio per reduction layer, through the tool; one number for all of them is the same
+    # config (the check the tool runs: below, in this process).
+    _, at_budget = _test(tiny, "keep_0.25_0.9", "--keep-ratio", "0.25", "0.9")
+    expected = _reference(tiny, (0.25, 0.9))
+    for stem, pred in at_budget.items():
+        np.testing.assert_array_equal(pred, expected[stem])
+    # The budget changed the predictions (else this test could not fail).
+    assert any((at_budget[s] != preds[s]).any() for s in preds)
+    from mmengine.config import Config
+
+    from fatr_seg.models.keep_ratio import set_config_keep_ratio
+
+    one, each = (Config.fromfile(str(tiny["config"])) for _ in range(2))
+    assert set_config_keep_ratio(one, ["0.25"], "tiny") == (0.25, 0.25)
+    assert set_config_keep_ratio(each, ["0.25", "0.25"], "tiny") == (0.25, 0.25)
+    assert one.model.backbone.reduction == each.model.backbone.reduction
+    assert tuple(one.model.backbone.reduction.keep_ratio) == (0.25, 0.25)
 
 
 @pytest.mark.slow

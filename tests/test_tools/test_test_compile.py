@@ -1,10 +1,10 @@
 """``tools/test.py --compile``: the same predictions as the eager run; ``--amp`` runs.
 
 A tiny FATR Segmenter with random weights is saved as a checkpoint and evaluated on 3
-generated 64×64 images, in subprocesses as a user runs it: eagerly, with ``--compile``
+generated 64×64 images, in subprocesses as a user runs it with ``--compile``
 (``CompileInferenceHook``: backbone and head through inductor), and with ``--amp`` (mmengine's
 TestLoop under bf16 autocast on CPU: before the scoring ops kept float32 under autocast, the
-default reduction raised there).
+default reduction raised there), against mmseg's eager inference in this process.
 """
 
 import subprocess
@@ -59,13 +59,24 @@ def test_compiled_test_run_gives_eager_predictions(tmp_path):
     ckpt = tmp_path / "random.pth"
     torch.save(dict(state_dict=model.state_dict(), meta=dict()), ckpt)
     options = [f"test_dataloader.dataset.data_root={data}", "test_dataloader.num_workers=0"]
-    preds = {}
-    for mode, extra in (("eager", []), ("compiled", ["--compile"]), ("amp", ["--amp"])):
+    # Eager: mmseg's inference in this process, the label maps as IoUMetric saves them (+1);
+    # tools/test.py --out gives the same in test_keep_ratio_tools.py.
+    from mmseg.apis import inference_model, init_model
+
+    model = init_model(cfg, str(ckpt), device="cpu")
+    with torch.no_grad():
+        preds = {
+            "eager": {
+                p.stem: inference_model(model, str(p)).pred_sem_seg.data[0].numpy() + 1
+                for p in sorted((data / "images" / "validation").glob("*.jpg"))
+            }
+        }
+    for mode, extra in (("compiled", ["--compile"]), ("amp", ["--amp"])):
         out = tmp_path / mode
         proc = _run(["tools/test.py", config, ckpt, "--work-dir", tmp_path / f"work_{mode}",
                      "--out", out, *extra, "--cfg-options", *options])  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        preds[mode] = {p.name: np.array(Image.open(p)) for p in sorted(out.glob("*.png"))}
+        preds[mode] = {p.stem: np.array(Image.open(p)) for p in sorted(out.glob("*.png"))}
         compiled_log = "CompileInferenceHook: compiled" in proc.stdout + proc.stderr
         assert compiled_log == (mode == "compiled")
     assert len(preds["eager"]) == 3 and preds["eager"].keys() == preds["compiled"].keys()
