@@ -249,6 +249,17 @@ TRITON_INTERPRET_SCRIPT = textwrap.dedent(
                 assert (got[bias == float("-inf")] == 0).all()
         except AssertionError as err:
             failures.append(f"{{(B, h, n, d, dtype, with_bias, block)}}: {{err}}")
+    # The default's estimate: every s-th query row (a strided view) and its lse, as the reducer
+    # passes them; the Triton path must read the same rows as the chunked one.
+    q, k = make_qk(2, 2, 70, 16)
+    lse = (q @ k.transpose(-2, -1) * 0.25).logsumexp(-1)
+    try:
+        torch.testing.assert_close(
+            hf_scores(q, k, 0.25, backend="triton", lse=lse, queries=16),
+            hf_scores(q, k, 0.25, backend="chunked", lse=lse, queries=16), atol=1e-6, rtol=1e-5,
+        )
+    except AssertionError as err:
+        failures.append(f"strided query rows: {{err}}")
     q, k = make_qk(1, 2, 33, 16)
     via_dispatch = hf_scores(q, k, 0.25, backend="triton")
     try:
