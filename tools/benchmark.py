@@ -1,4 +1,4 @@
-"""Throughput, peak memory and scoring cost: baseline vs FATR segmentors, side by side.
+"""Throughput, peak memory and MACs: baseline vs FATR segmentors, side by side.
 
 Usage::
 
@@ -6,8 +6,8 @@ Usage::
         [--shapes 384 512 768 1024] [--batch-sizes 1 8] [--iters 10] [--warmup W]
         [--device cpu|cuda] [--dtypes float32] [--out-dir work_dirs/benchmark]
         [--max-cell-seconds S] [--time-budget S] [--memory-shapes ...]
-        [--memory-batch-sizes ...] [--memory-targets ...] [--no-memory] [--no-scoring]
-        [--no-macs] [--threads N] [--quick] [--keep-ratio R [R ...]] [--compile] [--cpu-time]
+        [--memory-batch-sizes ...] [--memory-targets ...] [--no-memory] [--no-macs]
+        [--threads N] [--quick] [--keep-ratio R [R ...]] [--compile] [--cpu-time]
         [--no-cuda-graph]
 
 CONFIGs default to ``configs/baseline_vit-s_ade20k.py configs/fatr_ade20k.py``; the FIRST is
@@ -47,16 +47,15 @@ dropped), when:
 * ``--time-budget S``: it would end more than S seconds after the run started (the models built,
   MAC counting included) (default 1500 on CPU, none on CUDA).
 
-``0`` lifts either limit. Both apply to the timed and scoring cells; the memory probes run after
+``0`` lifts either limit. Both apply to the timed cells; the memory probes run after
 them, outside the budget, each stopped after 4 x ``--max-cell-seconds`` (at least 600 s). The CPU
 defaults keep a default CPU run near 30 minutes. The JSON records both under ``settings``
 (``max_cell_seconds``, ``time_budget``; 0 = no limit).
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak RSS of a fresh child
 process per (config, target, shape, batch) (``VmHWM`` reset after the model is built, so it
-measures the forward). Scoring: the HF-score paths (exact chunked with and without the
-kernel's log-sum-exp, logit proxy, Triton on CUDA) are timed on the first FATR config's
-activations at its first reduction layer, with the proxy's top-k agreement.
+measures the forward). The HF score's own time (exact and from Q query rows) is
+``tools/hf_score_estimate.py``'s.
 
 Outputs under ``--out-dir``: ``benchmark.json``, ``benchmark.md`` and ``speedup.png``
 (speed-up vs tokens). ``--quick`` (CI): a tiny model (embed 64, 2 heads), shapes 64 and 128,
@@ -91,17 +90,12 @@ JSON schema (``benchmark.json``)::
                  "speedup_per_ideal": float | null,   # speedup * macs_ratio (1.0 = ideal)
                  "compiled": bool, "compile_s": float | null,  # --compile twins
                  "speedup_same_mode": float}],  # against the reference run the same way
-     "skipped": [{"kind": "timing" | "memory" | "scoring", "target": str, "dtype": str,
+     "skipped": [{"kind": "timing", "target": str, "dtype": str,
                   "shape": [H, W], "batch": int, "reason": str}],
      "memory": [{"config": str, "target": str, "device": str, "dtype": str, "shape": [H, W],
                  "tokens": int, "batch": int, "peak_bytes": int, "before_bytes": int,
                  "forward_bytes": int, "method": "cuda_max_memory_allocated" | "child_vmhwm"
-                 | "child_maxrss", "error": str | null}],
-     "scoring": [{"config": str, "layer": int, "device": str, "dtype": str, "shape": [H, W],
-                  "tokens": int, "batch": int, "k": int, "num_patches": int,
-                  "paths": {path: {"median_s": float, "q1_s": float, "q3_s": float,
-                                   "iqr_s": float}},
-                  "topk_agreement": {path: float}}]}
+                 | "child_maxrss", "error": str | null}]}
 """
 
 import argparse
@@ -155,7 +149,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Benchmark images/s, peak memory and scoring cost of segmentors "
+        description="Benchmark images/s, peak memory and MACs of segmentors "
         "(the first config is the reference).",
         formatter_class=_HelpFormatter,
     )
@@ -234,7 +228,6 @@ def parse_args(argv=None):
         help="targets of the memory probes (default: --targets; backbone with --quick)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    p.add_argument("--no-scoring", action="store_true", help="skip the scoring-path timing")
     p.add_argument("--no-macs", action="store_true", help="skip the MAC counts")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic images")

@@ -63,14 +63,19 @@ def thread_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+# Scoring-time shapes: (name, tokens or None for the first image's real activations, heads, d).
+TIMING_SHAPES = (("ViT-Ti CamVid (real)", None, 3, 64), ("ViT-S 512²", 1025, 6, 64),
+                 ("ViT-S 1024²", 4097, 6, 64))  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", required=True)
     ap.add_argument("--images", required=True)
     ap.add_argument("--num-images", type=int, default=30)
     ap.add_argument("--queries", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--out", default="results/hf_score_estimate.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from safetensors.torch import load_file
 
@@ -119,8 +124,7 @@ def main() -> None:
 
     # Scoring time, 1 thread, batch 1: real activations of the first layer, then random ones.
     timing = []
-    for name, n, h, d in (("ViT-Ti CamVid (real)", None, 3, 64), ("ViT-S 512²", 1025, 6, 64),
-                          ("ViT-S 1024²", 4097, 6, 64)):  # fmt: skip
+    for name, n, h, d in TIMING_SHAPES:
         if n is None:
             x, state = model.embed(images[0])
             blk = model.blocks[0]
@@ -149,7 +153,7 @@ def main() -> None:
     result = {
         "what": "issue 24 item 2: HF score from strided query rows vs the exact column mean",
         "machine": f"{platform.processor() or platform.machine()}, {platform.node()}, 1 thread",
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv if argv is None else [sys.argv[0], *argv]),
         "commit": commit,
         "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
         "model": "ViT-Ti/16 augreg (training-free), default reduction (fatr), CamVid val",
@@ -167,6 +171,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from .store import Store, write_json
 from .timing import (
     ThreadChoice,
     TimingStats,
-    attention_stats_at,
     choose_threads,
     cuda_peak_memory,
     current_rss_bytes,
@@ -39,12 +38,11 @@ from .timing import (
     reset_peak_rss,
     synchronize,
     time_alternating,
-    time_scoring_paths,
 )
 
 __all__ = ["BlockTokens", "LayerDiagnostics", "MacReport", "MatchedBudget", "Store",
            "ThreadChoice", "TimingStats", "ViTShape", "analytic_vit_macs", "attention_flops",
-           "attention_stats_at", "choose_threads", "count_macs", "cuda_peak_memory",
-           "current_rss_bytes", "flop_formulas", "layer_diagnostics", "match_budget",
-           "peak_rss_bytes", "reset_peak_rss", "synchronize", "time_alternating",
-           "time_scoring_paths", "token_schedule", "write_json"]  # fmt: skip
+           "choose_threads", "count_macs", "cuda_peak_memory", "current_rss_bytes",
+           "flop_formulas", "layer_diagnostics", "match_budget", "peak_rss_bytes",
+           "reset_peak_rss", "synchronize", "time_alternating", "token_schedule",
+           "write_json"]  # fmt: skip

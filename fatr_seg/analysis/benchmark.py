@@ -18,10 +18,8 @@ import time
 
 import torch
 
-from ..layers.vit import FATRVisionTransformer
 from .benchmark_models import (
     COMPILED,
-    _autocast,
     build_segmentor,
     compiled_forward_fn,
     config_variants,
@@ -34,13 +32,7 @@ from .benchmark_models import (
 )
 from .flops import count_macs
 from .store import write_json
-from .timing import (
-    TimingStats,
-    attention_stats_at,
-    cuda_peak_memory,
-    time_alternating,
-    time_scoring_paths,  # fmt: skip
-)
+from .timing import TimingStats, cuda_peak_memory, time_alternating
 
 __all__ = ["DEFAULT_TARGETS", "TARGETS", "Bench", "Budget", "benchmark", "result_header",
            "timed_cell", "write_files"]  # fmt: skip
@@ -150,11 +142,6 @@ class Bench:
             self.models[name], _, self.norms[name] = build_segmentor(path, args.quick,
                                                                      keep_ratio=ratio)  # fmt: skip
         self.ref = self.entries[0][0]
-        # Every FATR preset (fatr, fatr_local, fatr_paper) ranks by the HF score: time its paths.
-        fatr = [n for n, m in self.models.items()
-                if isinstance(m.backbone, FATRVisionTransformer) and m.backbone.reduction
-                and m.backbone.reduction.method.startswith("fatr")]  # fmt: skip
-        self.fatr_name = None if args.no_scoring or not fatr else fatr[0]
         self.budget = Budget(args.max_cell_seconds, args.time_budget)
         self.progress = tqdm(total=self._steps(), unit="step", dynamic_ncols=True,
                              file=sys.stderr, disable=args.no_progress)  # fmt: skip
@@ -164,7 +151,7 @@ class Bench:
             **result_header("fatr_seg.benchmark/1", args, self.device, keys), reference=self.ref,
             configs=[dict(name=n, path=p, reduction=_reduction_dict(self.models[n]))
                      for n, p, _ in self.entries],
-            macs=[], timing=[], skipped=[], memory=[], scoring=[])  # fmt: skip
+            macs=[], timing=[], skipped=[], memory=[])  # fmt: skip
 
     def _steps(self) -> int:
         a = self.args
@@ -174,7 +161,7 @@ class Bench:
         if not a.no_memory:
             probes = len(a.memory_shapes) * len(a.memory_batch_sizes) * len(a.memory_targets)
             steps += len(a.dtypes) * probes * len(self.models)
-        return steps + (cells if self.fatr_name else 0)
+        return steps
 
     def _row(self, name, target, dtype, shape, batch, **more) -> dict:
         return dict(config=name, target=target, device=str(self.device), dtype=dtype,
@@ -194,8 +181,6 @@ class Bench:
                     labels = make_labels(batch, shape, a.seed) if "train" in a.targets else None
                     for target in a.targets:
                         self.time_cell(target, dtype, shape, batch, x, labels)
-                    if self.fatr_name:
-                        self.score_cell(dtype, shape, batch, x)
         if not a.no_memory:
             self.memory()
         self.progress.close()
@@ -274,31 +259,6 @@ class Bench:
                        speedup_same_mode=cell[same_mode]["stats"].median_s / s.median_s,
                        )  # fmt: skip
             self.result["timing"].append(row)
-
-    def score_cell(self, dtype, shape, batch, x) -> None:
-        """HF-scoring paths on the first FATR config's first reduction layer."""
-        a, budget = self.args, self.budget
-        self.progress.set_description_str(f"scoring {dtype} {shape[0]}x{shape[1]} b{batch}")
-        vit = self.models[self.fatr_name].backbone
-        layer, keep_ratio = vit.reduction.layers[0], vit.reduction.keep_ratio[0]
-        reason = budget.reason(budget.estimate(dtype, "scoring", shape, batch, 1))
-        if reason:
-            self.skip("scoring", "scoring", dtype, shape, batch, reason)
-            self.progress.update()
-            return
-        t0 = time.perf_counter()
-        with torch.inference_mode(), _autocast(x, dtype)():
-            stats, v = attention_stats_at(vit, x, layer)
-        out = time_scoring_paths(stats, v, keep_ratio, a.iters, a.warmup)
-        budget.per_image[(dtype, "scoring", shape)] = (time.perf_counter() - t0) / batch
-        paths = {p: dict(median_s=s.median_s, q1_s=s.q1_s, q3_s=s.q3_s, iqr_s=s.iqr_s)
-                 for p, s in out["times"].items()}  # fmt: skip
-        self.result["scoring"].append(dict(
-            config=self.fatr_name, layer=layer, device=str(x.device), dtype=dtype,
-            shape=list(shape), tokens=stats.q.shape[2] - 1, batch=batch, k=out["k"],
-            num_patches=out["num_patches"], paths=paths,
-            topk_agreement=out["topk_agreement"]))  # fmt: skip
-        self.progress.update()
 
     def memory(self) -> None:
         """Peak memory of one pass per (config, target, shape, batch): on CUDA in this process,

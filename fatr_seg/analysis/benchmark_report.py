@@ -85,18 +85,6 @@ def to_markdown(result: dict) -> str:
                 _mib(r.get("tensor_peak_bytes"))]) for r in result["memory"]]  # fmt: skip
         lines += markdown_section("Peak memory (MiB)", _CELL + ["peak", "before", "forward",
                                   "tensors"], rows, note, 3)  # fmt: skip
-    if result["scoring"]:
-        paths = ("attention", "exact_chunked_lse", "exact_chunked", "exact_triton", "logit_proxy")
-        rows = [[r["dtype"], f"{r['shape'][0]}x{r['shape'][1]}", r["tokens"], r["batch"]]
-                + [_f(1e3 * r["paths"][p]["median_s"] if p in r["paths"] else None, ".2f")
-                   for p in paths]
-                + [f"{r['topk_agreement']['logit_proxy']:.3f}"]
-                for r in result["scoring"]]  # fmt: skip
-        lines += markdown_section("HF scoring paths", ["dtype", "shape", "tokens", "batch",
-                                  "attention", "exact (lse)", "exact", "triton", "logit proxy",
-                                  "proxy top-k agreement"], rows, "Median ms per call on the "
-                                  "activations of the first reduction layer; top-k agreement "
-                                  "with the exact score (k = kept tokens).", 2)  # fmt: skip
     return "\n".join(lines)
 
 

@@ -196,12 +196,11 @@ def step_benchmark(args, results):
            "--shape", str(args.size), str(args.size), "--json", path]  # fmt: skip
     run_tool(cmd, osp.join(args.work_dir, "logs", "flops.log"), args.verbose, threads.env())
     out = dict(gmacs=read_gmacs(path, configs))
-    # Throughput only: MACs come from get_flops; memory probes and scoring paths would double
-    # this step's time.
+    # Throughput only: MACs come from get_flops; memory probes would double this step's time.
     cmd = [sys.executable, "tools/benchmark.py", *configs, "--shapes", str(args.size),
            "--batch-sizes", "1", "--iters", str(args.bench_iters),
            "--warmup", str(args.bench_warmup), "--targets", "segmentor", "--device", "cpu",
-           "--threads", str(threads.threads), "--no-memory", "--no-scoring", "--no-macs",
+           "--threads", str(threads.threads), "--no-memory", "--no-macs",
            "--no-progress", "--out-dir", bench_dir]  # fmt: skip
     run_tool(cmd, osp.join(args.work_dir, "logs", "benchmark.log"), args.verbose, threads.env())
     out["throughput"] = read_throughput(osp.join(bench_dir, "benchmark.json"), configs)

@@ -21,16 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..layers.attention import AttnStats
-from ..layers.vit import FATRVisionTransformer
-from ..ops.scoring import hf_scores, topk_agreement, triton_available
-from ..ops.select import num_keep
-
-__all__ = ["ThreadChoice", "TimingStats", "attention_stats_at", "busy_cpus", "choose_threads",
-           "cuda_peak_memory", "current_rss_bytes", "peak_rss_bytes", "peak_tensor_bytes",
-           "reset_peak_rss", "synchronize", "time_alternating", "time_scoring_paths"]  # fmt: skip
+__all__ = ["ThreadChoice", "TimingStats", "busy_cpus", "choose_threads", "cuda_peak_memory",
+           "current_rss_bytes", "peak_rss_bytes", "peak_tensor_bytes", "reset_peak_rss",
+           "synchronize", "time_alternating"]  # fmt: skip
 
 # A CPU counts as free for a thread when at most this much of it is busy: two threads on two
 # cores are only worth it on a nearly idle machine, because the busier core paces every op.
@@ -194,53 +188,6 @@ def cuda_peak_memory(fn: Callable[[], Any], device: torch.device | str) -> dict[
     synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     return dict(peak_bytes=peak, before_bytes=before, forward_bytes=peak - before)
-
-
-@torch.no_grad()
-def attention_stats_at(
-    vit: FATRVisionTransformer, x: torch.Tensor, layer: int
-) -> tuple[AttnStats, torch.Tensor]:
-    """The :class:`AttnStats` and values (B, h, n, d) of 1-indexed block ``layer`` on images
-    ``x``, the trunk run up to it as its forward does."""
-    if not 1 <= layer <= len(vit.blocks):
-        raise ValueError(f"layer must be in [1, {len(vit.blocks)}], got {layer}")
-    tokens, state = vit.embed(x)
-    for blk in vit.blocks[: layer - 1]:
-        tokens, state, _ = blk(tokens, state)
-    attn = vit.blocks[layer - 1].attn
-    h = vit.blocks[layer - 1].norm1(tokens)
-    _, stats = attn(h, state.key_bias(torch.float32), state.num_dc, return_stats=True)
-    B, n, C = h.shape
-    v = attn.qkv(h).reshape(B, n, 3, attn.num_heads, attn.head_dim)[:, :, 2].transpose(1, 2)
-    return stats, v
-
-
-def time_scoring_paths(stats: AttnStats, v: torch.Tensor, keep_ratio: float, iters: int,
-                       warmup: int) -> dict[str, Any]:  # fmt: skip
-    """Time the HF score's paths (:func:`fatr_seg.ops.hf_scores`) on one block's activations, in
-    alternation with the fused ``attention`` for scale: ``exact_chunked``, ``exact_chunked_lse``
-    (reusing the kernel's log-sum-exp, as the model on CPU), ``exact_triton`` (CUDA with Triton),
-    ``logit_proxy``. Returns ``times``, each path's ``topk_agreement`` with the exact score,
-    ``k`` (the tokens kept at ``keep_ratio``) and ``num_patches``."""
-    q, k, scale, lse = stats.q, stats.k, stats.scale, stats.lse
-    paths: dict[str, Callable[[], torch.Tensor]] = {
-        "attention": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale),
-        "exact_chunked": lambda: hf_scores(q, k, scale, backend="chunked"),
-        "logit_proxy": lambda: hf_scores(q, k, scale, "logit_proxy"),
-    }
-    if lse is not None:
-        paths["exact_chunked_lse"] = lambda: hf_scores(q, k, scale, backend="chunked", lse=lse)
-    if q.is_cuda and triton_available():
-        paths["exact_triton"] = lambda: hf_scores(q, k, scale, backend="triton")
-    M = q.shape[2] - 1  # patch tokens at the first reduction: all but CLS
-    keep = num_keep(keep_ratio, M)
-    with torch.inference_mode():
-        times = time_alternating(paths, iters, warmup, q.device)
-        exact = paths["exact_chunked"]()[:, 1 : 1 + M]
-        agreement = {name: topk_agreement(exact, fn()[:, 1 : 1 + M], keep)
-                     for name, fn in paths.items() if name != "attention"}  # fmt: skip
-    return dict(times={name: TimingStats.from_times(t) for name, t in times.items()},
-                topk_agreement=agreement, k=keep, num_patches=M)  # fmt: skip
 
 
 def _cpu_times() -> tuple[int, int] | None:

@@ -3,7 +3,7 @@
 
 Nothing here asserts a speed: timings on a shared CI machine are noise. The tests check that the
 benchmark measures what it says (alternation, every call timed, statistics, memory probes in a
-child process, scoring paths) and that quick mode writes a valid JSON, table and plot.
+child process) and that quick mode writes a valid JSON, table and plot.
 """
 
 import importlib.util
@@ -17,16 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fatr_seg.analysis import (
-    TimingStats,
-    attention_stats_at,
-    time_alternating,
-    time_scoring_paths,
-)
+from fatr_seg.analysis import TimingStats, time_alternating
 from fatr_seg.analysis.benchmark import Budget, benchmark
 from fatr_seg.analysis.benchmark_report import to_markdown
-from fatr_seg.layers import FATRVisionTransformer
-from fatr_seg.ops.scoring import hf_scores
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
@@ -108,43 +101,6 @@ def test_peak_tensor_bytes_is_the_exact_live_peak():
     del keep
 
 
-def tiny_fatr():
-    red = dict(layers=(2, 3), keep_ratio=0.7, aggregate="dc", windows=(2, 1))
-    return FATRVisionTransformer(
-        img_size=64, embed_dims=32, num_layers=4, num_heads=2, reduction=red
-    ).eval()
-
-
-def test_attention_stats_at_matches_the_forward():
-    vit = tiny_fatr()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.inference_mode():
-        stats, v = attention_stats_at(vit, x, layer=2)
-        # The reducer of block 2 scores with these statistics: its kept tokens must be the
-        # top-k of the score computed from them.
-        (trace, *_) = vit.reduction_trace(x)
-    assert stats.q.shape == v.shape == (2, 2, 17, 16)
-    scores = hf_scores(stats.q, stats.k, stats.scale, lse=stats.lse)[:, 1:]
-    keep = trace.kept.shape[1]
-    want = scores.topk(keep, dim=1).indices.sort(dim=1).values
-    torch.testing.assert_close(trace.kept, want, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="layer"):
-        attention_stats_at(vit, x, layer=5)
-
-
-def test_time_scoring_paths_reports_all_cpu_paths():
-    vit = tiny_fatr()
-    with torch.inference_mode():
-        stats, v = attention_stats_at(vit, torch.randn(2, 3, 64, 64), layer=2)
-    out = time_scoring_paths(stats, v, keep_ratio=0.7, iters=2, warmup=1)
-    assert set(out["times"]) == {"attention", "exact_chunked", "exact_chunked_lse", "logit_proxy"}
-    assert all(len(t.times_s) == 2 for t in out["times"].values())
-    assert out["num_patches"] == 16 and out["k"] == 12
-    # Both exact paths compute the same score: full agreement.
-    assert out["topk_agreement"]["exact_chunked_lse"] == 1.0
-    assert 0.0 <= out["topk_agreement"]["logit_proxy"] <= 1.0
-
-
 def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         benchmark_tool.parse_args(["--device", "cpu", "--dtypes", "float16"])
@@ -215,12 +171,6 @@ def test_quick_mode_writes_json_markdown_and_plot(quick_run):
         assert r["peak_bytes"] >= r["before_bytes"] > 0 and r["forward_bytes"] >= 0
         assert r["tensor_peak_bytes"] > 0
 
-    assert len(result["scoring"]) == 4  # 2 shapes x 2 batch sizes
-    for r in result["scoring"]:
-        assert {"attention", "exact_chunked", "exact_chunked_lse", "logit_proxy"} <= set(r["paths"])
-        assert r["topk_agreement"]["exact_chunked_lse"] == 1.0
-        assert 0.0 <= r["topk_agreement"]["logit_proxy"] <= 1.0
-
     markdown = (out / "benchmark.md").read_text()
     assert "## Throughput" in markdown and "## Peak memory" in markdown
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -254,7 +204,6 @@ def test_cell_over_budget_is_skipped_and_listed(tmp_path):
             "cpu",
             "--no-progress",
             "--no-memory",
-            "--no-scoring",
             "--no-macs",
             "--shapes",
             "64",

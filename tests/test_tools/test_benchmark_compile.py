@@ -26,7 +26,7 @@ def test_compiled_twins_are_timed_and_reported(monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     torch._dynamo.reset()
-    args = benchmark_tool.parse_args(["--quick", "--compile", "--no-memory", "--no-scoring",
+    args = benchmark_tool.parse_args(["--quick", "--compile", "--no-memory",
                                       "--no-progress", "--shapes", "64", "--batch-sizes", "2",
                                       "--threads", "1"])  # fmt: skip
     result = benchmark(args)

@@ -58,7 +58,7 @@ def test_run_graphs_every_models_forward_modules(monkeypatch, cuda_graph):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_quick_cuda_run_is_graphed(tmp_path):
     cmd = [sys.executable, "tools/benchmark.py", BASE, FATR, "--quick", "--no-progress",
-           "--no-memory", "--no-macs", "--no-scoring", "--dtypes", "bfloat16",
+           "--no-memory", "--no-macs", "--dtypes", "bfloat16",
            "--out-dir", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
