@@ -7,9 +7,8 @@ Trains the ViT without reduction (the baseline) and evaluates it; evaluates FATR
 baseline's weights training-free; fine-tunes FATR from the baseline by self-distillation and
 evaluates it; measures the cost of both architectures and draws FATR's token maps; writes
 ``WORK_DIR/summary.md`` and prints it.
-Each tool runs as a subprocess with the CPU threads the machine's load leaves free (chosen before
-each step, printed with its reason). The steps are :mod:`fatr_seg.analysis.demo`; this file is
-the command line.
+Each tool runs as a subprocess on ``--threads N`` CPU threads (default: torch's, one per core).
+The steps are :mod:`fatr_seg.analysis.demo`; this file is the command line.
 """
 
 import argparse
@@ -60,8 +59,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--threads",
         type=int,
-        help="CPU threads of every step (default: chosen before each step from the CPUs other "
-        "processes leave free; OMP_NUM_THREADS, when set, is taken as is)",
+        help="CPU threads of every tool the demo runs (default: torch's, one per core, or "
+        "OMP_NUM_THREADS when set)",
     )
     parser.add_argument("--bench-iters", type=int, default=30, help="timed forward passes")
     parser.add_argument("--bench-warmup", type=int, default=5, help="untimed forward passes")

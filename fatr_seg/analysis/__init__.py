@@ -2,7 +2,7 @@
 
 **The measurement API**, exported here, is pure torch (like ``fatr_seg.ops`` and
 ``fatr_seg.layers``), so a trunk can be measured anywhere: MACs that see fused attention and the
-reducers' gathers (:mod:`.flops`); time, memory and thread counts (:mod:`.timing`); rank collapse
+reducers' gathers (:mod:`.flops`); time and memory (:mod:`.timing`); rank collapse
 per block (:mod:`.rank_collapse`); reducers at equal MACs (:mod:`.budget`); the results store
 (:mod:`.store`) and the one table helper, which also renders README/docs tables from
 ``results/`` (:mod:`.tables`).
@@ -29,9 +29,7 @@ from .flops import (
 from .rank_collapse import LayerDiagnostics, layer_diagnostics
 from .store import Store, write_json
 from .timing import (
-    ThreadChoice,
     TimingStats,
-    choose_threads,
     cuda_peak_memory,
     current_rss_bytes,
     peak_rss_bytes,
@@ -41,8 +39,7 @@ from .timing import (
 )
 
 __all__ = ["BlockTokens", "LayerDiagnostics", "MacReport", "MatchedBudget", "Store",
-           "ThreadChoice", "TimingStats", "ViTShape", "analytic_vit_macs", "attention_flops",
-           "choose_threads", "count_macs", "cuda_peak_memory", "current_rss_bytes",
-           "flop_formulas", "layer_diagnostics", "match_budget", "peak_rss_bytes",
-           "reset_peak_rss", "synchronize", "time_alternating", "token_schedule",
-           "write_json"]  # fmt: skip
+           "TimingStats", "ViTShape", "analytic_vit_macs", "attention_flops", "count_macs",
+           "cuda_peak_memory", "current_rss_bytes", "flop_formulas", "layer_diagnostics",
+           "match_budget", "peak_rss_bytes", "reset_peak_rss", "synchronize", "time_alternating",
+           "token_schedule", "write_json"]  # fmt: skip

@@ -6,10 +6,10 @@ synthetic data (if absent); the baseline trained (``tools/train.py``) and evalua
 (``tools/test.py``); FATR training-free (the FATR config on the baseline's checkpoint); FATR
 fine-tuned by self-distillation from the baseline, evaluated; the cost of both configs
 (``tools/benchmark.py``, ``tools/get_flops.py``); FATR's token maps; ``WORK_DIR/summary.md``.
-Each tool gets the CPU threads other processes leave free at its start
-(:func:`.timing.choose_threads`), logs to ``WORK_DIR/logs/STEP.log`` with progress lines
-echoed; its results are read back from the files it writes (a file that does not hold what is
-expected, or a failing step, raises :class:`.demo_report.DemoError` naming it).
+Each tool runs on ``--threads`` CPU threads (default: torch's, one per core) and logs to
+``WORK_DIR/logs/STEP.log`` with progress lines echoed; its results are read back from the files
+it writes (a file that does not hold what is expected, or a failing step, raises
+:class:`.demo_report.DemoError` naming it).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from .demo_report import (
     read_train_speed,
 )
 from .store import write_json
-from .timing import choose_threads
 
 __all__ = ["BASELINE_CONFIG", "DISTILL_CONFIG", "FATR_CONFIG", "QUICK", "last_checkpoint",
            "run_demo"]  # fmt: skip
@@ -124,14 +123,6 @@ def cfg_options(args, train_config=None, iters=None):
     return opts + extra
 
 
-def threads_for(args, results, step):
-    """Choose the threads of ``step`` now, print and record the choice."""
-    choice = choose_threads(args.threads)
-    results["threads"][step] = str(choice)
-    log(f"{step}: {choice}")
-    return choice
-
-
 def step_data(args):
     from ..datasets.synthetic import is_complete, write_dataset
 
@@ -158,6 +149,15 @@ def last_checkpoint(work_dir):
     return ckpts[-1]
 
 
+def run_step(args, log_name, tool, *tool_args):
+    """Run ``tools/TOOL`` with ``tool_args`` on ``--threads`` threads (None: torch's default),
+    logged to ``WORK_DIR/logs/LOG_NAME.log``; the log's path."""
+    n = args.threads
+    env = {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)} if n else None
+    log_path = osp.join(args.work_dir, "logs", f"{log_name}.log")
+    return run_tool([sys.executable, f"tools/{tool}", *tool_args], log_path, args.verbose, env)
+
+
 def step_train(args, config, name, results, iters=None, extra=()):
     """Train ``config`` into ``WORK_DIR/name`` (``iters`` long, ``extra`` cfg-options); its
     last checkpoint."""
@@ -166,53 +166,41 @@ def step_train(args, config, name, results, iters=None, extra=()):
         ckpt = last_checkpoint(work_dir)
         log(f"train ({name}): skipped, using {ckpt}")
         return ckpt
-    threads = threads_for(args, results, f"train {name}")
-    cmd = [sys.executable, "tools/train.py", config, "--work-dir", work_dir]
-    cmd += ["--cfg-options", *cfg_options(args, config, iters), *extra]
-    log_path = osp.join(args.work_dir, "logs", f"train_{name}.log")
-    run_tool(cmd, log_path, args.verbose, threads.env())
+    log_path = run_step(args, f"train_{name}", "train.py", config, "--work-dir", work_dir,
+                        "--cfg-options", *cfg_options(args, config, iters), *extra)  # fmt: skip
     results["train_speed"][name] = read_train_speed(log_path)
     return last_checkpoint(work_dir)
 
 
-def step_test(args, config, ckpt, name, results):
+def step_test(args, config, ckpt, name):
     """mIoU and per-class IoU of ``config`` with the weights of ``ckpt``."""
     test_dir = osp.join(args.work_dir, f"{name}_test")
-    threads = threads_for(args, results, f"test {name}")
-    cmd = [sys.executable, "tools/test.py", config, ckpt, "--work-dir", test_dir]
-    cmd += ["--cfg-options", *cfg_options(args)]
-    run_tool(cmd, osp.join(args.work_dir, "logs", f"test_{name}.log"), args.verbose, threads.env())
+    run_step(args, f"test_{name}", "test.py", config, ckpt, "--work-dir", test_dir,
+             "--cfg-options", *cfg_options(args))  # fmt: skip
     metrics = read_test_metrics(test_dir)
     log(f"test ({name}): mIoU {metrics['mIoU']:.2f} %")
     return metrics
 
 
-def step_benchmark(args, results):
+def step_benchmark(args):
     """GMACs (``tools/get_flops.py``) and images/s (``tools/benchmark.py``) of both configs."""
     bench_dir, configs = osp.join(args.work_dir, "benchmark"), [args.baseline_config, args.config]
-    threads = threads_for(args, results, "benchmark")
     path = osp.join(bench_dir, "flops.json")
-    cmd = [sys.executable, "tools/get_flops.py", *configs,
-           "--shape", str(args.size), str(args.size), "--json", path]  # fmt: skip
-    run_tool(cmd, osp.join(args.work_dir, "logs", "flops.log"), args.verbose, threads.env())
+    run_step(args, "flops", "get_flops.py", *configs, "--shape", str(args.size), str(args.size),
+             "--json", path)  # fmt: skip
     out = dict(gmacs=read_gmacs(path, configs))
     # Throughput only: MACs come from get_flops; memory probes would double this step's time.
-    cmd = [sys.executable, "tools/benchmark.py", *configs, "--shapes", str(args.size),
-           "--batch-sizes", "1", "--iters", str(args.bench_iters),
-           "--warmup", str(args.bench_warmup), "--targets", "segmentor", "--device", "cpu",
-           "--threads", str(threads.threads), "--no-memory", "--no-macs",
-           "--no-progress", "--out-dir", bench_dir]  # fmt: skip
-    run_tool(cmd, osp.join(args.work_dir, "logs", "benchmark.log"), args.verbose, threads.env())
+    run_step(args, "benchmark", "benchmark.py", *configs, "--shapes", str(args.size),
+             "--batch-sizes", "1", "--iters", str(args.bench_iters),
+             "--warmup", str(args.bench_warmup), "--targets", "segmentor", "--device", "cpu",
+             "--no-memory", "--no-macs", "--no-progress", "--out-dir", bench_dir)  # fmt: skip
     out["throughput"] = read_throughput(osp.join(bench_dir, "benchmark.json"), configs)
     return out
 
 
-def step_visualize(args, ckpt, results):
-    threads = threads_for(args, results, "token maps")
-    cmd = [sys.executable, "tools/visualize_tokens.py", args.config, "--checkpoint", ckpt,
-           "--out-dir", args.work_dir]  # fmt: skip
-    cmd += ["--cfg-options", *cfg_options(args)]
-    run_tool(cmd, osp.join(args.work_dir, "logs", "visualize.log"), args.verbose, threads.env())
+def step_visualize(args, ckpt):
+    run_step(args, "visualize", "visualize_tokens.py", args.config, "--checkpoint", ckpt,
+             "--out-dir", args.work_dir, "--cfg-options", *cfg_options(args))  # fmt: skip
     overview = osp.join(args.work_dir, "tokens_overview.png")
     blocks = glob.glob(osp.join(args.work_dir, "tokens_block*.png"))
     blocks.sort(key=lambda p: int(re.search(r"block(\d+)", osp.basename(p)).group(1)))
@@ -245,7 +233,8 @@ def run_demo(args, start=None):
     results = dict(fatr_config=args.config, baseline_config=args.baseline_config,
                    distill_config=args.distill_config if args.finetune else None,
                    num_train=args.num_train, num_val=args.num_val, size=args.size,
-                   timings={}, miou={}, threads={}, train_speed={}, models=[])  # fmt: skip
+                   threads=args.threads, timings={}, miou={}, train_speed={},
+                   models=[])  # fmt: skip
     from mmengine.config import Config
 
     length = [args.max_iters, args.finetune_iters]  # None: the config's
@@ -266,7 +255,7 @@ def run_demo(args, start=None):
 
     def evaluate(key, label, config, ckpt):
         with steps(f"test {key}"):
-            results["miou"][key] = step_test(args, config, ckpt, key, results)
+            results["miou"][key] = step_test(args, config, ckpt, key)
         results["models"].append(dict(key=key, label=label, config=config, checkpoint=ckpt))
 
     with steps("data"):
@@ -285,9 +274,9 @@ def run_demo(args, start=None):
                                    [f"model.teacher_checkpoint={base_ckpt}"])  # fmt: skip
         evaluate("fatr_finetuned", "FATR fine-tuned", args.config, fatr_ckpt)
     with steps("benchmark"):
-        results["bench"] = step_benchmark(args, results)
+        results["bench"] = step_benchmark(args)
     with steps("token maps"):
-        results["pictures"] = step_visualize(args, fatr_ckpt, results)
+        results["pictures"] = step_visualize(args, fatr_ckpt)
     results["total_s"] = time.perf_counter() - start
     summary = format_summary(results)
     path = osp.join(args.work_dir, "summary.md")

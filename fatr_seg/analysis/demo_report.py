@@ -172,14 +172,13 @@ def format_summary(results):
     if timed:
         lines.append("- training, median s/iteration: "
                      + ", ".join(f"{label} {v:.2f}" for label, v in timed))  # fmt: skip
+    threads = results.get("threads")
+    lines.append(f"- CPU threads of every tool: {threads or 'torch default, one per core'}")
     for row in models:
         per_class = miou.get(row["key"], {}).get("per_class")
         if per_class:
             lines += ["", f"{row['label']} per-class IoU (%): " + ", ".join(
                 f"{k} {v:.1f}" for k, v in per_class.items())]  # fmt: skip
-    if results.get("threads"):
-        lines += ["", "Threads per step (chosen from the CPU load just before it):"]
-        lines += [f"- {step}: {choice}" for step, choice in results["threads"].items()]
     if results.get("pictures"):
         lines += ["", "Token maps of the last FATR model (HF tokens kept vs patches aggregated "
                   "into other tokens):"]  # fmt: skip

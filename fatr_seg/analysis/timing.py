@@ -1,15 +1,12 @@
-"""Timing, memory and thread-count helpers (pure torch; no mmseg).
+"""Timing and memory helpers (pure torch; no mmseg).
 
 Models compared run in alternation (A B A B ...) so that machine drift hits all alike;
-statistics are the median and quartiles. :func:`choose_threads` gives a job the CPUs that other
-processes leave free: on a small shared machine torch's one thread per core is a trap (each
-parallel op waits for its slowest thread).
+statistics are the median and quartiles.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import statistics
@@ -22,13 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ThreadChoice", "TimingStats", "busy_cpus", "choose_threads", "cuda_peak_memory",
-           "current_rss_bytes", "peak_rss_bytes", "peak_tensor_bytes", "reset_peak_rss",
-           "synchronize", "time_alternating"]  # fmt: skip
-
-# A CPU counts as free for a thread when at most this much of it is busy: two threads on two
-# cores are only worth it on a nearly idle machine, because the busier core paces every op.
-MAX_BUSY_PER_THREAD = 0.25
+__all__ = ["TimingStats", "cuda_peak_memory", "current_rss_bytes", "peak_rss_bytes",
+           "peak_tensor_bytes", "reset_peak_rss", "synchronize", "time_alternating"]  # fmt: skip
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -188,87 +180,3 @@ def cuda_peak_memory(fn: Callable[[], Any], device: torch.device | str) -> dict[
     synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     return dict(peak_bytes=peak, before_bytes=before, forward_bytes=peak - before)
-
-
-def _cpu_times() -> tuple[int, int] | None:
-    """``(total, idle)`` jiffies of all CPUs since boot, or None without ``/proc/stat``."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    if not fields or fields[0] != "cpu":
-        return None
-    values = [int(v) for v in fields[1:]]
-    # user nice system idle iowait irq softirq steal (guest time is already in user/nice).
-    values = values[:8]
-    return sum(values), values[3] + (values[4] if len(values) > 4 else 0)
-
-
-def busy_cpus(interval: float = 1.0) -> float | None:
-    """How many CPUs were busy (all processes together) over the next ``interval`` seconds
-    (0 to ``os.cpu_count()``), or None where ``/proc/stat`` cannot be read (not Linux)."""
-    start = _cpu_times()
-    if start is None:
-        return None
-    time.sleep(interval)
-    end = _cpu_times()
-    total = end[0] - start[0]
-    if total <= 0:
-        return None
-    idle = end[1] - start[1]
-    return max(0.0, (total - idle) / total) * (os.cpu_count() or 1)
-
-
-@dataclass(frozen=True)
-class ThreadChoice:
-    """Intra-op ``threads`` for a job, the ``cpus`` it may run on, the CPUs ``busy`` with
-    other processes when measured (None: not measured) and the ``reason`` in one line."""
-
-    threads: int
-    cpus: int
-    busy: float | None
-    reason: str
-
-    def env(self) -> dict[str, str]:
-        """Environment that makes a child's torch use :attr:`threads`; with several, passive
-        waiting too, so that load appearing meanwhile slows the job instead of stalling it."""
-        n = str(self.threads)
-        env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
-        if self.threads > 1:
-            env["OMP_WAIT_POLICY"] = "PASSIVE"
-        return env
-
-    def __str__(self) -> str:
-        return f"{self.threads} thread{'s' if self.threads > 1 else ''} ({self.reason})"
-
-
-def choose_threads(
-    requested: int | None = None, busy: float | None = None, interval: float = 1.0
-) -> ThreadChoice:
-    """Threads for a CPU job started now: one per CPU that other processes leave free, or one
-    passive thread per CPU when none is (a fair share of every CPU: on a saturated 2-core machine
-    the demo's training step took 1.5-2.5 s so, 11-25 s with torch's default).
-    ``requested`` (``--threads``), else a set ``OMP_NUM_THREADS``, is taken as is; ``busy`` is
-    measured over ``interval`` s when None."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpus = max(1, cpus or 1)
-    if requested is not None:
-        if requested < 1:
-            raise ValueError(f"threads must be >= 1, got {requested}")
-        return ThreadChoice(requested, cpus, busy, "asked for with --threads")
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) >= 1:
-        return ThreadChoice(int(env), cpus, busy, "OMP_NUM_THREADS is set")
-    if busy is None:
-        busy = busy_cpus(interval)
-    if busy is None:
-        return ThreadChoice(cpus, cpus, None, "CPU load unknown (no /proc/stat): one per CPU")
-    free = min(cpus, math.floor(cpus - busy + MAX_BUSY_PER_THREAD))
-    reason = f"{busy:.1f} of {cpus} CPUs busy with other processes"
-    if free < 1:
-        reason += ": none free, one passive thread per CPU for a fair share"
-        return ThreadChoice(cpus, cpus, busy, reason)
-    if free < cpus:
-        reason += f": {free} on the free CPU{'s' if free > 1 else ''} only"
-    return ThreadChoice(free, cpus, busy, reason)

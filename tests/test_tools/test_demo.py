@@ -229,14 +229,15 @@ def test_read_train_speed_is_the_median_after_start_up(tmp_path):
 
 def test_summary_names_threads_and_training_speed():
     text = report.format_summary(_results(
-        threads={"train baseline": "1 thread (1.0 of 2 CPUs busy with other processes)"},
-        train_speed={"baseline": 1.5, "fatr_finetune": 1.25}))  # fmt: skip
+        threads=1, train_speed={"baseline": 1.5, "fatr_finetune": 1.25}))  # fmt: skip
     assert ("- training, median s/iteration: baseline 1.50, FATR fine-tuning (student + "
             "teacher) 1.25") in text  # fmt: skip
-    assert "- train baseline: 1 thread (1.0 of 2 CPUs busy with other processes)" in text
+    assert "- CPU threads of every tool: 1" in text
+    text = report.format_summary(_results(threads=None))
+    assert "- CPU threads of every tool: torch default, one per core" in text
 
 
-def test_tools_run_with_the_chosen_threads(tmp_path):
+def test_tools_run_with_the_given_threads(tmp_path):
     """The thread count reaches torch in the tool's process (OpenMP reads it at start)."""
     log_path = tmp_path / "logs" / "threads.log"
     cmd = [sys.executable, "-c", "import torch; print('threads', torch.get_num_threads())"]
