@@ -24,13 +24,12 @@ from .benchmark_models import (
     compiled_forward_fn,
     config_variants,
     forward_fn,
-    image_metas,
     make_images,
     make_labels,
     patch_tokens,
     run_memory_probe,
+    segmentor_macs,
 )
-from .flops import count_macs
 from .store import write_json
 from .timing import TimingStats, cuda_peak_memory, time_alternating
 
@@ -192,13 +191,11 @@ class Bench:
             x = torch.zeros(1, 3, *shape)
             for name, model in self.models.items():
                 self.progress.set_description_str(f"MACs {name} {shape[0]}x{shape[1]}")
-                back = count_macs(model.backbone, x)
+                macs = segmentor_macs(model, x, "segmentor" in self.args.targets)
                 row = dict(config=name, shape=list(shape), tokens=patch_tokens(model, shape),
-                           backbone=back.macs, scoring=back.scoring_macs,
-                           dc_term=back.dc_term_macs)  # fmt: skip
-                if "segmentor" in self.args.targets:
-                    metas = image_metas(1, shape)
-                    row["segmentor"] = count_macs(model, x, metas, method="encode_decode").macs
+                           **{t: r.macs for t, r in macs.items()},
+                           scoring=macs["backbone"].scoring_macs,
+                           dc_term=macs["backbone"].dc_term_macs)  # fmt: skip
                 self.result["macs"].append(row)
                 if name == self.ref:
                     self.budget.macs.update({(t, tuple(shape)): row[t] for t in TARGETS

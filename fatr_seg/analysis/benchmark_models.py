@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from .. import REPO_ROOT
+from .flops import count_macs
 from .timing import current_rss_bytes, peak_rss_bytes, peak_tensor_bytes, reset_peak_rss
 
 __all__ = ["COMPILED", "DTYPES", "build_segmentor", "compiled_forward_fn", "config_names",
            "config_variants", "forward_fn", "image_metas", "make_images", "make_labels",
-           "memory_probe", "patch_tokens", "run_memory_probe", "train_samples"]  # fmt: skip
+           "memory_probe", "patch_tokens", "run_memory_probe", "segmentor_macs",
+           "train_samples"]  # fmt: skip
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The tiny model of --quick: same depth and reduction layers, small width.
@@ -143,6 +145,16 @@ def make_labels(batch: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
 def image_metas(batch: int, shape: tuple[int, int]) -> list[dict]:
     """The image metas ``encode_decode`` reads, for ``batch`` unpadded images of ``shape``."""
     return [dict(img_shape=shape, ori_shape=shape, pad_shape=shape) for _ in range(batch)]
+
+
+def segmentor_macs(model, x: torch.Tensor, segmentor: bool = True) -> dict:
+    """The :class:`~.flops.MacReport` of one image ``x`` (1, 3, H, W) through ``model.backbone``
+    (key ``backbone``) and, if ``segmentor``, the whole ``encode_decode`` (key ``segmentor``)."""
+    out = dict(backbone=count_macs(model.backbone, x))
+    if segmentor:
+        metas = image_metas(1, tuple(x.shape[2:]))
+        out["segmentor"] = count_macs(model, x, metas, method="encode_decode")
+    return out
 
 
 def train_samples(labels: torch.Tensor) -> list:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import os.path as osp
 import time
 
 import numpy as np
 import torch
+
+from .timing import iteration_time
 
 __all__ = [
     "StudyError",
@@ -177,17 +178,7 @@ def train(cfg, log=print) -> tuple[str, dict | None]:
     if not osp.isfile(ckpt):
         raise StudyError(f"training finished without writing {ckpt}")
     log(f"trained {osp.basename(cfg.work_dir)}: {iters} iterations in {seconds:.0f} s")
-    return ckpt, dict(seconds=seconds, iters=iters, s_per_iter=_iteration_time(scalars))
-
-
-def _iteration_time(scalars: str) -> float | None:
-    """Median logged ``time`` of a Runner's ``scalars.json``, the first (start-up) left out."""
-    if not osp.isfile(scalars):
-        return None
-    with open(scalars) as f:
-        times = [r["time"] for line in f if line.strip() and "time" in (r := json.loads(line))]
-    times = times[1:] or times
-    return float(np.median(times)) if times else None
+    return ckpt, dict(seconds=seconds, iters=iters, s_per_iter=iteration_time(scalars))
 
 
 def build_model(cfg, checkpoint: str | None):
@@ -256,14 +247,10 @@ def cost(models: dict, inputs: torch.Tensor, img_shape, args) -> dict:
     ``img_shape`` of ``models`` (name -> segmentor), batches ``args.bench_batches``, all
     alternating, ``args.bench_rounds`` rounds on ``args.bench_threads`` threads: ``models``,
     ``macs``, ``images_per_s`` (``b{batch}`` -> name -> median, quartiles and IQR)."""
-    from .benchmark_models import forward_fn, image_metas
-    from .flops import count_macs
+    from .benchmark_models import forward_fn, segmentor_macs
     from .timing import TimingStats, time_alternating
 
-    one = inputs[:1]
-    metas = image_metas(1, tuple(one.shape[2:]))
-    macs = {n: dict(backbone=count_macs(m.backbone, one).macs,
-                    segmentor=count_macs(m, one, metas, method="encode_decode").macs)
+    macs = {n: {t: r.macs for t, r in segmentor_macs(m, inputs[:1]).items()}
             for n, m in models.items()}  # fmt: skip
     x = inputs[..., : img_shape[0], : img_shape[1]]
     threads = torch.get_num_threads()

@@ -31,9 +31,9 @@ from .demo_report import (
     read_gmacs,
     read_test_metrics,
     read_throughput,
-    read_train_speed,
 )
 from .store import write_json
+from .timing import iteration_time
 
 __all__ = ["BASELINE_CONFIG", "DISTILL_CONFIG", "FATR_CONFIG", "QUICK", "last_checkpoint",
            "run_demo"]  # fmt: skip
@@ -166,9 +166,10 @@ def step_train(args, config, name, results, iters=None, extra=()):
         ckpt = last_checkpoint(work_dir)
         log(f"train ({name}): skipped, using {ckpt}")
         return ckpt
-    log_path = run_step(args, f"train_{name}", "train.py", config, "--work-dir", work_dir,
-                        "--cfg-options", *cfg_options(args, config, iters), *extra)  # fmt: skip
-    results["train_speed"][name] = read_train_speed(log_path)
+    run_step(args, f"train_{name}", "train.py", config, "--work-dir", work_dir,
+             "--cfg-options", *cfg_options(args, config, iters), *extra)  # fmt: skip
+    runs = sorted(glob.glob(osp.join(work_dir, "*", "vis_data", "scalars.json")), key=osp.getmtime)
+    results["train_speed"][name] = iteration_time(runs[-1]) if runs else None
     return last_checkpoint(work_dir)
 
 

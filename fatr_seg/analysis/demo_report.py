@@ -1,8 +1,8 @@
 """What the demo reads back from its tools, and the summary it writes (``tools/demo.py``).
 
 The readers follow the tools' own outputs: mmengine's metrics JSON and mmseg's per-class table
-from ``tools/test.py``, the JSON of ``tools/get_flops.py`` and ``tools/benchmark.py``, mmengine's
-training log. A file that does not hold what is expected raises :class:`DemoError` naming it.
+from ``tools/test.py``, the JSON of ``tools/get_flops.py`` and ``tools/benchmark.py``. A file
+that does not hold what is expected raises :class:`DemoError` naming it.
 """
 
 from __future__ import annotations
@@ -10,20 +10,15 @@ from __future__ import annotations
 import glob
 import json
 import os.path as osp
-import re
-import statistics
 
 from .tables import markdown_table
 
 __all__ = ["DemoError", "format_summary", "parse_per_class", "read_gmacs", "read_test_metrics",
-           "read_throughput", "read_train_speed"]  # fmt: skip
+           "read_throughput"]  # fmt: skip
 
 
 class DemoError(RuntimeError):
     """A step failed; the message is the one line shown to the user."""
-
-
-_ITER_TIME = re.compile(r"Iter\(train\)\s+\[\s*(\d+)/\d+\].*?\stime: ([0-9.]+)")
 
 
 def read_test_metrics(test_dir):
@@ -62,17 +57,6 @@ def parse_per_class(log_path):
         elif table and not line.startswith(("+", "|")):
             break
     return table
-
-
-def read_train_speed(log_path, skip=1):
-    """Median seconds per training iteration of a ``tools/train.py`` log (mmengine's ``time``),
-    or None, the first ``skip`` (start-up) left out when more remain."""
-    if not osp.isfile(log_path):
-        return None
-    with open(log_path) as f:
-        times = [float(m.group(2)) for m in map(_ITER_TIME.search, f) if m]
-    times = times[skip:] if len(times) > skip else times
-    return statistics.median(times) if times else None
 
 
 def _schema_error(path, what):

@@ -10,7 +10,7 @@ import os.path as osp
 import torch
 
 from ..layers import FATRVisionTransformer
-from .benchmark_models import build_segmentor, image_metas, patch_tokens
+from .benchmark_models import build_segmentor, patch_tokens, segmentor_macs
 from .flops import analytic_vit_macs, count_macs
 from .tables import markdown_table
 
@@ -36,12 +36,10 @@ PAPER_DECIMALS = 1  # the paper prints GMACs with one decimal
 
 
 def _count(model, path: str, shape: tuple[int, int]) -> dict:
-    x = torch.zeros(1, 3, *shape)
-    backbone = count_macs(model.backbone, x)
-    segmentor = count_macs(model, x, image_metas(1, shape), method="encode_decode")
+    macs = segmentor_macs(model, torch.zeros(1, 3, *shape))
     return dict(config=path, name=osp.splitext(osp.basename(path))[0],
-                backbone=backbone.to_dict(), segmentor=segmentor.to_dict(),
-                decode_head_macs=segmentor.macs - backbone.macs)  # fmt: skip
+                **{t: r.to_dict() for t, r in macs.items()},
+                decode_head_macs=macs["segmentor"].macs - macs["backbone"].macs)  # fmt: skip
 
 
 def compare(paths: list[str], shape: tuple[int, int], cfg_options: dict | None = None) -> dict:

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["TimingStats", "cuda_peak_memory", "current_rss_bytes", "peak_rss_bytes",
-           "peak_tensor_bytes", "reset_peak_rss", "synchronize", "time_alternating"]  # fmt: skip
+__all__ = ["TimingStats", "cuda_peak_memory", "current_rss_bytes", "iteration_time",
+           "peak_rss_bytes", "peak_tensor_bytes", "reset_peak_rss", "synchronize",
+           "time_alternating"]  # fmt: skip
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -104,6 +105,17 @@ def time_alternating(
         if on_round is not None:
             on_round("warmup" if r < warmup else "timed")
     return times
+
+
+def iteration_time(scalars: str) -> float | None:
+    """Median seconds per training iteration (the ``time`` an mmengine Runner logs in its
+    ``vis_data/scalars.json``), the first (start-up) left out when more remain; None without."""
+    if not os.path.isfile(scalars):
+        return None
+    with open(scalars) as f:
+        times = [r["time"] for line in f if line.strip() and "time" in (r := json.loads(line))]
+    times = times[1:] or times
+    return statistics.median(times) if times else None
 
 
 def current_rss_bytes() -> int:

@@ -165,6 +165,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     scalars = sorted(Path(base).parent.glob("*/vis_data/scalars.json"))[-1].read_text()
     losses = [r["loss"] for r in map(json.loads, scalars.splitlines()) if "loss" in r]
     assert len(losses) == 4 and all(0.0 < v < 100.0 for v in losses)
+    assert results["train_speed"]["baseline"] > 0 and results["train_speed"]["fatr_finetune"] > 0
     # tools/test.py: mIoU, and mmseg's per-class table naming the 9 synthetic classes.
     from fatr_seg.datasets import CLASSES
 
@@ -210,21 +211,17 @@ def test_skip_train_without_checkpoint_fails_clearly(tmp_path, monkeypatch):
         demo.main(["--skip-train", "--work-dir", str(tmp_path)])
 
 
-TRAIN_LOG = """\
-11/30 05:21:37 - mmengine - INFO - Iter(train) [ 20/300]  lr: 1.0e-05  eta: 0:09:07  time: 3.9864  data_time: 0.0233  loss: 2.1553
-11/30 05:21:39 - mmengine - INFO - Iter(train) [ 40/300]  lr: 3.0e-05  eta: 0:08:03  time: 2.0825  data_time: 0.0263  loss: 2.1483
-11/30 05:21:41 - mmengine - INFO - Iter(train) [ 60/300]  lr: 5.0e-05  eta: 0:07:00  time: 2.0326  data_time: 0.0278  loss: 2.1341
-11/30 05:21:43 - mmengine - INFO - Iter(train) [ 80/300]  lr: 5.0e-05  eta: 0:07:00  time: 1.5000  data_time: 0.0278  loss: 2.1341
-11/30 05:21:44 - mmengine - INFO - Iter(test) [4/4]    aAcc: 85.0100  mIoU: 64.3800  time: 9.0
-"""  # noqa: E501
+def test_iteration_time_is_the_median_after_start_up(tmp_path):
+    """The training speed the demo and the CamVid study read from mmengine's scalars.json."""
+    from fatr_seg.analysis.timing import iteration_time
 
-
-def test_read_train_speed_is_the_median_after_start_up(tmp_path):
-    path = tmp_path / "train.log"
-    path.write_text(TRAIN_LOG)
-    assert report.read_train_speed(str(path)) == 2.0326  # median of 2.0825, 2.0326, 1.5
-    assert report.read_train_speed(str(path), skip=0) == pytest.approx((2.0825 + 2.0326) / 2)
-    assert report.read_train_speed(str(tmp_path / "missing.log")) is None
+    path = tmp_path / "scalars.json"
+    rows = [dict(loss=2.1, time=t, iter=i) for i, t in enumerate((3.9864, 2.0825, 2.0326, 1.5))]
+    path.write_text("\n".join(map(json.dumps, [*rows, dict(mIoU=64.38, step=4)])) + "\n")
+    assert iteration_time(str(path)) == 2.0326  # median of 2.0825, 2.0326, 1.5
+    path.write_text(json.dumps(rows[0]) + "\n")
+    assert iteration_time(str(path)) == 3.9864  # only the first: kept
+    assert iteration_time(str(tmp_path / "missing.json")) is None
 
 
 def test_summary_names_threads_and_training_speed():
