@@ -1,5 +1,5 @@
 """The benchmark core shared by ``tools/benchmark.py`` and ``tools/gpu_bench.sh``
-(:func:`result_header`, :func:`timed_cell`, :class:`Budget`, :func:`write_files`), and the run of
+(:func:`result_header`, :func:`timed_cell`, :class:`Budget`), and the run of
 ``tools/benchmark.py`` (:class:`Bench`; schema ``fatr_seg.benchmark/1``, documented there);
 its report is :mod:`.benchmark_report`.
 """
@@ -30,11 +30,10 @@ from .benchmark_models import (
     run_memory_probe,
     segmentor_macs,
 )
-from .store import write_json
 from .timing import TimingStats, cuda_peak_memory, time_alternating
 
 __all__ = ["DEFAULT_TARGETS", "TARGETS", "Bench", "Budget", "benchmark", "result_header",
-           "timed_cell", "write_files"]  # fmt: skip
+           "timed_cell"]  # fmt: skip
 
 TARGETS = ("backbone", "segmentor", "train")
 # What is timed when --targets is not given; a training step is opt-in (about 3x a forward).
@@ -74,16 +73,6 @@ def timed_cell(fns: dict, ref: str, iters: int, warmup: int, device,
     return {n: dict(stats=s, speedup=stats[ref].median_s / s.median_s,
                     speedup_paired=statistics.median(r / t for r, t in zip(times[ref], times[n])))
             for n, s in stats.items()}  # fmt: skip
-
-
-def write_files(out_dir: str, stem: str, result: dict, markdown: str, indent: int = 2) -> dict:
-    """``STEM.json`` and ``STEM.md`` under ``out_dir`` (the JSON written atomically)."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {k: osp.join(out_dir, f"{stem}.{k}") for k in ("json", "md")}
-    write_json(paths["json"], result, indent=indent)
-    with open(paths["md"], "w") as f:
-        f.write(markdown)
-    return paths
 
 
 class Budget:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os.path as osp
 
-from .benchmark import write_files
-from .tables import markdown_section
+from .store import write_files
+from .tables import fmt, markdown_section
 
 __all__ = ["plot_speedup", "to_markdown", "write_outputs"]
 
@@ -16,11 +16,7 @@ _CELL = ["target", "dtype", "shape", "tokens", "batch", "config"]
 
 
 def _mib(n) -> str:
-    return "-" if n is None else f"{n / 2**20:,.0f}"
-
-
-def _f(v, spec=".3f") -> str:
-    return "-" if v is None else format(v, spec)
+    return fmt(n and n / 2**20, ",.0f", "-")
 
 
 def _cell(r: dict) -> list:
@@ -45,7 +41,7 @@ def to_markdown(result: dict) -> str:
     if result["macs"]:
         rows = [[r["config"], f"{r['shape'][0]}x{r['shape'][1]}", r["tokens"],
                  f"{r['backbone'] / 1e9:.2f}", f"{r['scoring'] / 1e9:.3f}",
-                 _f(r.get("segmentor") and r["segmentor"] / 1e9, ".2f")]
+                 fmt(r.get("segmentor") and r["segmentor"] / 1e9, ".2f", "-")]
                 for r in result["macs"]]  # fmt: skip
         lines += markdown_section("MACs (one image)", ["config", "shape", "tokens",
                                   "backbone GMACs", "of which scoring", "segmentor GMACs"], rows,
@@ -66,8 +62,8 @@ def to_markdown(result: dict) -> str:
             ips, ratio = r["images_per_s"], r["macs_ratio"]
             rows.append(_cell(r) + [
                 f"{ips['median']:.3f} [{ips['q1']:.3f}, {ips['q3']:.3f}]", f"{r['speedup']:.3f}",
-                f"{r['speedup_paired']:.3f}", _f(1 / ratio if ratio else None),
-                _f(r["speedup_per_ideal"])]
+                f"{r['speedup_paired']:.3f}", fmt(1 / ratio if ratio else None, ".3f", "-"),
+                fmt(r["speedup_per_ideal"], ".3f", "-")]
                 + ([f"{r['speedup_same_mode']:.3f}"] if compiled else []))  # fmt: skip
         lines += markdown_section("Throughput", header, rows, note, 3)
     if result["skipped"]:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..datasets.camvid import CAMVID_CLASSES
 from ..layers.config import ReductionConfig
-from .tables import markdown_section, markdown_table
+from .tables import fmt, markdown_section, markdown_table
 
 __all__ = ["mean_std", "paired_delta", "plot", "pm", "write_report"]
 
@@ -77,10 +77,6 @@ def _speed(cost: dict | None, name: str, batch: str) -> float | None:
     return None if cell is None else cell["median"]
 
 
-def _fmt(v, digits=1) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
 def _budget_text(b: dict) -> str:
     """The budget of a method's reduction as its config resolves it (preset values included)."""
     if b["reduction"] is None:
@@ -123,18 +119,18 @@ def write_report(data: dict, work_dir: str) -> str:
     for m in methods:
         free = runs.get(f"free/{m}")
         macs = cost.get("macs", {}).get(m, {})
-        cells = [m, _budget_text(runs[f"budget/{m}"]), _fmt(free and free["mIoU"], 2),
+        cells = [m, _budget_text(runs[f"budget/{m}"]), fmt(free and free["mIoU"], ".2f", "n/a"),
                  _pm_n([r["mIoU"] for r in _ft(runs, seeds, m)]),
                  "—" if m == "none" else _delta_text(runs, seeds, m)]  # fmt: skip
         if deploy:
             cells += ["—", "—"] if m == "none" else [
                 _pm_n([r["mIoU"] for r in _ft(runs, seeds, m, "deploy")]),
                 _delta_text(runs, seeds, m, "deploy")]  # fmt: skip
-        cells += [_fmt(macs.get("backbone", math.nan) / 1e9, 3),
-                  _fmt(macs.get("segmentor", math.nan) / 1e9, 3)]  # fmt: skip
+        cells += [fmt(macs.get("backbone", math.nan) / 1e9, ".3f", "n/a"),
+                  fmt(macs.get("segmentor", math.nan) / 1e9, ".3f", "n/a")]  # fmt: skip
         for b in batches:
             ips, ref = _speed(cost, m, b), _speed(cost, "none", b)
-            cells += [_fmt(ips, 2), f"{ips / ref:.2f}x" if ips and ref else "n/a"]
+            cells += [fmt(ips, ".2f", "n/a"), f"{ips / ref:.2f}x" if ips and ref else "n/a"]
         rows.append(cells)
     align = ["left"] * 2 + ["right"] * (len(header) - 2)
     lines = [
@@ -172,7 +168,7 @@ def _budget_table(runs: dict, methods) -> list[str]:
         red = f"`{red}`"
         if "train_reduction" in b:  # a token count, scaled to the training crop
             red += f" (fine-tuned with `r={b['train_reduction']['r']}`)"
-        rows.append([m, red, f"{b['macs'] / 1e9:.4f}", _fmt(counted and counted / 1e9, 4),
+        rows.append([m, red, f"{b['macs'] / 1e9:.4f}", fmt(counted and counted / 1e9, ".4f", "n/a"),
                      f"{100 * (b['macs'] / b['target'] - 1):+.2f} %"])  # fmt: skip
     header = ["method", "reduction", "backbone GMACs (closed form)", "counted", "vs FATR"]
     return markdown_section("Budgets", header, rows, left=2) + [
@@ -181,7 +177,7 @@ def _budget_table(runs: dict, methods) -> list[str]:
 
 
 def _class_table(runs: dict, methods, seeds) -> list[str]:
-    rows = [[m, phase] + [_fmt(v) for v in _class_mean(results)] for m in methods
+    rows = [[m, phase] + [fmt(v, ".1f", "n/a") for v in _class_mean(results)] for m in methods
             for phase, results in (("free", _ft(runs, seeds, m, "free")),
                                    ("fine-tuned", _ft(runs, seeds, m))) if results]  # fmt: skip
     return markdown_section("Per-class IoU (%)", ["method", "phase", *CAMVID_CLASSES], rows,
@@ -206,7 +202,7 @@ def _hf_table(runs: dict, methods) -> list[str]:
 
 
 def _train_table(runs: dict) -> list[str]:
-    rows = [[k[len("train/") :], v["iters"], _fmt(v.get("s_per_iter"), 2),
+    rows = [[k[len("train/") :], v["iters"], fmt(v.get("s_per_iter"), ".2f", "n/a"),
              f"{v['seconds'] / 60:.1f}"] for k, v in sorted(runs.items())
             if k.startswith("train/")]  # fmt: skip
     header = ["run", "iterations", "s / iteration (median)", "wall time incl. start (min)"]

@@ -32,7 +32,7 @@ from .demo_report import (
     read_test_metrics,
     read_throughput,
 )
-from .store import write_json
+from .store import write_files
 from .timing import iteration_time
 
 __all__ = ["BASELINE_CONFIG", "DISTILL_CONFIG", "FATR_CONFIG", "QUICK", "last_checkpoint",
@@ -280,10 +280,7 @@ def run_demo(args, start=None):
         results["pictures"] = step_visualize(args, fatr_ckpt)
     results["total_s"] = time.perf_counter() - start
     summary = format_summary(results)
-    path = osp.join(args.work_dir, "summary.md")
-    with open(path, "w") as f:
-        f.write(summary)
-    write_json(osp.join(args.work_dir, "summary.json"), results)
+    paths = write_files(args.work_dir, "summary", results, summary)
     print("\n" + summary)
-    log(f"summary written to {path}; total time {results['total_s']:.1f}s")
+    log(f"summary written to {paths['md']}; total time {results['total_s']:.1f}s")
     return results

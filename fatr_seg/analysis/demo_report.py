@@ -11,7 +11,7 @@ import glob
 import json
 import os.path as osp
 
-from .tables import markdown_table
+from .tables import fmt, markdown_table
 
 __all__ = ["DemoError", "format_summary", "parse_per_class", "read_gmacs", "read_test_metrics",
            "read_throughput"]  # fmt: skip
@@ -107,10 +107,6 @@ def read_throughput(path, configs):
     return _all_found(path, configs, found, "a segmentor timing", note)
 
 
-def _fmt(value, spec):
-    return "n/a" if value is None else format(value, spec)
-
-
 def _ratio(num, den):
     return "n/a" if num is None or den in (None, 0) else f"{num / den:.2f}x"
 
@@ -129,8 +125,8 @@ def format_summary(results):
         f"of self-distillation (`{results.get('distill_config')}`)",
     }
     rows = [[row["label"], f"`{row['config']}`", how.get(row["key"], ""),
-             _fmt(miou.get(row["key"], {}).get("mIoU"), ".2f"),
-             _fmt(gmacs.get(row["config"]), ".3f"), _fmt(ips.get(row["config"]), ".2f")]
+             fmt(miou.get(row["key"], {}).get("mIoU"), ".2f", "n/a"),
+             fmt(gmacs.get(row["config"]), ".3f", "n/a"), fmt(ips.get(row["config"]), ".2f", "n/a")]
             for row in models]  # fmt: skip
     lines = [
         "# fatr_seg demo summary", "",

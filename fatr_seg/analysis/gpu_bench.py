@@ -24,9 +24,10 @@ from torch import nn
 
 from ..layers import FATRVisionTransformer, MaskTransformerHead
 from ..layers.config import REDUCTION_DEFAULTS
-from .benchmark import Budget, result_header, timed_cell, write_files
+from .benchmark import Budget, result_header, timed_cell
 from .benchmark_models import DTYPES
-from .tables import markdown_table
+from .store import write_files
+from .tables import fmt, markdown_table
 from .timing import cuda_peak_memory, peak_tensor_bytes, synchronize
 
 __all__ = ["MODELS", "build_models", "compiled_parts", "main", "profile_table", "run",
@@ -213,10 +214,6 @@ def _cell(models, target, x, dtype, mode, args, compiled=None, profiles=None) ->
         first_call_s=first_s[name]) for name, c in cell.items()]  # fmt: skip
 
 
-def _mib(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.1f}"
-
-
 def to_markdown(result: dict) -> str:
     """The result as a markdown table (one row per shape, target, mode and model)."""
     m, v, s = result["machine"], result["versions"], result["settings"]
@@ -224,7 +221,7 @@ def to_markdown(result: dict) -> str:
               "images/s", "speed-up vs baseline", "peak MiB", "first call s"]  # fmt: skip
     rows = [[f"{r['shape']}²", r["tokens"], r["target"], r["mode"], r["model"],
              f"{r['median_ms']:.1f} [{r['q1_ms']:.1f}, {r['q3_ms']:.1f}]",
-             f"{r['images_per_s']:.1f}", f"{r['speedup']:.3f}", _mib(r["peak_mib"]),
+             f"{r['images_per_s']:.1f}", f"{r['speedup']:.3f}", fmt(r["peak_mib"], ",.1f", "-"),
              f"{r['first_call_s']:.1f}"] for r in result["rows"]]  # fmt: skip
     return "\n".join([
         f"# GPU benchmark {result['date']}", "", f"- command: `{result['command']}`",
@@ -296,9 +293,10 @@ def _progress(out_dir: str) -> Callable[[dict], None]:
 
     def on_cell(result: dict) -> None:
         for r in result["rows"][shown["rows"] :]:
+            mib = fmt(r["peak_mib"], ",.1f", "-")
             print(f"[{result['seconds']:.0f} s] {r['mode']} {r['target']} {r['shape']}² "
-                  f"{r['model']}: {r['median_ms']:.1f} ms, {r['speedup']:.3f}x, "
-                  f"{_mib(r['peak_mib'])} MiB, first call {r['first_call_s']:.1f} s")  # fmt: skip
+                  f"{r['model']}: {r['median_ms']:.1f} ms, {r['speedup']:.3f}x, {mib} MiB, "
+                  f"first call {r['first_call_s']:.1f} s")  # fmt: skip
         for r in result["skipped"][shown["skipped"] :]:
             print(f"[{result['seconds']:.0f} s] skipped {r['mode']} {r['target']} "
                   f"{r['shape']}²: {r['reason']}")  # fmt: skip

@@ -1,6 +1,7 @@
 """The results store of the experiments: one JSON file, written atomically after every step
 (:class:`Store`, :func:`cached`: a stopped run resumes where it stopped), and :func:`write_json`
-for the one-shot results of the benchmarks, the demo and ``tools/get_flops.py``.
+(:func:`write_files`: with its markdown) for the one-shot results of the benchmarks, the demo and
+``tools/get_flops.py``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 import os.path as osp
 import time
 
-__all__ = ["Store", "cached", "log", "write_json"]
+__all__ = ["Store", "cached", "log", "write_files", "write_json"]
 
 
 def write_json(path: str, data, indent: int = 2) -> None:
@@ -20,6 +21,16 @@ def write_json(path: str, data, indent: int = 2) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=indent)
     os.replace(tmp, path)
+
+
+def write_files(out_dir: str, stem: str, result: dict, markdown: str, indent: int = 2) -> dict:
+    """``STEM.json`` and ``STEM.md`` under ``out_dir`` (the JSON written atomically)."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: osp.join(out_dir, f"{stem}.{k}") for k in ("json", "md")}
+    write_json(paths["json"], result, indent=indent)
+    with open(paths["md"], "w") as f:
+        f.write(markdown)
+    return paths
 
 
 class Store:

@@ -1,9 +1,9 @@
 """Markdown tables: one helper to write them, and the README/docs tables rendered from results/.
 
 :func:`markdown_table` writes a table from a header and rows of cells, :func:`markdown_section`
-one under a heading; the report writers all use them. The rest keeps the tables of README.md and
-docs/ equal to the result files they show. A result file (``results/*.json``, see
-``results/README.md``) holds one measurement::
+one under a heading, :func:`fmt` a cell that may be missing; the report writers all use them.
+The rest keeps the tables of README.md and docs/ equal to the result files they show. A result
+file (``results/*.json``, see ``results/README.md``) holds one measurement::
 
     {"title": ..., "source": ..., "machine": ..., "command": ..., "commit": ..., "date": ...,
      "columns": {"miou": {"label": "mIoU", "format": "{miou:.2f}"}, ...},
@@ -41,6 +41,7 @@ import sys
 
 __all__ = [
     "DEFAULT_FILES",
+    "fmt",
     "markdown_section",
     "markdown_table",
     "presets_result",
@@ -70,6 +71,11 @@ def markdown_section(title: str, header, rows, note: str = "", left: int = 1) ->
     align = ["left"] * left + ["right"] * (len(header) - left)
     return [f"## {title}", ""] + ([note, ""] if note else []) + [
         markdown_table(header, rows, align)]  # fmt: skip
+
+
+def fmt(value, spec: str = "", empty: str = "—") -> str:
+    """A table cell: ``value`` formatted by ``spec``, or ``empty`` where it is None or NaN."""
+    return empty if value is None or value != value else format(value, spec)
 
 
 def _cell(row: dict, key: str, col: dict, link_base: str) -> str:
