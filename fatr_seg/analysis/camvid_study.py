@@ -18,6 +18,7 @@ import os.path as osp
 
 import torch
 
+from .. import REPO_ROOT
 from ..layers.config import PRESETS as REDUCTION_PRESETS
 from ..layers.config import ReductionConfig
 from .budget import ViTShape, match_budget, with_budget
@@ -76,8 +77,7 @@ class SkipStudy(StudyError):
 def shared_root() -> str:
     """The shared real data and weights: ``$FATR_SHARED``, else ``../shared`` beside the
     repository."""
-    repo = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-    return os.environ.get("FATR_SHARED", osp.join(osp.dirname(repo), "shared"))
+    return os.environ.get("FATR_SHARED", osp.join(osp.dirname(REPO_ROOT), "shared"))
 
 
 def resolve_args(args):

@@ -79,18 +79,10 @@ def _within_rounding(ours: float, paper: float) -> bool:
 
 
 def paper_table(only: list[str] | None = None) -> dict:
-    """Count the paper's classification ViTs: baseline, FATR with and without its overhead.
-
-    Args:
-        only: Model names to count (default: all of :data:`PAPER_MACS`).
-
-    Returns:
-        The table (schema ``fatr_seg.get_flops.paper_table/1``).
-
-    Raises:
-        RuntimeError: The counted FATR MACs without overhead differ from the closed form
-            (:func:`fatr_seg.analysis.analytic_vit_macs`), i.e. the counter is wrong.
-    """
+    """The paper's classification ViTs of :data:`PAPER_MACS` (``only``: these names) counted,
+    baseline and FATR with and without its overhead (schema ``fatr_seg.get_flops.paper_table/1``);
+    a ``RuntimeError`` when FATR's count without overhead differs from the closed form
+    (:func:`.flops.analytic_vit_macs`): the counter is wrong."""
     rows = []
     for name, size, patch, dim, heads, paper_base, paper_fatr in PAPER_MACS:
         if only and name not in only:
