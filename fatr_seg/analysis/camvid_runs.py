@@ -17,20 +17,9 @@ import torch
 
 from .timing import iteration_time
 
-__all__ = [
-    "StudyError",
-    "apply_schedule",
-    "baseline_cfg",
-    "build_model",
-    "cost",
-    "evaluate",
-    "finetune_cfg",
-    "load_cfg",
-    "model_cfg",
-    "train",
-    "val_dataset",
-    "val_inputs",
-]
+__all__ = ["StudyError", "apply_schedule", "baseline_cfg", "build_model", "cost", "evaluate",
+           "finetune_cfg", "load_cfg", "model_cfg", "train", "val_dataset",
+           "val_inputs"]  # fmt: skip
 
 
 class StudyError(RuntimeError):

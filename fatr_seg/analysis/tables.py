@@ -2,29 +2,10 @@
 
 :func:`markdown_table` writes a table from a header and rows of cells, :func:`markdown_section`
 one under a heading, :func:`fmt` a cell that may be missing; the report writers all use them.
-The rest keeps the tables of README.md and docs/ equal to the result files they show. A result
-file (``results/*.json``, see ``results/README.md``) holds one measurement::
-
-    {"title": ..., "source": ..., "machine": ..., "command": ..., "commit": ..., "date": ...,
-     "columns": {"miou": {"label": "mIoU", "format": "{miou:.2f}"}, ...},
-     "rows": [{"method": "fatr", "miou": 55.37, ...}, ...]}
-
-A column's ``format`` is a :meth:`str.format` string over the row's fields, or a list of them:
-the first whose fields the row has (and are not null) is used, else ``empty`` ("—"). A column
-with ``link`` links its cell to the repository path in that field; a row's ``bold`` (``true``
-or a list of column keys) sets those cells in bold. Columns are right-aligned unless
-``"align": "left"``. A markdown file marks each table with a comment, the rendered table
-follows it, and a closing comment ends it::
-
-    <!-- table results/camvid_vit-t_peers.json columns=method,miou where=seeds=3 -->
-    | method | mIoU |
-    ...
-    <!-- /table -->
-
-``columns`` picks and orders the columns (default: all, in the file's order); ``where``
-keeps the rows whose field equals the value (``where=run=J``; several: ``where=run=J;batch=1``).
-The source ``presets`` is not a file: it is ``fatr_seg.layers.PRESETS``, so that the docs' table
-of the presets is the code's.
+The rest keeps every table marked ``<!-- table results/FILE.json columns=... where=... -->`` in
+README.md and docs/ equal to its result file (the file's schema and the marks:
+``results/README.md``). The source ``presets`` is not a file but ``fatr_seg.layers.PRESETS``,
+so that the docs' table of the presets is the code's.
 
     python -m fatr_seg.analysis.tables            # re-render every marked table in place
     python -m fatr_seg.analysis.tables --check    # exit 1, naming them, if any differs
@@ -39,17 +20,8 @@ import os.path as osp
 import re
 import sys
 
-__all__ = [
-    "DEFAULT_FILES",
-    "fmt",
-    "markdown_section",
-    "markdown_table",
-    "presets_result",
-    "render",
-    "render_file",
-    "stale_tables",
-    "update",
-]
+__all__ = ["DEFAULT_FILES", "fmt", "markdown_section", "markdown_table", "presets_result", "render",
+           "render_file", "stale_tables", "update"]  # fmt: skip
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEFAULT_FILES = ("README.md", "configs/README.md", "docs/*.md", "results/README.md")
