@@ -29,6 +29,7 @@ from ..layers.attention import Attention
 from ..layers.config import ReductionConfig
 from ..layers.reducer import TokenReducer
 from ..ops.reduce import dc_window_ids
+from ..ops.scoring import query_rows
 from ..ops.windows import num_windows
 
 __all__ = ["BlockTokens", "MacReport", "analytic_vit_macs", "attention_flops", "count_macs",
@@ -238,12 +239,16 @@ def _selection_macs(red: ReductionConfig, j: int, n: int, M: int, D: int, keep: 
     """MACs of reduction layer ``j``'s score and merge partners (n tokens: M patches, D DC)."""
     score = red.score[j]
     d_metric = dim // heads if red.metric == "keys" else dim
-    hf = n * n * dim
+    rows = n  # query rows of the HF score: all, or the strided estimate's (CLS and patches)
+    if red.score_queries is not None:
+        rows = len(range(n - D)[query_rows(n - D, red.score_queries)])
+    hf = rows * n * dim
     if score == "hf_bipartite" and red.num_protected(M, keep) == 0:
         score = "bipartite"  # nothing left to protect: the reducer computes no HF score
     macs = {"hf": hf, "hf_bipartite": hf, "window_hf": hf, "hf_proxy": n * dim,
             "cls": n * dim}.get(score, 0)  # fmt: skip
-    if score in ("hf", "hf_bipartite", "hf_proxy") and D:  # DC queries' logits (empty windows)
+    exact_dc = score == "hf_proxy" or red.score_queries is None
+    if score in ("hf", "hf_bipartite", "hf_proxy") and D and exact_dc:  # DC queries' logits
         macs += D * n * dim
     if score == "bipartite":
         macs += ((M + 1) // 2) * (M // 2) * d_metric

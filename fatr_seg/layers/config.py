@@ -77,7 +77,7 @@ _FATR_LOCAL = dict(
     score=("window_hf", "hf_bipartite", "hf_bipartite"),
     local_window=2,
     prop_attn=True,
-    score_queries=256,  # within noise of the exact score on CamVid, 1.07x faster (docs/benchmarks.md)
+    score_queries=256,  # the exact score's mIoU on CamVid, fewer logits (docs/benchmarks.md)
 )
 # ToMe's reduction, whatever its schedule: bipartite matching on the keys, size-weighted merging
 # with its proportional attention, no reweighting.
