@@ -15,6 +15,7 @@ time on CPU (1 thread) at this size and at ViT-S 512² / 1024² shapes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -84,7 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
     sd = {k: v for k, v in load_file(args.weights).items() if not k.startswith("head")}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and all("omega" in k for k in missing), (missing, unexpected)
-    cfg = model.reduction
+    cfg = model.reduction  # fatr: the exact score (score_queries None)
+    reducers = [blk.reducer for blk in model.blocks if blk.reducer is not None]
+
+    def use_queries(Q):  # the reducers read their config at forward time, as set_keep_ratio uses
+        for r in reducers:
+            r.cfg = dataclasses.replace(cfg, score_queries=Q)
+
     images = load_images(Path(args.images), args.num_images)
 
     # Per layer: IoU of the exact score's top sets with the estimate's, on the exact run's inputs.
@@ -97,30 +104,31 @@ def main(argv: list[str] | None = None) -> dict:
         keep = cfg.num_keep(self.j, M)
         fractions = {"protected": cfg.num_protected(M, keep), "keep": keep}
         for Q in args.queries:
-            object.__setattr__(cfg, "score_queries", Q)
+            self.cfg = dataclasses.replace(cfg, score_queries=Q)
             e = exact_score(self, stats, state, key_bias, method)
-            object.__setattr__(cfg, "score_queries", None)
+            self.cfg = cfg
             for name, k in fractions.items():
                 for b in range(s.shape[0]):
                     key = (cfg.layers[self.j], Q, name)
                     sets.setdefault(key, []).append(iou(top_set(s[b], k), top_set(e[b], k)))
         return s
 
-    object.__setattr__(cfg, "score_queries", None)
     TokenReducer.hf_score = probe
-    with torch.no_grad():
-        exact_traces = [model.reduction_trace(x) for x in images]
-    TokenReducer.hf_score = exact_score
+    try:
+        with torch.no_grad():
+            exact_traces = [model.reduction_trace(x) for x in images]
+    finally:
+        TokenReducer.hf_score = exact_score
     # The kept tokens of the whole default reduction with the estimate.
     kept_iou: dict = {}
     with torch.no_grad():
         for Q in args.queries:
-            object.__setattr__(cfg, "score_queries", Q)
+            use_queries(Q)
             for x, want in zip(images, exact_traces, strict=True):
                 for a, b in zip(want, model.reduction_trace(x), strict=True):
                     kept_iou.setdefault((a.layer, Q), []).append(
                         iou(set(a.kept[0].tolist()), set(b.kept[0].tolist())))  # fmt: skip
-        object.__setattr__(cfg, "score_queries", None)
+        use_queries(None)
 
     # Scoring time, 1 thread, batch 1: real activations of the first layer, then random ones.
     timing = []
