@@ -48,8 +48,10 @@ def count_ops(fn) -> CountOps:
     return counter
 
 
-def vit_ops(reduction, size: int = 256, batch: int = 1, **kwargs) -> CountOps:
-    """Ops of one eager inference forward of a 12-block ViT-Ti/16 (random weights)."""
+def vit_ops(reduction, size: int = 256, batch: int = 1, omega1: float = 0.0,
+            **kwargs) -> CountOps:  # fmt: skip
+    """Ops of one eager inference forward of a 12-block ViT-Ti/16 (random weights; ``omega1``
+    everywhere: 0, its init, makes the high-pass reweighting the identity, which is skipped)."""
     from fatr_seg.layers import FATRVisionTransformer
 
     torch.manual_seed(0)
@@ -57,6 +59,10 @@ def vit_ops(reduction, size: int = 256, batch: int = 1, **kwargs) -> CountOps:
                                   num_heads=3, reduction=reduction, **kwargs).eval()  # fmt: skip
     x = torch.randn(batch, 3, size, size)
     with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("omega1"):
+                p.fill_(omega1)
+        model.eval()  # reads omega1 again, as after loading weights
         model(x)  # warm-up: lazy initialisation is not counted
         return count_ops(lambda: model(x))
 
@@ -87,6 +93,7 @@ if __name__ == "__main__":  # python tests/op_count.py: the counts of results/op
 
     rows = {m: {s: round(ops_per_reduction_layer(dict(method=m), s), 2) for s in (256, 512)}
             for m in sorted(PRESETS)}  # fmt: skip
-    print(
-        json.dumps(dict(per_layer=rows, default_by_op=by_op(dict(method="fatr_local"))), indent=1)
-    )
+    trained = {m: {s: round(ops_per_reduction_layer(dict(method=m), s, omega1=0.1), 2)
+                   for s in (256, 512)} for m in ("fatr", "fatr_local")}  # fmt: skip
+    print(json.dumps(dict(per_layer=rows, per_layer_trained_omega1=trained,
+                          default_by_op=by_op(dict(method="fatr_local"))), indent=1))  # fmt: skip

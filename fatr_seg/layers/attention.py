@@ -72,6 +72,7 @@ class ReweightedCore(nn.Module):
         self.reweight = reweight
         if reweight is not None:
             self.omega1 = nn.Parameter(torch.zeros(num_heads))
+            self._omega1_zero = (None, None, False)  # (data_ptr, version, omega1 == 0)
             if dc_terms:
                 omega2_init = 0.0 if reweight == "identity" else 1.0
                 self.omega2 = nn.Parameter(torch.full((num_heads,), omega2_init))
@@ -90,7 +91,7 @@ class ReweightedCore(nn.Module):
         ``return_stats``, the detached :class:`AttnStats` for token scoring. ``coef_hp`` is
         ``1 + omega1`` when the caller computed it (see :func:`hp_coefficients`)."""
         drop = self.attn_drop_p if self.training else 0.0
-        if self.reweight is None:
+        if self.reweight is None or (num_dc == 0 and self.hp_is_identity()):
             out, lse = attention_with_lse(q, k, v, self.scale, key_bias, self.fused_attn, drop,
                                           need_lse=return_stats)  # fmt: skip
         else:
@@ -104,15 +105,51 @@ class ReweightedCore(nn.Module):
         lse = None if lse is None else lse.detach()
         return out, AttnStats(q.detach(), k.detach(), self.scale, lse)
 
+    def hp_is_identity(self) -> bool:
+        """Whether ``1 + omega1`` is known to be exactly 1 with no gradient to carry: the
+        high-pass reweighting is then plain attention, and skipping it saves a token mean and a
+        lerp (two passes over the values) per block, e.g. for a reduction applied to the weights
+        of an unreduced model.
+
+        Never reads a tensor on the host: ``eval()`` and loading a state dict read ``omega1``
+        (:meth:`read_omega1`), and the forward trusts that reading only while ``omega1`` keeps
+        its storage and version (a write through ``.data`` bypasses the version: call ``eval()``
+        after one). A compiled forward does not skip; a CUDA graph keeps its capture's choice.
+        """
+        w = self.omega1
+        if (w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return False
+        return self._omega1_zero == (w.data_ptr(), w._version, True)
+
+    def read_omega1(self) -> None:
+        """Read whether ``omega1`` is all zero, for :meth:`hp_is_identity` (one host read)."""
+        w = self.omega1
+        self._omega1_zero = (w.data_ptr(), w._version, not w.is_meta and bool((w == 0).all()))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode and self.reweight is not None and not torch.compiler.is_compiling():
+            self.read_omega1()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.reweight is not None:
+            self.read_omega1()
+
 
 def hp_coefficients(attns: list[nn.Module]) -> list[torch.Tensor | None]:
-    """``1 + omega1`` of every reweighting attention in ``attns`` (None for the others).
+    """``1 + omega1`` of every reweighting attention in ``attns`` (None for the others and where
+    the reweighting is the identity, see :meth:`ReweightedCore.hp_is_identity`).
 
     One ``_foreach_add`` for all of them: one kernel on CUDA instead of one per block.
     """
-    omegas = [a.omega1 for a in attns if a.reweight is not None]
+    # A block with DC terms keeps the reweighted call (its DC term) whatever omega1 is.
+    used = [a.reweight is not None and (hasattr(a, "omega2") or not a.hp_is_identity())
+            for a in attns]  # fmt: skip
+    omegas = [a.omega1 for a, u in zip(attns, used) if u]
     coefs = iter(torch._foreach_add(omegas, 1.0) if omegas else ())
-    return [next(coefs) if a.reweight is not None else None for a in attns]
+    return [next(coefs) if u else None for u in used]
 
 
 class Attention(ReweightedCore):

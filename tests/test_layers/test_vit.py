@@ -269,6 +269,62 @@ def test_omega2_is_stored_as_the_dc_coefficient():
 
 
 # ---------------------------------------------------------------------------------------------
+# omega1 = 0 (its init, or a reduction on an unreduced model's weights): the lerp is skipped
+# ---------------------------------------------------------------------------------------------
+def zero_omega1_(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("omega1"):
+                p.zero_()
+    return model.eval()  # reads omega1 again, as after loading weights
+
+
+@pytest.mark.parametrize("method", ["fatr", "fatr_local", "fatr_paper"])
+def test_skipped_identity_reweighting_is_exactly_the_reweighted_call(monkeypatch, method):
+    from fatr_seg.layers import attention
+
+    red = dict(method=method, layers=(1, 3, 4))
+    model = zero_omega1_(build(red, grid=(6, 8), seed=11).double())
+    calls = []
+    spy = attention.reweighted_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return spy(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "reweighted_attention", counted)
+    x = images(2, (6 * PATCH, 8 * PATCH), seed=12).double()
+    with torch.no_grad():
+        skipped = model(x)[0]
+        # fatr_paper's DC term keeps the reweighted call; the others skip it in every block.
+        assert (len(calls) > 0) == (method == "fatr_paper"), len(calls)
+        monkeypatch.setattr(attention.ReweightedCore, "hp_is_identity", lambda self: False)
+        full = model(x)[0]
+    assert torch.equal(skipped, full)  # lerp(mean, AV, 1) is AV bit for bit
+
+
+def test_omega1_is_read_again_after_every_change():
+    model = zero_omega1_(build(dict(method="fatr", **LAYERS), seed=13))
+    attn = model.blocks[3].attn
+    zeros = {k: v.clone() for k, v in model.state_dict().items()}
+    x = images(2, (40, 56), seed=14)
+    with torch.no_grad():
+        skipped = model(x)[0]
+        assert attn.hp_is_identity()
+        attn.omega1.fill_(0.5)  # a new version: no longer trusted, used
+        assert not attn.hp_is_identity()
+        assert (model(x)[0] - skipped).abs().max() > 1e-3
+        model.load_state_dict(zeros)  # loading reads it again
+        assert attn.hp_is_identity()
+        assert torch.equal(model(x)[0], skipped)
+        model.double()  # new storage: not trusted until eval() reads it
+        assert not attn.hp_is_identity() and model.eval() and attn.hp_is_identity()
+    assert not attn.hp_is_identity()  # gradients enabled: omega1 needs its path
+    model.train()(x.double())[0].square().mean().backward()
+    assert attn.omega1.grad is not None and (attn.omega1.grad != 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # Gradients
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("restore", ["copy", "residual"])
