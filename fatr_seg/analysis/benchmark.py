@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import math
 import os
 import os.path as osp
@@ -124,7 +125,7 @@ class Bench:
         if args.threads:
             torch.set_num_threads(args.threads)
         self.args, self.device = args, args.device
-        self.entries = config_variants(args.configs, getattr(args, "keep_ratio", None))
+        self.entries = config_variants(args.configs, args.keep_ratio)
         self.models, self.norms = {}, {}
         for name, path, ratio in self.entries:
             self.models[name], _, self.norms[name] = build_segmentor(path, args.quick,
@@ -162,13 +163,11 @@ class Bench:
             self.count_macs()
         for model in self.models.values():
             model.to(self.device)
-        for dtype in a.dtypes:
-            for shape in a.shapes:
-                for batch in a.batch_sizes:
-                    x = make_images(batch, shape, self.norms[self.ref], a.seed).to(self.device)
-                    labels = make_labels(batch, shape, a.seed) if "train" in a.targets else None
-                    for target in a.targets:
-                        self.time_cell(target, dtype, shape, batch, x, labels)
+        for dtype, shape, batch in itertools.product(a.dtypes, a.shapes, a.batch_sizes):
+            x = make_images(batch, shape, self.norms[self.ref], a.seed).to(self.device)
+            labels = make_labels(batch, shape, a.seed) if "train" in a.targets else None
+            for target in a.targets:
+                self.time_cell(target, dtype, shape, batch, x, labels)
         if not a.no_memory:
             self.memory()
         self.progress.close()
@@ -211,13 +210,13 @@ class Bench:
             return
         fns = {n: forward_fn(m, target, x, dtype, labels) for n, m in self.models.items()}
         compile_s = {}
-        if getattr(a, "compile", False) and target != "train":
+        if a.compile and target != "train":
             # Compiled twins, timed in the same alternation; compilation itself is untimed.
             for n, m in self.models.items():
                 fns[n + COMPILED], compile_s[n + COMPILED] = compiled_forward_fn(m, target, x,
                                                                                  dtype)  # fmt: skip
         step = lambda _: self.progress.update()  # noqa: E731
-        clock = time.thread_time if getattr(a, "cpu_time", False) else time.perf_counter
+        clock = time.thread_time if a.cpu_time else time.perf_counter
         warm = {}
         if a.warmup:
             warm = time_alternating(fns, a.warmup, 0, x.device, on_round=step, clock=clock)
@@ -251,31 +250,28 @@ class Bench:
         on CPU in a fresh child process per cell (memory the parent holds would hide it)."""
         a, device = self.args, self.device
         timeout = max(600.0, 4 * (a.max_cell_seconds or 600.0))
-        for dtype in a.dtypes:
-            for shape in a.memory_shapes:
-                for batch in a.memory_batch_sizes:
-                    x = labels = None
-                    for target in a.memory_targets:
-                        for name, path, ratio in self.entries:
-                            self.progress.set_description_str(
-                                f"memory {name} {target} {shape[0]}x{shape[1]} b{batch}"
-                            )
-                            row = self._row(name, target, dtype, shape, batch, error=None)
-                            if device.type != "cuda":
-                                spec = dict(config=osp.abspath(path), target=target,
-                                            shape=list(shape), batch=batch, tiny=a.quick,
-                                            threads=a.threads, seed=a.seed,
-                                            keep_ratio=ratio)  # fmt: skip
-                                row.update(run_memory_probe(spec, timeout))
-                            else:
-                                if x is None:
-                                    x = make_images(batch, shape, self.norms[self.ref], a.seed)
-                                    x = x.to(device)
-                                    if "train" in a.memory_targets:
-                                        labels = make_labels(batch, shape, a.seed)
-                                row.update(self._cuda_memory(name, target, x, dtype, labels))
-                            self.result["memory"].append(row)
-                            self.progress.update()
+        cells = itertools.product(a.dtypes, a.memory_shapes, a.memory_batch_sizes)
+        for dtype, shape, batch in cells:
+            x = labels = None
+            for target in a.memory_targets:
+                for name, path, ratio in self.entries:
+                    self.progress.set_description_str(
+                        f"memory {name} {target} {shape[0]}x{shape[1]} b{batch}"
+                    )
+                    row = self._row(name, target, dtype, shape, batch, error=None)
+                    if device.type != "cuda":
+                        spec = dict(config=osp.abspath(path), target=target, shape=list(shape),
+                                    batch=batch, tiny=a.quick, threads=a.threads, seed=a.seed,
+                                    keep_ratio=ratio)  # fmt: skip
+                        row.update(run_memory_probe(spec, timeout))
+                    else:
+                        if x is None:
+                            x = make_images(batch, shape, self.norms[self.ref], a.seed).to(device)
+                            if "train" in a.memory_targets:
+                                labels = make_labels(batch, shape, a.seed)
+                        row.update(self._cuda_memory(name, target, x, dtype, labels))
+                    self.result["memory"].append(row)
+                    self.progress.update()
 
     def _cuda_memory(self, name, target, x, dtype, labels) -> dict:
         try:

@@ -20,10 +20,9 @@ from .. import REPO_ROOT
 from .flops import count_macs
 from .timing import current_rss_bytes, peak_rss_bytes, peak_tensor_bytes, reset_peak_rss
 
-__all__ = ["COMPILED", "DTYPES", "build_segmentor", "compiled_forward_fn", "config_names",
-           "config_variants", "forward_fn", "image_metas", "make_images", "make_labels",
-           "memory_probe", "patch_tokens", "run_memory_probe", "segmentor_macs",
-           "train_samples"]  # fmt: skip
+__all__ = ["COMPILED", "DTYPES", "build_segmentor", "compiled_forward_fn", "config_variants",
+           "forward_fn", "image_metas", "make_images", "make_labels", "memory_probe",
+           "patch_tokens", "run_memory_probe", "segmentor_macs", "train_samples"]  # fmt: skip
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The tiny model of --quick: same depth and reduction layers, small width.
@@ -73,17 +72,13 @@ def build_segmentor(path: str, tiny: bool = False, cfg_options: dict | None = No
     return model, cfg, norm
 
 
-def config_names(paths: list[str]) -> list[str]:
-    """Short names of configs: file names without ``.py``, ``#i`` added where two are alike."""
-    names = [osp.splitext(osp.basename(p))[0] for p in paths]
-    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
-
-
 def config_variants(paths: list[str], keep_ratios=None) -> list[tuple[str, str, tuple | None]]:
-    """The models a benchmark runs: ``(name, config path, keep ratio or None)``, one per config,
-    or with ``keep_ratios`` one per budget of every config with a reduction (``NAME@keepR``).
-    Raises ``KeepRatioError`` when a budget does not fit a config or no config has a reduction."""
-    names = config_names(paths)
+    """The models a benchmark runs: ``(name, config path, keep ratio or None)``, one per config
+    (named by its file without ``.py``, ``#i`` added where two are alike), or with ``keep_ratios``
+    one per budget of every config with a reduction (``NAME@keepR``). Raises ``KeepRatioError``
+    when a budget does not fit a config or no config has a reduction."""
+    stems = [osp.splitext(osp.basename(p))[0] for p in paths]
+    names = [n if stems.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(stems)]
     if not keep_ratios:
         return [(n, p, None) for n, p in zip(names, paths)]
     from mmengine.config import Config
@@ -227,27 +222,21 @@ def compiled_forward_fn(model, target: str, x: torch.Tensor, dtype: str):
         raise ValueError(f"only forward targets compile, got {target!r}")
     # Every (model, target, shape, batch) is one more graph for the same code object.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    options = dict(fullgraph=True, dynamic=False)
-    backbone = torch.compile(model.backbone, **options)
     parts = {
-        name: torch.compile(getattr(model, name).forward, **options)
-        for name in COMPILE_TARGETS
-        if target == "segmentor" and getattr(model, name, None) is not None
+        name: torch.compile(getattr(model, name).forward, fullgraph=True, dynamic=False)
+        for name in (COMPILE_TARGETS if target == "segmentor" else ("backbone",))
+        if getattr(model, name, None) is not None
     }
-    metas = image_metas(x.shape[0], tuple(x.shape[2:]))
-    context = _autocast(x, dtype)
+    eager = forward_fn(model, target, x, dtype)
 
     def run():
-        with torch.inference_mode(), context():
-            if target == "backbone":
-                return backbone(x)
-            for name, fn in parts.items():
-                getattr(model, name).forward = fn
-            try:
-                return model.encode_decode(x, metas)
-            finally:
-                for name in parts:
-                    del getattr(model, name).forward
+        for name, fn in parts.items():
+            getattr(model, name).forward = fn
+        try:
+            return eager()
+        finally:
+            for name in parts:
+                del getattr(model, name).forward
 
     start = time.perf_counter()
     run()
