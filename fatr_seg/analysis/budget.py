@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..layers.config import ReductionConfig
 from .flops import analytic_vit_macs
 
-__all__ = ["MatchedBudget", "ViTShape", "bisect_budget", "budget_key", "match_budget",
-           "with_budget"]  # fmt: skip
+__all__ = ["MatchedBudget", "ViTShape", "bisect_budget", "match_budget", "with_budget"]
 
 
 @dataclass(frozen=True)
@@ -55,14 +54,7 @@ class MatchedBudget:
         return self.macs / self.target - 1.0
 
     def to_dict(self) -> dict:
-        return dict(reduction=self.reduction, key=self.key, value=self.value, macs=self.macs,
-                    target=self.target, rel_error=self.rel_error)  # fmt: skip
-
-
-def budget_key(reduction: dict) -> str:
-    """``'r'`` when the reduction's budget is a token count (ToMe's constant schedule), else
-    ``'keep_ratio'``."""
-    return "r" if ReductionConfig.from_dict(reduction).keep_ratio is None else "keep_ratio"
+        return dict(asdict(self), rel_error=self.rel_error)
 
 
 def with_budget(reduction: dict, key: str, value: float | int) -> dict:
@@ -126,7 +118,8 @@ def match_budget(reduction: dict, target: int, shape: ViTShape, tol: float = 0.0
     ``target``: one keep ratio for every reduction layer in [0.5, 1] (ToMe's bipartite
     matching merges at most half the tokens of a layer), or a token count ``r`` in [0, tokens];
     ``ValueError`` when none in the interval is close enough."""
-    key = budget_key(reduction)
+    # A token count ``r`` when the reduction has no keep ratio (ToMe's constant schedule).
+    key = "r" if ReductionConfig.from_dict(reduction).keep_ratio is None else "keep_ratio"
     method = reduction.get("method", "fatr")
 
     def macs_of(value: float | int) -> int:

@@ -39,7 +39,7 @@ from .rank_collapse import diagnostics
 from .store import Store, cached, log
 
 __all__ = ["FINETUNE_AS", "METHODS", "PRESETS", "SkipStudy", "resolve_args", "run_camvid_study",
-           "settings_of", "shared_root"]  # fmt: skip
+           "shared_root"]  # fmt: skip
 
 #: Every method the study knows, in its default order; ``none`` is the unreduced model.
 METHODS = ("none", "fatr", "fatr_local", "fatr_paper", "tome", "tome_constant", "algm", "evit",
@@ -109,7 +109,7 @@ def resolve_args(args):
     if not 0 < args.ema_momentum < 1:
         raise StudyError(f"--ema-momentum {args.ema_momentum}: must lie in (0, 1)")
     args.methods = [m for m in METHODS if m in args.methods]  # canonical order, no repeats
-    args.variants = parse_variants(getattr(args, "variants", None) or [])
+    args.variants = parse_variants(args.variants or [])
     args.methods += list(args.variants)
     args.seeds = sorted(set(args.seeds))
     if not osp.isdir(args.data_root):
@@ -138,11 +138,6 @@ def parse_variants(specs: list[str]) -> dict[str, dict]:
     return out
 
 
-def settings_of(args) -> dict:
-    """What the results depend on: every option but the extendable and cosmetic ones."""
-    return {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
-
-
 @dataclasses.dataclass
 class _Ctx:
     args: object
@@ -151,13 +146,6 @@ class _Ctx:
     baseline: str = ""
     dataset: object = None
     shape: ViTShape | None = None
-
-    def key(self, *parts) -> str:
-        return "/".join(str(p) for p in parts)
-
-
-def _plain(cfg) -> dict | None:
-    return None if cfg is None else cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 def _resolved(reduction: dict | None) -> dict | None:
@@ -187,7 +175,8 @@ def budgets(ctx: _Ctx) -> dict:
     """Each method's reduction (``none``: None); stored, and checked against a stored one."""
     args = ctx.args
     cfg = load_cfg(args.model_config)
-    ref = _plain(cfg.model.backbone.reduction)
+    ref = cfg.model.backbone.reduction
+    ref = None if ref is None else ref.to_dict()
     if ref is None or ReductionConfig.from_dict(ref).keep_ratio is None:
         raise StudyError(f"{args.model_config}: the reference needs a keep_ratio reduction")
     shape = _vit_shape(cfg)
@@ -195,31 +184,26 @@ def budgets(ctx: _Ctx) -> dict:
     target = shape.macs(ref)
     out = {}
     for m in args.methods:
-        if m == "none":
-            value = dict(reduction=None, macs=shape.macs(None), target=target)
-        elif m == ref.get("method", "fatr"):
+        red = None if m == "none" else args.variants.get(m, dict(method=m))
+        if m == ref.get("method", "fatr"):
             value = dict(reduction=ref, macs=target, target=target, rel_error=0.0)
-        elif m in args.variants:  # a schedule of its own: not matched
-            red = args.variants[m]
-            value = dict(reduction=red, macs=shape.macs(red), target=target)
-        elif args.equal_macs:
-            value = match_budget(dict(method=m), target, shape, args.mac_tol).to_dict()
+        elif args.equal_macs and m != "none" and m not in args.variants:  # a variant: not matched
+            value = match_budget(red, target, shape, args.mac_tol).to_dict()
         else:
-            red = dict(method=m)
             value = dict(reduction=red, macs=shape.macs(red), target=target)
         train_red = _train_reduction(ctx, value["reduction"])
         if train_red != value["reduction"]:
             value["train_reduction"] = train_red
         # Every key as the presets resolve it, so a changed preset is noticed too.
         value["resolved"] = _resolved(value["reduction"])
-        old = ctx.store.get(ctx.key("budget", m))
+        old = ctx.store.get(f"budget/{m}")
         if old is not None and old["resolved"] != value["resolved"]:
             raise StudyError(
                 f"results.json holds {m!r} with reduction {old['resolved']}, now "
                 f"{value['resolved']} (the config or a preset changed): use another --work-dir"
             )
         if old is None:
-            ctx.store.put(ctx.key("budget", m), value)
+            ctx.store.put(f"budget/{m}", value)
         out[m] = value["reduction"]
     log("budgets: " + ", ".join(f"{m} {r}" for m, r in out.items()))
     return out
@@ -246,7 +230,7 @@ def _finetuned(ctx: _Ctx, label: str, reduction, seed: int) -> str:
     cfg = finetune_cfg(ctx.args, reduction, seed, osp.join(ctx.runs_dir, name), ctx.baseline)
     ckpt, info = train(cfg, log)
     if info:
-        ctx.store.put(ctx.key("train", name), info)
+        ctx.store.put(f"train/{name}", info)
     return ckpt
 
 
@@ -274,7 +258,8 @@ def run_camvid_study(args) -> dict:
         torch.set_num_threads(args.threads)
     os.makedirs(args.work_dir, exist_ok=True)
     try:
-        store = Store(osp.join(args.work_dir, "results.json"), settings_of(args), _NOT_SETTINGS)
+        settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+        store = Store(osp.join(args.work_dir, "results.json"), settings, _NOT_SETTINGS)
     except ValueError as err:
         raise StudyError(str(err)) from None
     ctx = _Ctx(args, store, osp.join(args.work_dir, "runs"))
@@ -288,7 +273,7 @@ def run_camvid_study(args) -> dict:
         cfg = baseline_cfg(args, args.baseline_seed, osp.join(ctx.runs_dir, name))
         ctx.baseline, info = train(cfg, log)
         if info:
-            store.put(ctx.key("train", name), info)
+            store.put(f"train/{name}", info)
     log(f"baseline: {ctx.baseline}")
     ctx.dataset = val_dataset(model_cfg(args, None))
 
@@ -296,30 +281,30 @@ def run_camvid_study(args) -> dict:
     inputs = val_inputs(model_cfg(args, None), max(max(args.bench_batches), args.hf_images))
     img_shape = tuple(ctx.dataset[0]["data_samples"].img_shape)
     x_hf = inputs[: args.hf_images]
-    keys = [ctx.key(step, m) for m in args.methods for step in ("free", "hf/free")]
+    keys = [f"{step}/{m}" for m in args.methods for step in ("free", "hf/free")]
     if not _done(ctx, *keys) or _cost_stale(ctx, "cost", reductions):
         free = {m: build_model(model_cfg(args, r), ctx.baseline) for m, r in reductions.items()}
         for m, model in free.items():
-            cached(store, ctx.key("free", m), lambda model=model: evaluate(model, ctx.dataset))
+            cached(store, f"free/{m}", lambda model=model: evaluate(model, ctx.dataset))
         if _cost_stale(ctx, "cost", free):  # the stored cost lacks a method: time all again
             store.data["runs"].pop("cost", None)
         cached(store, "cost", lambda: cost(free, inputs, img_shape, args))
         for m, model in free.items():
-            cached(store, ctx.key("hf/free", m), lambda model=model: diagnostics(model, x_hf))
+            cached(store, f"hf/free/{m}", lambda model=model: diagnostics(model, x_hf))
         del free
 
     # 6. Fine-tuned, per seed: each method with its own reduction in the loop ("own"), and/or
     # applied to the unreduced model's fine-tuned weights of the same seed ("unreduced").
-    modes = FINETUNE_AS[getattr(args, "finetune_as", "own")]
-    for seed in args.seeds if getattr(args, "finetune", True) and "unreduced" in modes else ():
+    modes = FINETUNE_AS[args.finetune_as]
+    for seed in args.seeds if args.finetune and "unreduced" in modes else ():
         ckpt = _finetuned(ctx, "none", None, seed)
-        _evaluated(ctx, ctx.key("ft", "none", f"s{seed}"), None, ckpt)
+        _evaluated(ctx, f"ft/none/s{seed}", None, ckpt)
         for m in args.methods:
             if m != "none":
-                _evaluated(ctx, ctx.key("deploy", m, f"s{seed}"), reductions[m], ckpt)
-    for seed in args.seeds if getattr(args, "finetune", True) and "own" in modes else ():
+                _evaluated(ctx, f"deploy/{m}/s{seed}", reductions[m], ckpt)
+    for seed in args.seeds if args.finetune and "own" in modes else ():
         for m in args.methods:
-            key, hf_key = ctx.key("ft", m, f"s{seed}"), ctx.key("hf", "ft", m)
+            key, hf_key = f"ft/{m}/s{seed}", f"hf/ft/{m}"
             if _done(ctx, key, *([hf_key] if seed == args.seeds[0] else [])):
                 continue
             ckpt = _finetuned(ctx, m, _train_reduction(ctx, reductions[m]), seed)
@@ -329,7 +314,7 @@ def run_camvid_study(args) -> dict:
                 cached(store, hf_key, lambda model=model: diagnostics(model, x_hf))
 
     # What this run covered (the report's rows); a later run may cover more.
-    seeds = args.seeds if getattr(args, "finetune", True) else []
+    seeds = args.seeds if args.finetune else []
     store.data["settings"].update(seeds=seeds, methods=args.methods, finetune_as=modes)
     store.save()
     return store.data
