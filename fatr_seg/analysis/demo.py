@@ -38,7 +38,6 @@ from .timing import iteration_time
 __all__ = ["BASELINE_CONFIG", "DISTILL_CONFIG", "FATR_CONFIG", "QUICK", "last_checkpoint",
            "run_demo"]  # fmt: skip
 
-REPO = REPO_ROOT  # the checkout this package runs from: tools/ and configs/ are there
 FATR_CONFIG = "configs/demo/fatr_vit-t_fcn_1xb8-200_synthetic-192x192.py"
 BASELINE_CONFIG = "configs/demo/segmenter_vit-t_fcn_1xb8-200_synthetic-192x192.py"
 DISTILL_CONFIG = "configs/demo/fatr_vit-t_fcn_distill-1xb8-100_synthetic-192x192.py"
@@ -70,7 +69,7 @@ def run_tool(cmd, log_path, verbose=False, env=None):
     last = []
     with open(log_path, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
         for line in proc.stdout:
             f.write(line)
@@ -225,7 +224,7 @@ def run_demo(args, start=None):
     ``WORK_DIR/summary.md``, and returns the results (also in ``WORK_DIR/summary.json``).
     ``start``: ``time.perf_counter()`` at the program's start."""
     start = time.perf_counter() if start is None else start
-    os.chdir(REPO)
+    os.chdir(REPO_ROOT)  # tools/ and configs/ are there
     configs = [args.baseline_config, args.config] + ([args.distill_config] if args.finetune else [])
     for config in configs:
         if not osp.isfile(config):

@@ -59,14 +59,17 @@ def parse_per_class(log_path):
     return table
 
 
-def _schema_error(path, what):
-    return DemoError(f"{path} does not hold {what} (has its tool's JSON schema changed?)")
-
-
-def _all_found(path, configs, found, what, note=""):
-    missing = [c for c in configs if c not in found]
-    if missing:
-        raise _schema_error(path, f"{what} of {', '.join(missing)}{note}")
+def _values(path, configs, records, field, what, note=""):
+    """``{config: float(record[field[0]][field[1]])}`` for each of ``configs``, from ``records``
+    (normalised config path -> the tool's record of it); a :class:`DemoError` naming ``path``
+    and the first config without a record or a number there (``what`` of it, ``note`` added)."""
+    found = {}
+    for cfg in configs:
+        try:
+            found[cfg] = float(records[osp.normpath(cfg)][field[0]][field[1]])
+        except (KeyError, TypeError, ValueError):
+            raise DemoError(f"{path} does not hold {what} of {cfg}{note} ({'.'.join(field)}; has "
+                            "its tool's JSON schema changed?)") from None  # fmt: skip
     return found
 
 
@@ -74,15 +77,8 @@ def read_gmacs(path, configs):
     """``{config: segmentor GMACs}`` from ``tools/get_flops.py --json``."""
     with open(path) as f:
         data = json.load(f)
-    found = {}
-    for model in data.get("models", []):
-        for cfg in configs:
-            if osp.normpath(str(model.get("config", ""))) == osp.normpath(cfg):
-                try:
-                    found[cfg] = float(model["segmentor"]["gmacs"])
-                except (KeyError, TypeError, ValueError):
-                    raise _schema_error(path, f"segmentor.gmacs for {cfg}") from None
-    return _all_found(path, configs, found, "MACs")
+    records = {osp.normpath(str(m.get("config", ""))): m for m in data.get("models", [])}
+    return _values(path, configs, records, ("segmentor", "gmacs"), "MACs")
 
 
 def read_throughput(path, configs):
@@ -91,20 +87,14 @@ def read_throughput(path, configs):
         raise DemoError(f"tools/benchmark.py wrote no {path}")
     with open(path) as f:
         data = json.load(f)
-    names = {osp.normpath(c["path"]): c["name"] for c in data.get("configs", []) if "path" in c}
-    found = {}
-    for cfg in configs:
-        name = names.get(osp.normpath(cfg))
-        for rec in data.get("timing", []):
-            if rec.get("config") == name and rec.get("target") == "segmentor":
-                try:
-                    found[cfg] = float(rec["images_per_s"]["median"])
-                except (KeyError, TypeError, ValueError):
-                    raise _schema_error(path, f"images_per_s.median for {cfg}") from None
-                break
+    paths = {c["name"]: osp.normpath(c["path"]) for c in data.get("configs", []) if "path" in c}
+    records = {}
+    for rec in data.get("timing", []):
+        if rec.get("target") == "segmentor" and rec.get("config") in paths:
+            records.setdefault(paths[rec["config"]], rec)
     skipped = "; ".join(str(s.get("reason")) for s in data.get("skipped", []))
     note = f" (skipped: {skipped})" if skipped else ""
-    return _all_found(path, configs, found, "a segmentor timing", note)
+    return _values(path, configs, records, ("images_per_s", "median"), "a segmentor timing", note)
 
 
 def _ratio(num, den):

@@ -67,15 +67,10 @@ def _sdpa_backward(
     return 2 * b * h * n_q * n_k * (3 * d + 2 * d_v)
 
 
-def _bmm_like(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    # baddbmm_(self, batch1 (b, m, k), batch2 (b, k, n)) and addbmm(_): 2·b·m·n·k.
-    b, m, k = a_shape
-    return 2 * b * m * b_shape[-1] * k
-
-
 def _mm_like(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    m, k = a_shape
-    return 2 * m * b_shape[-1] * k
+    # baddbmm_(self, batch1 (b, m, k), batch2 (b, k, n)) and addbmm(_): 2·b·m·n·k; addmm_(self,
+    # mat1 (m, k), mat2 (k, n)): 2·m·n·k.
+    return 2 * math.prod(a_shape) * b_shape[-1]
 
 
 def _index_count(self_shape, dim, index_shape, *args, out_shape=None, **kwargs) -> int:
@@ -90,9 +85,9 @@ def flop_formulas() -> dict[Any, Callable[..., int]]:
     mapping: dict[Any, Callable[..., int]] = {
         aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
-        aten.baddbmm_: _bmm_like,
-        aten.addbmm: _bmm_like,
-        aten.addbmm_: _bmm_like,
+        aten.baddbmm_: _mm_like,
+        aten.addbmm: _mm_like,
+        aten.addbmm_: _mm_like,
         aten.addmm_: _mm_like,
         aten.scatter_add: _index_count,
         aten.gather: _index_count,

@@ -35,13 +35,6 @@ TOLERANCE = 0.02  # the band within which our counts must reproduce the paper's 
 PAPER_DECIMALS = 1  # the paper prints GMACs with one decimal
 
 
-def _count(model, path: str, shape: tuple[int, int]) -> dict:
-    macs = segmentor_macs(model, torch.zeros(1, 3, *shape))
-    return dict(config=path, name=osp.splitext(osp.basename(path))[0],
-                **{t: r.to_dict() for t, r in macs.items()},
-                decode_head_macs=macs["segmentor"].macs - macs["backbone"].macs)  # fmt: skip
-
-
 def compare(paths: list[str], shape: tuple[int, int], cfg_options: dict | None = None) -> dict:
     """MACs of each config at ``shape`` with ratios against the first (schema
     ``fatr_seg.get_flops/1``)."""
@@ -49,7 +42,11 @@ def compare(paths: list[str], shape: tuple[int, int], cfg_options: dict | None =
     for path in paths:
         model = build_segmentor(path, cfg_options=cfg_options)[0]
         tokens = patch_tokens(model, shape) if tokens is None else tokens
-        models.append(_count(model, path, shape))
+        macs = segmentor_macs(model, torch.zeros(1, 3, *shape))
+        head = macs["segmentor"].macs - macs["backbone"].macs
+        models.append(dict(config=path, name=osp.splitext(osp.basename(path))[0],
+                           **{t: r.to_dict() for t, r in macs.items()},
+                           decode_head_macs=head))  # fmt: skip
     ref = models[0]
     for m in models:
         m["ratio"] = {t: m[t]["macs"] / ref[t]["macs"] if ref[t]["macs"] else float("nan")
