@@ -111,10 +111,10 @@ class ReweightedCore(nn.Module):
         lerp (two passes over the values) per block, e.g. for a reduction applied to the weights
         of an unreduced model.
 
-        Never reads a tensor on the host: ``eval()`` and loading a state dict read ``omega1``
-        (:meth:`read_omega1`), and the forward trusts that reading only while ``omega1`` keeps
-        its storage and version (a write through ``.data`` bypasses the version: call ``eval()``
-        after one). A compiled forward does not skip; a CUDA graph keeps its capture's choice.
+        Never reads a tensor on the host: ``eval()``, moving an eval-mode module (``.to()``) and
+        loading a state dict read ``omega1`` (:meth:`read_omega1`), and the forward trusts that
+        reading only while ``omega1`` keeps its storage and version (a write through ``.data``
+        bypasses the version: call ``eval()`` after one). A compiled forward does not skip; a CUDA graph keeps its capture's choice.
         """
         w = self.omega1
         if (w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
@@ -136,6 +136,12 @@ class ReweightedCore(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         if self.reweight is not None:
             self.read_omega1()
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(): new storage
+        super()._apply(fn, *args, **kwargs)
+        if self.reweight is not None and not self.training:
+            self.read_omega1()
+        return self
 
 
 def hp_coefficients(attns: list[nn.Module]) -> list[torch.Tensor | None]:

@@ -317,10 +317,12 @@ def test_omega1_is_read_again_after_every_change():
         model.load_state_dict(zeros)  # loading reads it again
         assert attn.hp_is_identity()
         assert torch.equal(model(x)[0], skipped)
-        model.double()  # new storage: not trusted until eval() reads it
+        model.train().double()  # new storage, in training: not read, not trusted
         assert not attn.hp_is_identity() and model.eval() and attn.hp_is_identity()
+        model.float()  # moved in eval mode: read again
+        assert attn.hp_is_identity()
     assert not attn.hp_is_identity()  # gradients enabled: omega1 needs its path
-    model.train()(x.double())[0].square().mean().backward()
+    model.train()(x)[0].square().mean().backward()
     assert attn.omega1.grad is not None and (attn.omega1.grad != 0).all()
 
 
