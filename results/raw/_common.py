@@ -8,18 +8,38 @@ import statistics
 import sys
 
 MACHINE = "the project's 2-core x86_64 CPU machine, no GPU"
+STACK = "Python 3.11.7, torch 2.14.1, mmsegmentation 1.2.2"  # of the CamVid study runs
 # The columns several result files show, by key (a script names them in its own order).
 COLUMNS = {
     "method": {"label": "method", "align": "left", "format": "{method}", "link": "config"},
     "backbone_gmacs": {"label": "backbone GMACs", "format": "{backbone_gmacs:.3f}"},
     "speedup": {"label": "speed-up b1 / b8", "format": "{speedup_b1:.2f}× / {speedup_b8:.2f}×"},
     "miou_free": {"label": "mIoU training-free", "format": "{miou_free:.2f}"},
+    "miou_ft": {"label": "mIoU fine-tuned", "format": "{miou_ft:.2f}"},
 }
+
+
+def frontier_run(work_dir: str) -> str:
+    """The command of a CamVid study run with the frontier's settings (the 352² baseline, 3 seeds,
+    the unreduced model fine-tuned and every reduction applied to its weights) into ``work_dir``,
+    up to its ``--variants``."""
+    return (
+        "python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint "
+        f"baseline_500_352.pth --work-dir {work_dir} --model-config "
+        "configs/camvid/fatr_vit-t_camvid.py --methods none fatr_local --seeds 0 1 2 "
+        "--ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced"
+    )
 
 
 def argv() -> tuple[str, str, str]:
     """``RAW OUT COMMIT``: the raw study file, the results file to write, the commit it ran on."""
     return sys.argv[1], sys.argv[2], sys.argv[3]
+
+
+def raw() -> dict:
+    """The raw file ``RAW`` of the command line, loaded."""
+    with open(argv()[0]) as f:
+        return json.load(f)
 
 
 def paired(diffs: list[float]) -> tuple[float, float | None]:
@@ -43,6 +63,13 @@ def columns(keys: str, **own: dict) -> dict:
 def text(label: str, key: str, left: bool = True) -> dict:
     """A column showing the row's ``key`` as it is (left-aligned unless ``left`` is False)."""
     return {"label": label, **({"align": "left"} if left else {}), "format": "{" + key + "}"}
+
+
+def paired_delta(label: str, key: str, empty: bool = True) -> dict:
+    """A column of the paired difference ``key`` ± its standard error ``key_se`` (:func:`paired`);
+    "—" where the row has none, unless ``empty`` is False."""
+    spec = {"label": label, "format": f"{{{key}:+.2f}} ± {{{key}_se:.2f}}"}
+    return {**spec, "empty": "—"} if empty else spec
 
 
 def write(title, date, machine, command, protocol, columns, rows, how="", **extra) -> dict:

@@ -9,10 +9,9 @@ timed config name to ``[label, config path or null, in README (optional)]`` (def
 import json
 import sys
 
-from _common import MACHINE, argv, columns, text, write
+from _common import MACHINE, columns, raw, text, write
 
-raw_path, out_path, commit = argv()
-d = json.load(open(raw_path))
+d = raw()
 NAME = {
     "fatr_ade20k": ("FATR default (`fatr`)", "configs/fatr_ade20k.py"),
     "fatr-local_vit-s_mask_8xb1-160k_ade20k-512x512": (

@@ -10,12 +10,22 @@ import json
 import statistics
 import sys
 
-from _common import MACHINE, argv, columns, paired, speedups, text, write
+from _common import (
+    MACHINE,
+    STACK,
+    columns,
+    frontier_run,
+    paired,
+    paired_delta,
+    raw,
+    speedups,
+    text,
+    write,
+)
 
-raw_path, out_path, commit = argv()
 png = sys.argv[4] if len(sys.argv) > 4 else None
 extra_paths = sys.argv[5:]  # runs on the same weights (ToMe constant, ...) and the timing run
-data = json.load(open(raw_path))
+data = raw()
 runs, seeds = data["runs"], data["settings"]["seeds"]
 DEFAULT = "configs/camvid/fatr_vit-t_camvid.py"
 LATE = "configs/camvid/fatr-late_vit-t_camvid.py"
@@ -157,15 +167,17 @@ write(
     title="CamVid val, Segmenter-Mask ViT-Ti/16: FATR, ToMe and ALGM at several budgets, each applied to the same fine-tuned unreduced model (3 paired seeds), against measured CPU speed",
     how=" (tools/camvid_study.py's results.json)",
     date="2026-12-07",
-    machine=f"{MACHINE}; Python 3.11.7, torch 2.14.1, mmsegmentation 1.2.2; other processes ran beside the timing (speed-ups: all models alternating in one process)",
+    machine=f"{MACHINE}; {STACK}; other processes ran beside the timing (speed-ups: all models alternating in one process)",
     command=[
         "python tools/camvid_study.py --data-root ../shared/data/camvid --pretrained ../shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors --work-dir work_dirs/cs_base --methods none --seeds 0 --base-iters 500 --threads 2   # the baseline (stopped after its checkpoint)",
         "pos_embed of iter_500.pth resampled (bicubic, fatr_seg.layers.embed.resample_pos_embed) from the 256 crop's 16x16 grid to the 352 crop's 22x22: baseline_500_352.pth",
         'L=\'"score":["window_hf","hf_bipartite","hf_bipartite"],"prop_attn":true,"layers":[2,5,8]\'; python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_deploy --model-config configs/camvid/fatr-local_vit-t_camvid.py --methods none fatr_local algm --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants "local@0.8={$L,\\"keep_ratio\\":[0.8,0.8,0.9]}" "local@0.7={$L,\\"keep_ratio\\":[0.7,0.7,0.8]}" "local@0.6={$L,\\"keep_ratio\\":[0.6,0.7,0.8]}" "local@0.5b={$L,\\"keep_ratio\\":[0.5,0.5,0.7]}" \'fatr_default={"method":"fatr"}\' \'tome@0.8={"method":"tome","keep_ratio":0.8}\' \'tome@0.7={"method":"tome","keep_ratio":0.7}\' \'tome@0.6={"method":"tome","keep_ratio":0.6}\' \'tome@0.5={"method":"tome","keep_ratio":0.5}\' \'algm@0.8={"method":"algm","keep_ratio":0.8}\' \'algm@0.7={"method":"algm","keep_ratio":0.7}\' \'algm@0.5={"method":"algm","keep_ratio":0.5}\'   # configs/camvid/fatr-local_vit-t_camvid.py was then the fatr_local config (now configs/camvid/fatr_vit-t_camvid.py); ft_none_s0 copied from the local-stage study (same settings); fatr_local was then keep 0.5 / 0.6 / 0.8 (the row "FATR, keep 0.5 at block 2")',
         "python tools/camvid_study.py ... (the same options) --methods none fatr_local --finetune-as both   # fatr_local fine-tuned with its reduction in the loop, seeds 1 and 2 (seed 0: the local-stage study's run, same settings, copied)",
         'python tools/camvid_study.py ... (the first command\'s options) --variants ... "local@0.55={$L,\\"keep_ratio\\":[0.55,0.6,0.8]}" ...   # adds the keep 0.55 schedule (now the fatr_local preset) and times all 16 models again, alternating (superseded by the timing run below)',
-        'python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_tc --model-config configs/camvid/fatr_vit-t_camvid.py --methods none fatr_local --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants \'tomec@30={"method":"tome_constant","r":30}\' ... (r = 36, 42, 52)   # ToMe\'s constant schedule, its own run (the same ft_none checkpoints copied; speed from the timing run below)',
-        'python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_sq --model-config configs/camvid/fatr_vit-t_camvid.py --methods none fatr_local --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants \'q256={"method":"fatr_local","score_queries":256}\' ... (Q = 64, 128)   # at 373aff5: the default with its HF score from 256 query rows (now the fatr_local preset), its own run (the same ft_none checkpoints copied; speed from the timing run below)',
+        frontier_run("work_dirs/cs_tc")
+        + ' --variants \'tomec@30={"method":"tome_constant","r":30}\' ... (r = 36, 42, 52)   # ToMe\'s constant schedule, its own run (the same ft_none checkpoints copied; speed from the timing run below)',
+        frontier_run("work_dirs/cs_sq")
+        + ' --variants \'q256={"method":"fatr_local","score_queries":256}\' ... (Q = 64, 128)   # at 373aff5: the default with its HF score from 256 query rows (now the fatr_local preset), its own run (the same ft_none checkpoints copied; speed from the timing run below)',
         'python tools/camvid_study.py ... (as the line above, --work-dir work_dirs/cs_late) --variants \'late@0.8={"method":"fatr","keep_ratio":0.8}\' ... (0.6, 0.5)   # the late schedule at three more budgets, its own run (speed from the timing run below)',
         "python tools/benchmark.py configs/camvid/segmenter_vit-t_camvid.py work_dirs/frontier_cfgs/*.py --targets segmentor --shapes 368x480 --batch-sizes 1 8 --iters 7 --threads 1 --cpu-time --no-memory --no-scoring --no-macs --time-budget 0 --max-cell-seconds 0 --out-dir work_dirs/bench_frontier   # at 76240be (the q256 config gives score_queries=256 itself): every row's speed, one run (the 23 configs: configs/camvid/fatr_vit-t_camvid.py with reduction=dict(_delete_=True, **the row's resolved reduction), each file named after the row's key with '@' as '-at-' and '.' as 'p', which speed() reads back); results/raw/camvid_vit-t_frontier_timing_benchmark.json",
     ],
@@ -182,11 +194,7 @@ write(
             "format": ["{delta:+.2f} ± {delta_se:.2f}", "{delta:+.2f}"],
             "empty": "—",
         },
-        delta_own={
-            "label": "Δ if fine-tuned reduced (paired)",
-            "format": "{delta_own:+.2f} ± {delta_own_se:.2f}",
-            "empty": "—",
-        },
+        delta_own=paired_delta("Δ if fine-tuned reduced (paired)", "delta_own"),
     ),
     rows=rows,
 )

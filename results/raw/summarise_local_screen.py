@@ -7,10 +7,9 @@ repository root.
 
 import json
 
-from _common import MACHINE, argv, columns, speedups, text, write
+from _common import MACHINE, STACK, columns, raw, speedups, text, write
 
-raw_path, out_path, commit = argv()
-runs = json.load(open(raw_path))["runs"]
+runs = raw()["runs"]
 WHAT = {
     "none": ("none (the baseline)", "—", "—", "—"),
     "hf@2": ("HF priority", "2", "yes", "the choice"),
@@ -33,7 +32,7 @@ write(
     title="CamVid val, Segmenter-Mask ViT-Ti/16, training-free: which windows the early local stage folds, at which block, with and without proportional attention",
     how=" (tools/camvid_study.py --no-finetune)",
     date="2026-12-07",
-    machine=f"{MACHINE}; Python 3.11.7, torch 2.14.1, mmsegmentation 1.2.2; loaded (other processes beside it)",
+    machine=f"{MACHINE}; {STACK}; loaded (other processes beside it)",
     command=[
         'python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint work_dirs/baseline_500.pth --work-dir work_dirs/cs_screen --methods none --no-finetune --seeds 0 --base-iters 500 --ft-iters 100 --threads 2 --variants \'hf@2={"layers":[2,6],"keep_ratio":[0.5,0.7],"score":["window_hf","hf_bipartite"],"prop_attn":true}\' \'sim@2={... "window" ...}\' \'random@2={... "window_random" ...}\' \'hf@1={"layers":[1,6],...}\' \'hf@3={"layers":[3,6],...}\' \'hf@2-noprop={... "prop_attn":false}\'   # each variant\'s resolved reduction is in the raw file',
     ],

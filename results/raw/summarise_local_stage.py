@@ -6,10 +6,9 @@ A one-off provenance script for results/camvid_vit-t_local-stage.json; run from 
 
 import json
 
-from _common import MACHINE, argv, columns, speedups, text, write
+from _common import COLUMNS, MACHINE, STACK, columns, raw, speedups, text, write
 
-raw_path, out_path, commit = argv()
-runs = json.load(open(raw_path))["runs"]
+runs = raw()["runs"]
 LABEL = {
     "none": ("none (the baseline)", "configs/camvid/segmenter_vit-t_camvid.py", "—"),
     "fatr_late@0.7": (
@@ -69,7 +68,7 @@ write(
     how=" (tools/camvid_study.py's results.json)",
     date="2026-12-07",
     commit_note="the study ran on the working tree of this commit plus the early local stage; the row 'FATR local stage (fatr_local)' ran as the study's 'fatr' while fatr_local was the default under test (its resolved reduction is in the raw file)",
-    machine=f"{MACHINE}; Python 3.11.7, torch 2.14.1, mmsegmentation 1.2.2; other test processes ran beside the timing (speed-ups: all models alternating in one process)",
+    machine=f"{MACHINE}; {STACK}; other test processes ran beside the timing (speed-ups: all models alternating in one process)",
     command=[
         "python tools/camvid_study.py --data-root ../shared/data/camvid --pretrained ../shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors --work-dir work_dirs/cs_base --methods none --seeds 0 --base-iters 500 --threads 2   # the baseline (stopped after its checkpoint)",
         "pos_embed of iter_500.pth resampled (bicubic, fatr_seg.layers.embed.resample_pos_embed) from the 256 crop's 16x16 grid to the 352 crop's 22x22: baseline_500_352.pth",
@@ -80,7 +79,7 @@ write(
     columns=columns(
         "method budget backbone_gmacs speedup miou_free miou_ft delta",
         budget=text("budget (blocks)", "budget"),
-        miou_ft={"label": "mIoU fine-tuned (seed 0)", "format": "{miou_ft:.2f}"},
+        miou_ft=dict(COLUMNS["miou_ft"], label="mIoU fine-tuned (seed 0)"),
         delta={"label": "Δ fine-tuned vs none", "format": "{delta:+.2f}", "empty": "—"},
     ),
     rows=rows,

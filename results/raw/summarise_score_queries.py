@@ -2,13 +2,11 @@
 """Summarise the score_queries study (a camvid_study results.json, --finetune-as unreduced) into
 results/camvid_vit-t_score-queries.json; run from the repository root: ``RAW OUT COMMIT``."""
 
-import json
 import statistics
 
-from _common import MACHINE, argv, columns, paired, speedups, text, write
+from _common import MACHINE, columns, frontier_run, paired, paired_delta, raw, speedups, text, write
 
-raw_path, out_path, commit = argv()
-data = json.load(open(raw_path))
+data = raw()
 runs, seeds = data["runs"], data["settings"]["seeds"]
 rows = []
 for key, q in (("fatr_local", None), ("q256", 256), ("q128", 128), ("q64", 64)):
@@ -30,22 +28,15 @@ write(
     date="2026-12-07",
     machine=f"{MACHINE}, loaded (models alternate in one process)",
     command=[
-        "python tools/camvid_study.py --data-root ../shared/data/camvid --baseline-checkpoint baseline_500_352.pth --work-dir work_dirs/cs_sq --model-config configs/camvid/fatr_vit-t_camvid.py --methods none fatr_local --seeds 0 1 2 --ft-iters 100 --base-iters 500 --crop-size 352 --threads 2 --finetune-as unreduced --variants 'q64={\"method\":\"fatr_local\",\"score_queries\":64}' 'q128={...:128}' 'q256={...:256}'   # ft_none_s0..2 copied from the frontier study (same settings)",
+        frontier_run("work_dirs/cs_sq")
+        + " --variants 'q64={\"method\":\"fatr_local\",\"score_queries\":64}' 'q128={...:128}' 'q256={...:256}'   # ft_none_s0..2 copied from the frontier study (same settings)",
     ],
     protocol="as results/camvid_vit-t_frontier.json: the unreduced model fine-tuned per seed, the reduction applied to its weights; Δ paired over seeds 0, 1, 2 ± standard error; speed: whole segmentor at 360x480, 1 thread, the five models alternating",
     columns=columns(
         "queries miou_free miou_ft delta_exact delta_none speedup",
         queries=text("query rows Q", "queries"),
-        miou_ft={"label": "mIoU fine-tuned", "format": "{miou_ft:.2f}"},
-        delta_exact={
-            "label": "Δ vs exact (paired)",
-            "format": "{delta_exact:+.2f} ± {delta_exact_se:.2f}",
-            "empty": "—",
-        },
-        delta_none={
-            "label": "Δ vs none (paired)",
-            "format": "{delta_none:+.2f} ± {delta_none_se:.2f}",
-        },
+        delta_exact=paired_delta("Δ vs exact (paired)", "delta_exact"),
+        delta_none=paired_delta("Δ vs none (paired)", "delta_none", empty=False),
     ),
     rows=rows,
 )
