@@ -30,6 +30,8 @@ test_pipeline = [
 ]
 # timm ViT-S/16 (augreg, 384) converted with tools/convert_weights.py: see docs/usage.md, "Pretrained weights".
 pretrained = 'pretrain/vit_small_patch16_384.pth'
+# ViT-S/16's width and heads, which the mask head shares (deleted at the end: not config keys).
+embed_dims, num_heads = 384, 6
 data_preprocessor = dict(
     type='SegDataPreProcessor',
     mean=[127.5, 127.5, 127.5],
@@ -48,9 +50,9 @@ model = dict(
         img_size=crop_size,
         patch_size=16,
         in_channels=3,
-        embed_dims=384,
+        embed_dims=embed_dims,
         num_layers=12,
-        num_heads=6,
+        num_heads=num_heads,
         mlp_ratio=4.0,
         drop_rate=0.0,
         drop_path_rate=0.1,
@@ -77,12 +79,12 @@ model = dict(
         # mmseg's SegmenterMaskTransformerHead (same parameters and checkpoints) on fused
         # attention; it also reads the backbone's compact output.
         type='FATRSegmenterHead',
-        in_channels=384,
-        channels=384,
+        in_channels=embed_dims,
+        channels=embed_dims,
         num_classes=150,
         num_layers=2,
-        num_heads=6,
-        embed_dims=384,
+        num_heads=num_heads,
+        embed_dims=embed_dims,
         dropout_ratio=0.0,
         loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
     train_cfg=dict(),
@@ -95,3 +97,4 @@ optim_wrapper = dict(type='OptimWrapper', optimizer=optimizer, clip_grad=None)
 train_dataloader = dict(batch_size=1)
 val_dataloader = dict(batch_size=1)
 auto_scale_lr = dict(enable=False, base_batch_size=8)
+del embed_dims, num_heads  # used; not keys of the resolved config
