@@ -167,7 +167,6 @@ write(
     title="CamVid val, Segmenter-Mask ViT-Ti/16: FATR, ToMe and ALGM at several budgets, each applied to the same fine-tuned unreduced model (3 paired seeds), against measured CPU speed",
     how=" (tools/camvid_study.py's results.json)",
     date="2026-12-07",
-    commit_note="the commit of the timing run; the accuracy runs ran at the commits their commands name or before (the reductions' outputs are unchanged since: the tests hold them equal)",
     machine=f"{MACHINE}; {STACK}; load average {timing['machine']['load_avg'][0]:.1f} at the timing (speed-ups: all models alternating in one process)",
     command=[
         "python tools/camvid_study.py --data-root ../shared/data/camvid --pretrained ../shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors --work-dir work_dirs/cs_base --methods none --seeds 0 --base-iters 500 --threads 2   # the baseline (stopped after its checkpoint)",
@@ -198,6 +197,7 @@ write(
         delta_own=paired_delta("Δ if fine-tuned reduced (paired)", "delta_own"),
     ),
     rows=rows,
+    commit_note="the commit of the timing run; the accuracy runs ran at the commits their commands name or before (the reductions' outputs are unchanged since: the tests hold them equal)",
 )
 for r in rows:
     print(
