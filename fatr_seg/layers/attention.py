@@ -114,7 +114,8 @@ class ReweightedCore(nn.Module):
         Never reads a tensor on the host: ``eval()``, moving an eval-mode module (``.to()``) and
         loading a state dict read ``omega1`` (:meth:`read_omega1`), and the forward trusts that
         reading only while ``omega1`` keeps its storage and version (a write through ``.data``
-        bypasses the version: call ``eval()`` after one). A compiled forward does not skip; a CUDA graph keeps its capture's choice.
+        bypasses the version: call ``eval()`` after one). A compiled forward does not skip; a
+        CUDA graph keeps its capture's choice.
         """
         w = self.omega1
         if (w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
