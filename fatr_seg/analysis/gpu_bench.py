@@ -30,7 +30,7 @@ from .store import write_files
 from .tables import fmt, markdown_table
 from .timing import cuda_peak_memory, peak_tensor_bytes, synchronize
 
-__all__ = ["MODELS", "build_models", "compiled_parts", "main", "profile_table", "run",
+__all__ = ["MODELS", "PEERS", "build_models", "compiled_parts", "main", "profile_table", "run",
            "to_markdown", "write"]  # fmt: skip
 
 # ViT-S/16 Segmenter-Mask of the ADE20K configs: backbone kwargs, and the head's.
@@ -40,6 +40,8 @@ TINY = dict(patch_size=16, embed_dims=32, num_layers=12, num_heads=2, mlp_ratio=
 TINY_HEAD = dict(num_classes=150, num_layers=1, num_heads=2, embed_dims=32)
 #: Model name -> reduction (None: the baseline).
 MODELS = {"baseline": None, "fatr": dict(REDUCTION_DEFAULTS)}
+#: ``--peers``: the CamVid frontier's ToMe and ALGM rows nearest the default (keep 0.5, 0.58).
+PEERS = {"tome": dict(method="tome", keep_ratio=0.5), "algm": dict(method="algm", keep_ratio=0.58)}
 #: Modes, in their default order: eager, the eager kernels replayed from a CUDA graph, compiled.
 MODES = ("eager", "cudagraph", "compiled")
 
@@ -61,13 +63,13 @@ class Segmentor(nn.Module):
         return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
 
 
-def build_models(tiny: bool = False) -> dict[str, Segmentor]:
-    """The baseline and FATR segmentors, eval mode, same random weights where they share them;
+def build_models(tiny: bool = False, peers: bool = False) -> dict[str, Segmentor]:
+    """The baseline, FATR (and :data:`PEERS`) segmentors, eval mode, the same random weights;
     the positional embedding stored for the configs' 512² crops (64² for ``tiny``)."""
     vit, head = (TINY, TINY_HEAD) if tiny else (VIT_S, HEAD_S)
     img_size = 64 if tiny else 512
     models = {}
-    for name, reduction in MODELS.items():
+    for name, reduction in {**MODELS, **(PEERS if peers else {})}.items():
         torch.manual_seed(0)
         backbone = FATRVisionTransformer(img_size=img_size, reduction=reduction,
                                          compact_output=True, **vit)  # fmt: skip
@@ -137,9 +139,9 @@ def run(args, on_cell: Callable[[dict], None] | None = None) -> dict:
     dtype = DTYPES[args.dtype]
     start = time.perf_counter()
     budget = Budget(0, args.time_budget)
-    models = {n: m.to(device) for n, m in build_models(args.dry_run).items()}
+    models = {n: m.to(device) for n, m in build_models(args.dry_run, args.peers).items()}
     compiled = {n: compiled_parts(m, args.compile_backend) for n, m in models.items()}
-    keys = ("dtype", "batch", "iters", "warmup", "dry_run", "compile_backend")
+    keys = ("dtype", "batch", "iters", "warmup", "dry_run", "compile_backend", "peers")
     result = dict(
         **result_header("fatr_seg.gpu_bench/1", args, device, keys),
         rows=[],
@@ -251,6 +253,7 @@ def parse_args(argv=None):
                    help="modes to run, in this order (cudagraph: the eager forward captured in a "
                    "CUDA graph and replayed; CUDA only)")  # fmt: skip
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    p.add_argument("--peers", action="store_true", help="also ToMe keep 0.5 and ALGM keep 0.58")
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="skip cells that would start later (seconds; 0: none)")  # fmt: skip
     p.add_argument("--profile", action="store_true",

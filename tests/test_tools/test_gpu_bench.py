@@ -77,6 +77,24 @@ def test_dry_run_on_cpu_writes_the_table(tmp_path):
     assert proc.stdout.count(" fatr: ") == 4  # one progress line per measured cell and model
 
 
+def test_peers_run_beside_the_default_at_the_frontier_budgets(tmp_path):
+    from fatr_seg.analysis import gpu_bench
+    from fatr_seg.layers import FATRVisionTransformer
+
+    args = gpu_bench.parse_args(["--device", "cpu", "--dry-run", "--modes", "eager", "--shapes",
+                                 "64", "--targets", "backbone", "--peers", "--out-dir",
+                                 str(tmp_path)])  # fmt: skip
+    result = gpu_bench.run(args)
+    assert [r["model"] for r in result["rows"]] == ["baseline", "fatr", "tome", "algm"]
+    assert result["settings"]["peers"] is True
+    models = gpu_bench.build_models(tiny=True, peers=True)
+    for name, want in (("tome", dict(method="tome", keep_ratio=0.5)),
+                       ("algm", dict(method="algm", keep_ratio=0.58))):  # fmt: skip
+        ref = FATRVisionTransformer(img_size=64, reduction=want, compact_output=True,
+                                    **gpu_bench.TINY).reduction  # fmt: skip
+        assert models[name].backbone.reduction == ref, name
+
+
 def test_cpu_without_dry_run_is_refused(capsys):
     from fatr_seg.analysis import gpu_bench
 
