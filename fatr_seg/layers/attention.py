@@ -120,12 +120,17 @@ class ReweightedCore(nn.Module):
         w = self.omega1
         if (w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return False
+        if w.is_inference():  # no version counter: a later in-place write would go unseen
+            return False
         return self._omega1_zero == (w.data_ptr(), w._version, True)
 
     def read_omega1(self) -> None:
         """Read whether ``omega1`` is all zero, for :meth:`hp_is_identity` (one host read)."""
         w = self.omega1
-        self._omega1_zero = (w.data_ptr(), w._version, not w.is_meta and bool((w == 0).all()))
+        if w.is_inference() or w.is_meta:
+            self._omega1_zero = (None, None, False)
+        else:
+            self._omega1_zero = (w.data_ptr(), w._version, bool((w == 0).all()))
 
     def train(self, mode: bool = True):
         super().train(mode)

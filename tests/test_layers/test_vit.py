@@ -326,6 +326,18 @@ def test_omega1_is_read_again_after_every_change():
     assert attn.omega1.grad is not None and (attn.omega1.grad != 0).all()
 
 
+def test_a_model_built_in_inference_mode_reweights_and_does_not_fail():
+    """Inference tensors keep no version counter: omega1 is then never trusted, always used."""
+    with torch.inference_mode():
+        model = zero_omega1_(build(dict(method="fatr", **LAYERS), seed=15))
+        x = images(2, (40, 56), seed=16)
+        assert not model.blocks[3].attn.hp_is_identity()
+        out = model(x)[0]
+    ref = zero_omega1_(build(dict(method="fatr", **LAYERS), seed=15))
+    with torch.no_grad():
+        assert_close(out, ref(x)[0], rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradients
 # ---------------------------------------------------------------------------------------------
