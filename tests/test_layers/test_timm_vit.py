@@ -306,6 +306,22 @@ def test_fused_and_explicit_attention_agree(family):
     assert_close(fused(x)[0], explicit(x)[0], rtol=1e-4, atol=1e-4)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["dinov2_reg4", "eva02"])
+def test_omega1_at_zero_skips_the_reweighting_exactly(family, monkeypatch):
+    from fatr_seg.layers.attention import ReweightedCore
+
+    name, kwargs, patch = FAMILIES[family]
+    model = timm_model(name, kwargs)
+    ours = ours_from(model, name, kwargs, reduction=reduction("fatr_local", layers=(1, 2)))
+    attns = [m for m in ours.modules() if isinstance(m, ReweightedCore) and m.reweight]
+    assert attns and all(a.hp_is_identity() for a in attns)  # omega1 at its init, read at eval
+    x = images(sizes(patch, kwargs)[1])
+    skipped = ours(x)[0]
+    monkeypatch.setattr(ReweightedCore, "hp_is_identity", lambda self: False)
+    assert torch.equal(skipped, ours(x)[0])
+
+
 def test_output_cls_token_is_timms_cls_token():
     name, kwargs, patch = FAMILIES["dinov2_reg4"]
     model = timm_model(name, kwargs)
