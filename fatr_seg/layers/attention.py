@@ -111,17 +111,18 @@ class ReweightedCore(nn.Module):
         lerp (two passes over the values) per block, e.g. for a reduction applied to the weights
         of an unreduced model.
 
-        Never reads a tensor on the host: ``eval()``, moving an eval-mode module (``.to()``) and
-        loading a state dict read ``omega1`` (:meth:`read_omega1`), and the forward trusts that
-        reading only while ``omega1`` keeps its storage and version (a write through ``.data``
-        bypasses the version: call ``eval()`` after one). A compiled forward does not skip; a
-        CUDA graph keeps its capture's choice.
+        Only in eval mode, and never reading a tensor on the host: ``eval()``, moving an
+        eval-mode module (``.to()``) and loading a state dict read ``omega1``
+        (:meth:`read_omega1`), and the forward trusts that reading only while ``omega1`` keeps
+        its storage and version (a write through ``.data``, as mmengine's EMA swap, bypasses the
+        version: call ``eval()`` after one, as mmengine's loops do). A compiled forward does not
+        skip; :class:`fatr_seg.models.cuda_graph.CUDAGraphForward` keys its graphs on it.
         """
         w = self.omega1
-        if (w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        if self.training or torch.compiler.is_compiling():
             return False
-        if w.is_inference():  # no version counter: a later in-place write would go unseen
-            return False
+        if (w.requires_grad and torch.is_grad_enabled()) or w.is_inference():
+            return False  # a gradient needs the path; an inference tensor has no version
         return self._omega1_zero == (w.data_ptr(), w._version, True)
 
     def read_omega1(self) -> None:

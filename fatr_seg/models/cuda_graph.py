@@ -15,6 +15,7 @@ import torch
 from mmengine.hooks import Hook
 from mmseg.registry import HOOKS
 
+from ..layers.attention import ReweightedCore
 from .compile import (
     COMPILE_TARGETS,
     CompileInferenceHook,
@@ -148,6 +149,10 @@ class CUDAGraphForward:
         self.failed: str | None = None
         self._said: set[str] = set()
         self._pool = None
+        # Whether each block skips its identity reweighting is host state the graph bakes in.
+        self._reweighting = [
+            m for m in module.modules() if isinstance(m, ReweightedCore) and m.reweight is not None
+        ]
 
     def _say(self, cause: str, text: str) -> None:
         if cause not in self._said:
@@ -170,7 +175,7 @@ class CUDAGraphForward:
             return self.eager(*args, **kwargs)
         autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
                          for d in ("cuda",))  # fmt: skip
-        key = (_signature(args), autocast)
+        key = (_signature(args), autocast, tuple(m.hp_is_identity() for m in self._reweighting))
         replay = self.graphs.get(key)
         if replay is None:
             if len(self.graphs) >= self.max_graphs:

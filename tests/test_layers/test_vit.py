@@ -321,6 +321,9 @@ def test_omega1_is_read_again_after_every_change():
         assert not attn.hp_is_identity() and model.eval() and attn.hp_is_identity()
         model.float()  # moved in eval mode: read again
         assert attn.hp_is_identity()
+        model.train()  # training mode never skips, with or without gradients
+        assert not attn.hp_is_identity()
+        model.eval()
     assert not attn.hp_is_identity()  # gradients enabled: omega1 needs its path
     model.train()(x)[0].square().mean().backward()
     assert attn.omega1.grad is not None and (attn.omega1.grad != 0).all()

@@ -75,6 +75,26 @@ def test_a_failed_capture_falls_back_to_eager_for_good():
                        "operation not permitted when stream is capturing)")  # fmt: skip
 
 
+def test_a_change_of_the_skipped_reweighting_captures_anew():
+    """A graph bakes in whether each block skips its identity reweighting (omega1 = 0): once a
+    loaded omega1 is not 0, the same input shape gets a graph of its own, not the old replay."""
+    torch.manual_seed(0)
+    red = dict(method="fatr", layers=(2,))
+    vit = FATRVisionTransformer(img_size=32, patch_size=8, embed_dims=16, num_layers=4,
+                                num_heads=2, reduction=red).eval()  # fmt: skip
+    capture = FakeCapture()
+    graphed(vit, capture)
+    x = torch.randn(1, 3, 32, 32)
+    state = {k: v.clone() for k, v in vit.state_dict().items()}
+    with torch.no_grad():
+        vit(x)
+        vit(x)
+        assert capture.calls == 1 and vit.blocks[3].attn.hp_is_identity()
+        vit.load_state_dict({**state, "blocks.3.attn.omega1": torch.full((2,), 0.5)})
+        vit(x)
+    assert capture.calls == 2 and not vit.blocks[3].attn.hp_is_identity()
+
+
 def test_training_autograd_and_keywords_run_eager_silently():
     net = nn.Linear(4, 3)
     capture = FakeCapture()
