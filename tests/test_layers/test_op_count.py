@@ -21,7 +21,7 @@ BUDGETS = {
     "fatr": 30,
     "fatr_local": 29,
     "fatr_paper": 111,
-    "random": 34,
+    "random": 28,
     "evit": 25,
     "tome": 25,
     "tome_constant": 26,
