@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .constants import cached_constant
 from .precision import float32_matmul
 from .reduce import ReductionRecord, accumulate_residual, token_map
 from .state import TokenState, is_initial
@@ -245,7 +246,8 @@ def merge_planned(
     K, old_to_new = plan.num_keep, plan.old_to_new
     acc = torch.promote_types(x.dtype, torch.float32)
     patches = x[:, 1 : 1 + M].to(acc)
-    new_size = patches.new_zeros(B, K)
+    cls_sizes = _cls_slot(B, K, acc, x.device)  # (B, 1 + K) [1, 0, ...]: the key bias is its log
+    new_size = cls_sizes[:, 1:]
     if state.patch_size is None and torch.compiler.is_compiling():
         # Inductor (torch 2.14) lowers scatter(value, reduce='add') with src shaped like self.
         new_size.scatter_add_(1, old_to_new, torch.ones_like(old_to_new, dtype=acc))
@@ -275,10 +277,12 @@ def merge_planned(
     if keep_residual:
         residual = accumulate_residual(state, x[:, 1:], new_x[:, 1:], to_new)
 
+    cls_sizes = cls_sizes.float()
     new_state = state.replace(
         source=source,
         patch_idx=patch_idx,
-        patch_size=new_size.float(),
+        patch_size=cls_sizes[:, 1:],
+        cls_sizes=cls_sizes,
         residual=residual,
         prop_attn=prop_attn,
     )
@@ -291,6 +295,14 @@ def merge_planned(
         source=source,
     )
     return new_x, new_state, record
+
+
+def _cls_slot(batch: int, num: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(B, 1 + num) ``[1, 0, ..., 0]``, one copy of a cached row (zeros plus a write of the 1
+    would be two kernels)."""
+    row = cached_constant(("cls_slot", num, dtype), device, lambda: F.pad(
+        torch.zeros(1, num, dtype=dtype, device=device), (1, 0), value=1.0))  # fmt: skip
+    return row.expand(batch, -1).clone(memory_format=torch.contiguous_format)
 
 
 def fuse_tokens(

@@ -33,6 +33,9 @@ class TokenState:
             token (ToMe, merging aggregations); None means 1 everywhere. Sizes enter attention as
             ``log(size)`` when ``prop_attn``.
         prop_attn: Whether attention adds ``log(patch_size)`` to the merged tokens' logits.
+        cls_sizes: (B, 1 + M) float32 or None: ``[1, patch_size]`` in one buffer whose tail is
+            ``patch_size``, so the key bias is one ``log`` (no pad for CLS). A ``replace`` that
+            changes ``patch_size`` without it drops it.
     """
 
     hw_shape: tuple[int, int]
@@ -43,6 +46,7 @@ class TokenState:
     residual: torch.Tensor | None = None
     patch_size: torch.Tensor | None = None
     prop_attn: bool = True
+    cls_sizes: torch.Tensor | None = None
 
     @property
     def num_patches(self) -> int:
@@ -84,6 +88,8 @@ class TokenState:
 
     def _build_key_bias(self, sized: bool, dtype: torch.dtype) -> torch.Tensor:
         if self.num_dc == 0:  # merged tokens only: [0 (CLS), log(size)]
+            if self.cls_sizes is not None:  # log(1) = 0 for CLS: one kernel, no pad
+                return self.cls_sizes.log().to(dtype)
             return F.pad(self.patch_size.log(), (1, 0)).to(dtype)
         B, M = self.patch_idx.shape
         patch_bias = (self.patch_size.log() if sized
@@ -93,7 +99,9 @@ class TokenState:
         return torch.cat([cls_bias, patch_bias.to(cls_bias.dtype), dc_bias], dim=1).to(dtype)
 
     def replace(self, **changes) -> TokenState:
-        """A copy with ``changes``."""
+        """A copy with ``changes`` (new sizes without their CLS buffer drop the old buffer)."""
+        if "patch_size" in changes and "cls_sizes" not in changes:
+            changes["cls_sizes"] = None
         return replace(self, **changes)
 
 

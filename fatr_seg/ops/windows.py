@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .constants import cached_constant
 from .merge import MergePlan
 from .precision import float32_matmul
 
@@ -169,17 +170,13 @@ def window_fold_plan(
 def _leaving_members(window: int, device: torch.device) -> torch.Tensor:
     """(w, w) bool: every member of a window but its last (bottom-right), which the others join.
     Built once per window size and device (a constant each reduction would rebuild)."""
-    key = (window, torch.device(device))
-    mask = _LEAVING.get(key)
-    if mask is None or torch.compiler.is_compiling():
+
+    def build() -> torch.Tensor:
         mask = torch.ones(window, window, dtype=torch.bool, device=device)
         mask[-1, -1] = False
-        if not torch.compiler.is_compiling():
-            _LEAVING[key] = mask
-    return mask
+        return mask
 
-
-_LEAVING: dict[tuple[int, torch.device], torch.Tensor] = {}
+    return cached_constant(("leaving", window), device, build)
 
 
 def _member_scores(

@@ -90,6 +90,51 @@ def test_planned_merge_equals_merge_tokens(sized, dc):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("sized", [False, True])
+def test_merged_sizes_give_the_padded_log_as_key_bias(sized):
+    """The sizes' buffer holds CLS's 1, so the key bias is one log: equal to the padded log."""
+    B, M, keep = 2, 20, 13
+    metric, priority = metrics(B, M, 8, False, 2)
+    state = init_state(B, (4, 5), torch.device("cpu"))
+    if sized:
+        state = state.replace(patch_size=torch.randint(1, 4, (B, M)).float())
+    for _ in range(2):  # a second merge must not see the first one's writes in the cached row
+        x = torch.randn(B, 1 + M, 6)
+        _, new, _ = merge_planned(x, state, bipartite_plan(metric, priority, 4, keep))
+        assert new.cls_sizes.shape == (B, 1 + keep)
+        assert torch.equal(new.cls_sizes[:, 0], torch.ones(B))
+        assert new.patch_size.data_ptr() == new.cls_sizes[:, 1:].data_ptr()
+        padded = torch.nn.functional.pad(new.patch_size.log(), (1, 0))
+        assert torch.equal(new.key_bias(), padded)
+        assert new.patch_size.sum() == (state.sizes().sum())  # every patch counted once
+    # New sizes without their buffer drop it, so no stale bias is built from it.
+    halved = new.replace(patch_size=new.patch_size / 2)
+    assert halved.cls_sizes is None
+    assert torch.equal(halved.key_bias(), torch.nn.functional.pad(halved.patch_size.log(), (1, 0)))
+
+
+def test_cached_constants_are_not_cached_while_compiling():
+    from fatr_seg.ops.constants import cached_constant
+
+    calls = []
+
+    def build():
+        calls.append(1)
+        return torch.arange(3)
+
+    a = cached_constant(("test-only", 3), "cpu", build)
+    assert cached_constant(("test-only", 3), "cpu", build) is a and len(calls) == 1
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def traced(x):
+        return x + cached_constant(("test-only", 4), x.device, lambda: torch.ones(3))
+
+    torch.testing.assert_close(traced(torch.zeros(3)), torch.ones(3))
+    from fatr_seg.ops import constants
+
+    assert (("test-only", 4), torch.device("cpu")) not in constants._CACHE
+
+
 def test_record_is_built_only_when_read():
     """The record's fields are functions until read: a forward that ignores it pays nothing."""
     metric, priority = metrics(1, 12, 4, False, 0)
