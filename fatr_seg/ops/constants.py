@@ -17,9 +17,10 @@ def cached_constant(key: Hashable, device, build: Callable[[], torch.Tensor]) ->
     Not cached while compiling (the graph builds the constant) or while a CUDA graph captures
     (its kernels run only at replay, so the tensor would hold nothing outside the graph).
     """
+    if torch.compiler.is_compiling():  # first: dynamo does not trace the capture query
+        return build()
     device = torch.device(device)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if torch.compiler.is_compiling() or capturing:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return build()
     value = _CACHE.get((key, device))
     if value is None:
